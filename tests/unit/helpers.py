@@ -1,0 +1,64 @@
+"""Shared helpers for unit tests: a fake host for the sans-IO session and leak counters."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol import MemoryRegion
+from vhostmem.errors import MappingError
+
+
+def open_fds() -> set[int]:
+    """The process's open fds right now."""
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def map_lines() -> list[str]:
+    with open("/proc/self/maps", encoding="ascii") as f:
+        return f.read().splitlines()
+
+
+@dataclass
+class FakeHost:
+    """Records what the session asks of its shell; maps nothing.
+
+    fds are plain numbers handed out by ``new_fd``; the host tracks which are open.
+    """
+
+    open: set[int] = field(default_factory=set)
+    mapped: dict[int, MemoryRegion] = field(default_factory=dict)
+    file_ids: dict[int, tuple[int, int]] = field(default_factory=dict)
+    fail_map: set[int] = field(default_factory=set)  # fail the n-th map call (1-based)
+    maps_done: int = 0
+    _numbers: Any = field(default_factory=lambda: itertools.count(1000))
+    _handles: Any = field(default_factory=lambda: itertools.count(1))
+
+    def new_fd(self, file_id: tuple[int, int] | None = None) -> int:
+        fd = next(self._numbers)
+        self.open.add(fd)
+        if file_id is not None:
+            self.file_ids[fd] = file_id
+        return fd
+
+    def map_region(self, request: str, region: MemoryRegion, fd: int) -> tuple[Any, dict[str, Any]]:
+        assert fd in self.open, f"map of fd {fd} that is not open"
+        self.open.discard(fd)  # consumed on success and failure
+        self.maps_done += 1
+        if self.maps_done in self.fail_map:
+            raise MappingError(f"{request}: injected failure gpa=0x{region.guest_phys_addr:x}", kind="test")
+        handle = next(self._handles)
+        self.mapped[handle] = region
+        return handle, {"backing": "fake"}
+
+    def unmap_region(self, handle: Any) -> None:
+        del self.mapped[handle]
+
+    def close_fd(self, fd: int) -> None:
+        assert fd in self.open, f"close of fd {fd} that is not open"
+        self.open.discard(fd)
+
+    def file_id(self, fd: int) -> tuple[int, int] | None:
+        return self.file_ids.get(fd, (0, fd))

@@ -1,0 +1,296 @@
+"""Command line: ``vhostmem`` (the back-end) and ``vhostmem-ctl`` (talk to a running one).
+
+The only place ``trio.run`` is called. ``main`` and ``ctl_main`` return exit codes so tests can
+call them directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import trio
+
+from vhostmem import __version__
+from vhostmem.control import ControlClient, ControlError
+from vhostmem.mapping import raise_nofile_limit
+from vhostmem.report import render_events, render_map, render_peek, render_regions, render_stats
+from vhostmem.server import ServerConfig, SocketError, run
+from vhostmem.session import SessionConfig
+
+__all__ = ["ctl_main", "main", "parse_size"]
+
+_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``0x1000``, ``512M``, ``1G``, ``1TiB`` -> bytes."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    suffix = value[-1:] if value[-1:] in "KMGT" else ""
+    number = value[: len(value) - len(suffix)]
+    try:
+        return int(number, 0) * _SUFFIXES[suffix]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4096, 512M, 1G)") from None
+
+
+def _int0(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (decimal or 0x-hex)") from None
+
+
+def _die(msg: str, code: int = 1) -> NoReturn:
+    print(f"vhostmem: {msg}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vhostmem",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+A vhost-user back-end that receives the guest memory table from QEMU, maps every region, and
+keeps a live table you can query with vhostmem-ctl.
+
+Start it first, then QEMU with a vhost-user device on the same socket:
+
+  vhostmem --socket /tmp/vu.sock --event-log /tmp/vu.events
+  qemu-system-x86_64 ... -object memory-backend-memfd,id=mem0,size=512M,share=on \\
+      -machine q35,memory-backend=mem0 -m 512M \\
+      -chardev socket,id=c0,path=/tmp/vu.sock \\
+      -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0
+
+Guest memory must be shared (share=on) or QEMU sends nothing. Nothing about memory arrives until
+the guest's virtio-net driver starts the device. The guest NIC passes no traffic: vhostmem accepts
+the rings but moves no packets.""",
+        epilog="""\
+Then, in another terminal:
+  vhostmem-ctl --control /tmp/vu.sock.ctl regions     the region table
+  vhostmem-ctl --control /tmp/vu.sock.ctl map         a picture of guest physical memory
+  vhostmem-ctl --control /tmp/vu.sock.ctl peek 0x100000 64
+""",
+    )
+    where = parser.add_argument_group("where to serve")
+    where.add_argument(
+        "--socket",
+        "--socket-path",
+        dest="sockets",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="listen on this Unix socket for QEMU (repeatable). The path appears only once it "
+        "accepts; a stale socket there is replaced, any other file is left alone",
+    )
+    where.add_argument(
+        "--fd",
+        dest="fds",
+        action="append",
+        type=int,
+        default=[],
+        metavar="N",
+        help="serve an inherited socket: listening (accepts front-ends) or already connected "
+        "(serves it once); needs --control",
+    )
+    where.add_argument(
+        "--connect",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="connect to a front-end that listens (QEMU -chardev socket,server=on), retrying "
+        "until it does, and again after each disconnect",
+    )
+    where.add_argument(
+        "--control",
+        metavar="PATH",
+        help="control socket for vhostmem-ctl (default: the first socket path + .ctl)",
+    )
+    where.add_argument(
+        "--socket-mode",
+        type=lambda s: int(s, 8),
+        default=0o600,
+        metavar="OCTAL",
+        help="permissions of the sockets vhostmem creates (default 0600)",
+    )
+    offer = parser.add_argument_group("what to offer QEMU")
+    offer.add_argument(
+        "--max-slots",
+        type=int,
+        default=509,
+        metavar="N",
+        help="memory slots offered (GET_MAX_MEM_SLOTS, default 509). Below 509 QEMU's "
+        "virtio-mem silently falls back to one memslot for the whole device",
+    )
+    offer.add_argument(
+        "--no-mem-slots",
+        action="store_true",
+        help="withhold CONFIGURE_MEM_SLOTS: QEMU then sends whole SET_MEM_TABLEs of at most 8 "
+        "regions instead of ADD_MEM_REG/REM_MEM_REG",
+    )
+    offer.add_argument(
+        "--queues", type=int, default=1, metavar="N", help="queue pairs (GET_QUEUE_NUM, default 1)"
+    )
+    offer.add_argument(
+        "--max-mapped",
+        type=parse_size,
+        metavar="SIZE",
+        help="refuse mappings beyond this many bytes in total (default: no limit)",
+    )
+    out = parser.add_argument_group("what to record")
+    out.add_argument(
+        "--event-log",
+        metavar="FILE",
+        help="append one JSON object per line: every memory-table request, connects, "
+        "disconnects and failures",
+    )
+    out.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="stderr log level (debug shows every request)",
+    )
+    parser.add_argument(
+        "--print-capabilities",
+        action="store_true",
+        help='print {"type": "net"} and exit (QEMU back-end program conventions)',
+    )
+    parser.add_argument("--version", action="version", version=f"vhostmem {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the back-end; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.print_capabilities:
+        print(json.dumps({"type": "net"}))
+        return 0
+    if not (args.sockets or args.fds or args.connect):
+        parser.error("say where to serve: --socket PATH, --fd N or --connect PATH")
+    control = args.control
+    if control is None:
+        if args.fds and not args.sockets and not args.connect:
+            parser.error("--fd needs --control PATH (there is no socket path to put it beside)")
+        control = (args.sockets or args.connect)[0] + ".ctl"
+    if args.max_slots < 1:
+        parser.error("--max-slots must be at least 1")
+    if args.queues < 1:
+        parser.error("--queues must be at least 1")
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    old, new = raise_nofile_limit()
+    logging.getLogger("vhostmem").debug("RLIMIT_NOFILE soft limit %d -> %d", old, new)
+    config = ServerConfig(
+        sockets=tuple(args.sockets),
+        fds=tuple(args.fds),
+        connect=tuple(args.connect),
+        control=control,
+        event_log=args.event_log,
+        session=SessionConfig(
+            queues=args.queues, max_slots=args.max_slots, mem_slots=not args.no_mem_slots
+        ),
+        socket_mode=args.socket_mode,
+        max_mapped=args.max_mapped,
+    )
+    try:
+        trio.run(run, config)
+    except SocketError as err:
+        _die(str(err))
+    except OSError as err:
+        _die(f"{err.filename or ''}: {err.strerror or err}".lstrip(": "))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+# -- vhostmem-ctl -------------------------------------------------------------------------------
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    # --json is accepted before or after the command's own arguments.
+    parser.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts"
+    )
+
+
+def build_ctl_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vhostmem-ctl",
+        description="Ask a running vhostmem what it holds.",
+        epilog="Exit status: 0 ok, 1 the back-end answered with an error, 2 cannot run "
+        "(usage, no control socket).",
+    )
+    parser.add_argument(
+        "--control",
+        default=os.environ.get("VHOSTMEM_CONTROL"),
+        metavar="PATH",
+        help="vhostmem's control socket (default $VHOSTMEM_CONTROL; vhostmem puts it at its "
+        "first socket path + .ctl)",
+    )
+    _json_flag(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("regions", help="the region table of every socket")
+    _json_flag(p)
+    p = sub.add_parser("map", help="a picture of the guest physical address space")
+    _json_flag(p)
+    p = sub.add_parser("events", help="recent events: memory-table requests, connects, errors")
+    p.add_argument("--limit", type=int, default=200, help="how many (default 200)")
+    _json_flag(p)
+    p = sub.add_parser("stats", help="counters: mapped bytes, fds, maps, requests, vrings")
+    _json_flag(p)
+    p = sub.add_parser(
+        "peek",
+        help="read guest memory through vhostmem's own mapping (never faults pages in)",
+    )
+    p.add_argument("gpa", type=_int0, help="guest physical address (decimal or 0x-hex)")
+    p.add_argument("len", type=_int0, help="bytes to read (decimal or 0x-hex, at most 1 MiB)")
+    p.add_argument("--socket", help="which vhost-user socket's table (default: the first)")
+    _json_flag(p)
+    return parser
+
+
+_Render = Callable[[dict[str, Any]], str]
+
+_CTL: dict[str, tuple[str, _Render, Callable[[argparse.Namespace], dict[str, Any]]]] = {
+    "regions": ("regions", render_regions, lambda a: {}),
+    "map": ("regions", render_map, lambda a: {}),
+    "events": ("events", render_events, lambda a: {"limit": a.limit}),
+    "stats": ("stats", render_stats, lambda a: {}),
+    "peek": (
+        "peek",
+        render_peek,
+        lambda a: {"gpa": a.gpa, "len": a.len} | ({"socket": a.socket} if a.socket else {}),
+    ),
+}
+
+
+def ctl_main(argv: Sequence[str] | None = None) -> int:
+    """``vhostmem-ctl``; returns the exit status."""
+    parser = build_ctl_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return 2 if exc.code not in (0, None) else 0
+    if not args.control:
+        print("vhostmem-ctl: --control PATH is required (or set VHOSTMEM_CONTROL)", file=sys.stderr)
+        return 2
+    cmd, render, make_args = _CTL[args.command]
+    try:
+        result = ControlClient(args.control).call(cmd, **make_args(args))
+    except ControlError as err:
+        print(f"vhostmem-ctl: {err}", file=sys.stderr)
+        return 2 if "cannot reach" in str(err) else 1
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(render(result))
+    return 0

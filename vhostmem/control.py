@@ -1,0 +1,306 @@
+"""Observability: the control socket (JSON lines), its client, and the event log writer.
+
+Protocol: one JSON object per line each way. A request is ``{"cmd": NAME, "args": {...}}``; the
+answer is ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": TEXT}``. Every result
+document carries ``"version": 1`` so scripts can tell when the shape changes. The same shapes
+come out of ``vhostmem-ctl ... --json``.
+
+Nothing from the wire is used as a path or a format string: arguments are numbers or are looked
+up in our own tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO, final
+
+import trio
+
+from vhostmem.errors import TableError, VhostMemError
+
+if TYPE_CHECKING:
+    from vhostmem.server import Backend
+
+__all__ = ["DOC_VERSION", "ControlClient", "ControlError", "EventLog", "serve_control"]
+
+#: Version of every JSON document vhostmem produces.
+DOC_VERSION = 1
+_MAX_LINE = 1 << 20
+_MAX_PEEK = 1 << 20
+
+
+class ControlError(VhostMemError):
+    """A control request failed; the text says why."""
+
+
+@final
+class EventLog:
+    """Appends one JSON object per line to a file, flushed per line so ``tail -f`` sees it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: TextIO | None = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+
+    def write(self, doc: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(doc, sort_keys=True) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+# -- server side -----------------------------------------------------------------------------
+
+
+def _int_arg(args: dict[str, Any], name: str, default: int | None = None) -> int:
+    value = args.get(name, default)
+    if isinstance(value, str):
+        try:
+            value = int(value, 0)
+        except ValueError:
+            raise ControlError(f"{name} must be a number in decimal or 0x-hex, got {value!r}") from None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ControlError(f"{name} is required and must be an integer")
+    return value
+
+
+def _cmd_regions(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
+    regions = []
+    for conn, region in backend.regions():
+        doc = region.as_json()
+        doc["socket"] = conn.socket_name
+        doc["conn"] = conn.number
+        doc["peer_pid"] = conn.peer.pid if conn.peer else None
+        regions.append(doc)
+    sockets = []
+    for name, conn in backend.sockets.items():
+        sockets.append(
+            {
+                "socket": name,
+                "connected": conn is not None,
+                "conn": conn.number if conn else None,
+                "peer": conn.peer.as_json() if conn and conn.peer else None,
+                "regions": len(conn.session.table) if conn else 0,
+                "max_slots": backend.config.session.max_slots,
+            }
+        )
+    return {"version": DOC_VERSION, "regions": regions, "sockets": sockets}
+
+
+def _cmd_events(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
+    limit = _int_arg(args, "limit", len(backend.events))
+    events = list(backend.events)[-limit:] if limit > 0 else []
+    return {"version": DOC_VERSION, "events": events}
+
+
+def _count(path: str) -> int:
+    try:
+        if os.path.isdir(path):
+            return len(os.listdir(path))
+        with open(path, encoding="ascii", errors="replace") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return -1
+
+
+def _cmd_stats(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
+    mapper = backend.mapper.stats
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    vrings = []
+    for conn in backend.connections():
+        for vring in conn.session.vrings:
+            doc = vring.as_json()
+            doc["socket"] = conn.socket_name
+            vrings.append(doc)
+    return {
+        "version": DOC_VERSION,
+        "uptime": time.time() - backend.started,
+        "regions": len(backend.regions()),
+        "connections_live": len(backend.connections()),
+        "mapped_bytes": mapper["mapped_bytes"],
+        "maps": mapper["maps"],
+        "mapping_fds": mapper["fds_held"],
+        "process_fds": _count("/proc/self/fd"),
+        "process_maps": _count("/proc/self/maps"),
+        "rlimit_nofile": [soft, hard],
+        "vrings": vrings,
+        **backend.counters,
+    }
+
+
+def _cmd_peek(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
+    gpa = _int_arg(args, "gpa")
+    length = _int_arg(args, "len")
+    if not 0 < length <= _MAX_PEEK:
+        raise ControlError(f"len must be 1..{_MAX_PEEK} bytes, got {length}")
+    wanted_socket = args.get("socket")
+    conns = [c for c in backend.connections() if wanted_socket in (None, c.socket_name)]
+    if not conns:
+        raise ControlError(
+            "no front-end is connected" + (f" on {wanted_socket}" if wanted_socket else "")
+        )
+    errors = []
+    for conn in conns:
+        try:
+            return _peek_in(conn.session.table, gpa, length) | {"socket": conn.socket_name}
+        except TableError as err:
+            errors.append(f"{conn.socket_name}: {err}")
+    raise ControlError("; ".join(errors))
+
+
+def _peek_in(table: Any, gpa: int, length: int) -> dict[str, Any]:
+    out = bytearray()
+    chunks: list[dict[str, Any]] = []
+    at = gpa
+    end = gpa + length
+    while at < end:
+        region = table.lookup_gpa(at)
+        if region is None:
+            raise TableError(
+                f"guest physical address 0x{at:x} is in no region ({table.neighbours(at)})",
+                kind="hole",
+            )
+        take = min(end, region.gpa_end) - at
+        peek = region.handle.peek(at - region.gpa, take)
+        for chunk in peek.chunks:
+            data = chunk.data if chunk.data is not None else bytes(chunk.length)
+            out += data
+            chunks.append(
+                {
+                    "gpa": region.gpa + chunk.offset,
+                    "len": chunk.length,
+                    "state": chunk.state,
+                    **({"error": chunk.error} if getattr(chunk, "error", None) else {}),
+                }
+            )
+        at += take
+    return {
+        "version": DOC_VERSION,
+        "gpa": gpa,
+        "len": length,
+        "hex": out.hex(),
+        "chunks": chunks,
+        "complete": all(c["state"] == "data" for c in chunks),
+    }
+
+
+_Command = Callable[["Backend", dict[str, Any]], dict[str, Any]]
+
+COMMANDS: dict[str, _Command] = {
+    "regions": _cmd_regions,
+    "events": _cmd_events,
+    "stats": _cmd_stats,
+    "peek": _cmd_peek,
+}
+
+
+def register(name: str, command: _Command) -> None:
+    """Add a control command (used by later layers: check, inject, diagnose)."""
+    COMMANDS[name] = command
+
+
+def answer(backend: Backend, line: bytes) -> dict[str, Any]:
+    """Answer one request line; never raises."""
+    try:
+        request = json.loads(line)
+        if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+            raise ControlError('a request is {"cmd": NAME, "args": {...}}')
+        args = request.get("args") or {}
+        if not isinstance(args, dict):
+            raise ControlError("args must be an object")
+        command = COMMANDS.get(request["cmd"])
+        if command is None:
+            raise ControlError(
+                f"unknown command {request['cmd']!r}; known: {', '.join(sorted(COMMANDS))}"
+            )
+    except (ValueError, ControlError) as err:
+        return {"ok": False, "error": str(err)}
+    try:
+        return {"ok": True, "result": command(backend, args)}
+    except VhostMemError as err:
+        return {"ok": False, "error": str(err)}
+
+
+async def _serve_one(backend: Backend, sock: trio.socket.SocketType) -> None:
+    with sock:
+        buffer = b""
+        while True:
+            try:
+                data = await sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            buffer += data
+            if len(buffer) > _MAX_LINE and b"\n" not in buffer:
+                return
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                reply = (json.dumps(answer(backend, line)) + "\n").encode()
+                try:
+                    await sock.sendall(reply)
+                except OSError:
+                    return
+
+
+async def serve_control(listener: socket.socket, backend: Backend) -> None:
+    """Answer control requests on ``listener`` until cancelled."""
+    tsock = trio.socket.from_stdlib_socket(listener)
+    with tsock:
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await tsock.accept()
+                nursery.start_soon(_serve_one, backend, conn)
+
+
+# -- client side -----------------------------------------------------------------------------
+
+
+@final
+class ControlClient:
+    """Blocking client of the control socket (``vhostmem-ctl`` and test fixtures use it).
+
+    Args:
+        path: the control socket.
+        timeout: seconds to wait for connect and for each answer.
+    """
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def call(self, cmd: str, **args: Any) -> dict[str, Any]:
+        """Send one request and return its ``result``.
+
+        Raises:
+            ControlError: the back-end answered with an error, or cannot be reached.
+        """
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+                sock.settimeout(self.timeout)
+                sock.connect(self.path)
+                sock.sendall((json.dumps({"cmd": cmd, "args": args}) + "\n").encode())
+                buffer = b""
+                while b"\n" not in buffer:
+                    data = sock.recv(65536)
+                    if not data:
+                        raise ControlError(f"{self.path}: connection closed before an answer")
+                    buffer += data
+        except OSError as err:
+            raise ControlError(
+                f"cannot reach vhostmem's control socket {self.path}: {err.strerror or err}"
+            ) from err
+        reply = json.loads(buffer.split(b"\n", 1)[0])
+        if not reply.get("ok"):
+            raise ControlError(str(reply.get("error")))
+        result = reply["result"]
+        assert isinstance(result, dict)
+        return result
+

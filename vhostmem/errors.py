@@ -1,0 +1,93 @@
+"""vhostmem's errors.
+
+Every error carries the data a reply, an event-log line or a person needs, not just text::
+
+    VhostMemError
+     ├── LocalProtocolError    we were asked to do something the protocol does not allow here
+     ├── RemoteProtocolError   the front-end broke the protocol (raised at Session.receive boundary)
+     ├── StateError            a request that is illegal in the session's current state
+     ├── MappingError          mmap of a region failed or was refused; the text is the diagnosis
+     └── TableError            the region table refused a change (overlap, slot limit, unknown region)
+
+``LocalProtocolError`` is raised inside the session and turned into ``RemoteProtocolError`` at the
+``receive``/``next_event`` boundary, the strategy h11 describes in ``_util.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, final
+
+
+class VhostMemError(Exception):
+    """Root of every error vhostmem raises on purpose."""
+
+
+@final
+class LocalProtocolError(VhostMemError):
+    """A request that cannot be honoured; ``fatal`` means the byte stream is no longer trusted."""
+
+    def __init__(self, msg: str, *, fatal: bool = False) -> None:
+        super().__init__(msg)
+        self.fatal = fatal
+
+
+@final
+class RemoteProtocolError(VhostMemError):
+    """The front-end broke framing; the connection must close."""
+
+
+@final
+class StateError(VhostMemError):
+    """A request arrived in a state that does not allow it.
+
+    Args:
+        msg: what happened, in words.
+        state: the session state name at the time.
+        required: what would have allowed the request.
+    """
+
+    def __init__(self, msg: str, state: str, required: str) -> None:
+        super().__init__(msg)
+        self.state = state
+        self.required = required
+
+
+@final
+class MappingError(VhostMemError):
+    """mmap of a region failed or was refused; ``str(err)`` is the whole diagnosis.
+
+    Args:
+        msg: the diagnosis: request, region numbers, backing, the numbers that matter, the fix.
+        errno: the kernel's errno when the kernel said no (or an injected one).
+        kind: a short class name, e.g. ``past-eof``, ``not-mappable``, ``enomem``.
+        details: the numbers, for JSON consumers.
+    """
+
+    def __init__(
+        self,
+        msg: str,
+        *,
+        errno: int | None = None,
+        kind: str = "mmap",
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(msg)
+        self.errno = errno
+        self.kind = kind
+        self.details = details or {}
+
+
+@final
+class TableError(VhostMemError):
+    """The region table refused a change.
+
+    Args:
+        msg: the reason with the regions' numbers.
+        kind: ``overlap-gpa``, ``overlap-uaddr``, ``slot-limit``, ``not-found``, ``bad-region``.
+        details: the numbers, for JSON consumers.
+    """
+
+    def __init__(self, msg: str, *, kind: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(msg)
+        self.kind = kind
+        self.details = details or {}

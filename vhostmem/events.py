@@ -1,0 +1,84 @@
+"""What the sans-IO session tells its shell after each request.
+
+The session emits exactly one :class:`Handled` per request. The shell sends ``reply`` (when not
+empty), writes the event log line, updates the atomicity history from ``change`` and logs
+``notes``; it never needs to look inside the protocol to do so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, final
+
+if TYPE_CHECKING:
+    from protocol import Header, Payload, Request
+    from vhostmem.regions import Region
+
+__all__ = ["NEED_DATA", "Handled", "NeedData", "TableChange"]
+
+
+@final
+class NeedData:
+    """Sentinel type: the session needs more bytes before it can handle another request."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = NeedData()
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class TableChange:
+    """How one memory-table request changed the region table.
+
+    Attributes:
+        removed: regions taken out (their mappings are already released).
+        added: regions put in (mapped).
+        kept: for SET_MEM_TABLE, regions that stayed mapped because they were unchanged.
+        requested: the regions the request named, as received (for the event log).
+    """
+
+    removed: tuple[Region, ...]
+    added: tuple[Region, ...]
+    kept: tuple[Region, ...]
+    requested: tuple[dict[str, int], ...]
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Handled:
+    """One request, handled.
+
+    Attributes:
+        request: the request code (a :class:`protocol.Request`, or the number if unknown).
+        header: the decoded header.
+        payload: the decoded payload, ``None`` if it could not be decoded.
+        reply: bytes to send back; empty when no reply is due.
+        ok: whether the request succeeded.
+        error: why it failed, in words, with the numbers.
+        error_kind: a short class of the failure (``state``, ``decode``, ``overlap-gpa``, ...).
+        change: for SET_MEM_TABLE, ADD_MEM_REG and REM_MEM_REG, what changed in the table.
+        notes: things a person should know although the request succeeded.
+        nfds: how many file descriptors came with the request.
+        details: extra numbers for JSON consumers (e.g. a mapping diagnosis).
+    """
+
+    request: Request | int
+    header: Header
+    payload: Payload | None
+    reply: bytes
+    ok: bool
+    error: str | None = None
+    error_kind: str | None = None
+    change: TableChange | None = None
+    notes: tuple[str, ...] = ()
+    nfds: int = 0
+    details: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        """The request's protocol name, or ``UNKNOWN(n)``."""
+        name = getattr(self.request, "name", None)
+        return name if isinstance(name, str) else f"UNKNOWN({int(self.request)})"

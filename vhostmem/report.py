@@ -1,0 +1,158 @@
+"""Text for people: turns the control socket's JSON documents into terminal tables and pictures.
+
+Pure formatting; ``vhostmem-ctl`` prints what these functions return.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vhostmem.regions import _human
+
+__all__ = ["render_events", "render_map", "render_peek", "render_regions", "render_stats"]
+
+
+def _size(n: int) -> str:
+    return _human(n)
+
+
+def render_regions(doc: dict[str, Any]) -> str:
+    """The region table, grouped by socket."""
+    lines: list[str] = []
+    for sock in doc["sockets"]:
+        peer = sock.get("peer") or {}
+        state = (
+            f"conn {sock['conn']}, peer pid {peer.get('pid', '?')} uid {peer.get('uid', '?')}"
+            if sock["connected"]
+            else "no front-end connected"
+        )
+        lines.append(
+            f"{sock['socket']}: {state}; {sock['regions']} of {sock['max_slots']} slots used"
+        )
+        regions = [r for r in doc["regions"] if r["socket"] == sock["socket"]]
+        if not regions:
+            continue
+        lines.append(
+            f"  {'GPA start':>18} {'GPA end':>18} {'size':>10} {'front-end addr':>18} "
+            f"{'mmap_offset':>14}  backing"
+        )
+        for r in regions:
+            end = r["gpa"] + r["size"] - 1
+            backing = r.get("backing", "?")
+            page = r.get("page_size")
+            if page:
+                backing += f" ({_size(page)} pages)"
+            if r.get("file"):
+                backing += f" {r['file']}"
+            lines.append(
+                f"  0x{r['gpa']:016x} 0x{end:016x} {_size(r['size']):>10} "
+                f"0x{r['uaddr']:016x} {hex(r['mmap_offset']):>14}  {backing}"
+            )
+    return "\n".join(lines) if lines else "no sockets"
+
+
+def render_map(doc: dict[str, Any], width: int = 64) -> str:
+    """A picture of the guest physical address space: regions (letters) and holes (dots)."""
+    out: list[str] = []
+    for sock in doc["sockets"]:
+        regions = sorted(
+            (r for r in doc["regions"] if r["socket"] == sock["socket"]), key=lambda r: r["gpa"]
+        )
+        out.append(f"{sock['socket']}:")
+        if not regions:
+            out.append("  (no regions)")
+            continue
+        top = max(r["gpa"] + r["size"] for r in regions)
+        letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+        bar = ["."] * width
+        for i, r in enumerate(regions):
+            first = r["gpa"] * width // top
+            last = max(first, (r["gpa"] + r["size"]) * width // top - 1)
+            for col in range(first, min(last, width - 1) + 1):
+                bar[col] = letters[i % len(letters)]
+        out.append(f"  0x0 |{''.join(bar)}| 0x{top:x}  (one column = {_size(max(1, top // width))})")
+        cursor = 0
+        for i, r in enumerate(regions):
+            if r["gpa"] > cursor:
+                out.append(
+                    f"      0x{cursor:012x}-0x{r['gpa'] - 1:012x}  hole {_size(r['gpa'] - cursor):>10}"
+                )
+            out.append(
+                f"   {letters[i % len(letters)]}  0x{r['gpa']:012x}-0x{r['gpa'] + r['size'] - 1:012x}"
+                f"  region {_size(r['size']):>8}  {r.get('backing', '?')} "
+                f"mmap_offset {hex(r['mmap_offset'])}"
+            )
+            cursor = r["gpa"] + r["size"]
+    return "\n".join(out) if out else "no sockets"
+
+
+def render_events(doc: dict[str, Any]) -> str:
+    """One line per event."""
+    lines = []
+    for ev in doc["events"]:
+        stamp = time.strftime("%H:%M:%S", time.localtime(ev.get("ts", 0)))
+        stamp += f".{int(ev.get('ts', 0) * 1000) % 1000:03d}"
+        what = ev.get("request") or ev.get("event", "?")
+        text = f"{stamp} {ev.get('socket', '')} {what}"
+        if "result" in ev:
+            text += f" {ev['result']}"
+        region = ev.get("region")
+        if region:
+            text += (
+                f" gpa=0x{region['gpa']:x} size={_size(region['size'])}"
+                f" mmap_offset=0x{region['mmap_offset']:x}"
+            )
+        if "regions" in ev:
+            text += f" {len(ev['regions'])} region(s)"
+        if ev.get("reason"):
+            text += f" ({ev['reason']})"
+        if ev.get("error"):
+            text += f"\n    {ev['error']}"
+        violation = ev.get("violation")
+        if violation:
+            text += f"\n    VIOLATION {violation.get('kind')}: {violation.get('why', '')}"
+        lines.append(text)
+    return "\n".join(lines) if lines else "no events yet"
+
+
+def render_stats(doc: dict[str, Any]) -> str:
+    """Counters as ``name: value`` lines."""
+    lines = []
+    for key, value in doc.items():
+        if key in ("version", "vrings"):
+            continue
+        if key == "mapped_bytes":
+            value = f"{value} ({_size(value)})"
+        elif key == "uptime":
+            value = f"{value:.1f} s"
+        lines.append(f"{key:>18}: {value}")
+    for ring in doc.get("vrings", []):
+        lines.append(
+            f"{'vring':>18}: {ring['socket']} #{ring['index']} size {ring['num']} "
+            f"{'started' if ring['started'] else 'stopped'}, "
+            f"{'enabled' if ring['enabled'] else 'disabled'}"
+        )
+    return "\n".join(lines)
+
+
+def render_peek(doc: dict[str, Any]) -> str:
+    """A hex dump with guest physical addresses; pages not populated are said to be so."""
+    data = bytes.fromhex(doc["hex"])
+    base = doc["gpa"]
+    lines = []
+    for chunk in doc["chunks"]:
+        start = chunk["gpa"] - base
+        if chunk["state"] != "data":
+            why = (
+                "not populated: nobody wrote it, or QEMU discarded it; not read, so it stays so"
+                if chunk["state"] == "unpopulated"
+                else f"read fault: {chunk.get('error', '')}"
+            )
+            lines.append(f"0x{chunk['gpa']:012x}  ({chunk['len']} bytes {why})")
+            continue
+        for off in range(start, start + chunk["len"], 16):
+            row = data[off : min(off + 16, start + chunk["len"])]
+            text = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
+            lines.append(f"0x{base + off:012x}  {row.hex(' '):<47}  {text}")
+    return "\n".join(lines)

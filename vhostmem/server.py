@@ -1,0 +1,505 @@
+"""The trio shell: listeners, one task per front-end connection, the control socket, signals.
+
+Each vhost-user socket serves one front-end at a time: its task accepts, runs the connection to
+the end, releases every mapping and fd, and only then accepts again, so a second front-end waits
+in the backlog (QEMU does the same with its chardev). A connection's errors stay inside its own
+task (trio's ``serve_listeners`` documents that a handler exception would crash the server).
+
+The shell loop is the sans-IO one (h11's ``examples/trio-server.py``): read what the session
+wants, ``receive_data``, drain ``next_event``, send each reply, record each event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, final
+
+import trio
+
+from protocol import MemoryRegion, Request
+from vhostmem.control import EventLog, serve_control
+from vhostmem.errors import RemoteProtocolError, VhostMemError
+from vhostmem.events import NEED_DATA, Handled
+from vhostmem.mapping import Mapper, Mapping
+from vhostmem.regions import Region
+from vhostmem.session import Session, SessionConfig
+from vhostmem.transport import FdStream
+
+__all__ = ["Backend", "ServerConfig", "SocketError", "bind_unix_socket", "run"]
+
+logger = logging.getLogger(__name__)
+
+_MEMORY_REQUESTS = frozenset({Request.SET_MEM_TABLE, Request.ADD_MEM_REG, Request.REM_MEM_REG})
+_EVENT_HISTORY = 10000
+
+
+class SocketError(VhostMemError):
+    """A socket path cannot be used (exists and is not a socket, or someone listens there)."""
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything the command line decides.
+
+    Attributes:
+        sockets: paths to listen on for front-ends.
+        fds: inherited sockets (listening or already connected).
+        connect: paths to connect to (QEMU chardev with ``server=on``).
+        control: control socket path.
+        event_log: JSON Lines file, appended to.
+        session: what each session offers.
+        socket_mode: permission bits of the sockets we create.
+        max_mapped: cap on bytes mapped in total (``None``: no cap).
+    """
+
+    sockets: tuple[str, ...] = ()
+    fds: tuple[int, ...] = ()
+    connect: tuple[str, ...] = ()
+    control: str | None = None
+    event_log: str | None = None
+    session: SessionConfig = field(default_factory=SessionConfig)
+    socket_mode: int = 0o600
+    max_mapped: int | None = None
+
+
+@final
+class ShellHost:
+    """The session's window on the operating system: mapping through :class:`Mapper`."""
+
+    def __init__(self, mapper: Mapper) -> None:
+        self.mapper = mapper
+
+    def map_region(self, request: str, region: MemoryRegion, fd: int) -> tuple[Any, dict[str, Any]]:
+        mapping = self.mapper.map(
+            fd,
+            gpa=region.guest_phys_addr,
+            size=region.memory_size,
+            mmap_offset=region.mmap_offset,
+            request=request,
+        )
+        backing = mapping.backing
+        info: dict[str, Any] = {
+            "backing": backing.kind,
+            "page_size": backing.page_size,
+            "file": backing.target,
+            "fd_offset": mapping.fd_offset,
+            "map_length": mapping.length,
+            "address": mapping.address,
+        }
+        return mapping, info
+
+    def unmap_region(self, handle: Any) -> None:
+        assert isinstance(handle, Mapping)
+        handle.close()
+
+    def close_fd(self, fd: int) -> None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def file_id(self, fd: int) -> tuple[int, int] | None:
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+
+@dataclass(slots=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+    def as_json(self) -> dict[str, int]:
+        return {"pid": self.pid, "uid": self.uid, "gid": self.gid}
+
+
+def peer_credentials(sock: socket.socket) -> Peer | None:
+    """SO_PEERCRED of a connected Unix socket."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Peer(pid, uid, gid)
+
+
+@dataclass(slots=True)
+class Connection:
+    """One live front-end on one socket."""
+
+    number: int
+    socket_name: str
+    session: Session
+    peer: Peer | None
+    since: float
+    log: logging.Logger
+
+
+@final
+class Backend:
+    """The process's state: sockets, live connections, recent events, the mapper.
+
+    The control socket reads everything through this object.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.mapper = Mapper(max_mapped=config.max_mapped)
+        self.host = ShellHost(self.mapper)
+        self.sockets: dict[str, Connection | None] = {}
+        self.events: deque[dict[str, Any]] = deque(maxlen=_EVENT_HISTORY)
+        self.event_log = EventLog(config.event_log) if config.event_log else None
+        self.counters = {"connections": 0, "requests": 0, "errors": 0, "replies": 0}
+        self.started = time.time()
+        self._numbers = 0
+        self.created_paths: list[str] = []
+        self.listening = trio.Event()
+
+    # -- events ----------------------------------------------------------------------------
+
+    def record(self, doc: dict[str, Any]) -> None:
+        """Keep an event for ``vhostmem-ctl events`` and append it to the event log."""
+        doc.setdefault("ts", time.time())
+        self.events.append(doc)
+        if self.event_log is not None:
+            self.event_log.write(doc)
+
+    def _record_handled(self, conn: Connection, handled: Handled) -> None:
+        self.counters["requests"] += 1
+        if not handled.ok:
+            self.counters["errors"] += 1
+        log = conn.log
+        if handled.ok:
+            log.debug("<-- %s ok%s", handled.name, f" ({'; '.join(handled.notes)})" if handled.notes else "")
+        else:
+            log.warning("%s failed: %s", handled.name, handled.error)
+        for note in handled.notes:
+            log.warning("%s", note)
+        if handled.request not in _MEMORY_REQUESTS and handled.ok and not handled.notes:
+            return
+        doc: dict[str, Any] = {
+            "socket": conn.socket_name,
+            "conn": conn.number,
+            "request": handled.name,
+            "result": "ok" if handled.ok else "error",
+        }
+        if conn.peer is not None:
+            doc["peer_pid"] = conn.peer.pid
+        payload = handled.payload
+        change = handled.change
+        if change is not None:
+            requested = list(change.requested)
+        else:
+            requested = _requested_regions(payload)
+        if handled.request is Request.SET_MEM_TABLE:
+            doc["regions"] = requested
+        elif requested:
+            doc["region"] = requested[0]
+        if change is not None:
+            doc["added"] = len(change.added)
+            doc["removed"] = len(change.removed)
+            if change.kept:
+                doc["kept"] = len(change.kept)
+        if handled.error is not None:
+            doc["error"] = handled.error
+            doc["error_kind"] = handled.error_kind
+        if handled.details:
+            doc["details"] = handled.details
+        if handled.notes:
+            doc["notes"] = list(handled.notes)
+        if handled.request not in _MEMORY_REQUESTS:
+            # Non-memory requests are logged only when they fail or need a note; they keep the
+            # "request" key so a reader can grep them, but live beside the memory lines.
+            doc["kind"] = "request"
+        self.record(doc)
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def serve_connection(self, sock: socket.socket, socket_name: str) -> None:
+        """Run one front-end connection to its end; never raises (except cancellation)."""
+        self._numbers += 1
+        number = self._numbers
+        self.counters["connections"] += 1
+        peer = peer_credentials(sock)
+        log = logger.getChild(f"conn{number}")
+        session = Session(self.config.session, self.host)
+        conn = Connection(number, socket_name, session, peer, time.time(), log)
+        self.sockets[socket_name] = conn
+        stream = FdStream(sock)
+        log.info(
+            "front-end connected on %s (pid %s, uid %s)",
+            socket_name,
+            peer.pid if peer else "?",
+            peer.uid if peer else "?",
+        )
+        self.record(
+            {
+                "event": "connect",
+                "socket": socket_name,
+                "conn": number,
+                "peer": peer.as_json() if peer else None,
+            }
+        )
+        reason = "front-end closed the connection"
+        try:
+            await self._loop(conn, stream)
+        except RemoteProtocolError as err:
+            reason = f"protocol error: {err}"
+            log.error("closing connection: %s", err)
+        except trio.BrokenResourceError as err:
+            reason = f"front-end went away: {err}"
+            log.info("%s", reason)
+        except VhostMemError as err:
+            reason = f"error: {err}"
+            log.error("closing connection: %s", err)
+        except Exception as err:  # a bug of ours must not take the other sockets down
+            reason = f"internal error: {err!r}"
+            log.exception("internal error; closing this connection only")
+        finally:
+            with trio.CancelScope(shield=True):
+                gone = session.close()
+                stream.close()
+                self.sockets[socket_name] = None
+                log.info("released %d region(s); %s", len(gone), reason)
+                self.record(
+                    {
+                        "event": "disconnect",
+                        "socket": socket_name,
+                        "conn": number,
+                        "reason": reason,
+                        "released": len(gone),
+                    }
+                )
+
+    async def _loop(self, conn: Connection, stream: FdStream) -> None:
+        session = conn.session
+        while True:
+            data, fds = await stream.receive(session.bytes_wanted)
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                if session.buffered:
+                    raise RemoteProtocolError(
+                        f"connection closed in the middle of a message ({session.buffered} "
+                        "bytes of it received)"
+                    )
+                return
+            session.receive_data(data, fds)
+            while True:
+                handled = session.next_event()
+                if handled is NEED_DATA:
+                    break
+                assert isinstance(handled, Handled)
+                if handled.reply:
+                    await stream.send_all(handled.reply)
+                    self.counters["replies"] += 1
+                self._record_handled(conn, handled)
+
+    async def serve_listener(self, listener: socket.socket, name: str) -> None:
+        """Accept front-ends on one socket, one at a time."""
+        self.sockets.setdefault(name, None)
+        tsock = trio.socket.from_stdlib_socket(listener)
+        while True:
+            raw, _ = await tsock.accept()
+            sock = socket.socket(fileno=raw.detach())
+            await self.serve_connection(sock, name)
+
+    async def serve_connected(self, sock: socket.socket, name: str) -> None:
+        """Serve an already connected socket (``--fd``) once."""
+        self.sockets.setdefault(name, None)
+        await self.serve_connection(sock, name)
+
+    async def serve_client(self, path: str) -> None:
+        """Connect to a front-end that listens (QEMU ``server=on``), and again after it leaves."""
+        self.sockets.setdefault(path, None)
+        waited = False
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect(path)
+            except OSError as err:
+                sock.close()
+                if not waited:
+                    logger.info("waiting for a front-end to listen on %s (%s)", path, err.strerror)
+                    waited = True
+                await trio.sleep(0.1)
+                continue
+            waited = False
+            await self.serve_connection(sock, path)
+
+    # -- state for the control socket -------------------------------------------------------
+
+    def connections(self) -> list[Connection]:
+        return [c for c in self.sockets.values() if c is not None]
+
+    def regions(self) -> list[tuple[Connection, Region]]:
+        return [(c, r) for c in self.connections() for r in c.session.table]
+
+    def cleanup(self) -> None:
+        """Release everything: sessions, event log, socket files we created."""
+        for conn in self.connections():
+            conn.session.close()
+        self.mapper.close()
+        if self.event_log is not None:
+            self.event_log.close()
+        for path in self.created_paths:
+            remove_our_socket(path)
+        self.created_paths.clear()
+
+
+def _requested_regions(payload: Any) -> list[dict[str, int]]:
+    region = getattr(payload, "region", None)
+    regions = getattr(payload, "regions", None)
+    wire = [region] if region is not None else list(regions or [])
+    return [
+        {
+            "gpa": r.guest_phys_addr,
+            "size": r.memory_size,
+            "uaddr": r.userspace_addr,
+            "mmap_offset": r.mmap_offset,
+        }
+        for r in wire
+    ]
+
+
+# -- sockets ---------------------------------------------------------------------------------
+
+
+def bind_unix_socket(path: str, mode: int) -> socket.socket:
+    """Listen on ``path`` so that the path appears only once it accepts.
+
+    Binds a temporary name in the same directory, sets ``mode``, listens, then renames it over
+    ``path``. A stale socket at ``path`` (nobody accepts) is replaced; a live one or anything that
+    is not a socket is refused and left as it is.
+
+    Raises:
+        SocketError: the path is taken.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SocketError(
+                f"{path} exists and is not a socket; vhostmem will not replace it (remove it or "
+                "choose another --socket path)"
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            probe.connect(path)
+        except OSError:
+            pass  # stale: nobody accepts there
+        else:
+            raise SocketError(f"{path}: another process is listening on this socket")
+        finally:
+            probe.close()
+    directory = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temp)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        old_umask = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(temp)
+        finally:
+            os.umask(old_umask)
+        os.chmod(temp, mode)
+        sock.listen(16)
+        os.rename(temp, path)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    return sock
+
+
+def remove_our_socket(path: str) -> None:
+    """Remove a socket file we created, but never anything that is not a socket."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+
+
+def _is_listening(sock: socket.socket) -> bool:
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+
+
+async def run(
+    config: ServerConfig,
+    *,
+    task_status: trio.TaskStatus[Backend] = trio.TASK_STATUS_IGNORED,
+    on_ready: Callable[[Backend], None] | None = None,
+) -> None:
+    """Run the back-end until SIGINT/SIGTERM or cancellation, then release everything.
+
+    Args:
+        config: what to serve.
+        task_status: receives the :class:`Backend` once every socket accepts.
+        on_ready: called with the backend once every socket accepts.
+    """
+    backend = Backend(config)
+    try:
+        async with trio.open_nursery() as nursery:
+            listeners: list[tuple[socket.socket, str]] = []
+            connected: list[tuple[socket.socket, str]] = []
+            try:
+                for path in config.sockets:
+                    listeners.append((bind_unix_socket(path, config.socket_mode), path))
+                    backend.created_paths.append(path)
+                for fd in config.fds:
+                    sock = socket.socket(fileno=fd)
+                    if sock.family != socket.AF_UNIX:
+                        raise SocketError(f"--fd {fd} is not a Unix socket")
+                    name = f"fd:{fd}"
+                    (listeners if _is_listening(sock) else connected).append((sock, name))
+                if config.control:
+                    control_sock = bind_unix_socket(config.control, config.socket_mode)
+                    backend.created_paths.append(config.control)
+                    nursery.start_soon(serve_control, control_sock, backend)
+            except BaseException:
+                for sock, _ in listeners + connected:
+                    sock.close()
+                raise
+            for sock, name in listeners:
+                nursery.start_soon(backend.serve_listener, sock, name)
+            for sock, name in connected:
+                nursery.start_soon(backend.serve_connected, sock, name)
+            for path in config.connect:
+                nursery.start_soon(backend.serve_client, path)
+            nursery.start_soon(_watch_signals, nursery.cancel_scope)
+            logger.info(
+                "listening on %s; control socket %s",
+                ", ".join(config.sockets + tuple(n for _, n in listeners if n.startswith("fd:")))
+                or "(client mode)",
+                config.control,
+            )
+            backend.listening.set()
+            if on_ready is not None:
+                on_ready(backend)
+            task_status.started(backend)
+    finally:
+        backend.cleanup()
+
+
+async def _watch_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            logger.info("%s received: releasing everything and exiting", signal.Signals(signum).name)
+            scope.cancel()
+            return
+

@@ -1,0 +1,772 @@
+"""The sans-IO vhost-user session: bytes and file descriptors in, one ``Handled`` per request out.
+
+Theory of operation
+-------------------
+Rule 1: everything that decides whether a request is legal lives in this file, in
+:data:`TRANSITIONS` and the handlers below it (the way h11 keeps its whole state machine in
+``_state.py``).
+
+One :class:`Session` serves one front-end connection. The shell feeds it whatever the socket
+gave (``receive_data(data, fds)``) and then calls :meth:`Session.next_event` until it returns
+:data:`~vhostmem.events.NEED_DATA`. Each call decodes one message, acts on it and returns a
+:class:`~vhostmem.events.Handled` carrying the reply bytes; the shell sends them. The session
+never awaits, never touches a socket and never maps memory: it asks its :class:`Host` (the
+shell) to map a region, unmap it or close an fd, so unit tests can hand it a fake host.
+
+File descriptors arrive beside bytes (SCM_RIGHTS). They belong to the message that contains the
+first byte of the chunk they came with, which is where QEMU attaches them (it sends header,
+payload and fds in one ``sendmsg``) and where our shell reads them (``recvmsg`` of the header).
+Every fd is owned by exactly one place at a time: the pending queue, a vring slot, a mapping
+(through the host), or it is closed. :meth:`Session.close` releases everything still held.
+
+States (:class:`SessionState`): ``AWAIT_OWNER`` until SET_OWNER, ``OWNED`` after it. Feature
+queries are legal before SET_OWNER because QEMU asks them first (shared/vectors/); everything
+touching the device needs an owner. An illegal request is answered (a failure ack when one is
+due) and recorded, not fatal. Only broken framing (a size no payload can have) moves the session
+to ``ERROR``, after which every call raises :class:`~vhostmem.errors.RemoteProtocolError`.
+
+Replies follow QEMU's checks (hw/virtio/vhost-user.c ``vhost_user_read_header``,
+``process_message_reply``): flags exactly 0x5, the same request code, u64 replies of size 8.
+A request with its own reply (GET_*) gets only that; any other request with NEED_REPLY, once
+REPLY_ACK is negotiated, gets a u64: 0 for success, 1 for failure.
+
+Memory-table semantics (DESIGN.md section 4): a failed ADD_MEM_REG leaves nothing mapped and
+nothing in the table; a failed REM_MEM_REG leaves the region; SET_MEM_TABLE replaces the table by
+difference and is all-or-nothing; the table survives RESET_DEVICE and ring stop/start and is
+dropped only by :meth:`Session.close`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol, final
+
+from protocol import (
+    FDS_ALLOWED,
+    HAS_OWN_REPLY,
+    HEADER_SIZE,
+    MAX_PAYLOAD_SIZE,
+    DecodeError,
+    Header,
+    HeaderFlags,
+    MemoryRegion,
+    MemoryTable,
+    MemRegMsg,
+    Payload,
+    ProtocolFeature,
+    Request,
+    VirtioFeature,
+    VringAddress,
+    VringFile,
+    VringState,
+    decode_header,
+    decode_payload,
+    encode_reply,
+    encode_u64_reply,
+)
+from vhostmem.errors import LocalProtocolError, MappingError, RemoteProtocolError, StateError, TableError
+from vhostmem.events import NEED_DATA, Handled, NeedData, TableChange
+from vhostmem.regions import Region, RegionTable, describe
+
+__all__ = ["TRANSITIONS", "Host", "Session", "SessionConfig", "SessionState"]
+
+
+class Host(Protocol):
+    """What the session needs from its shell: the only way it reaches the operating system."""
+
+    def map_region(self, request: str, region: MemoryRegion, fd: int) -> tuple[Any, dict[str, Any]]:
+        """Map ``region`` from ``fd``; always consumes ``fd``.
+
+        Returns:
+            The mapping handle and what to report about the backing (kind, page size, ...).
+
+        Raises:
+            MappingError: with the whole diagnosis as its text.
+        """
+
+    def unmap_region(self, handle: Any) -> None:
+        """Release a mapping made by :meth:`map_region`."""
+
+    def close_fd(self, fd: int) -> None:
+        """Close a file descriptor the session owns."""
+
+    def file_id(self, fd: int) -> tuple[int, int] | None:
+        """``(st_dev, st_ino)`` of the file behind ``fd``, ``None`` if it cannot be told."""
+
+
+class SessionState(enum.Enum):
+    """Where a connection is in its life."""
+
+    #: Connected; feature queries only until SET_OWNER.
+    AWAIT_OWNER = "await-owner"
+    #: SET_OWNER received: every request may come.
+    OWNED = "owned"
+    #: Framing broke; the connection must close.
+    ERROR = "error"
+    #: :meth:`Session.close` ran; everything is released.
+    CLOSED = "closed"
+
+
+#: Requests legal before SET_OWNER: QEMU negotiates features first (vhost_user_backend_init).
+_BEFORE_OWNER = frozenset(
+    {
+        Request.GET_FEATURES,
+        Request.GET_PROTOCOL_FEATURES,
+        Request.SET_PROTOCOL_FEATURES,
+        Request.GET_QUEUE_NUM,
+        Request.GET_MAX_MEM_SLOTS,
+        Request.SET_OWNER,
+    }
+)
+
+#: TRANSITIONS[state][request] -> next state. A miss is a StateError, answered with a failure.
+TRANSITIONS: dict[SessionState, dict[Request, SessionState]] = {
+    SessionState.AWAIT_OWNER: {
+        request: (SessionState.OWNED if request is Request.SET_OWNER else SessionState.AWAIT_OWNER)
+        for request in _BEFORE_OWNER
+    },
+    SessionState.OWNED: {
+        request: SessionState.OWNED for request in Request if request is not Request.SET_OWNER
+    },
+}
+
+_MEMORY_REQUESTS = frozenset({Request.SET_MEM_TABLE, Request.ADD_MEM_REG, Request.REM_MEM_REG})
+
+#: Largest split-ring size the virtio spec allows.
+_MAX_QUEUE_SIZE = 32768
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """What the back-end offers; set from the command line.
+
+    Attributes:
+        queues: queue pairs (GET_QUEUE_NUM); the device has ``2 * queues`` vrings.
+        max_slots: GET_MAX_MEM_SLOTS answer and table capacity. Below 509 QEMU's virtio-mem
+            silently uses one memslot for the whole device (hw/mem/memory-device.c).
+        mem_slots: offer CONFIGURE_MEM_SLOTS; without it QEMU sends whole SET_MEM_TABLEs.
+    """
+
+    queues: int = 1
+    max_slots: int = 509
+    mem_slots: bool = True
+
+    @property
+    def features(self) -> int:
+        """Virtio feature bits offered in GET_FEATURES."""
+        return int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES)
+
+    @property
+    def protocol_features(self) -> int:
+        """Protocol feature bits offered in GET_PROTOCOL_FEATURES."""
+        offered = (
+            ProtocolFeature.MQ
+            | ProtocolFeature.REPLY_ACK
+            | ProtocolFeature.RESET_DEVICE
+            | ProtocolFeature.STATUS
+        )
+        if self.mem_slots:
+            offered |= ProtocolFeature.CONFIGURE_MEM_SLOTS
+        return int(offered)
+
+    @property
+    def vrings(self) -> int:
+        """Number of virtqueues of the device (rx + tx per queue pair)."""
+        return 2 * self.queues
+
+
+@dataclass(slots=True)
+class Vring:
+    """What the front-end told us about one virtqueue."""
+
+    index: int
+    num: int = 0
+    base: int = 0
+    addr: VringAddress | None = None
+    kick: int | None = None
+    call: int | None = None
+    err: int | None = None
+    enabled: bool = False
+    started: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        addr = self.addr
+        return {
+            "index": self.index,
+            "num": self.num,
+            "base": self.base,
+            "enabled": self.enabled,
+            "started": self.started,
+            "desc": addr.desc_user_addr if addr else None,
+            "avail": addr.avail_user_addr if addr else None,
+            "used": addr.used_user_addr if addr else None,
+            "kick_fd": self.kick is not None,
+            "call_fd": self.call is not None,
+        }
+
+
+@dataclass(slots=True)
+class _Pending:
+    """fds waiting for the message that starts at or before stream offset ``at``."""
+
+    at: int
+    fds: list[int] = field(default_factory=list)
+
+
+@final
+class Session:
+    """One front-end connection's protocol state, without I/O.
+
+    Args:
+        config: what to offer.
+        host: the shell's services (map, unmap, close).
+    """
+
+    def __init__(self, config: SessionConfig, host: Host) -> None:
+        self.config = config
+        self.host = host
+        self.state = SessionState.AWAIT_OWNER
+        self.table = RegionTable(config.max_slots)
+        self.vrings = [Vring(i) for i in range(config.vrings)]
+        self.acked_features = 0
+        self.acked_protocol_features = 0
+        self.status = 0
+        self.requests = 0
+        self._buffer = bytearray()
+        self._consumed = 0  # stream offset of _buffer[0]
+        self._pending: deque[_Pending] = deque()
+        self._seq = 0
+
+    # -- feeding ----------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Buffer bytes (and the fds that came with them) from the front-end.
+
+        The session owns ``fds`` from now on.
+
+        Raises:
+            RemoteProtocolError: the session is already in ``ERROR`` or ``CLOSED``.
+        """
+        if self.state in (SessionState.ERROR, SessionState.CLOSED):
+            for fd in fds:
+                self.host.close_fd(fd)
+            raise RemoteProtocolError(f"session is {self.state.value}; no more data accepted")
+        if fds:
+            self._pending.append(_Pending(self._consumed + len(self._buffer), list(fds)))
+        self._buffer += data
+
+    @property
+    def bytes_wanted(self) -> int:
+        """How many more bytes complete the message in hand (the header first)."""
+        have = len(self._buffer)
+        if have < HEADER_SIZE:
+            return HEADER_SIZE - have
+        size = decode_header(bytes(self._buffer[:HEADER_SIZE])).size
+        return max(1, HEADER_SIZE + min(size, MAX_PAYLOAD_SIZE) - have)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet handled (a partial message)."""
+        return len(self._buffer)
+
+    @property
+    def negotiated_reply_ack(self) -> bool:
+        return bool(self.acked_protocol_features & ProtocolFeature.REPLY_ACK)
+
+    @property
+    def negotiated_mem_slots(self) -> bool:
+        return bool(self.acked_protocol_features & ProtocolFeature.CONFIGURE_MEM_SLOTS)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def next_event(self) -> Handled | NeedData:
+        """Handle the next complete message.
+
+        Returns:
+            One :class:`Handled` per request, or ``NEED_DATA``.
+
+        Raises:
+            RemoteProtocolError: the framing is broken; the connection must close (the session
+                has released every fd it held for unhandled messages).
+        """
+        if self.state in (SessionState.ERROR, SessionState.CLOSED):
+            raise RemoteProtocolError(f"session is {self.state.value}")
+        if len(self._buffer) < HEADER_SIZE:
+            return NEED_DATA
+        header = decode_header(bytes(self._buffer[:HEADER_SIZE]))
+        if header.size > MAX_PAYLOAD_SIZE:
+            self._fail_framing(
+                f"{_name(header.request)} header announces a {header.size}-byte payload; no "
+                f"request is larger than {MAX_PAYLOAD_SIZE} bytes, so the stream cannot be "
+                "trusted any more"
+            )
+        total = HEADER_SIZE + header.size
+        if len(self._buffer) < total:
+            return NEED_DATA
+        raw = bytes(self._buffer[HEADER_SIZE:total])
+        start = self._consumed
+        del self._buffer[:total]
+        self._consumed += total
+        fds = self._take_fds(start, self._consumed)
+        self.requests += 1
+        return self._handle(header, raw, fds)
+
+    def _take_fds(self, start: int, end: int) -> list[int]:
+        fds: list[int] = []
+        while self._pending and self._pending[0].at < end:
+            fds.extend(self._pending.popleft().fds)
+        del start  # fds that arrived before this message's start were taken by earlier ones
+        return fds
+
+    def _fail_framing(self, why: str) -> None:
+        self.state = SessionState.ERROR
+        for pending in self._pending:
+            for fd in pending.fds:
+                self.host.close_fd(fd)
+        self._pending.clear()
+        self._buffer.clear()
+        raise RemoteProtocolError(why)
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def _handle(self, header: Header, raw: bytes, fds: list[int]) -> Handled:
+        request = header.request
+        payload: Payload | None = None
+        nfds = len(fds)
+        try:
+            try:
+                self._check_header(header)
+                payload = decode_payload(request, raw)
+                next_state = self._check_state(request)
+                self._check_fds(request, payload, fds)
+                handler = _HANDLERS.get(request)  # looked up outside the handler's own errors
+                if handler is None:
+                    raise LocalProtocolError(
+                        f"{_name(request)} is not implemented by vhostmem (no feature that would "
+                        "allow it was offered)"
+                    )
+                result = handler(self, header, payload, fds)
+            except BaseException:
+                # Whatever the handler did not take ownership of is closed here.
+                for fd in fds:
+                    self.host.close_fd(fd)
+                raise
+        except (LocalProtocolError, StateError, DecodeError, TableError, MappingError) as err:
+            return self._failure(header, payload, err, nfds)
+        self.state = next_state
+        reply, change, notes = result
+        if not reply and header.need_reply and self.negotiated_reply_ack:
+            reply = encode_u64_reply(request, 0)
+        return Handled(
+            request=request,
+            header=header,
+            payload=payload,
+            reply=reply,
+            ok=True,
+            change=change,
+            notes=notes,
+            nfds=nfds,
+        )
+
+    def _failure(self, header: Header, payload: Payload | None, err: Exception, nfds: int) -> Handled:
+        request = header.request
+        kind = {
+            StateError: "state",
+            DecodeError: "decode",
+            LocalProtocolError: "protocol",
+        }.get(type(err), getattr(err, "kind", "error"))
+        details = getattr(err, "details", None)
+        reply = b""
+        if request in HAS_OWN_REPLY:
+            # The front-end waits for this reply; an empty payload is what QEMU treats as a
+            # failed answer (e.g. GET_CONFIG "size 0 = error") instead of hanging.
+            reply = encode_reply(request, b"")
+        elif header.need_reply and self.negotiated_reply_ack:
+            reply = encode_u64_reply(request, 1)
+        text = str(err)
+        if isinstance(err, StateError):
+            text = f"{text} (state {err.state}; needs {err.required})"
+        return Handled(
+            request=request,
+            header=header,
+            payload=payload,
+            reply=reply,
+            ok=False,
+            error=f"{_name(request)}: {text}",
+            error_kind=str(kind),
+            nfds=nfds,
+            details=details,
+        )
+
+    def _check_header(self, header: Header) -> None:
+        if header.version != 1:
+            raise LocalProtocolError(
+                f"header flags 0x{header.flags:x} carry version {header.version}; vhost-user "
+                "version 1 is the only one"
+            )
+        if header.is_reply:
+            raise LocalProtocolError(
+                f"header flags 0x{header.flags:x} have the REPLY bit set on a request"
+            )
+
+    def _check_state(self, request: Request | int) -> SessionState:
+        if not isinstance(request, Request):
+            raise LocalProtocolError(f"unknown request code {int(request)}")
+        allowed = TRANSITIONS.get(self.state, {})
+        if request not in allowed:
+            raise StateError(
+                f"{request.name} is not allowed before SET_OWNER",
+                self.state.value,
+                "SET_OWNER first",
+            )
+        return allowed[request]
+
+    def _check_fds(self, request: Request | int, payload: Payload | None, fds: list[int]) -> None:
+        low, high = FDS_ALLOWED.get(request, (0, 0)) if isinstance(request, Request) else (0, 0)
+        if isinstance(payload, VringFile):
+            low = high = 0 if payload.nofd else 1
+        if isinstance(payload, MemoryTable):
+            low = high = len(payload.regions)
+        if not low <= len(fds) <= high:
+            want = f"{low}" if low == high else f"{low} to {high}"
+            raise LocalProtocolError(
+                f"came with {len(fds)} file descriptor(s); it takes {want}"
+                + (" (NOFD bit set)" if isinstance(payload, VringFile) and payload.nofd else "")
+            )
+
+    # -- feature negotiation ----------------------------------------------------------------
+
+    def _get_features(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+        return encode_u64_reply(header.request, self.config.features), None, ()
+
+    def _set_features(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+        value = _u64(payload)
+        extra = value & ~self.config.features
+        if extra:
+            raise LocalProtocolError(
+                f"features 0x{value:x} include 0x{extra:x}, which vhostmem did not offer "
+                f"(offered 0x{self.config.features:x})"
+            )
+        self.acked_features = value
+        if not value & VirtioFeature.PROTOCOL_FEATURES:
+            # Without PROTOCOL_FEATURES rings start enabled (vhost-user.rst "Ring states").
+            for vring in self.vrings:
+                vring.enabled = True
+        return b"", None, ()
+
+    def _get_protocol_features(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+        return encode_u64_reply(header.request, self.config.protocol_features), None, ()
+
+    def _set_protocol_features(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+        value = _u64(payload)
+        extra = value & ~self.config.protocol_features
+        if extra:
+            names = [f.name or hex(f.value) for f in ProtocolFeature if f.value & extra]
+            raise LocalProtocolError(
+                f"protocol features 0x{value:x} include {', '.join(names) or hex(extra)} "
+                f"(0x{extra:x}), which vhostmem did not offer "
+                f"(offered 0x{self.config.protocol_features:x})"
+            )
+        self.acked_protocol_features = value
+        return b"", None, ()
+
+    def _get_queue_num(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+        return encode_u64_reply(header.request, self.config.queues), None, ()
+
+    def _get_max_mem_slots(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+        return encode_u64_reply(header.request, self.config.max_slots), None, ()
+
+    def _set_owner(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+        return b"", None, ()
+
+    def _reset(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+        # RESET_DEVICE (and the deprecated RESET_OWNER) stop the rings but keep the memory table:
+        # QEMU does not resend unchanged regions afterwards (vhost_user_reset_device leaves its
+        # shadow table alone), so dropping ours would lose them.
+        for vring in self.vrings:
+            vring.started = False
+            vring.enabled = False
+            vring.base = 0
+        self.status = 0
+        return b"", None, ()
+
+    def _set_status(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+        self.status = _u64(payload) & 0xFF
+        return b"", None, ()
+
+    def _get_status(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+        return encode_u64_reply(header.request, self.status), None, ()
+
+    def _require_protocol_feature(self, feature: ProtocolFeature, request: Request) -> None:
+        if not self.acked_protocol_features & feature:
+            raise StateError(
+                f"{request.name} needs protocol feature {feature.name}, which was not negotiated",
+                self.state.value,
+                f"{feature.name} in SET_PROTOCOL_FEATURES",
+            )
+
+    # -- memory table -------------------------------------------------------------------------
+
+    def _new_region(self, region: MemoryRegion, handle: Any, info: dict[str, Any], file_id: tuple[int, int] | None) -> Region:
+        self._seq += 1
+        return Region(
+            gpa=region.guest_phys_addr,
+            size=region.memory_size,
+            uaddr=region.userspace_addr,
+            mmap_offset=region.mmap_offset,
+            file_id=file_id,
+            info=info,
+            handle=handle,
+            seq=self._seq,
+        )
+
+    def _map(self, request: Request, region: MemoryRegion, fd: int) -> Region:
+        file_id = self.host.file_id(fd)
+        handle, info = self.host.map_region(request.name, region, fd)
+        return self._new_region(region, handle, info, file_id)
+
+    def _add_mem_reg(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+        self._require_protocol_feature(ProtocolFeature.CONFIGURE_MEM_SLOTS, Request.ADD_MEM_REG)
+        assert isinstance(payload, MemRegMsg)
+        wire = payload.region
+        self.table.check_add(
+            wire.guest_phys_addr, wire.memory_size, wire.userspace_addr, wire.mmap_offset
+        )
+        fd = fds.pop()
+        region = self._map(Request.ADD_MEM_REG, wire, fd)
+        self.table.add(region)
+        change = TableChange(removed=(), added=(region,), kept=(), requested=(_wire_json(wire),))
+        return b"", change, self._ring_notes_after_change()
+
+    def _rem_mem_reg(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+        self._require_protocol_feature(ProtocolFeature.CONFIGURE_MEM_SLOTS, Request.REM_MEM_REG)
+        assert isinstance(payload, MemRegMsg)
+        # vhost-user.rst: "If a file descriptor is passed, the back-end MUST close it without
+        # using it otherwise." QEMU 5.1-7.0 sent one.
+        while fds:
+            self.host.close_fd(fds.pop())
+        wire = payload.region
+        region = self.table.find(wire.guest_phys_addr, wire.userspace_addr, wire.memory_size)
+        if region is None:
+            raise TableError(
+                f"no region matches {describe(wire.guest_phys_addr, wire.memory_size, wire.userspace_addr)}"
+                f" (REM_MEM_REG matches gpa, uaddr and size; {self.table.neighbours(wire.guest_phys_addr)})",
+                kind="not-found",
+                details={"gpa": wire.guest_phys_addr, "size": wire.memory_size, "uaddr": wire.userspace_addr},
+            )
+        notes = self._rings_in(region)
+        self.table.remove(region)
+        self.host.unmap_region(region.handle)
+        change = TableChange(removed=(region,), added=(), kept=(), requested=(_wire_json(wire),))
+        return b"", change, notes
+
+    def _set_mem_table(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+        assert isinstance(payload, MemoryTable)
+        wanted = payload.regions
+        # Validate the new table on its own first: nothing is mapped until it is consistent.
+        scratch = RegionTable(max(self.config.max_slots, len(wanted)))
+        for wire in wanted:
+            scratch.add(Region(wire.guest_phys_addr, wire.memory_size, wire.userspace_addr, wire.mmap_offset))
+        current = {region.identity: region for region in self.table}
+        kept: list[Region] = []
+        added: list[Region] = []
+        try:
+            for wire, fd in zip(wanted, list(fds), strict=True):
+                fds.remove(fd)
+                file_id = self.host.file_id(fd)
+                identity = (wire.guest_phys_addr, wire.memory_size, wire.userspace_addr, wire.mmap_offset, file_id)
+                same = current.pop(identity, None) if file_id is not None else None
+                if same is not None:
+                    # Unchanged region: keep its mapping, as DPDK's vhost_memory_changed and
+                    # libvhost-user's "regions that did not change" shortcut intend.
+                    self.host.close_fd(fd)
+                    kept.append(same)
+                    continue
+                handle, info = self.host.map_region(Request.SET_MEM_TABLE.name, wire, fd)
+                added.append(self._new_region(wire, handle, info, file_id))
+        except BaseException:
+            for region in added:
+                self.host.unmap_region(region.handle)
+            raise
+        removed = tuple(current.values())
+        self.table.clear()
+        for region in sorted(kept + added, key=lambda r: r.gpa):
+            self.table.add(region)
+        for region in removed:
+            self.host.unmap_region(region.handle)
+        change = TableChange(
+            removed=removed,
+            added=tuple(added),
+            kept=tuple(kept),
+            requested=tuple(_wire_json(w) for w in wanted),
+        )
+        return b"", change, self._ring_notes_after_change()
+
+    # -- vrings -------------------------------------------------------------------------------
+
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise LocalProtocolError(
+                f"vring index {index} is out of range: the device has {len(self.vrings)} "
+                f"vrings (--queues {self.config.queues})"
+            )
+        return self.vrings[index]
+
+    def _set_vring_num(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+        assert isinstance(payload, VringState)
+        vring = self._vring(payload.index)
+        if not 0 < payload.num <= _MAX_QUEUE_SIZE:
+            raise LocalProtocolError(f"vring {payload.index} size {payload.num} is not in 1..{_MAX_QUEUE_SIZE}")
+        vring.num = payload.num
+        return b"", None, ()
+
+    def _set_vring_base(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+        assert isinstance(payload, VringState)
+        self._vring(payload.index).base = payload.num
+        return b"", None, ()
+
+    def _get_vring_base(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+        assert isinstance(payload, VringState)
+        vring = self._vring(payload.index)
+        # GET_VRING_BASE stops the ring (vhost-user.rst "Ring states").
+        vring.started = False
+        return encode_reply(header.request, VringState(vring.index, vring.base)), None, ()
+
+    def _set_vring_addr(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+        assert isinstance(payload, VringAddress)
+        self._vring(payload.index).addr = payload
+        return b"", None, ()
+
+    def _set_vring_enable(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+        assert isinstance(payload, VringState)
+        vring = self._vring(payload.index)
+        if payload.num not in (0, 1):
+            raise LocalProtocolError(f"SET_VRING_ENABLE num must be 0 or 1, got {payload.num}")
+        vring.enabled = bool(payload.num)
+        return b"", None, ()
+
+    def _set_vring_fd(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+        assert isinstance(payload, VringFile)
+        vring = self._vring(payload.index)
+        slot = {Request.SET_VRING_KICK: "kick", Request.SET_VRING_CALL: "call", Request.SET_VRING_ERR: "err"}[
+            header.request  # type: ignore[index]
+        ]
+        old = getattr(vring, slot)
+        new = fds.pop() if fds else None
+        setattr(vring, slot, new)
+        if old is not None:
+            self.host.close_fd(old)
+        notes: tuple[str, ...] = ()
+        if slot == "kick":
+            # A ring starts when its kick arrives (vhost-user.rst "Ring states").
+            vring.started = True
+            notes = self._check_ring(vring)
+        return b"", None, notes
+
+    def _check_ring(self, vring: Vring) -> tuple[str, ...]:
+        addr = vring.addr
+        if addr is None:
+            return (f"vring {vring.index} started without SET_VRING_ADDR",)
+        problems = []
+        for part, uaddr in (("desc", addr.desc_user_addr), ("avail", addr.avail_user_addr), ("used", addr.used_user_addr)):
+            if self.table.lookup_uaddr(uaddr) is None:
+                problems.append(
+                    f"vring {vring.index} {part} ring at front-end address 0x{uaddr:x} is in no "
+                    "region of the memory table"
+                )
+        return tuple(problems)
+
+    def _rings_in(self, region: Region) -> tuple[str, ...]:
+        notes = []
+        for vring in self.vrings:
+            addr = vring.addr
+            if vring.started and addr is not None:
+                for uaddr in (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr):
+                    if region.uaddr <= uaddr < region.uaddr_end:
+                        notes.append(f"running vring {vring.index} lies in removed region {region.describe()}")
+                        break
+        return tuple(notes)
+
+    def _ring_notes_after_change(self) -> tuple[str, ...]:
+        notes: list[str] = []
+        for vring in self.vrings:
+            if vring.started:
+                notes.extend(self._check_ring(vring))
+        return tuple(notes)
+
+    # -- end of life ----------------------------------------------------------------------------
+
+    def close(self) -> tuple[Region, ...]:
+        """Release every mapping and fd the session holds; idempotent.
+
+        Returns:
+            The regions that were in the table (already unmapped).
+        """
+        if self.state is SessionState.CLOSED:
+            return ()
+        self.state = SessionState.CLOSED
+        gone = self.table.clear()
+        for region in gone:
+            self.host.unmap_region(region.handle)
+        for vring in self.vrings:
+            for slot in ("kick", "call", "err"):
+                fd = getattr(vring, slot)
+                if fd is not None:
+                    setattr(vring, slot, None)
+                    self.host.close_fd(fd)
+        for pending in self._pending:
+            for fd in pending.fds:
+                self.host.close_fd(fd)
+        self._pending.clear()
+        self._buffer.clear()
+        return gone
+
+
+_Result = tuple[bytes, TableChange | None, tuple[str, ...]]
+
+
+def _u64(payload: Payload) -> int:
+    assert isinstance(payload, int)
+    return payload
+
+
+def _name(request: Request | int) -> str:
+    return request.name if isinstance(request, Request) else f"UNKNOWN({int(request)})"
+
+
+def _wire_json(region: MemoryRegion) -> dict[str, int]:
+    return {
+        "gpa": region.guest_phys_addr,
+        "size": region.memory_size,
+        "uaddr": region.userspace_addr,
+        "mmap_offset": region.mmap_offset,
+    }
+
+
+_HANDLERS = {
+    Request.GET_FEATURES: Session._get_features,
+    Request.SET_FEATURES: Session._set_features,
+    Request.GET_PROTOCOL_FEATURES: Session._get_protocol_features,
+    Request.SET_PROTOCOL_FEATURES: Session._set_protocol_features,
+    Request.GET_QUEUE_NUM: Session._get_queue_num,
+    Request.GET_MAX_MEM_SLOTS: Session._get_max_mem_slots,
+    Request.SET_OWNER: Session._set_owner,
+    Request.RESET_OWNER: Session._reset,
+    Request.RESET_DEVICE: Session._reset,
+    Request.SET_STATUS: Session._set_status,
+    Request.GET_STATUS: Session._get_status,
+    Request.SET_MEM_TABLE: Session._set_mem_table,
+    Request.ADD_MEM_REG: Session._add_mem_reg,
+    Request.REM_MEM_REG: Session._rem_mem_reg,
+    Request.SET_VRING_NUM: Session._set_vring_num,
+    Request.SET_VRING_BASE: Session._set_vring_base,
+    Request.GET_VRING_BASE: Session._get_vring_base,
+    Request.SET_VRING_ADDR: Session._set_vring_addr,
+    Request.SET_VRING_ENABLE: Session._set_vring_enable,
+    Request.SET_VRING_KICK: Session._set_vring_fd,
+    Request.SET_VRING_CALL: Session._set_vring_fd,
+    Request.SET_VRING_ERR: Session._set_vring_fd,
+}

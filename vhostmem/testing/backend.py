@@ -1,0 +1,154 @@
+"""Start a real ``vhostmem`` process for a test and read what it saw.
+
+Used by the pytest plugin (:mod:`vhostmem.testing.plugin`), by our integration tests and by
+tools/. The process is ours: we stop it by its pid and by nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, final
+
+from vhostmem.control import ControlClient
+
+__all__ = ["RunningBackend", "start_backend"]
+
+
+@final
+class RunningBackend:
+    """A ``vhostmem`` process started by :func:`start_backend`.
+
+    Attributes:
+        socket: the vhost-user socket to give QEMU.
+        control: its control socket.
+        event_log: the JSON Lines event log.
+        process: the process (stderr goes to ``stderr_path``).
+    """
+
+    def __init__(
+        self, socket: str, control: str, event_log: str, stderr_path: str, process: subprocess.Popen[bytes]
+    ) -> None:
+        self.socket = socket
+        self.control = control
+        self.event_log = event_log
+        self.stderr_path = stderr_path
+        self.process = process
+        self.client = ControlClient(control)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def regions(self) -> list[dict[str, Any]]:
+        """The live region table (``vhostmem-ctl regions --json``'s ``regions``)."""
+        return list(self.client.call("regions")["regions"])
+
+    def stats(self) -> dict[str, Any]:
+        return self.client.call("stats")
+
+    def peek(self, gpa: int, length: int) -> bytes:
+        """Guest memory through vhostmem's own mapping (unpopulated pages read as zeros)."""
+        return bytes.fromhex(self.client.call("peek", gpa=gpa, len=length)["hex"])
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """Every line of the event log so far."""
+        try:
+            text = Path(self.event_log).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def memory_events(self) -> list[dict[str, Any]]:
+        """Event-log lines of memory-table requests only."""
+        wanted = {"SET_MEM_TABLE", "ADD_MEM_REG", "REM_MEM_REG"}
+        return [e for e in self.log_lines() if e.get("request") in wanted]
+
+    def violations(self) -> list[dict[str, Any]]:
+        """Event-log lines that carry a ``violation`` object."""
+        return [e for e in self.log_lines() if e.get("violation")]
+
+    def stderr(self) -> str:
+        return Path(self.stderr_path).read_text(encoding="utf-8", errors="replace")
+
+    def wait_for(self, predicate: Any, timeout: float, what: str) -> Any:
+        """Poll ``predicate()`` until it returns something truthy, or fail naming ``what``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"vhostmem exited with {self.process.returncode} while waiting for {what}:\n"
+                    + self.stderr()[-3000:]
+                )
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM our process and wait; SIGKILL it if it does not exit in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        return self.process.returncode
+
+
+def start_backend(
+    directory: str | os.PathLike[str],
+    args: Sequence[str] = (),
+    *,
+    name: str = "vu.sock",
+    timeout: float = 10.0,
+) -> RunningBackend:
+    """Start ``python -m vhostmem`` on ``directory/name`` and wait until it accepts.
+
+    Args:
+        directory: where the sockets, event log and stderr file go.
+        args: extra command-line arguments (``--max-slots 8``, ``--no-mem-slots``, ...).
+        name: file name of the vhost-user socket.
+        timeout: seconds to wait for the socket to appear.
+    """
+    base = Path(directory)
+    sock = str(base / name)
+    control = sock + ".ctl"
+    event_log = str(base / (name + ".events.jsonl"))
+    stderr_path = str(base / (name + ".stderr"))
+    with open(stderr_path, "wb") as err:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vhostmem",
+                "--socket",
+                sock,
+                "--control",
+                control,
+                "--event-log",
+                event_log,
+                *args,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+        )
+    backend = RunningBackend(sock, control, event_log, stderr_path, process)
+    try:
+        backend.wait_for(
+            lambda: os.path.exists(sock) and os.path.exists(control), timeout, f"{sock} to accept"
+        )
+    except BaseException:
+        backend.stop()
+        raise
+    return backend

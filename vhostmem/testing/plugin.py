@@ -1,0 +1,52 @@
+"""pytest plugin: a ``vhostmem`` back-end for your own CI tests.
+
+Installed with vhostmem (entry point ``pytest11``), so the fixtures are there in any test::
+
+    def test_plug_is_atomic(vhostmem_backend):
+        qemu = start_my_qemu(chardev_path=vhostmem_backend.socket)   # your harness
+        ...
+        assert vhostmem_backend.violations() == []
+        assert [r["gpa"] for r in vhostmem_backend.regions()] == [0, 0x100000000]
+
+``vhostmem_backend`` starts ``vhostmem`` on a temporary socket with default options and waits
+until it accepts; ``vhostmem_factory(args)`` starts one with your options (``--max-slots 8``,
+``--no-mem-slots`` ...). Every process a fixture started is stopped at teardown, and the
+fixture fails the test if vhostmem did not exit cleanly (status 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from vhostmem.testing.backend import RunningBackend, start_backend
+
+__all__ = ["vhostmem_backend", "vhostmem_factory"]
+
+
+@pytest.fixture
+def vhostmem_factory(tmp_path: Path) -> Iterator[Callable[..., RunningBackend]]:
+    """A function ``(args=(), name="vu.sock") -> RunningBackend``; all are stopped at teardown."""
+    started: list[RunningBackend] = []
+
+    def factory(args: Sequence[str] = (), name: str = "vu.sock") -> RunningBackend:
+        backend = start_backend(tmp_path, args, name=name)
+        started.append(backend)
+        return backend
+
+    yield factory
+    failures = []
+    for backend in started:
+        status = backend.stop()
+        if status != 0:
+            failures.append(f"vhostmem pid {backend.pid} exited {status}:\n{backend.stderr()[-2000:]}")
+    if failures:
+        pytest.fail("\n".join(failures))
+
+
+@pytest.fixture
+def vhostmem_backend(vhostmem_factory: Callable[..., RunningBackend]) -> RunningBackend:
+    """A vhostmem with default options on a temporary socket."""
+    return vhostmem_factory()

@@ -1,0 +1,126 @@
+"""Moving bytes and file descriptors over a Unix stream socket, the trio way, syscall first.
+
+Each read is one ``recvmsg`` with room for file descriptors (SCM_RIGHTS), received with
+``MSG_CMSG_CLOEXEC`` so no fd of QEMU's leaks into a child we start. We try the non-blocking
+syscall first and only wait for readability when it says EAGAIN: one syscall per message on the
+hot path instead of a scheduler round trip (measured as the difference between about 1.3x and
+parity with libvhost-user).
+
+We never read past the end of the message in hand: the session says how many bytes complete it
+(:attr:`Session.bytes_wanted`): the 12-byte header first, then exactly its payload, the way
+libvhost-user's ``vu_message_read_default`` reads. That matters for fds: a Unix stream socket
+glues the tail of one ``sendmsg`` to the start of the next one that carries fds, so a larger read
+could hand us message B's fds together with message A's last bytes.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import final
+
+import trio
+
+from vhostmem.errors import RemoteProtocolError
+
+__all__ = ["MAX_FDS_PER_READ", "FdStream", "close_on_error"]
+
+#: SET_MEM_TABLE carries at most 8 fds; leave room for a hostile front-end's extras so they are
+#: received (and then closed) rather than cut off with MSG_CTRUNC.
+MAX_FDS_PER_READ = 253  # SCM_MAX_FD in the kernel
+_CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_READ * array.array("i").itemsize)
+
+
+@contextmanager
+def close_on_error(fds: list[int]) -> Iterator[None]:
+    """Close ``fds`` if the block raises; on success the block took ownership."""
+    try:
+        yield
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        fds.clear()
+        raise
+
+
+def _unpack_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds.extend(array.array("i", data[:usable]))
+    return fds
+
+
+@final
+class FdStream:
+    """A connected Unix stream socket that carries fds, for one front-end.
+
+    Args:
+        sock: a connected ``AF_UNIX``/``SOCK_STREAM`` socket; the stream owns it.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._send_lock = trio.Lock()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    async def receive(self, max_bytes: int) -> tuple[bytes, list[int]]:
+        """Read up to ``max_bytes`` (at least one) and the fds that came with them.
+
+        Returns:
+            ``(b"", [])`` at end of stream.
+
+        Raises:
+            RemoteProtocolError: the kernel cut off fds (MSG_CTRUNC) or the socket failed.
+        """
+        while True:
+            try:
+                data, ancdata, flags, _ = self.sock.recvmsg(
+                    max_bytes, _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC
+                )
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+                continue
+            except OSError as err:
+                if err.errno in (errno.ECONNRESET, errno.EPIPE):
+                    return b"", []
+                raise RemoteProtocolError(f"receive failed: {err}") from err
+            fds = _unpack_fds(ancdata)
+            if flags & socket.MSG_CTRUNC:
+                for fd in fds:
+                    os.close(fd)
+                raise RemoteProtocolError(
+                    "the front-end sent more file descriptors than fit in one message "
+                    f"({MAX_FDS_PER_READ}); the kernel cut them off (MSG_CTRUNC)"
+                )
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return data, fds
+
+    async def send_all(self, data: bytes) -> None:
+        """Send every byte, waiting for room when the front-end does not read.
+
+        Raises:
+            trio.BrokenResourceError: the front-end went away.
+        """
+        async with self._send_lock:
+            view = memoryview(data)
+            while view:
+                try:
+                    sent = self.sock.send(view)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.sock)
+                    continue
+                except OSError as err:
+                    raise trio.BrokenResourceError(f"send failed: {err}") from err
+                view = view[sent:]
+
+    def close(self) -> None:
+        self.sock.close()
