@@ -124,9 +124,9 @@ def _cmd_stats(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
         "uptime": time.time() - backend.started,
         "regions": len(backend.regions()),
         "connections_live": len(backend.connections()),
-        "mapped_bytes": mapper["mapped_bytes"],
-        "maps": mapper["maps"],
-        "mapping_fds": mapper["fds_held"],
+        "mapped_bytes": mapper.mapped_bytes,
+        "maps": mapper.maps,
+        "mapping_fds": mapper.fds_held,
         "process_fds": _count("/proc/self/fd"),
         "process_maps": _count("/proc/self/maps"),
         "rlimit_nofile": [soft, hard],
@@ -226,15 +226,18 @@ def answer(backend: Backend, line: bytes) -> dict[str, Any]:
         return {"ok": True, "result": command(backend, args)}
     except VhostMemError as err:
         return {"ok": False, "error": str(err)}
+    except Exception as err:  # a bug in one command must not take the back-end down
+        return {"ok": False, "error": f"internal error in {request['cmd']}: {err!r}"}
 
 
 async def _serve_one(backend: Backend, sock: trio.socket.SocketType) -> None:
-    with sock:
+    stream = trio.SocketStream(sock)
+    async with stream:
         buffer = b""
         while True:
             try:
-                data = await sock.recv(65536)
-            except OSError:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
                 return
             if not data:
                 return
@@ -245,8 +248,8 @@ async def _serve_one(backend: Backend, sock: trio.socket.SocketType) -> None:
                 line, buffer = buffer.split(b"\n", 1)
                 reply = (json.dumps(answer(backend, line)) + "\n").encode()
                 try:
-                    await sock.sendall(reply)
-                except OSError:
+                    await stream.send_all(reply)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
 
 

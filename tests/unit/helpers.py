@@ -21,6 +21,12 @@ def map_lines() -> list[str]:
         return f.read().splitlines()
 
 
+def shared_maps() -> list[str]:
+    """Shared mappings (guest memory is always MAP_SHARED); thread stacks come and go, these
+    must not."""
+    return [line for line in map_lines() if line.split()[1][3] == "s"]
+
+
 @dataclass
 class FakeHost:
     """Records what the session asks of its shell; maps nothing.

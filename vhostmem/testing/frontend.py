@@ -30,7 +30,7 @@ from protocol import (
     VringFile,
     VringState,
     decode_header,
-    decode_payload,
+    decode_reply_payload,
     encode_request,
 )
 
@@ -69,7 +69,7 @@ class Reply:
 
     @property
     def u64(self) -> int:
-        value = decode_payload(Request.GET_FEATURES, self.raw)  # any u64 reply decodes alike
+        value = decode_reply_payload(Request.GET_FEATURES, self.raw)  # u64 replies decode alike
         assert isinstance(value, int)
         return value
 

@@ -1,0 +1,226 @@
+"""The trio shell with a fake front-end over a socketpair and real memfd mappings.
+
+Rules for these tests (trio-websocket's): every test has a ``trio.fail_after`` deadline; the fake
+front-end is blocking and runs through ``trio.to_thread.run_sync``; leak checks compare the
+process's fds and /proc/self/maps before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from protocol import Request, VringState, encode_request
+from vhostmem.control import ControlClient, ControlError, answer
+from vhostmem.server import Backend, ServerConfig, SocketError, bind_unix_socket, run
+from vhostmem.session import SessionConfig
+from vhostmem.testing.frontend import FakeFrontend, make_memfd
+
+from .helpers import map_lines, open_fds, shared_maps
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+async def start_pair(backend: Backend, nursery: trio.Nursery, name: str = "pair") -> FakeFrontend:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    nursery.start_soon(backend.serve_connection, ours, name)
+    return FakeFrontend(theirs)
+
+
+def region_maps(address: int) -> list[str]:
+    return [line for line in map_lines() if int(line.split("-")[0], 16) == address]
+
+
+async def test_add_rem_maps_and_releases_everything() -> None:
+    fds_before = open_fds()
+    maps_before = shared_maps()
+    backend = Backend(ServerConfig())
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            fe = await start_pair(backend, nursery)
+            await in_thread(fe.handshake)
+            memfd = make_memfd(3 * GiB)
+            os.pwrite(memfd, b"hello vhostmem", GiB + 0x1234)
+            for i in range(3):
+                ack = await in_thread(fe.add_region, 0x100000000 + i * GiB, GiB, 0x7F0000000000 + i * GiB, i * GiB, memfd)
+                assert ack == 0
+            conn = backend.connections()[0]
+            regions = conn.session.table.regions
+            assert [r.gpa for r in regions] == [0x100000000, 0x140000000, 0x180000000]
+            assert regions[1].info["backing"] == "memfd"
+            # peek through the control socket's handler reads the bytes QEMU wrote
+            reply = answer(backend, json.dumps({"cmd": "peek", "args": {"gpa": 0x140001234, "len": 14}}).encode())
+            assert reply["ok"], reply
+            assert bytes.fromhex(reply["result"]["hex"]) == b"hello vhostmem"
+            os.close(memfd)
+            addresses = [r.handle.map_base for r in regions]
+            assert all(region_maps(a) for a in addresses)
+            # REM one by one: after each, that region's map line is gone
+            for i in reversed(range(3)):
+                ack = await in_thread(fe.rem_region, 0x100000000 + i * GiB, GiB, 0x7F0000000000 + i * GiB)
+                assert ack == 0
+                assert region_maps(addresses[i]) == []
+                assert backend.mapper.stats.maps == i
+            fe.close()
+            while backend.connections():
+                await trio.sleep(0.01)
+    backend.cleanup()
+    assert open_fds() == fds_before
+    assert shared_maps() == maps_before
+
+
+async def test_disconnect_releases_all_maps_and_fds() -> None:
+    fds_before = open_fds()
+    maps_before = shared_maps()
+    backend = Backend(ServerConfig())
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            fe = await start_pair(backend, nursery)
+            await in_thread(fe.handshake)
+            memfd = make_memfd(64 * MiB)
+            for i in range(8):
+                assert await in_thread(fe.add_region, i * 8 * MiB, 4 * MiB, 0x10000000 + i * 8 * MiB, i * 8 * MiB, memfd) == 0
+            os.close(memfd)
+            assert backend.mapper.stats.maps == 8
+            fe.close()
+            while backend.connections():
+                await trio.sleep(0.01)
+            assert backend.mapper.stats.maps == 0
+    events = [e for e in backend.events if e.get("event") == "disconnect"]
+    assert events and events[0]["released"] == 8
+    backend.cleanup()
+    assert open_fds() == fds_before
+    assert shared_maps() == maps_before
+
+
+async def test_failure_ack_names_region_and_connection_stays_up() -> None:
+    backend = Backend(ServerConfig())
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            fe = await start_pair(backend, nursery)
+            await in_thread(fe.handshake)
+            memfd = make_memfd(MiB)
+            # past the end of a 1 MiB file
+            ack = await in_thread(fe.add_region, 0x100000000, 2 * MiB, 0x7F0000000000, 0, memfd)
+            assert ack != 0
+            ack = await in_thread(fe.add_region, 0x100000000, MiB, 0x7F0000000000, 0, memfd)
+            assert ack == 0
+            os.close(memfd)
+            errors = [e for e in backend.events if e.get("result") == "error"]
+            assert errors[0]["request"] == "ADD_MEM_REG"
+            assert "0x100000000" in errors[0]["error"]
+            assert errors[0]["region"]["size"] == 2 * MiB
+            fe.close()
+            nursery.cancel_scope.cancel()
+    backend.cleanup()
+
+
+async def test_broken_framing_closes_only_that_connection() -> None:
+    backend = Backend(ServerConfig())
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            bad = await start_pair(backend, nursery, "bad")
+            good = await start_pair(backend, nursery, "good")
+            await in_thread(good.handshake)
+            bad.send_raw(encode_request(Request.GET_FEATURES)[:8] + (1 << 30).to_bytes(4, "little"))
+            while backend.sockets.get("bad") is not None:
+                await trio.sleep(0.01)
+            reply = await in_thread(good.call, Request.GET_FEATURES)
+            assert reply is not None and reply.u64 != 0
+            disconnect = [e for e in backend.events if e.get("event") == "disconnect"]
+            assert "cannot be trusted" in disconnect[0]["reason"]
+            good.close()
+            bad.close()
+            nursery.cancel_scope.cancel()
+    backend.cleanup()
+
+
+async def test_eof_mid_message_is_an_error_and_releases() -> None:
+    fds_before = open_fds()
+    backend = Backend(ServerConfig())
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            fe = await start_pair(backend, nursery)
+            await in_thread(fe.handshake)
+            fe.send_raw(encode_request(Request.SET_VRING_NUM, VringState(0, 8))[:15])
+            fe.close()
+            while backend.connections():
+                await trio.sleep(0.01)
+    reason = [e for e in backend.events if e.get("event") == "disconnect"][0]["reason"]
+    assert "middle of a message" in reason
+    backend.cleanup()
+    assert open_fds() == fds_before
+
+
+# -- sockets -------------------------------------------------------------------------------------
+
+
+def test_bind_socket_mode_stale_and_refusals(tmp_path: Path) -> None:
+    path = str(tmp_path / "vu.sock")
+    sock = bind_unix_socket(path, 0o600)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with pytest.raises(SocketError, match="another process is listening"):
+        bind_unix_socket(path, 0o600)
+    sock.close()  # now stale
+    again = bind_unix_socket(path, 0o600)
+    again.close()
+    plain = tmp_path / "file"
+    plain.write_text("keep me")
+    with pytest.raises(SocketError, match="not a socket"):
+        bind_unix_socket(str(plain), 0o600)
+    assert plain.read_text() == "keep me"
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+async def test_run_serves_queues_second_frontend_and_cleans_up(tmp_path: Path) -> None:
+    path = str(tmp_path / "vu.sock")
+    control = path + ".ctl"
+    log = tmp_path / "events.jsonl"
+    config = ServerConfig(sockets=(path,), control=control, event_log=str(log), session=SessionConfig(max_slots=16))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            backend = await nursery.start(run, config)
+            assert stat.S_ISSOCK(os.stat(path).st_mode) and stat.S_ISSOCK(os.stat(control).st_mode)
+            first = await in_thread(FakeFrontend.connect, path)
+            await in_thread(first.handshake)
+            memfd = make_memfd(MiB)
+            assert await in_thread(first.add_region, 0, MiB, 0x10000000, 0, memfd) == 0
+            # a second front-end waits in the backlog: it connects, but gets no answer yet
+            second = await in_thread(FakeFrontend.connect, path)
+            second.send(Request.GET_FEATURES)
+            second.sock.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                second.sock.recv(1)
+            client = ControlClient(control)
+            regions = await in_thread(client.call, "regions")
+            assert regions["version"] == 1
+            assert [r["gpa"] for r in regions["regions"]] == [0]
+            assert regions["regions"][0]["peer_pid"] == os.getpid()
+            first.close()
+            second.sock.settimeout(10)
+            reply = await in_thread(second.recv_reply, Request.GET_FEATURES)
+            assert reply.u64
+            second.close()
+            os.close(memfd)
+            with pytest.raises(ControlError, match="unknown command"):
+                await in_thread(client.call, "nonsense")
+            nursery.cancel_scope.cancel()
+    assert not os.path.exists(path) and not os.path.exists(control)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    adds = [e for e in lines if e.get("request") == "ADD_MEM_REG"]
+    assert len(adds) == 1 and adds[0]["result"] == "ok" and adds[0]["region"]["size"] == MiB
+    assert {"ts", "socket", "request", "result"} <= adds[0].keys()
+    assert backend.mapper.stats.maps == 0
