@@ -7,7 +7,8 @@ Every error carries the data a reply, an event-log line or a person needs, not j
      ├── RemoteProtocolError   the front-end broke the protocol (raised at Session.receive boundary)
      ├── StateError            a request that is illegal in the session's current state
      ├── MappingError          mmap of a region failed or was refused; the text is the diagnosis
-     └── TableError            the region table refused a change (overlap, slot limit, unknown region)
+     └── TableError            the region table refused a change (overlap, slot limit,
+                               unknown region)
 
 ``LocalProtocolError`` is raised inside the session and turned into ``RemoteProtocolError`` at the
 ``receive``/``next_event`` boundary, the strategy h11 describes in ``_util.py``.

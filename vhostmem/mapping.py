@@ -1,0 +1,1124 @@
+"""Mapping guest memory regions: the only module of vhostmem that calls mmap, munmap and mincore.
+
+Theory of operation
+-------------------
+
+QEMU hands us one fd per region (SET_MEM_TABLE / ADD_MEM_REG) plus ``(gpa, size, mmap_offset)``.
+``Mapper.map()`` probes what the fd is (``probe_backing``), refuses up front what cannot work
+(with one message that names the request, the region, the backing, the numbers and the fix), and
+maps the region the way libvhost-user does (``qemu/qemu:subprojects/libvhost-user/libvhost-user.c``,
+``_vu_add_mem_reg``, commit b2b63008b3 "Use most of mmap_offset as fd_offset")::
+
+    fd_offset = ALIGN_DOWN(mmap_offset, page_size)      # page size of the fd (2 MiB on hugetlbfs)
+    remainder = mmap_offset - fd_offset                 # where the region starts inside the map
+    length    = ALIGN_UP(remainder + size, page_size)   # hugetlb munmap needs whole huge pages
+    mmap(NULL, length, PROT_READ|PROT_WRITE, MAP_SHARED|MAP_NORESERVE, fd, fd_offset)
+    madvise(MADV_DONTDUMP)                              # libvhost-user commit 52767e1063
+
+Nothing is ever populated: a virtio-mem memslot of 1 GiB may hold a single plugged 2 MiB block,
+and touching an unplugged block would allocate memory QEMU discarded.
+
+The received fd is consumed: closed on success and on failure (stdlib ``mmap`` keeps its own dup,
+Python 3.11 has no ``trackfd=False``). Hugetlb regions keep the received fd as well, for ``peek``
+(see ``Mapping.peek``), so they hold two fds.
+
+No trio and no logging here: everything is returned as data (``Mapping.warnings``,
+``MappingError.details``) and the shell logs it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as errno_mod
+import fcntl
+import mmap
+import os
+import resource
+import stat
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Any, Final, Literal, final
+
+from vhostmem.errors import MappingError
+
+__all__ = [
+    "MAP_NORESERVE",
+    "PEEK_MAX",
+    "Backing",
+    "Mapper",
+    "MapperStats",
+    "Mapping",
+    "Peek",
+    "PeekChunk",
+    "PeekResult",
+    "hugetlb_pool",
+    "max_map_count",
+    "probe_backing",
+    "process_map_count",
+    "raise_nofile_limit",
+]
+
+#: ``MAP_NORESERVE`` (linux/mman.h); Python 3.11's mmap module does not export it.
+MAP_NORESERVE: Final = 0x4000
+#: Largest ``peek`` in bytes; the bytes are returned in memory.
+PEEK_MAX: Final = 64 << 20
+
+HUGETLBFS_MAGIC: Final = 0x958458F6  #: ``statfs.f_type`` of hugetlbfs (linux/magic.h)
+TMPFS_MAGIC: Final = 0x01021994  #: ``statfs.f_type`` of tmpfs / shmem (memfd without MFD_HUGETLB)
+
+F_SEAL_FUTURE_WRITE: Final = 0x0010  #: linux/fcntl.h, not in Python's fcntl module
+F_SEAL_EXEC: Final = 0x0020  #: linux/fcntl.h, not in Python's fcntl module
+_SEAL_NAMES: Final = (
+    (fcntl.F_SEAL_SEAL, "F_SEAL_SEAL"),
+    (fcntl.F_SEAL_SHRINK, "F_SEAL_SHRINK"),
+    (fcntl.F_SEAL_GROW, "F_SEAL_GROW"),
+    (fcntl.F_SEAL_WRITE, "F_SEAL_WRITE"),
+    (F_SEAL_FUTURE_WRITE, "F_SEAL_FUTURE_WRITE"),
+    (F_SEAL_EXEC, "F_SEAL_EXEC"),
+)
+
+MAPPABLE_KINDS: Final = frozenset({"memfd", "memfd-hugetlb", "hugetlbfs", "tmpfs", "file"})
+HUGETLB_KINDS: Final = frozenset({"memfd-hugetlb", "hugetlbfs"})
+
+_U64: Final = 1 << 64
+_PAGESIZE: Final = mmap.PAGESIZE
+_MIB: Final = 1 << 20
+
+# --- libc through ctypes -------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+_libc.mincore.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.munmap.restype = ctypes.c_int
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_libc.fstatfs.restype = ctypes.c_int
+
+
+def _fstatfs_type(fd: int) -> int | None:
+    """``fstatfs(fd).f_type``, or None if the call fails (Python 3.11 has no os.fstatfs).
+
+    ``struct statfs`` on 64-bit Linux (x86_64, arm64) starts with ``long f_type``; 256 bytes is
+    more than the 120 the kernel writes.
+    """
+    buf = ctypes.create_string_buffer(256)
+    if _libc.fstatfs(fd, buf) != 0:
+        return None
+    return int(ctypes.c_ulong.from_buffer(buf, 0).value) & 0xFFFFFFFF
+
+
+def _mincore(address: int, length: int) -> bytes:
+    """One byte per base page of ``[address, address + length)``; bit 0 set = resident.
+
+    Raises:
+        OSError: ENOMEM when part of the range is not mapped.
+    """
+    vec = ctypes.create_string_buffer((length + _PAGESIZE - 1) // _PAGESIZE)
+    if _libc.mincore(address, length, vec) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return vec.raw
+
+
+# --- small helpers -------------------------------------------------------------------------------
+
+
+def _align_down(value: int, align: int) -> int:
+    return value - value % align
+
+
+def _align_up(value: int, align: int) -> int:
+    return _align_down(value + align - 1, align)
+
+
+def _human(n: int) -> str:
+    """``1024 MiB``, ``4 KiB``, ``1.50 MiB``: sizes as people read them in messages."""
+    for unit, name in ((_MIB, "MiB"), (1 << 10, "KiB")):
+        if n >= unit:
+            return f"{n // unit} {name}" if n % unit == 0 else f"{n / unit:.2f} {name}"
+    return f"{n} B"
+
+
+def _region_text(request: str, gpa: int, size: int, mmap_offset: int) -> str:
+    return f"{request} gpa={gpa:#x} size={size:#x} ({_human(size)}) mmap_offset={mmap_offset:#x}"
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def max_map_count() -> int | None:
+    """``/proc/sys/vm/max_map_count``: how many mappings (VMAs) one process may have."""
+    return _read_int("/proc/sys/vm/max_map_count")
+
+
+def process_map_count() -> int:
+    """Number of mappings (lines of ``/proc/self/maps``) this process has now."""
+    with open("/proc/self/maps", "rb") as f:
+        return sum(1 for _ in f)
+
+
+def hugetlb_pool(page_size: int) -> dict[str, int] | None:
+    """The huge page pool of one page size, from ``/sys/kernel/mm/hugepages/hugepages-NkB/``.
+
+    Returns:
+        ``{"total", "free", "resv", "surplus"}`` in pages, or None if that size does not exist.
+    """
+    base = f"/sys/kernel/mm/hugepages/hugepages-{page_size // 1024}kB/"
+    names = {"total": "nr_hugepages", "free": "free_hugepages", "resv": "resv_hugepages",
+             "surplus": "surplus_hugepages"}
+    pool: dict[str, int] = {}
+    for key, name in names.items():
+        value = _read_int(base + name)
+        if value is None:
+            return None
+        pool[key] = value
+    return pool
+
+
+def _pool_text(page_size: int) -> str:
+    pool = hugetlb_pool(page_size)
+    if pool is None:
+        return f"no hugetlb pool for {_human(page_size)} pages"
+    return (f"hugetlb pool {page_size // 1024}kB: free {pool['free']}, resv {pool['resv']}, "
+            f"total {pool['total']}, surplus {pool['surplus']} pages")
+
+
+def raise_nofile_limit(wanted: int | None = None) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE towards the hard limit (never lowers it).
+
+    Each mapped region holds at least one fd (stdlib mmap keeps a dup), so a full table of 509
+    regions per connection needs far more than the usual soft limit of 1024.
+
+    Args:
+        wanted: the soft limit wanted; None means the hard limit.
+
+    Returns:
+        ``(old_soft, new_soft)``.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if wanted is None else wanted
+    if hard != resource.RLIM_INFINITY:
+        target = min(target, hard)
+    if soft != resource.RLIM_INFINITY and target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return soft, target
+    return soft, soft
+
+
+# --- the backing of an fd ------------------------------------------------------------------------
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Backing:
+    """What an fd received from the front-end is, as far as mapping it is concerned.
+
+    ``kind`` is one of ``memfd``, ``memfd-hugetlb``, ``hugetlbfs``, ``tmpfs``, ``file`` (mappable)
+    or ``pipe``, ``socket``, ``eventfd``, ``directory``, ``char-device``, ``other`` (not mappable).
+    """
+
+    kind: str
+    page_size: int
+    st_dev: int
+    st_ino: int
+    st_size: int
+    target: str
+    seals: tuple[str, ...]
+    writable: bool
+    access: str  #: ``read-write``, ``read-only`` or ``write-only`` (fcntl F_GETFL & O_ACCMODE)
+    fs_magic: int | None
+
+    @property
+    def mappable(self) -> bool:
+        return self.kind in MAPPABLE_KINDS
+
+    @property
+    def hugetlb(self) -> bool:
+        return self.kind in HUGETLB_KINDS
+
+    def describe(self) -> str:
+        """One line for messages: kind, target, page size, file size, access, seals."""
+        text = f"{self.kind} {self.target!r}"
+        if self.mappable:
+            text += (f" (page {_human(self.page_size)}, file size {self.st_size:#x}"
+                     f" = {_human(self.st_size)}, {self.access}")
+            if self.seals:
+                text += ", seals " + "|".join(self.seals)
+            text += ")"
+        return text
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for JSON."""
+        data = asdict(self)
+        data["seals"] = list(self.seals)
+        return data
+
+
+def probe_backing(fd: int) -> Backing:
+    """Find out what ``fd`` is: kind, page size, identity, size, seals, access mode.
+
+    Hugetlbfs is detected like QEMU's ``qemu_fd_getpagesize`` and libvhost-user's
+    ``get_fd_hugepagesize``: ``fstatfs`` ``f_type == HUGETLBFS_MAGIC``, page size ``f_bsize``.
+
+    Raises:
+        OSError: the fd is not open (EBADF).
+    """
+    st = os.fstat(fd)
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        target = "?"
+    try:
+        accmode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError:
+        accmode = os.O_RDONLY
+    access = {os.O_RDWR: "read-write", os.O_WRONLY: "write-only"}.get(accmode, "read-only")
+    magic = _fstatfs_type(fd)
+    mode = st.st_mode
+    page_size = _PAGESIZE
+    seals: tuple[str, ...] = ()
+
+    if target == "anon_inode:[eventfd]":
+        kind = "eventfd"
+    elif target.startswith("anon_inode:"):
+        kind = "other"
+    elif stat.S_ISFIFO(mode):
+        kind = "pipe"
+    elif stat.S_ISSOCK(mode):
+        kind = "socket"
+    elif stat.S_ISDIR(mode):
+        kind = "directory"
+    elif stat.S_ISCHR(mode):
+        kind = "char-device"
+    elif stat.S_ISREG(mode):
+        memfd = target.startswith("/memfd:")
+        if magic is not None:
+            hugetlb = magic == HUGETLBFS_MAGIC
+        else:  # fstatfs failed: a memfd with huge blocks can only be MFD_HUGETLB
+            hugetlb = memfd and st.st_blksize > _PAGESIZE
+        if hugetlb:
+            kind = "memfd-hugetlb" if memfd else "hugetlbfs"
+            page_size = os.fstatvfs(fd).f_bsize or st.st_blksize
+        elif memfd:
+            kind = "memfd"
+        elif magic == TMPFS_MAGIC:
+            kind = "tmpfs"
+        else:
+            kind = "file"
+        if memfd:
+            try:
+                bits = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError:
+                bits = 0
+            seals = tuple(name for bit, name in _SEAL_NAMES if bits & bit)
+    else:
+        kind = "other"
+
+    return Backing(
+        kind=kind,
+        page_size=page_size,
+        st_dev=st.st_dev,
+        st_ino=st.st_ino,
+        st_size=st.st_size,
+        target=target,
+        seals=seals,
+        writable=access == "read-write",
+        access=access,
+        fs_magic=magic,
+    )
+
+
+# --- peek ---------------------------------------------------------------------------------------
+
+
+PeekState = Literal["data", "unpopulated", "fault"]
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class PeekChunk:
+    """A run of pages of one state. ``offset`` is relative to the region start.
+
+    ``source`` says how ``data`` was read: ``mapping`` (our own mapping, through
+    ``/proc/self/mem``) or ``file`` (``pread`` of a hugetlb fd, for pages our mapping has not
+    faulted in). ``errno``/``detail`` explain a ``fault``.
+    """
+
+    offset: int
+    length: int
+    state: PeekState
+    data: bytes | None
+    errno: int | None = None
+    source: str | None = None
+    detail: str = ""
+
+    @property
+    def error(self) -> str | None:
+        """Why a ``fault`` chunk could not be read, in words; None for other states."""
+        if self.state != "fault":
+            return None
+        if self.detail:
+            return self.detail
+        return errno_mod.errorcode.get(self.errno or 0, "fault")
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Peek:
+    """Guest memory read through vhostmem's mapping, page by page, without side effects."""
+
+    gpa: int  #: guest physical address of the first byte
+    offset: int  #: offset of the first byte in the region
+    length: int
+    chunks: tuple[PeekChunk, ...]
+
+    @property
+    def complete(self) -> bool:
+        """True when every byte was read."""
+        return all(c.state == "data" for c in self.chunks)
+
+    def data(self, fill: int = 0) -> bytes:
+        """The bytes, with ``fill`` standing in for unpopulated or faulting pages."""
+        out = bytearray()
+        for c in self.chunks:
+            out += c.data if c.data is not None else bytes([fill]) * c.length
+        return bytes(out)
+
+    def hex(self) -> str:
+        """Hex of the bytes; ``__`` marks unpopulated bytes and ``!!`` faulting ones."""
+        parts = []
+        for c in self.chunks:
+            if c.data is not None:
+                parts.append(c.data.hex())
+            else:
+                parts.append(("__" if c.state == "unpopulated" else "!!") * c.length)
+        return "".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for JSON (bytes as hex)."""
+        return {
+            "gpa": self.gpa,
+            "offset": self.offset,
+            "length": self.length,
+            "chunks": [
+                {"offset": c.offset, "length": c.length, "state": c.state,
+                 "data": None if c.data is None else c.data.hex(), "errno": c.errno,
+                 "source": c.source, "detail": c.detail}
+                for c in self.chunks
+            ],
+        }
+
+
+#: The name HACKING.md uses for the same thing.
+PeekResult = Peek
+
+
+# --- mappings -----------------------------------------------------------------------------------
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class MapperStats:
+    """Totals of one Mapper; ``fds_held`` includes the ``/proc/self/mem`` fd when open."""
+
+    maps: int
+    mapped_bytes: int
+    fds_held: int
+
+
+@final
+class Mapping:
+    """One mapped region. Created by ``Mapper.map``; a context manager; ``close()`` is idempotent.
+
+    Attributes:
+        gpa, size, mmap_offset: the region as the front-end sent it.
+        fd_offset: file offset passed to mmap (``ALIGN_DOWN(mmap_offset, page_size)``).
+        remainder: ``mmap_offset - fd_offset``, where the region starts inside the map.
+        length: bytes mapped (``ALIGN_UP(remainder + size, page_size)``).
+        map_base: address mmap returned; ``address = map_base + remainder`` is the region's data.
+        backing: what the fd was.
+        fds_held: 1 (stdlib mmap's dup) or 2 (hugetlb: plus the received fd, kept for peek).
+        warnings: things that went wrong without failing the mapping (e.g. madvise).
+    """
+
+    __slots__ = (
+        "_closed",
+        "_kept_fd",
+        "_mapper",
+        "_mm",
+        "_prune_at",
+        "_views",
+        "address",
+        "backing",
+        "fd_offset",
+        "gpa",
+        "length",
+        "map_base",
+        "mmap_offset",
+        "remainder",
+        "request",
+        "size",
+        "warnings",
+    )
+
+    def __init__(
+        self,
+        *,
+        mapper: Mapper,
+        mm: mmap.mmap,
+        map_base: int,
+        kept_fd: int | None,
+        request: str,
+        gpa: int,
+        size: int,
+        mmap_offset: int,
+        fd_offset: int,
+        length: int,
+        backing: Backing,
+        warnings: tuple[str, ...],
+    ) -> None:
+        self._mapper = mapper
+        self._mm: mmap.mmap | None = mm
+        self._kept_fd = kept_fd
+        self._views: list[memoryview] = []
+        self._prune_at = 64
+        self._closed = False
+        self.request = request
+        self.gpa = gpa
+        self.size = size
+        self.mmap_offset = mmap_offset
+        self.fd_offset = fd_offset
+        self.remainder = mmap_offset - fd_offset
+        self.length = length
+        self.map_base = map_base
+        self.address = map_base + self.remainder
+        self.backing = backing
+        self.warnings = warnings
+
+    # -- introspection --
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def fds_held(self) -> int:
+        if self._closed:
+            return 0
+        return 1 + (self._kept_fd is not None)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"at {self.address:#x}"
+        return (f"<Mapping {_region_text(self.request, self.gpa, self.size, self.mmap_offset)}"
+                f" {self.backing.kind} {state}>")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for JSON: the region, the map, the backing."""
+        return {
+            "gpa": self.gpa, "size": self.size, "mmap_offset": self.mmap_offset,
+            "fd_offset": self.fd_offset, "remainder": self.remainder, "length": self.length,
+            "map_base": self.map_base, "address": self.address, "fds_held": self.fds_held,
+            "closed": self._closed, "backing": self.backing.as_dict(),
+            "warnings": list(self.warnings),
+        }
+
+    # -- access --
+
+    def _check_range(self, what: str, offset: int, length: int) -> None:
+        if self._closed:
+            raise ValueError(f"{what} on a closed mapping (gpa={self.gpa:#x})")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(
+                f"{what}(offset={offset:#x}, length={length:#x}) is outside the region "
+                f"gpa={self.gpa:#x} size={self.size:#x}: need 0 <= offset, 0 <= length and "
+                f"offset + length = {offset + length:#x} <= size {self.size:#x}"
+            )
+
+    def view(self, offset: int, length: int) -> memoryview:
+        """A writable memoryview of ``length`` bytes at ``offset`` into the region.
+
+        The view is released by ``close()``: using it afterwards raises ValueError instead of
+        touching unmapped memory.
+
+        Raises:
+            ValueError: the range is outside the region or the mapping is closed.
+        """
+        self._check_range("view", offset, length)
+        assert self._mm is not None
+        if len(self._views) >= self._prune_at:
+            self._prune_views()
+        start = self.remainder + offset
+        with memoryview(self._mm) as whole:
+            view = whole[start:start + length]
+        self._views.append(view)
+        return view
+
+    def _prune_views(self) -> None:
+        # Keep the list of handed-out views bounded on a busy data path: a view that only our
+        # list still references (refcount 2 = list + getrefcount's argument, CPython) cannot
+        # be used by anyone, so release it now.
+        keep = []
+        for i in range(len(self._views)):
+            if sys.getrefcount(self._views[i]) <= 2:
+                self._views[i].release()
+            else:
+                keep.append(self._views[i])
+        self._views = keep
+        self._prune_at = max(64, 2 * len(keep))
+
+    def peek(self, offset: int, length: int) -> Peek:
+        """Read guest memory through our mapping without killing the process or changing it.
+
+        Page by page (the backing's page size): ``mincore`` on our mapping first.
+
+        * resident: read through ``/proc/self/mem`` at the page's address. A read that would
+          SIGBUS through a pointer fails with EIO there; the page becomes a ``fault`` chunk.
+        * not resident, shmem or file: ``unpopulated``, not touched: a read fault would
+          allocate a page QEMU discarded (an unplugged virtio-mem block). For shmem, mincore
+          consults the page cache, so a page QEMU populated shows as resident here.
+        * not resident, hugetlb: mincore on hugetlb looks only at OUR page tables, so pages
+          QEMU populated look absent. Read them with ``pread`` on the kept fd instead:
+          ``hugetlbfs_read_iter`` copies present pages and zero-fills holes without allocating
+          (checked on Linux 6.18: pread of holes returns zeros and free_hugepages does not
+          move, whereas a /proc/self/mem read of the same hole through our mapping allocates a
+          huge page). Holes therefore come back as zero ``data`` with ``source="file"``.
+
+        A page QEMU discards between our mincore and our read would be faulted back in; the
+        window is one syscall wide.
+
+        Raises:
+            ValueError: the range is outside the region, longer than PEEK_MAX, or closed.
+        """
+        self._check_range("peek", offset, length)
+        if length > PEEK_MAX:
+            raise ValueError(f"peek length {length:#x} is above PEEK_MAX {PEEK_MAX:#x}")
+        chunks: list[PeekChunk] = []
+        if length == 0:
+            return Peek(self.gpa + offset, offset, 0, ())
+        page = self.backing.page_size
+        start = self.remainder + offset  # offsets into the map from here on
+        end = start + length
+        first = _align_down(start, page)
+        last = _align_up(end, page)
+        try:
+            resident = _mincore(self.map_base + first, last - first)
+        except OSError as err:  # cannot happen while we own the map; report, never guess
+            return Peek(self.gpa + offset, offset, length, (
+                PeekChunk(offset, length, "fault", None, err.errno, None, f"mincore: {err}"),))
+        per_page = page // _PAGESIZE
+        for page_start in range(first, last, page):
+            lo = max(page_start, start)
+            hi = min(page_start + page, end)
+            idx = (page_start - first) // _PAGESIZE
+            if any(b & 1 for b in resident[idx:idx + per_page]):
+                chunk = self._read_mem(lo, hi)
+            elif self._kept_fd is not None:
+                chunk = self._read_file(lo, hi)
+            else:
+                chunk = PeekChunk(lo - self.remainder, hi - lo, "unpopulated", None)
+            _append_chunk(chunks, chunk)
+        return Peek(self.gpa + offset, offset, length, tuple(chunks))
+
+    def _read_mem(self, lo: int, hi: int) -> PeekChunk:
+        mem_fd = self._mapper._proc_mem_fd()
+        try:
+            data = _pread_all(mem_fd, hi - lo, self.map_base + lo)
+        except OSError as err:
+            return PeekChunk(lo - self.remainder, hi - lo, "fault", None, err.errno, "mapping",
+                             f"{errno_mod.errorcode.get(err.errno or 0, '?')}: {err.strerror}")
+        if len(data) != hi - lo:
+            return PeekChunk(lo - self.remainder, hi - lo, "fault", None, errno_mod.EIO,
+                             "mapping", f"short read of /proc/self/mem: {len(data)} bytes")
+        return PeekChunk(lo - self.remainder, hi - lo, "data", data, None, "mapping")
+
+    def _read_file(self, lo: int, hi: int) -> PeekChunk:
+        assert self._kept_fd is not None
+        try:
+            data = _pread_all(self._kept_fd, hi - lo, self.fd_offset + lo)
+        except OSError as err:
+            return PeekChunk(lo - self.remainder, hi - lo, "fault", None, err.errno, "file",
+                             f"{errno_mod.errorcode.get(err.errno or 0, '?')}: {err.strerror}")
+        if len(data) != hi - lo:
+            return PeekChunk(lo - self.remainder, hi - lo, "fault", None, None, "file",
+                             f"past end of file: file offset {self.fd_offset + lo:#x}, "
+                             f"read {len(data)} of {hi - lo} bytes (touching it would SIGBUS)")
+        return PeekChunk(lo - self.remainder, hi - lo, "data", data, None, "file")
+
+    # -- teardown --
+
+    def close(self) -> None:
+        """Release views, munmap, verify the munmap happened, close the kept fd. Idempotent.
+
+        Raises:
+            MappingError: ``views-in-use`` when a view derived from one we handed out (a slice
+                of it) is still alive, so unmapping would leave it pointing at nothing; the
+                mapping stays open and close() can be called again. ``munmap-failed`` when the
+                kernel refused to unmap (the region is still mapped and is reported, not hidden).
+        """
+        if self._closed:
+            return
+        mm = self._mm
+        assert mm is not None
+        for view in self._views:
+            try:
+                view.release()
+            except BufferError:  # someone took a buffer of it (e.g. numpy); mm.close() tells
+                pass
+        self._views = []
+        try:
+            mm.close()
+        except BufferError as err:
+            raise MappingError(
+                f"cannot unmap {_region_text(self.request, self.gpa, self.size, self.mmap_offset)}"
+                f" ({self.backing.kind}): a memoryview derived from Mapping.view() is still in use"
+                f" ({err}). Fix: release derived views (memoryview.release()) before closing.",
+                errno=errno_mod.EBUSY, kind="views-in-use", details=self._details(),
+            ) from err
+        self._mm = None
+        self._closed = True
+        self._mapper._forget(self)
+        if self._kept_fd is not None:
+            _close_quietly(self._kept_fd)
+            self._kept_fd = None
+        self._verify_unmapped()
+
+    def _verify_unmapped(self) -> None:
+        # mmap.close() ignores munmap's result (CPython 3.11 mmapmodule.c), and munmap of a
+        # hugetlb VMA with a length that is not a multiple of the huge page size fails with
+        # EINVAL, leaving the mapping in place silently. We never pass such a length, but we
+        # verify instead of trusting it:
+        # 1. mincore on the first page fails with ENOMEM once nothing is mapped there: done,
+        #    one syscall, no parsing.
+        # 2. If something is mapped there, it may be ours (munmap failed) or a new mapping some
+        #    other thread got at the freed address. /proc/self/maps tells which: same start,
+        #    same inode as our backing means ours. Only then do we munmap it ourselves through
+        #    ctypes with a huge-page-aligned length. An unconditional ctypes munmap after
+        #    mmap.close() would be wrong: it could tear down someone else's new mapping.
+        try:
+            _mincore(self.map_base, _PAGESIZE)
+        except OSError:
+            return
+        vma = _vma_at(self.map_base)
+        if vma is None or vma[0] != self.map_base or vma[2] != self.backing.st_ino:
+            return
+        span = _align_up(self.length, self.backing.page_size)
+        if _libc.munmap(self.map_base, span) == 0:
+            self.warnings += (f"mmap.close() left {self.map_base:#x}-{vma[1]:#x} mapped "
+                              f"(munmap failed silently); unmapped {span:#x} bytes with munmap",)
+            return
+        err = ctypes.get_errno()
+        raise MappingError(
+            f"munmap failed for {_region_text(self.request, self.gpa, self.size, self.mmap_offset)}"
+            f": backing {self.backing.describe()}; map {self.map_base:#x}-{vma[1]:#x} is still "
+            f"there after mmap.close(); munmap({self.map_base:#x}, {span:#x}) -> "
+            f"{errno_mod.errorcode.get(err, '?')} ({os.strerror(err)}). The mapping leaks until "
+            f"the process exits. Fix: report this as a vhostmem bug with these numbers.",
+            errno=err, kind="munmap-failed", details=self._details(),
+        )
+
+    def _details(self) -> dict[str, Any]:
+        return {"request": self.request, **self.as_dict()}
+
+    def __enter__(self) -> Mapping:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _append_chunk(chunks: list[PeekChunk], chunk: PeekChunk) -> None:
+    """Append, merging with the previous chunk when state, source and errno agree."""
+    if chunks:
+        prev = chunks[-1]
+        if (prev.state, prev.source, prev.errno, prev.detail) == (
+            chunk.state, chunk.source, chunk.errno, chunk.detail
+        ) and prev.offset + prev.length == chunk.offset:
+            data = None if prev.data is None or chunk.data is None else prev.data + chunk.data
+            chunks[-1] = PeekChunk(prev.offset, prev.length + chunk.length, prev.state, data,
+                                   prev.errno, prev.source, prev.detail)
+            return
+    chunks.append(chunk)
+
+
+def _pread_all(fd: int, length: int, offset: int) -> bytes:
+    parts = []
+    while length > 0:
+        data = os.pread(fd, length, offset)
+        if not data:
+            break
+        parts.append(data)
+        length -= len(data)
+        offset += len(data)
+    return b"".join(parts)
+
+
+def _vma_at(address: int) -> tuple[int, int, int] | None:
+    """``(start, end, inode)`` of the mapping containing ``address``, from /proc/self/maps."""
+    with open("/proc/self/maps", "rb") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            start_s, _, end_s = fields[0].partition(b"-")
+            start, end = int(start_s, 16), int(end_s, 16)
+            if start <= address < end:
+                return start, end, int(fields[4])
+    return None
+
+
+@final
+class _Diagnosis:
+    """Builds the one-message MappingError of a map() call: request, region, backing, fix."""
+
+    __slots__ = ("backing_text", "details", "region")
+
+    def __init__(self, request: str, gpa: int, size: int, mmap_offset: int, fd: int) -> None:
+        self.region = _region_text(request, gpa, size, mmap_offset)
+        self.backing_text = f"not inspected (fd {fd})"
+        self.details: dict[str, Any] = {
+            "request": request, "gpa": gpa, "size": size, "mmap_offset": mmap_offset, "fd": fd,
+        }
+
+    def set_backing(self, backing: Backing) -> None:
+        self.backing_text = backing.describe()
+        self.details["backing"] = backing.as_dict()
+
+    def fail(self, kind: str, what: str, fix: str, *, errno: int | None = None,
+             **numbers: Any) -> MappingError:
+        return MappingError(
+            f"{self.region}: {what}. Backing: {self.backing_text}. Fix: {fix}",
+            errno=errno, kind=kind, details={**self.details, **numbers},
+        )
+
+
+# --- the mapper ---------------------------------------------------------------------------------
+
+
+@final
+class Mapper:
+    """Maps regions, keeps totals, enforces ``max_mapped``, owns the ``/proc/self/mem`` fd.
+
+    Args:
+        max_mapped: cap on the total bytes mapped (sum of ``Mapping.length``); None = no cap.
+    """
+
+    def __init__(self, *, max_mapped: int | None = None) -> None:
+        self.max_mapped = max_mapped
+        self._live: dict[int, Mapping] = {}
+        self._mem_fd: int | None = None
+        self._closed = False
+
+    @property
+    def stats(self) -> MapperStats:
+        return MapperStats(
+            maps=len(self._live),
+            mapped_bytes=sum(m.length for m in self._live.values()),
+            fds_held=sum(m.fds_held for m in self._live.values()) + (self._mem_fd is not None),
+        )
+
+    def mappings(self) -> Iterator[Mapping]:
+        """The live mappings, in the order they were made."""
+        return iter(list(self._live.values()))
+
+    def map(
+        self,
+        fd: int,
+        *,
+        gpa: int,
+        size: int,
+        mmap_offset: int,
+        request: str = "ADD_MEM_REG",
+        fail_errno: int | None = None,
+    ) -> Mapping:
+        """Map one region. ``fd`` is consumed: closed on success and on failure.
+
+        Args:
+            fd: the region's fd as received (ownership passes to this call).
+            gpa: guest physical address of the region.
+            size: region size in bytes.
+            mmap_offset: offset of the region in the fd.
+            request: the request name used in messages (``ADD_MEM_REG``, ``SET_MEM_TABLE``...).
+            fail_errno: fault injection: the mmap step raises ``OSError(fail_errno)`` as if the
+                kernel had refused, so the whole diagnosis path runs.
+
+        Returns:
+            The live Mapping.
+
+        Raises:
+            MappingError: refused up front or refused by the kernel; ``str()`` is the diagnosis.
+        """
+        try:
+            return self._map(fd, gpa, size, mmap_offset, request, fail_errno)
+        except MappingError as err:
+            if err.kind != "bad-fd":  # a number that is not open may already be someone else's
+                _close_quietly(fd)
+            raise
+        except BaseException:
+            _close_quietly(fd)
+            raise
+
+    def _map(
+        self, fd: int, gpa: int, size: int, mmap_offset: int, request: str,
+        fail_errno: int | None,
+    ) -> Mapping:
+        diag = _Diagnosis(request, gpa, size, mmap_offset, fd)
+        fail = diag.fail
+        if self._closed:
+            raise fail("closed", "the Mapper is closed", "map regions before Mapper.close()")
+        try:
+            backing = probe_backing(fd)
+        except OSError as err:
+            raise fail("bad-fd", f"cannot inspect fd {fd}: {err.strerror}",
+                       "pass the fd received with the message (SCM_RIGHTS), still open",
+                       errno=err.errno) from err
+        diag.set_backing(backing)
+
+        # -- numbers --
+        for name, value in (("gpa", gpa), ("size", size), ("mmap_offset", mmap_offset)):
+            if not 0 <= value < _U64:
+                raise fail("bad-region", f"{name}={value:#x} is not a u64",
+                           "the front-end sent a corrupt region")
+        if size == 0:
+            raise fail("empty", "the region is empty (size 0)",
+                       "the front-end sent a zero-sized region (a front-end bug): "
+                       "check the memory table it sends")
+        if mmap_offset + size >= _U64:
+            raise fail("overflow",
+                       f"mmap_offset + size = {mmap_offset + size:#x} overflows 2^64",
+                       "the front-end sent a corrupt region (mmap_offset + size must fit in "
+                       "64 bits)", end=mmap_offset + size)
+        if gpa + size >= _U64:
+            raise fail("overflow", f"gpa + size = {gpa + size:#x} overflows 2^64",
+                       "the front-end sent a corrupt region (gpa + size must fit in 64 bits)",
+                       end=gpa + size)
+
+        # -- the fd --
+        if not backing.mappable:
+            raise fail("not-mappable", f"a {backing.kind} cannot be mmapped",
+                       "pass a memory backend with share=on (memfd or a file), e.g. "
+                       "-object memory-backend-memfd,id=mem0,size=...,share=on")
+        if not backing.writable:
+            raise fail("read-only",
+                       f"the fd is opened {backing.access}; vhostmem maps guest memory "
+                       "read-write (PROT_READ|PROT_WRITE, MAP_SHARED) and the kernel would "
+                       "refuse with EACCES",
+                       "give the back-end an fd opened O_RDWR (QEMU: a memory backend with "
+                       "share=on and without readonly=on)")
+        write_seals = [s for s in backing.seals if s in ("F_SEAL_WRITE", "F_SEAL_FUTURE_WRITE")]
+        if write_seals:
+            raise fail("sealed",
+                       f"the memfd is sealed with {'|'.join(write_seals)}; vhostmem maps guest "
+                       "memory read-write (PROT_READ|PROT_WRITE, MAP_SHARED) and the kernel "
+                       "would refuse with EPERM",
+                       "do not seal guest memory against writes (F_SEAL_WRITE / "
+                       "F_SEAL_FUTURE_WRITE); QEMU's own seal=on only adds GROW/SHRINK")
+        end = mmap_offset + size
+        if backing.st_size < end:
+            raise fail("past-eof",
+                       f"the region ends past the end of the file: file size "
+                       f"{backing.st_size:#x} ({_human(backing.st_size)}) < mmap_offset + size "
+                       f"= {end:#x} ({_human(end)}), short by {end - backing.st_size:#x}; "
+                       "touching the tail would SIGBUS",
+                       "make the memory backend at least mmap_offset + size bytes (size=), and "
+                       "check nothing truncated the file",
+                       st_size=backing.st_size, end=end)
+
+        # -- layout (libvhost-user _vu_add_mem_reg) --
+        page = backing.page_size
+        fd_offset = _align_down(mmap_offset, page)
+        remainder = mmap_offset - fd_offset
+        length = _align_up(remainder + size, page)
+        layout = {"fd_offset": fd_offset, "remainder": remainder, "length": length,
+                  "page_size": page}
+        diag.details.update(layout)
+        layout_text = (f"fd_offset {fd_offset:#x}, remainder {remainder:#x}, length {length:#x} "
+                       f"({_human(length)}), page {page:#x}")
+
+        stats = self.stats
+        if self.max_mapped is not None and stats.mapped_bytes + length > self.max_mapped:
+            raise fail("max-mapped",
+                       f"mapping {length:#x} ({_human(length)}) more would exceed max_mapped "
+                       f"{self.max_mapped:#x} ({_human(self.max_mapped)}): already mapped "
+                       f"{stats.mapped_bytes:#x} ({_human(stats.mapped_bytes)}) in "
+                       f"{stats.maps} regions",
+                       "raise the max_mapped cap, or unplug memory first",
+                       max_mapped=self.max_mapped, mapped_bytes=stats.mapped_bytes,
+                       maps=stats.maps)
+
+        # Python's mmap refuses a length past the end of a regular file even though the kernel
+        # maps whole pages; the region itself is inside the file (checked above), so map only up
+        # to EOF and let the kernel round the last page. Hugetlb sizes are huge-page multiples.
+        map_len = length
+        if not backing.hugetlb:
+            map_len = min(length, backing.st_size - fd_offset)
+
+        # -- mmap --
+        try:
+            if fail_errno is not None:
+                raise OSError(fail_errno, os.strerror(fail_errno))
+            mm = mmap.mmap(fd, map_len, flags=mmap.MAP_SHARED | MAP_NORESERVE,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=fd_offset)
+        except OSError as err:
+            raise self._diagnose(err, diag, backing, layout_text, layout,
+                                 injected=fail_errno is not None) from err
+        except (ValueError, OverflowError) as err:
+            raise fail("mmap-refused", f"Python's mmap refused: {err} ({layout_text})",
+                       "report this as a vhostmem bug with these numbers") from err
+
+        try:
+            # The base address: a ctypes object over the buffer exports it, so drop it at once
+            # or mmap.close() would raise BufferError.
+            anchor = ctypes.c_char.from_buffer(mm)
+            map_base = ctypes.addressof(anchor)
+            del anchor
+            warnings: tuple[str, ...] = ()
+            try:
+                mm.madvise(mmap.MADV_DONTDUMP)  # libvhost-user 52767e1063: no guest RAM in cores
+            except OSError as err:
+                warnings = (f"madvise(MADV_DONTDUMP) failed: {err.strerror}",)
+            kept_fd: int | None = None
+            if backing.hugetlb:
+                # Keep the received fd: peek reads pages our mapping has not faulted in through
+                # it (hugetlb mincore only sees our page tables; see Mapping.peek). The dup
+                # inside mmap.mmap is not reachable from Python 3.11.
+                kept_fd = fd
+            mapping = Mapping(
+                mapper=self, mm=mm, map_base=map_base, kept_fd=kept_fd, request=request,
+                gpa=gpa, size=size, mmap_offset=mmap_offset, fd_offset=fd_offset,
+                length=length, backing=backing, warnings=warnings,
+            )
+        except BaseException:
+            mm.close()
+            raise
+        self._live[id(mapping)] = mapping
+        if kept_fd is None:
+            _close_quietly(fd)  # libvhost-user closes the fd right after mmap
+        return mapping
+
+    def _diagnose(
+        self,
+        err: OSError,
+        diag: _Diagnosis,
+        backing: Backing,
+        layout_text: str,
+        layout: dict[str, int],
+        *,
+        injected: bool,
+    ) -> MappingError:
+        fail = diag.fail
+        code = err.errno or 0
+        name = errno_mod.errorcode.get(code, str(code))
+        said = f"mmap failed: {name} ({os.strerror(code)})" + (" [injected fault]" if injected
+                                                               else "")
+        numbers: dict[str, Any] = {"injected": injected, "errno_name": name}
+        if code == errno_mod.ENOMEM:
+            limit = max_map_count()
+            current = process_map_count()
+            stats = self.stats
+            soft_as, _ = resource.getrlimit(resource.RLIMIT_AS)
+            as_text = "unlimited" if soft_as == resource.RLIM_INFINITY else f"{soft_as:#x}"
+            parts = [
+                f"{said}; {layout_text}",
+                f"/proc/sys/vm/max_map_count {limit}, this process has {current} mappings "
+                f"(/proc/self/maps lines)",
+                f"this Mapper maps {stats.maps} regions, {stats.mapped_bytes:#x} "
+                f"({_human(stats.mapped_bytes)})",
+                f"RLIMIT_AS {as_text}",
+            ]
+            numbers.update(max_map_count=limit, process_maps=current, mapper_maps=stats.maps,
+                           mapper_bytes=stats.mapped_bytes)
+            if backing.hugetlb:
+                parts.append(_pool_text(backing.page_size))
+                numbers["hugetlb_pool"] = hugetlb_pool(backing.page_size)
+            fix = ("raise vm.max_map_count (sysctl -w vm.max_map_count=N) if the process is near "
+                   "it, raise RLIMIT_AS, or map fewer/smaller regions")
+            if backing.hugetlb:
+                fix += ("; for hugetlb, reserve pages: echo N > /proc/sys/vm/nr_hugepages "
+                        "(MAP_NORESERVE takes them on first touch)")
+            return fail("enomem", "; ".join(parts), fix, errno=code, **numbers,
+                        **layout)
+        if code == errno_mod.EINVAL and backing.hugetlb:
+            page = backing.page_size
+            text = (f"{said}; hugetlbfs needs the file offset and length to be multiples of the "
+                    f"huge page size {page:#x} ({_human(page)}): fd_offset {layout['fd_offset']:#x}"
+                    f" mod page = {layout['fd_offset'] % page:#x}, length {layout['length']:#x}"
+                    f" mod page = {layout['length'] % page:#x}")
+            return fail("einval", text, "check the page size of the backend (hugetlbsize=) "
+                        "matches the mount; report the numbers if they are aligned",
+                        errno=code, **numbers, **layout)
+        if code in (errno_mod.EMFILE, errno_mod.ENFILE):
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            open_fds = len(os.listdir("/proc/self/fd"))
+            text = (f"{said}; stdlib mmap duplicates the fd per region: {open_fds} fds open, "
+                    f"RLIMIT_NOFILE soft {soft} hard {hard}")
+            numbers.update(open_fds=open_fds, nofile_soft=soft, nofile_hard=hard)
+            return fail(name.lower(), text, "raise the fd limit (raise_nofile_limit(), "
+                        "ulimit -n)", errno=code, **numbers, **layout)
+        hints = {
+            errno_mod.EACCES: "the fd must be opened O_RDWR on a filesystem that allows shared "
+                              "writable mappings",
+            errno_mod.EPERM: "remove write seals from the memfd (F_SEAL_WRITE / "
+                             "F_SEAL_FUTURE_WRITE)",
+            errno_mod.ENODEV: "the filesystem does not support mmap: use memfd, tmpfs or "
+                              "hugetlbfs",
+        }
+        return fail(name.lower(), f"{said}; {layout_text}",
+                    hints.get(code, "see mmap(2) for this errno; the numbers are above"),
+                    errno=code, **numbers, **layout)
+
+    def _forget(self, mapping: Mapping) -> None:
+        self._live.pop(id(mapping), None)
+
+    def _proc_mem_fd(self) -> int:
+        # One /proc/self/mem fd per Mapper, opened on first peek. It stays bound to this
+        # process's address space (after a fork it would still read the parent's).
+        if self._mem_fd is None:
+            self._mem_fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
+        return self._mem_fd
+
+    def close(self) -> None:
+        """Close every live mapping and the /proc/self/mem fd. Idempotent.
+
+        Raises:
+            MappingError: the first error of a mapping's close (the others are still closed).
+        """
+        first: MappingError | None = None
+        for mapping in list(self._live.values()):
+            try:
+                mapping.close()
+            except MappingError as err:
+                first = first or err
+        if self._mem_fd is not None:
+            _close_quietly(self._mem_fd)
+            self._mem_fd = None
+        self._closed = True
+        if first is not None:
+            raise first
+
+    def __enter__(self) -> Mapper:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
