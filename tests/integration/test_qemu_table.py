@@ -1,0 +1,207 @@
+"""vhostmem beside a real QEMU 10 and a Linux guest with virtio-mem: the table is QEMU's.
+
+Ground truth is QEMU itself: its memslot aliases (HMP ``info mtree``), its virtio-mem state
+(QMP ``query-memory-devices``) and guest memory as the guest sees it (HMP ``xp``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+from vhostmem.testing.backend import start_backend
+
+from .conftest import BOOT_RAM, GiB, MiB, Rig, hugepages, wait_until
+
+
+def nonzero_gpas(rig: Rig, start: int, stop: int, step: int, want: int, length: int = 64) -> list[int]:
+    """GPAs in [start, stop) where QEMU shows non-zero guest memory (the guest must be paused)."""
+    found = []
+    for gpa in range(start, stop, step):
+        if any(rig.guest.xp(gpa, length)):
+            found.append(gpa)
+            if len(found) == want:
+                break
+    return found
+
+
+def assert_peek_equals_xp(rig: Rig, gpas: list[int], length: int = 64) -> None:
+    for gpa in gpas:
+        assert rig.backend.peek(gpa, length) == rig.guest.xp(gpa, length), f"at gpa 0x{gpa:x}"
+
+
+def memory_requests(rig: Rig) -> list[tuple[str, int, int]]:
+    return [(e["request"], e["region"]["gpa"], e["region"]["size"])
+            for e in rig.backend.memory_events() if e["result"] == "ok" and "region" in e]
+
+
+def test_boot_region_and_peek_equals_xp(make_rig) -> None:  # type: ignore[no-untyped-def]
+    rig = make_rig()
+    [boot] = [r for r in rig.backend.regions() if r["gpa"] == 0]
+    assert boot["size"] == BOOT_RAM and boot["backing"] == "memfd"
+    assert boot["peer_pid"] == rig.guest.pid
+    rig.guest.stop()
+    try:
+        # The decompressed kernel runs at 16 MiB (CONFIG_PHYSICAL_START): non-zero content.
+        gpas = nonzero_gpas(rig, 0x1000000, 0x3000000, 0x40000, want=6)
+        assert len(gpas) >= 4, gpas
+        assert_peek_equals_xp(rig, gpas)
+        assert_peek_equals_xp(rig, [0x1000000], length=4096)
+    finally:
+        rig.guest.cont()
+    # handshake completed: the event log has the connect and the boot RAM ADD
+    events = rig.backend.log_lines()
+    assert events[0]["event"] == "connect"
+    assert memory_requests(rig)[0] == ("ADD_MEM_REG", 0, BOOT_RAM)
+
+
+def plug_steps(rig: Rig, steps: list[int], *, memslot: int = GiB, check_peek: bool = True) -> None:
+    """Plug to each size; after each: table == QEMU's memslots, one ADD per memslot plugged,
+    one REM per memslot unplugged, nothing else touched."""
+    base = rig.guest.virtio_mem()["memaddr"]
+    before = set(rig.memslot_regions())
+    seen = len(memory_requests(rig))
+    for size in steps:
+        rig.guest.plug(size, 60)
+        now = set(rig.wait_table_matches_qemu())
+        assert len(now) == -(-size // memslot)
+        assert all(gpa == base + off for gpa, _, off in now)
+        requests = memory_requests(rig)[seen:]
+        seen += len(requests)
+        added = {(g, s) for r, g, s in requests if r == "ADD_MEM_REG"}
+        removed = {(g, s) for r, g, s in requests if r == "REM_MEM_REG"}
+        assert added == {(g, s) for g, s, _ in now - before}, requests
+        assert removed == {(g, s) for g, s, _ in before - now}, requests
+        assert len(requests) == len(added) + len(removed)  # one message per memslot, no others
+        assert all(g != 0 for _, g, _ in requests)  # boot RAM never touched
+        if check_peek and now:
+            rig.guest.stop()
+            try:
+                gpas = [gpa + i * (memslot // 4) + 0x1000 for gpa, _, _ in sorted(now) for i in range(4)]
+                assert_peek_equals_xp(rig, gpas)
+            finally:
+                rig.guest.cont()
+        before = now
+    assert rig.backend.violations() == []
+
+
+def test_virtio_mem_plug_sequence(make_rig) -> None:  # type: ignore[no-untyped-def]
+    rig = make_rig()
+    plug_steps(rig, [GiB, 3 * GiB, GiB, 0])
+    # nothing of the memslots is left mapped
+    stats = rig.backend.stats()
+    assert stats["regions"] == 1 and stats["maps"] == 1
+
+
+def test_hugetlb_memfd_backends(make_rig) -> None:  # type: ignore[no-untyped-def]
+    with hugepages(256 + 512 + 32):
+        rig = make_rig(hugetlb=True)
+        [boot] = [r for r in rig.backend.regions() if r["gpa"] == 0]
+        assert boot["page_size"] == 2 * MiB
+        plug_steps(rig, [GiB, 0])
+        rig.guest.close()
+
+
+def test_hugetlbfs_file_backends(make_rig, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    mount = tmp_path / "hugetlbfs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "hugetlbfs", "none", str(mount)], check=True)
+    try:
+        with hugepages(256 + 512 + 32):
+            rig = make_rig(hugetlb=True, hugetlb_path=str(mount))
+            [boot] = [r for r in rig.backend.regions() if r["gpa"] == 0]
+            assert boot["backing"] == "hugetlbfs" and boot["page_size"] == 2 * MiB
+            plug_steps(rig, [GiB, 0])
+            rig.guest.close()
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_dimm_hot_add(make_rig) -> None:  # type: ignore[no-untyped-def]
+    rig = make_rig()
+    seen = len(memory_requests(rig))
+    rig.guest.hot_add_dimm("dimm0", 256 * MiB)
+    [dimm] = [d for d in rig.guest.memory_devices() if d["type"] == "dimm"]
+    addr = dimm["data"]["addr"]
+    rig.backend.wait_for(lambda: any(r["gpa"] == addr for r in rig.backend.regions()), 15, "the DIMM region")
+    assert memory_requests(rig)[seen:] == [("ADD_MEM_REG", addr, 256 * MiB)]
+    [region] = [r for r in rig.backend.regions() if r["gpa"] == addr]
+    assert region["size"] == 256 * MiB and region["file"].startswith("/dev/shm/")
+
+
+def test_legacy_set_mem_table(make_rig) -> None:  # type: ignore[no-untyped-def]
+    rig = make_rig(vhostmem_args=("--no-mem-slots",))
+    [boot] = rig.backend.regions()
+    rig.guest.plug(GiB, 60)
+    base = rig.guest.virtio_mem()["memaddr"]
+    # QEMU allows 8 regions without CONFIGURE_MEM_SLOTS, so virtio-mem uses ONE memslot for the
+    # whole 4 GiB device (hw/mem/memory-device.c memory_device_memslot_decision_limit).
+    wait_until(lambda: len(rig.backend.regions()) == 2, 15, "the virtio-mem region")
+    regions = sorted(rig.backend.regions(), key=lambda r: r["gpa"])
+    assert (regions[1]["gpa"], regions[1]["size"]) == (base, 4 * GiB)
+    assert regions[0]["address"] == boot["address"]  # unchanged region kept its mapping
+    tables = [e for e in rig.backend.memory_events() if e["request"] == "SET_MEM_TABLE"]
+    assert [len(e["regions"]) for e in tables] == [1, 2]
+    assert tables[1]["kept"] == 1 and tables[1]["added"] == 1
+    assert not [e for e in rig.backend.memory_events() if e["request"] != "SET_MEM_TABLE"]
+    rig.guest.plug(0, 60)
+    wait_until(lambda: len(rig.backend.regions()) == 1, 15, "the device region to go")
+    assert rig.backend.regions()[0]["address"] == boot["address"]
+
+
+def test_max_slots_8_falls_back_to_one_memslot(make_rig) -> None:  # type: ignore[no-untyped-def]
+    """Documents QEMU's behaviour: with fewer than 509 slots on offer, virtio-mem uses a single
+    memslot for the whole device even though CONFIGURE_MEM_SLOTS is negotiated."""
+    rig = make_rig(vhostmem_args=("--max-slots", "8"))
+    rig.guest.plug(GiB, 60)
+    base = rig.guest.virtio_mem()["memaddr"]
+    wait_until(lambda: rig.memslot_regions(), 15, "the virtio-mem region")
+    assert rig.memslot_regions() == [(base, 4 * GiB, 0)]
+    assert [r for r, _, _ in memory_requests(rig)] == ["ADD_MEM_REG", "ADD_MEM_REG"]
+
+
+def test_qemu_killed_mid_plug_releases_everything(make_rig) -> None:  # type: ignore[no-untyped-def]
+    rig = make_rig()
+    backend = rig.backend
+    idle = backend.stats()
+    baseline_fds = idle["process_fds"] - idle["mapping_fds"]
+    rig.guest.qmp("qom-set", path="/machine/peripheral/vm0", property="requested-size", value=3 * GiB)
+    wait_until(lambda: any(r[1] != 0 for r in memory_requests(rig)), 30, "the first memslot ADD_MEM_REG")
+    rig.guest.kill_hard()
+    plugged_at_kill = [g for _, g, _ in memory_requests(rig) if g != 0]
+    backend.wait_for(lambda: [e for e in backend.log_lines() if e.get("event") == "disconnect"], 15, "the disconnect")
+    stats = backend.stats()
+    assert stats["regions"] == 0 and stats["maps"] == 0 and stats["mapped_bytes"] == 0
+    assert stats["mapping_fds"] == 0
+    assert stats["process_fds"] <= baseline_fds
+    assert plugged_at_kill  # at least the first memslot had arrived
+    # still listening: the next QEMU is served
+    second = make_rig(backend=backend)
+    assert [r["gpa"] for r in second.backend.regions()] == [0]
+
+
+def test_reconnect_rebuilds_the_table(make_rig, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    rig = make_rig(reconnect_ms=200)
+    rig.guest.plug(GiB, 60)
+    want = rig.wait_table_matches_qemu()
+    # restart vhostmem on the same socket path; QEMU reconnects and sends the table again
+    assert rig.backend.stop() == 0
+    directory = Path(rig.backend.socket).parent
+    rig.backend = start_backend(directory, name=Path(rig.backend.socket).name)
+    rig.backend.wait_for(lambda: len(rig.backend.regions()) == 1 + len(want), 30, "the rebuilt table")
+    assert rig.memslot_regions() == rig.qemu_memslots() == want
+
+
+def test_system_reset_follows_qemu(make_rig) -> None:  # type: ignore[no-untyped-def]
+    rig = make_rig()
+    rig.guest.plug(GiB, 60)
+    rig.wait_table_matches_qemu()
+    rig.guest.system_reset()
+    # virtio-mem unplugs everything on a system reset (virtio_mem_system_reset_hold)
+    wait_until(lambda: rig.memslot_regions() == [], 30, "the memslot to be removed")
+    assert rig.qemu_memslots() == []
+    rig.guest.wait_ready(60)
+    assert [r["gpa"] for r in rig.backend.regions()] == [0]
+    requests = Counter(r for r, g, _ in memory_requests(rig) if g != 0)
+    assert requests == Counter({"ADD_MEM_REG": 1, "REM_MEM_REG": 1})
