@@ -18,8 +18,17 @@ import trio
 
 from vhostmem import __version__
 from vhostmem.control import ControlClient, ControlError
+from vhostmem.faults import FaultSpecError, parse_fault
 from vhostmem.mapping import raise_nofile_limit
-from vhostmem.report import render_events, render_map, render_peek, render_regions, render_stats
+from vhostmem.report import (
+    render_diagnose,
+    render_events,
+    render_faults,
+    render_map,
+    render_peek,
+    render_regions,
+    render_stats,
+)
 from vhostmem.server import ServerConfig, SocketError, run
 from vhostmem.session import SessionConfig
 
@@ -142,6 +151,16 @@ Then, in another terminal:
         metavar="SIZE",
         help="refuse mappings beyond this many bytes in total (default: no limit)",
     )
+    offer.add_argument(
+        "--inject",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="make chosen requests fail on purpose (repeatable), e.g. ADD_MEM_REG:nth=2:errno=ENOMEM, "
+        "ADD_MEM_REG:nth=2:ack=1, REM_MEM_REG:every:delay=500ms, ADD_MEM_REG:nth=3:disconnect. "
+        "Parts: nth=N | every, count=K, errno=NAME, ack=V, delay=TIME, disconnect. Counting is per "
+        "rule from when it was added; at run time: vhostmem-ctl inject SPEC",
+    )
     out = parser.add_argument_group("what to record")
     out.add_argument(
         "--event-log",
@@ -182,6 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--max-slots must be at least 1")
     if args.queues < 1:
         parser.error("--queues must be at least 1")
+    for spec in args.inject:
+        try:
+            parse_fault(spec)
+        except FaultSpecError as err:
+            parser.error(f"--inject {err}")
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
@@ -200,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         socket_mode=args.socket_mode,
         max_mapped=args.max_mapped,
+        inject=tuple(args.inject),
     )
     try:
         trio.run(run, config)
@@ -255,6 +280,19 @@ def build_ctl_parser() -> argparse.ArgumentParser:
     p.add_argument("len", type=_int0, help="bytes to read (decimal or 0x-hex, at most 1 MiB)")
     p.add_argument("--socket", help="which vhost-user socket's table (default: the first)")
     _json_flag(p)
+    p = sub.add_parser(
+        "inject",
+        help="add a fault-injection rule at run time (grammar: vhostmem --help), or list them",
+    )
+    p.add_argument("spec", nargs="?", help="e.g. ADD_MEM_REG:nth=2:errno=ENOMEM; none lists rules")
+    p.add_argument("--clear", action="store_true", help="remove every rule first")
+    _json_flag(p)
+    p = sub.add_parser(
+        "diagnose",
+        help="what matters for mapping on one screen: limits, huge page pools, mapped total, "
+        "fds, slots",
+    )
+    _json_flag(p)
     return parser
 
 
@@ -270,6 +308,12 @@ _CTL: dict[str, tuple[str, _Render, Callable[[argparse.Namespace], dict[str, Any
         render_peek,
         lambda a: {"gpa": a.gpa, "len": a.len} | ({"socket": a.socket} if a.socket else {}),
     ),
+    "inject": (
+        "inject",
+        render_faults,
+        lambda a: ({"spec": a.spec} if a.spec else {}) | ({"clear": True} if a.clear else {}),
+    ),
+    "diagnose": ("diagnose", render_diagnose, lambda a: {}),
 }
 
 

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, TextIO, final
 import trio
 
 from vhostmem.errors import TableError, VhostMemError
+from vhostmem.faults import FaultSpecError, parse_fault
+from vhostmem.mapping import hugetlb_pool, max_map_count, process_map_count
 
 if TYPE_CHECKING:
     from vhostmem.server import Backend
@@ -191,6 +193,57 @@ def _peek_in(table: Any, gpa: int, length: int) -> dict[str, Any]:
     }
 
 
+def _cmd_inject(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
+    if args.get("clear"):
+        backend.faults.clear()
+    spec = args.get("spec")
+    if spec is not None:
+        if not isinstance(spec, str):
+            raise ControlError("spec must be a string")
+        try:
+            backend.faults.add(parse_fault(spec))
+        except FaultSpecError as err:
+            raise ControlError(str(err)) from None
+    return {"version": DOC_VERSION, "faults": [f.as_json() for f in backend.faults.faults]}
+
+
+def _cmd_diagnose(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    pools = []
+    try:
+        sizes = sorted(os.listdir("/sys/kernel/mm/hugepages"))
+    except OSError:
+        sizes = []
+    for entry in sizes:
+        page = int(entry.removeprefix("hugepages-").removesuffix("kB")) * 1024
+        pool = hugetlb_pool(page)
+        if pool is not None:
+            pools.append({"page_size": page, **pool})
+    mapper = backend.mapper.stats
+    slots = [
+        {
+            "socket": name,
+            "used": len(conn.session.table) if conn else 0,
+            "free": (conn.session.table.free_slots if conn else backend.config.session.max_slots),
+            "max": backend.config.session.max_slots,
+        }
+        for name, conn in backend.sockets.items()
+    ]
+    return {
+        "version": DOC_VERSION,
+        "rlimit_nofile": {"soft": soft, "hard": hard, "open": _count("/proc/self/fd")},
+        "max_map_count": max_map_count(),
+        "process_maps": process_map_count(),
+        "max_mapped": backend.config.max_mapped,
+        "mapped_bytes": mapper.mapped_bytes,
+        "maps": mapper.maps,
+        "mapping_fds": mapper.fds_held,
+        "hugepages": pools,
+        "slots": slots,
+        "faults": [f.as_json() for f in backend.faults.faults],
+    }
+
+
 _Command = Callable[["Backend", dict[str, Any]], dict[str, Any]]
 
 COMMANDS: dict[str, _Command] = {
@@ -198,6 +251,8 @@ COMMANDS: dict[str, _Command] = {
     "events": _cmd_events,
     "stats": _cmd_stats,
     "peek": _cmd_peek,
+    "inject": _cmd_inject,
+    "diagnose": _cmd_diagnose,
 }
 
 

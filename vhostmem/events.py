@@ -63,6 +63,9 @@ class Handled:
         notes: things a person should know although the request succeeded.
         nfds: how many file descriptors came with the request.
         details: extra numbers for JSON consumers (e.g. a mapping diagnosis).
+        injected: the fault SPEC that fired on this request, if one did.
+        delay: seconds the shell holds the reply back (an injected delay).
+        disconnect: the shell must close the connection now (an injected disconnect).
     """
 
     request: Request | int
@@ -76,6 +79,9 @@ class Handled:
     notes: tuple[str, ...] = ()
     nfds: int = 0
     details: dict[str, Any] | None = None
+    injected: str | None = None
+    delay: float = 0.0
+    disconnect: bool = False
 
     @property
     def name(self) -> str:

@@ -10,7 +10,15 @@ from typing import Any
 
 from vhostmem.regions import _human
 
-__all__ = ["render_events", "render_map", "render_peek", "render_regions", "render_stats"]
+__all__ = [
+    "render_diagnose",
+    "render_events",
+    "render_faults",
+    "render_map",
+    "render_peek",
+    "render_regions",
+    "render_stats",
+]
 
 
 def _size(n: int) -> str:
@@ -155,4 +163,39 @@ def render_peek(doc: dict[str, Any]) -> str:
             row = data[off : min(off + 16, start + chunk["len"])]
             text = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
             lines.append(f"0x{base + off:012x}  {row.hex(' '):<47}  {text}")
+    return "\n".join(lines)
+
+
+def render_faults(doc: dict[str, Any]) -> str:
+    """The fault-injection rules in force."""
+    if not doc["faults"]:
+        return "no fault-injection rules"
+    return "\n".join(
+        f"{f['spec']}  (matched {f['seen']}, fired {f['fired']})" for f in doc["faults"]
+    )
+
+
+def render_diagnose(doc: dict[str, Any]) -> str:
+    """Everything that limits mapping, on one screen."""
+    nofile = doc["rlimit_nofile"]
+    lines = [
+        f"open files      {nofile['open']} of RLIMIT_NOFILE {nofile['soft']} (hard {nofile['hard']}); "
+        f"{doc['mapping_fds']} held for mappings (one per region, two for hugetlb)",
+        f"memory maps     {doc['process_maps']} of vm.max_map_count {doc['max_map_count']}",
+        f"mapped          {_size(doc['mapped_bytes'])} in {doc['maps']} region(s)"
+        + (f" of --max-mapped {_size(doc['max_mapped'])}" if doc.get("max_mapped") else ""),
+    ]
+    for pool in doc["hugepages"]:
+        lines.append(
+            f"huge pages {_size(pool['page_size']):>7}  total {pool['total']}, free {pool['free']}, "
+            f"reserved {pool['resv']}, surplus {pool['surplus']}"
+        )
+    if not doc["hugepages"]:
+        lines.append("huge pages      none configured (/sys/kernel/mm/hugepages is empty)")
+    for slot in doc["slots"]:
+        lines.append(
+            f"slots           {slot['socket']}: {slot['used']} used, {slot['free']} free of {slot['max']}"
+        )
+    if doc["faults"]:
+        lines.append("fault rules     " + "; ".join(f["spec"] for f in doc["faults"]))
     return "\n".join(lines)

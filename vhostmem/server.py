@@ -30,6 +30,7 @@ from protocol import MemoryRegion, Request
 from vhostmem.control import EventLog, serve_control
 from vhostmem.errors import RemoteProtocolError, VhostMemError
 from vhostmem.events import NEED_DATA, Handled
+from vhostmem.faults import FaultPlan, parse_fault
 from vhostmem.mapping import Mapper, Mapping
 from vhostmem.regions import Region
 from vhostmem.session import Session, SessionConfig
@@ -47,6 +48,10 @@ class SocketError(VhostMemError):
     """A socket path cannot be used (exists and is not a socket, or someone listens there)."""
 
 
+class InjectedDisconnect(VhostMemError):
+    """A fault rule asked to drop the connection."""
+
+
 @final
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -61,6 +66,7 @@ class ServerConfig:
         session: what each session offers.
         socket_mode: permission bits of the sockets we create.
         max_mapped: cap on bytes mapped in total (``None``: no cap).
+        inject: fault-injection SPECs in force from the start (see vhostmem.faults).
     """
 
     sockets: tuple[str, ...] = ()
@@ -71,6 +77,7 @@ class ServerConfig:
     session: SessionConfig = field(default_factory=SessionConfig)
     socket_mode: int = 0o600
     max_mapped: int | None = None
+    inject: tuple[str, ...] = ()
 
 
 @final
@@ -80,13 +87,16 @@ class ShellHost:
     def __init__(self, mapper: Mapper) -> None:
         self.mapper = mapper
 
-    def map_region(self, request: str, region: MemoryRegion, fd: int) -> tuple[Any, dict[str, Any]]:
+    def map_region(
+        self, request: str, region: MemoryRegion, fd: int, fail_errno: int | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         mapping = self.mapper.map(
             fd,
             gpa=region.guest_phys_addr,
             size=region.memory_size,
             mmap_offset=region.mmap_offset,
             request=request,
+            fail_errno=fail_errno,
         )
         backing = mapping.backing
         info: dict[str, Any] = {
@@ -166,6 +176,9 @@ class Backend:
         self._numbers = 0
         self.created_paths: list[str] = []
         self.listening = trio.Event()
+        self.faults = FaultPlan()
+        for spec in config.inject:
+            self.faults.add(parse_fault(spec))
 
     # -- events ----------------------------------------------------------------------------
 
@@ -187,7 +200,12 @@ class Backend:
             log.warning("%s failed: %s", handled.name, handled.error)
         for note in handled.notes:
             log.warning("%s", note)
-        if handled.request not in _MEMORY_REQUESTS and handled.ok and not handled.notes:
+        if (
+            handled.request not in _MEMORY_REQUESTS
+            and handled.ok
+            and not handled.notes
+            and not handled.injected
+        ):
             return
         doc: dict[str, Any] = {
             "socket": conn.socket_name,
@@ -219,6 +237,8 @@ class Backend:
             doc["details"] = handled.details
         if handled.notes:
             doc["notes"] = list(handled.notes)
+        if handled.injected:
+            doc["injected"] = handled.injected
         if handled.request not in _MEMORY_REQUESTS:
             # Non-memory requests are logged only when they fail or need a note; they keep the
             # "request" key so a reader can grep them, but live beside the memory lines.
@@ -234,7 +254,7 @@ class Backend:
         self.counters["connections"] += 1
         peer = peer_credentials(sock)
         log = logger.getChild(f"conn{number}")
-        session = Session(self.config.session, self.host)
+        session = Session(self.config.session, self.host, self.faults)
         conn = Connection(number, socket_name, session, peer, time.time(), log)
         self.sockets[socket_name] = conn
         stream = FdStream(sock)
@@ -261,6 +281,9 @@ class Backend:
         except trio.BrokenResourceError as err:
             reason = f"front-end went away: {err}"
             log.info("%s", reason)
+        except InjectedDisconnect as err:
+            reason = str(err)
+            log.warning("closing connection: %s", err)
         except VhostMemError as err:
             reason = f"error: {err}"
             log.error("closing connection: %s", err)
@@ -302,6 +325,11 @@ class Backend:
                 if handled is NEED_DATA:
                     break
                 assert isinstance(handled, Handled)
+                if handled.disconnect:
+                    self._record_handled(conn, handled)
+                    raise InjectedDisconnect(handled.error or "injected disconnect")
+                if handled.delay:
+                    await trio.sleep(handled.delay)
                 if handled.reply:
                     await stream.send_all(handled.reply)
                     self.counters["replies"] += 1

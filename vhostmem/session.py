@@ -68,6 +68,7 @@ from protocol import (
 )
 from vhostmem.errors import LocalProtocolError, MappingError, RemoteProtocolError, StateError, TableError
 from vhostmem.events import NEED_DATA, Handled, NeedData, TableChange
+from vhostmem.faults import Fault, FaultPlan
 from vhostmem.regions import Region, RegionTable, describe
 
 __all__ = ["TRANSITIONS", "Host", "Session", "SessionConfig", "SessionState"]
@@ -76,8 +77,13 @@ __all__ = ["TRANSITIONS", "Host", "Session", "SessionConfig", "SessionState"]
 class Host(Protocol):
     """What the session needs from its shell: the only way it reaches the operating system."""
 
-    def map_region(self, request: str, region: MemoryRegion, fd: int) -> tuple[Any, dict[str, Any]]:
+    def map_region(
+        self, request: str, region: MemoryRegion, fd: int, fail_errno: int | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         """Map ``region`` from ``fd``; always consumes ``fd``.
+
+        ``fail_errno`` makes the mapping step fail as if the kernel returned it (fault
+        injection), so the whole diagnosis runs.
 
         Returns:
             The mapping handle and what to report about the backing (kind, page size, ...).
@@ -132,7 +138,8 @@ TRANSITIONS: dict[SessionState, dict[Request, SessionState]] = {
     },
 }
 
-_MEMORY_REQUESTS = frozenset({Request.SET_MEM_TABLE, Request.ADD_MEM_REG, Request.REM_MEM_REG})
+#: Requests that map memory: the only ones an injected errno can fail in the mapping step.
+_MAPPING_REQUESTS = frozenset({Request.SET_MEM_TABLE, Request.ADD_MEM_REG})
 
 #: Largest split-ring size the virtio spec allows.
 _MAX_QUEUE_SIZE = 32768
@@ -223,11 +230,14 @@ class Session:
     Args:
         config: what to offer.
         host: the shell's services (map, unmap, close).
+        faults: injection rules (shared by the process's sessions), or ``None``.
     """
 
-    def __init__(self, config: SessionConfig, host: Host) -> None:
+    def __init__(self, config: SessionConfig, host: Host, faults: FaultPlan | None = None) -> None:
         self.config = config
         self.host = host
+        self.faults = faults
+        self._fail_errno: int | None = None
         self.state = SessionState.AWAIT_OWNER
         self.table = RegionTable(config.max_slots)
         self.vrings = [Vring(i) for i in range(config.vrings)]
@@ -336,10 +346,14 @@ class Session:
         request = header.request
         payload: Payload | None = None
         nfds = len(fds)
+        fault: Fault | None = None
         try:
             try:
                 self._check_header(header)
                 payload = decode_payload(request, raw)
+                fault = self.faults.match(_name(request)) if self.faults else None
+                if fault is not None and (fault.disconnect or fault.ack is not None):
+                    return self._injected(header, payload, fds, fault)
                 next_state = self._check_state(request)
                 self._check_fds(request, payload, fds)
                 handler = _HANDLERS.get(request)  # looked up outside the handler's own errors
@@ -348,6 +362,9 @@ class Session:
                         f"{_name(request)} is not implemented by vhostmem (no feature that would "
                         "allow it was offered)"
                     )
+                self._fail_errno = fault.errno if fault is not None else None
+                if self._fail_errno is not None and request not in _MAPPING_REQUESTS:
+                    return self._injected(header, payload, fds, fault)  # type: ignore[arg-type]
                 result = handler(self, header, payload, fds)
             except BaseException:
                 # Whatever the handler did not take ownership of is closed here.
@@ -355,7 +372,9 @@ class Session:
                     self.host.close_fd(fd)
                 raise
         except (LocalProtocolError, StateError, DecodeError, TableError, MappingError) as err:
-            return self._failure(header, payload, err, nfds)
+            return self._failure(header, payload, err, nfds, fault=fault)
+        finally:
+            self._fail_errno = None
         self.state = next_state
         reply, change, notes = result
         if not reply and header.need_reply and self.negotiated_reply_ack:
@@ -369,9 +388,41 @@ class Session:
             change=change,
             notes=notes,
             nfds=nfds,
+            injected=fault.spec if fault else None,
+            delay=fault.delay if fault else 0.0,
         )
 
-    def _failure(self, header: Header, payload: Payload | None, err: Exception, nfds: int) -> Handled:
+    def _injected(self, header: Header, payload: Payload | None, fds: list[int], fault: Fault) -> Handled:
+        """A rule fired that stops the request from being handled at all."""
+        nfds = len(fds)
+        while fds:
+            self.host.close_fd(fds.pop())
+        if fault.disconnect:
+            return Handled(
+                request=header.request,
+                header=header,
+                payload=payload,
+                reply=b"",
+                ok=False,
+                error=f"{_name(header.request)}: injected disconnect ({fault.spec})",
+                error_kind="injected",
+                nfds=nfds,
+                injected=fault.spec,
+                disconnect=True,
+            )
+        err = LocalProtocolError(f"injected failure ({fault.spec}); the request was not handled")
+        return self._failure(header, payload, err, nfds, fault=fault, ack=fault.ack or 1)
+
+    def _failure(
+        self,
+        header: Header,
+        payload: Payload | None,
+        err: Exception,
+        nfds: int,
+        *,
+        fault: Fault | None = None,
+        ack: int = 1,
+    ) -> Handled:
         request = header.request
         kind = {
             StateError: "state",
@@ -385,7 +436,7 @@ class Session:
             # failed answer (e.g. GET_CONFIG "size 0 = error") instead of hanging.
             reply = encode_reply(request, b"")
         elif header.need_reply and self.negotiated_reply_ack:
-            reply = encode_u64_reply(request, 1)
+            reply = encode_u64_reply(request, ack)
         text = str(err)
         if isinstance(err, StateError):
             text = f"{text} (state {err.state}; needs {err.required})"
@@ -396,9 +447,11 @@ class Session:
             reply=reply,
             ok=False,
             error=f"{_name(request)}: {text}",
-            error_kind=str(kind),
+            error_kind="injected" if fault is not None and fault.ack is not None else str(kind),
             nfds=nfds,
             details=details,
+            injected=fault.spec if fault else None,
+            delay=fault.delay if fault else 0.0,
         )
 
     def _check_header(self, header: Header) -> None:
@@ -525,7 +578,7 @@ class Session:
 
     def _map(self, request: Request, region: MemoryRegion, fd: int) -> Region:
         file_id = self.host.file_id(fd)
-        handle, info = self.host.map_region(request.name, region, fd)
+        handle, info = self.host.map_region(request.name, region, fd, self._fail_errno)
         return self._new_region(region, handle, info, file_id)
 
     def _add_mem_reg(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
@@ -585,7 +638,9 @@ class Session:
                     self.host.close_fd(fd)
                     kept.append(same)
                     continue
-                handle, info = self.host.map_region(Request.SET_MEM_TABLE.name, wire, fd)
+                handle, info = self.host.map_region(
+                    Request.SET_MEM_TABLE.name, wire, fd, self._fail_errno
+                )
                 added.append(self._new_region(wire, handle, info, file_id))
         except BaseException:
             for region in added:

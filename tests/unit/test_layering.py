@@ -18,6 +18,7 @@ LAYERS: list[set[str]] = [
     {"protocol"},
     {"vhostmem.errors"},
     {"vhostmem.regions", "vhostmem.events"},
+    {"vhostmem.faults"},
     {"vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.session"},
     {"vhostmem.mapping", "vhostmem.transport", "vhostmem.report"},
     {"vhostmem.control"},
@@ -29,7 +30,7 @@ LAYERS: list[set[str]] = [
 #: The pure core may use none of these (STYLE.md section 1).
 IMPURE = {"os", "trio", "socket", "mmap", "logging", "ctypes", "time", "subprocess", "signal"}
 PURE = {"protocol", "vhostmem.errors", "vhostmem.events", "vhostmem.regions", "vhostmem.session",
-        "vhostmem.atomicity", "vhostmem.qemu_model"}
+        "vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.faults"}
 
 
 def module_name(path: Path) -> str:
