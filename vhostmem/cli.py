@@ -161,6 +161,16 @@ Then, in another terminal:
         "Parts: nth=N | every, count=K, errno=NAME, ack=V, delay=TIME, disconnect. Counting is per "
         "rule from when it was added; at run time: vhostmem-ctl inject SPEC",
     )
+    where.add_argument(
+        "--allow-uid",
+        dest="allow_uids",
+        action="append",
+        type=int,
+        default=[],
+        metavar="UID",
+        help="accept front-ends (and control clients) only from this user id (repeatable; "
+        "checked with SO_PEERCRED, refusals are logged)",
+    )
     out = parser.add_argument_group("what to record")
     out.add_argument(
         "--event-log",
@@ -225,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         socket_mode=args.socket_mode,
         max_mapped=args.max_mapped,
         inject=tuple(args.inject),
+        allow_uids=tuple(args.allow_uids),
     )
     try:
         trio.run(run, config)

@@ -24,6 +24,7 @@ import trio
 from vhostmem.errors import TableError, VhostMemError
 from vhostmem.faults import FaultSpecError, parse_fault
 from vhostmem.mapping import hugetlb_pool, max_map_count, process_map_count
+from vhostmem.transport import peer_credentials
 
 if TYPE_CHECKING:
     from vhostmem.server import Backend
@@ -315,7 +316,13 @@ async def serve_control(listener: socket.socket, backend: Backend) -> None:
         async with trio.open_nursery() as nursery:
             while True:
                 conn, _ = await tsock.accept()
-                nursery.start_soon(_serve_one, backend, conn)
+                raw = socket.socket(fileno=conn.detach())
+                refusal = backend.refuse_peer(peer_credentials(raw))
+                if refusal is not None:
+                    raw.close()
+                    backend.record({"event": "refused", "socket": "control", "reason": refusal})
+                    continue
+                nursery.start_soon(_serve_one, backend, trio.socket.from_stdlib_socket(raw))
 
 
 # -- client side -----------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import os
 import signal
 import socket
 import stat
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from vhostmem.faults import FaultPlan, parse_fault
 from vhostmem.mapping import Mapper, Mapping
 from vhostmem.regions import Region
 from vhostmem.session import Session, SessionConfig
-from vhostmem.transport import FdStream
+from vhostmem.transport import FdStream, Peer, peer_credentials
 
 __all__ = ["Backend", "ServerConfig", "SocketError", "bind_unix_socket", "run"]
 
@@ -52,6 +51,10 @@ class InjectedDisconnect(VhostMemError):
     """A fault rule asked to drop the connection."""
 
 
+class StalledFrontEnd(VhostMemError):
+    """The front-end stopped reading replies."""
+
+
 @final
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -67,6 +70,10 @@ class ServerConfig:
         socket_mode: permission bits of the sockets we create.
         max_mapped: cap on bytes mapped in total (``None``: no cap).
         inject: fault-injection SPECs in force from the start (see vhostmem.faults).
+        allow_uids: peers (SO_PEERCRED uid) allowed to connect; empty allows everyone who can
+            open the socket (its mode decides).
+        send_timeout: seconds a reply may wait for the front-end to read before the connection
+            is dropped.
     """
 
     sockets: tuple[str, ...] = ()
@@ -78,6 +85,8 @@ class ServerConfig:
     socket_mode: int = 0o600
     max_mapped: int | None = None
     inject: tuple[str, ...] = ()
+    allow_uids: tuple[int, ...] = ()
+    send_timeout: float = 10.0
 
 
 @final
@@ -123,26 +132,6 @@ class ShellHost:
         except OSError:
             return None
         return (st.st_dev, st.st_ino)
-
-
-@dataclass(slots=True)
-class Peer:
-    pid: int
-    uid: int
-    gid: int
-
-    def as_json(self) -> dict[str, int]:
-        return {"pid": self.pid, "uid": self.uid, "gid": self.gid}
-
-
-def peer_credentials(sock: socket.socket) -> Peer | None:
-    """SO_PEERCRED of a connected Unix socket."""
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
-        return None
-    pid, uid, gid = struct.unpack("3i", raw)
-    return Peer(pid, uid, gid)
 
 
 @dataclass(slots=True)
@@ -254,6 +243,20 @@ class Backend:
         self.counters["connections"] += 1
         peer = peer_credentials(sock)
         log = logger.getChild(f"conn{number}")
+        refusal = self.refuse_peer(peer)
+        if refusal is not None:
+            sock.close()
+            log.warning("refused a front-end on %s: %s", socket_name, refusal)
+            self.record(
+                {
+                    "event": "refused",
+                    "socket": socket_name,
+                    "conn": number,
+                    "peer": peer.as_json() if peer else None,
+                    "reason": refusal,
+                }
+            )
+            return
         session = Session(self.config.session, self.host, self.faults)
         conn = Connection(number, socket_name, session, peer, time.time(), log)
         self.sockets[socket_name] = conn
@@ -331,7 +334,14 @@ class Backend:
                 if handled.delay:
                     await trio.sleep(handled.delay)
                 if handled.reply:
-                    await stream.send_all(handled.reply)
+                    with trio.move_on_after(self.config.send_timeout) as scope:
+                        await stream.send_all(handled.reply)
+                    if scope.cancelled_caught:
+                        self._record_handled(conn, handled)
+                        raise StalledFrontEnd(
+                            f"the front-end has not read its replies for "
+                            f"{self.config.send_timeout:g} s (socket buffer full); dropping it"
+                        )
                     self.counters["replies"] += 1
                 self._record_handled(conn, handled)
 
@@ -366,6 +376,20 @@ class Backend:
                 continue
             waited = False
             await self.serve_connection(sock, path)
+
+    def refuse_peer(self, peer: Peer | None) -> str | None:
+        """Why a peer may not connect (``--allow-uid``), or ``None``."""
+        allowed = self.config.allow_uids
+        if not allowed:
+            return None
+        if peer is None:
+            return "its credentials (SO_PEERCRED) cannot be read and --allow-uid is set"
+        if peer.uid not in allowed:
+            return (
+                f"uid {peer.uid} (pid {peer.pid}) is not allowed "
+                f"(--allow-uid {' '.join(map(str, allowed))})"
+            )
+        return None
 
     # -- state for the control socket -------------------------------------------------------
 

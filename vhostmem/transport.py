@@ -19,15 +19,17 @@ import array
 import errno
 import os
 import socket
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import final
 
 import trio
 
 from vhostmem.errors import RemoteProtocolError
 
-__all__ = ["MAX_FDS_PER_READ", "FdStream", "close_on_error"]
+__all__ = ["MAX_FDS_PER_READ", "FdStream", "Peer", "close_on_error", "peer_credentials"]
 
 #: SET_MEM_TABLE carries at most 8 fds; leave room for a hostile front-end's extras so they are
 #: received (and then closed) rather than cut off with MSG_CTRUNC.
@@ -124,3 +126,25 @@ class FdStream:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@dataclass(slots=True)
+class Peer:
+    """Who is on the other end (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+    def as_json(self) -> dict[str, int]:
+        return {"pid": self.pid, "uid": self.uid, "gid": self.gid}
+
+
+def peer_credentials(sock: socket.socket) -> Peer | None:
+    """SO_PEERCRED of a connected Unix socket."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Peer(pid, uid, gid)
