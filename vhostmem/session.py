@@ -440,6 +440,9 @@ class Session:
         text = str(err)
         if isinstance(err, StateError):
             text = f"{text} (state {err.state}; needs {err.required})"
+        name = _name(request)
+        if text.startswith(name):  # the mapping layer names the request itself
+            text = text[len(name) :].lstrip(": ")
         return Handled(
             request=request,
             header=header,
