@@ -247,6 +247,7 @@ class Session:
         self.requests = 0
         self._buffer = bytearray()
         self._consumed = 0  # stream offset of _buffer[0]
+        self._header: Header | None = None  # decoded header of the message in hand
         self._pending: deque[_Pending] = deque()
         self._seq = 0
 
@@ -274,8 +275,14 @@ class Session:
         have = len(self._buffer)
         if have < HEADER_SIZE:
             return HEADER_SIZE - have
-        size = decode_header(bytes(self._buffer[:HEADER_SIZE])).size
-        return max(1, HEADER_SIZE + min(size, MAX_PAYLOAD_SIZE) - have)
+        header = self._header_in_hand()
+        return max(1, HEADER_SIZE + min(header.size, MAX_PAYLOAD_SIZE) - have)
+
+    def _header_in_hand(self) -> Header:
+        # Decoded once per message: the shell asks bytes_wanted and then next_event.
+        if self._header is None:
+            self._header = decode_header(bytes(self._buffer[:HEADER_SIZE]))
+        return self._header
 
     @property
     def buffered(self) -> int:
@@ -306,7 +313,7 @@ class Session:
             raise RemoteProtocolError(f"session is {self.state.value}")
         if len(self._buffer) < HEADER_SIZE:
             return NEED_DATA
-        header = decode_header(bytes(self._buffer[:HEADER_SIZE]))
+        header = self._header_in_hand()
         if header.size > MAX_PAYLOAD_SIZE:
             self._fail_framing(
                 f"{_name(header.request)} header announces a {header.size}-byte payload; no "
@@ -319,6 +326,7 @@ class Session:
         raw = bytes(self._buffer[HEADER_SIZE:total])
         start = self._consumed
         del self._buffer[:total]
+        self._header = None
         self._consumed += total
         fds = self._take_fds(start, self._consumed)
         self.requests += 1
