@@ -15,16 +15,19 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import trio
+from qemu.qmp import QMPError
 
 from vhostmem import __version__
 from vhostmem.control import ControlClient, ControlError
 from vhostmem.faults import FaultSpecError, parse_fault
 from vhostmem.mapping import raise_nofile_limit
+from vhostmem.qmp import query_memory, unmergeable_markers
 from vhostmem.report import (
     render_diagnose,
     render_events,
     render_faults,
     render_map,
+    render_merged,
     render_peek,
     render_regions,
     render_stats,
@@ -53,6 +56,17 @@ def _int0(text: str) -> int:
         return int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r} (decimal or 0x-hex)") from None
+
+
+def _gpa_range(text: str) -> tuple[int, int]:
+    start, sep, end = text.partition("-")
+    try:
+        low, high = int(start, 0), int(end, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a range: {text!r} (START-END, e.g. 0x100000000-0x140000000)") from None
+    if not sep or high <= low:
+        raise argparse.ArgumentTypeError(f"{text!r}: END must be above START")
+    return (low, high)
 
 
 def _die(msg: str, code: int = 1) -> NoReturn:
@@ -151,6 +165,21 @@ Then, in another terminal:
         metavar="SIZE",
         help="refuse mappings beyond this many bytes in total (default: no limit)",
     )
+    out_merge = parser.add_argument_group("merged view (vhostmem-ctl regions --merged)")
+    out_merge.add_argument(
+        "--unmergeable",
+        action="append",
+        default=[],
+        type=_gpa_range,
+        metavar="START-END",
+        help="a GPA range (0x-hex or decimal, END exclusive) whose edges the merged view never "
+        "crosses, like QEMU's unmergeable memslot aliases (repeatable)",
+    )
+    out_merge.add_argument(
+        "--no-merge",
+        action="store_true",
+        help="the merged view shows every received region on its own",
+    )
     offer.add_argument(
         "--inject",
         action="append",
@@ -236,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_mapped=args.max_mapped,
         inject=tuple(args.inject),
         allow_uids=tuple(args.allow_uids),
+        unmergeable=tuple(args.unmergeable),
+        merge=not args.no_merge,
     )
     try:
         trio.run(run, config)
@@ -275,6 +306,18 @@ def build_ctl_parser() -> argparse.ArgumentParser:
     _json_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("regions", help="the region table of every socket")
+    p.add_argument(
+        "--merged",
+        action="store_true",
+        help="coalesce adjacent regions (contiguous GPA, front-end address and file offset on "
+        "one file) except across unmergeable markers, and say what kept each boundary",
+    )
+    p.add_argument(
+        "--qmp",
+        metavar="SOCKET",
+        help="QEMU's QMP socket: take unmergeable markers from QEMU (virtio-mem memslot aliases, "
+        "memory device ranges)",
+    )
     _json_flag(p)
     p = sub.add_parser("map", help="a picture of the guest physical address space")
     _json_flag(p)
@@ -310,7 +353,7 @@ def build_ctl_parser() -> argparse.ArgumentParser:
 _Render = Callable[[dict[str, Any]], str]
 
 _CTL: dict[str, tuple[str, _Render, Callable[[argparse.Namespace], dict[str, Any]]]] = {
-    "regions": ("regions", render_regions, lambda a: {}),
+    "regions": ("regions", render_regions, lambda a: _regions_args(a)),
     "map": ("regions", render_map, lambda a: {}),
     "events": ("events", render_events, lambda a: {"limit": a.limit}),
     "stats": ("stats", render_stats, lambda a: {}),
@@ -328,6 +371,16 @@ _CTL: dict[str, tuple[str, _Render, Callable[[argparse.Namespace], dict[str, Any
 }
 
 
+def _regions_args(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.merged:
+        return {}
+    markers: list[list[Any]] = []
+    if args.qmp:
+        view = query_memory(args.qmp)
+        markers = [[m.start, m.end, m.source] for m in unmergeable_markers(view)]
+    return {"merged": True, "markers": markers}
+
+
 def ctl_main(argv: Sequence[str] | None = None) -> int:
     """``vhostmem-ctl``; returns the exit status."""
     parser = build_ctl_parser()
@@ -339,8 +392,15 @@ def ctl_main(argv: Sequence[str] | None = None) -> int:
         print("vhostmem-ctl: --control PATH is required (or set VHOSTMEM_CONTROL)", file=sys.stderr)
         return 2
     cmd, render, make_args = _CTL[args.command]
+    if args.command == "regions" and args.merged:
+        render = render_merged
     try:
-        result = ControlClient(args.control).call(cmd, **make_args(args))
+        request = make_args(args)
+    except (OSError, QMPError) as err:
+        print(f"vhostmem-ctl: cannot ask QEMU over QMP ({args.qmp}): {err}", file=sys.stderr)
+        return 2
+    try:
+        result = ControlClient(args.control).call(cmd, **request)
     except ControlError as err:
         print(f"vhostmem-ctl: {err}", file=sys.stderr)
         return 2 if "cannot reach" in str(err) else 1

@@ -23,6 +23,7 @@ import trio
 
 from vhostmem.errors import TableError, VhostMemError
 from vhostmem.faults import FaultSpecError, parse_fault
+from vhostmem.regions import UnmergeableRange, merged_view
 from vhostmem.mapping import hugetlb_pool, max_map_count, process_map_count
 from vhostmem.transport import peer_credentials
 
@@ -94,7 +95,39 @@ def _cmd_regions(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
                 "max_slots": backend.config.session.max_slots,
             }
         )
-    return {"version": DOC_VERSION, "regions": regions, "sockets": sockets}
+    doc: dict[str, Any] = {"version": DOC_VERSION, "regions": regions, "sockets": sockets}
+    if args.get("merged"):
+        markers = _markers(backend, args.get("markers") or [])
+        doc["markers"] = [{"start": m.start, "end": m.end, "source": m.source} for m in markers]
+        doc["merged"] = [
+            {
+                "socket": conn.socket_name,
+                "gpa": group.gpa,
+                "size": group.size,
+                "uaddr": group.uaddr,
+                "mmap_offset": group.mmap_offset,
+                "parts": [{"gpa": r.gpa, "size": r.size} for r in group.parts],
+                "boundary_after": group.boundary_after,
+            }
+            for conn in backend.connections()
+            for group in merged_view(conn.session.table, markers, merge=backend.config.merge)
+        ]
+    return doc
+
+
+def _markers(backend: Backend, extra: list[Any]) -> list[UnmergeableRange]:
+    markers = [
+        UnmergeableRange(start, end, f"--unmergeable 0x{start:x}-0x{end:x}")
+        for start, end in backend.config.unmergeable
+    ]
+    for item in extra:
+        if not (isinstance(item, list) and len(item) == 3):
+            raise ControlError("markers are [start, end, source] triples")
+        start, end, source = item
+        if not isinstance(start, int) or not isinstance(end, int) or not isinstance(source, str):
+            raise ControlError("markers are [start, end, source] triples")
+        markers.append(UnmergeableRange(start, end, source))
+    return markers
 
 
 def _cmd_events(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ __all__ = [
     "render_events",
     "render_faults",
     "render_map",
+    "render_merged",
     "render_peek",
     "render_regions",
     "render_stats",
@@ -198,4 +199,26 @@ def render_diagnose(doc: dict[str, Any]) -> str:
         )
     if doc["faults"]:
         lines.append("fault rules     " + "; ".join(f["spec"] for f in doc["faults"]))
+    return "\n".join(lines)
+
+
+def render_merged(doc: dict[str, Any]) -> str:
+    """The merged view: adjacent regions shown as one, and what kept each boundary."""
+    lines: list[str] = []
+    for sock in doc["sockets"]:
+        groups = [g for g in doc.get("merged", []) if g["socket"] == sock["socket"]]
+        lines.append(f"{sock['socket']}: {len(groups)} merged region(s) from {sock['regions']} received")
+        for g in groups:
+            end = g["gpa"] + g["size"] - 1
+            parts = len(g["parts"])
+            lines.append(
+                f"  0x{g['gpa']:016x}-0x{end:016x} {_size(g['size']):>10}  "
+                f"{parts} region{'s' if parts != 1 else ''}"
+            )
+            if g["boundary_after"]:
+                lines.append(f"      boundary kept: {g['boundary_after']}")
+    markers = doc.get("markers", [])
+    if markers:
+        lines.append("unmergeable markers:")
+        lines.extend(f"  0x{m['start']:x}-0x{m['end'] - 1:x}  {m['source']}" for m in markers)
     return "\n".join(lines)

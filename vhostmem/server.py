@@ -74,6 +74,8 @@ class ServerConfig:
             open the socket (its mode decides).
         send_timeout: seconds a reply may wait for the front-end to read before the connection
             is dropped.
+        unmergeable: GPA ranges ``[start, end)`` whose edges the merged view never crosses.
+        merge: ``False`` makes the merged view show every received region on its own.
     """
 
     sockets: tuple[str, ...] = ()
@@ -87,6 +89,8 @@ class ServerConfig:
     inject: tuple[str, ...] = ()
     allow_uids: tuple[int, ...] = ()
     send_timeout: float = 10.0
+    unmergeable: tuple[tuple[int, int], ...] = ()
+    merge: bool = True
 
 
 @final

@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"vhostmem.faults"},
     {"vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.session"},
     {"vhostmem.mapping", "vhostmem.transport", "vhostmem.report"},
-    {"vhostmem.control"},
+    {"vhostmem.control", "vhostmem.qmp"},
     {"vhostmem.server"},
     {"vhostmem.cli", "vhostmem.__main__"},
     {"vhostmem.testing"},

@@ -34,11 +34,11 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final
 
 from qemu.qmp import ExecuteError, QMPError
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from vhostmem.qmp import BoundedQMP, MemslotAlias, memslot_aliases
 from vhostmem.testing.guest import READY_MARKER, GuestImage, GuestImageError, find_image
 
 __all__ = [
@@ -183,67 +183,6 @@ class GuestConfig:
     qmp_timeout: float = 30.0
 
 
-class MemslotAlias(NamedTuple):
-    """One `alias memslot-N @memdev ...` line of `info mtree` (virtio-mem dynamic memslots)."""
-
-    #: First guest physical address of the memslot.
-    gpa_start: int
-    #: One past the last guest physical address (QEMU prints the inclusive end; this is +1).
-    gpa_end: int
-    #: "memslot-N".
-    name: str
-    #: The backend's memory region name, e.g. "vmem0".
-    memdev: str
-    #: Offset of the memslot inside the backend (and so inside its memfd).
-    offset: int
-
-    @property
-    def size(self) -> int:
-        return self.gpa_end - self.gpa_start
-
-
-# `  0000000100000000-000000013fffffff (prio 0, ram): alias memslot-0 @vmem0 0000000000000000-...`
-_ALIAS_RE: Final = re.compile(
-    r"^\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, [^)]*\): "
-    r"alias (memslot-\d+) @(\S+) ([0-9a-f]+)-[0-9a-f]+"
-)
-
-
-def memslot_aliases(mtree_text: str) -> list[MemslotAlias]:
-    """Parses the virtio-mem memslot aliases out of HMP `info mtree` output, sorted by GPA.
-
-    QEMU prints one tree per distinct root, each headed by the names of the address spaces that
-    share it; the same memslot appears in several (memory, device-memory, CPU address spaces).
-    Only the `address-space: device-memory` tree is read (QEMU 10 prints it), falling back to
-    `address-space: memory` for QEMU versions without it, so each memslot is counted once.
-    """
-    trees: dict[str, list[MemslotAlias]] = {}
-    heads: list[str] = []
-    in_tree = False
-    for line in mtree_text.splitlines():
-        if line.startswith("address-space: "):
-            if in_tree:  # a header after a tree starts a new group of names
-                heads, in_tree = [], False
-            heads.append(line.removeprefix("address-space: ").strip())
-            continue
-        if line.startswith("memory-region: "):  # the alias-target section: not an address space
-            heads, in_tree = [], False
-            continue
-        if not line.strip():
-            continue
-        in_tree = True
-        m = _ALIAS_RE.match(line)
-        if m:
-            alias = MemslotAlias(
-                int(m.group(1), 16), int(m.group(2), 16) + 1, m.group(3), m.group(4),
-                int(m.group(5), 16),
-            )
-            for head in heads:
-                trees.setdefault(head, []).append(alias)
-    found = trees.get("device-memory") or trees.get("memory") or []
-    return sorted(set(found))
-
-
 _XP_LINE_RE: Final = re.compile(r"^([0-9a-f]+):((?:\s+0x[0-9a-f]{2})+)\s*$")
 
 
@@ -264,19 +203,6 @@ def parse_xp(text: str, gpa: int, length: int) -> bytes:
     if len(out) != length:
         raise QemuError(f"xp {gpa:#x} returned {len(out)} bytes, asked {length}: {text!r}")
     return bytes(out)
-
-
-class _BoundedQMP(QEMUMonitorProtocol):
-    """QEMUMonitorProtocol whose connect has a deadline.
-
-    legacy.connect() waits for QEMU's greeting without one, and QEMU sends no greeting while
-    its main loop is blocked (e.g. in a vhost-user handshake with a back-end that went quiet).
-    """
-
-    def connect_within(self, timeout: float) -> None:
-        self._qmp.await_greeting = True
-        self._qmp.negotiate = True
-        self._sync(self._qmp.connect(self._address), timeout)
 
 
 if TYPE_CHECKING:  # finalize is generic only to type checkers in 3.11
@@ -303,7 +229,7 @@ class Guest:
     def __init__(self, config: GuestConfig | None = None) -> None:
         self.config = config if config is not None else GuestConfig()
         self._proc: subprocess.Popen[bytes] | None = None
-        self._qmp: _BoundedQMP | None = None
+        self._qmp: BoundedQMP | None = None
         self._lock = threading.RLock()
         self._fifo_fd: int | None = None
         self._own_workdir = False
@@ -706,7 +632,7 @@ class Guest:
                 + self._evidence()
             )
 
-    def _connect(self) -> _BoundedQMP:
+    def _connect(self) -> BoundedQMP:
         if self._qmp is not None:
             return self._qmp
         # wait=off: QEMU creates the socket early in start-up, but not instantly.
@@ -717,7 +643,7 @@ class Guest:
                 raise GuestTimeout(f"QMP socket {self.qmp_path} did not appear"
                                    + self._evidence())
             time.sleep(0.02)
-        client = _BoundedQMP(str(self.qmp_path), nickname=f"qemu-{self.pid}")
+        client = BoundedQMP(str(self.qmp_path), nickname=f"qemu-{self.pid}")
         try:
             client.connect_within(self.config.qmp_timeout)
         except TimeoutError as err:
