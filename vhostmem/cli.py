@@ -63,7 +63,9 @@ def _gpa_range(text: str) -> tuple[int, int]:
     try:
         low, high = int(start, 0), int(end, 0)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a range: {text!r} (START-END, e.g. 0x100000000-0x140000000)") from None
+        raise argparse.ArgumentTypeError(
+            f"not a range: {text!r} (START-END, e.g. 0x100000000-0x140000000)"
+        ) from None
     if not sep or high <= low:
         raise argparse.ArgumentTypeError(f"{text!r}: END must be above START")
     return (low, high)

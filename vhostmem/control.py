@@ -23,8 +23,8 @@ import trio
 
 from vhostmem.errors import TableError, VhostMemError
 from vhostmem.faults import FaultSpecError, parse_fault
-from vhostmem.regions import UnmergeableRange, merged_view
 from vhostmem.mapping import hugetlb_pool, max_map_count, process_map_count
+from vhostmem.regions import UnmergeableRange, merged_view
 from vhostmem.transport import peer_credentials
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ class EventLog:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._file: TextIO | None = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        self._file: TextIO | None = open(path, "a", encoding="utf-8", buffering=1)
 
     def write(self, doc: dict[str, Any]) -> None:
         if self._file is not None:
@@ -69,7 +69,9 @@ def _int_arg(args: dict[str, Any], name: str, default: int | None = None) -> int
         try:
             value = int(value, 0)
         except ValueError:
-            raise ControlError(f"{name} must be a number in decimal or 0x-hex, got {value!r}") from None
+            raise ControlError(
+                f"{name} must be a number in decimal or 0x-hex, got {value!r}"
+            ) from None
     if not isinstance(value, int) or isinstance(value, bool):
         raise ControlError(f"{name} is required and must be an integer")
     return value
@@ -77,21 +79,21 @@ def _int_arg(args: dict[str, Any], name: str, default: int | None = None) -> int
 
 def _cmd_regions(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     regions = []
-    for conn, region in backend.regions():
-        doc = region.as_json()
-        doc["socket"] = conn.socket_name
-        doc["conn"] = conn.number
-        doc["peer_pid"] = conn.peer.pid if conn.peer else None
-        regions.append(doc)
+    for owner, region in backend.regions():
+        entry = region.as_json()
+        entry["socket"] = owner.socket_name
+        entry["conn"] = owner.number
+        entry["peer_pid"] = owner.peer.pid if owner.peer else None
+        regions.append(entry)
     sockets = []
-    for name, conn in backend.sockets.items():
+    for name, live in backend.sockets.items():
         sockets.append(
             {
                 "socket": name,
-                "connected": conn is not None,
-                "conn": conn.number if conn else None,
-                "peer": conn.peer.as_json() if conn and conn.peer else None,
-                "regions": len(conn.session.table) if conn else 0,
+                "connected": live is not None,
+                "conn": live.number if live else None,
+                "peer": live.peer.as_json() if live and live.peer else None,
+                "regions": len(live.session.table) if live else 0,
                 "max_slots": backend.config.session.max_slots,
             }
         )
@@ -401,4 +403,3 @@ class ControlClient:
         result = reply["result"]
         assert isinstance(result, dict)
         return result
-

@@ -77,7 +77,10 @@ def memslot_aliases(mtree_text: str) -> list[MemslotAlias]:
         m = _ALIAS_RE.match(line)
         if m:
             alias = MemslotAlias(
-                int(m.group(1), 16), int(m.group(2), 16) + 1, m.group(3), m.group(4),
+                int(m.group(1), 16),
+                int(m.group(2), 16) + 1,
+                m.group(3),
+                m.group(4),
                 int(m.group(5), 16),
             )
             for head in heads:

@@ -80,7 +80,9 @@ def render_map(doc: dict[str, Any], width: int = 64) -> str:
             last = max(first, (r["gpa"] + r["size"]) * width // top - 1)
             for col in range(first, min(last, width - 1) + 1):
                 bar[col] = letters[i % len(letters)]
-        out.append(f"  0x0 |{''.join(bar)}| 0x{top:x}  (one column = {_size(max(1, top // width))})")
+        out.append(
+            f"  0x0 |{''.join(bar)}| 0x{top:x}  (one column = {_size(max(1, top // width))})"
+        )
         cursor = 0
         for i, r in enumerate(regions):
             if r["gpa"] > cursor:
@@ -207,7 +209,9 @@ def render_merged(doc: dict[str, Any]) -> str:
     lines: list[str] = []
     for sock in doc["sockets"]:
         groups = [g for g in doc.get("merged", []) if g["socket"] == sock["socket"]]
-        lines.append(f"{sock['socket']}: {len(groups)} merged region(s) from {sock['regions']} received")
+        lines.append(
+            f"{sock['socket']}: {len(groups)} merged region(s) from {sock['regions']} received"
+        )
         for g in groups:
             end = g["gpa"] + g["size"] - 1
             parts = len(g["parts"])

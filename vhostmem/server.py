@@ -188,7 +188,11 @@ class Backend:
             self.counters["errors"] += 1
         log = conn.log
         if handled.ok:
-            log.debug("<-- %s ok%s", handled.name, f" ({'; '.join(handled.notes)})" if handled.notes else "")
+            log.debug(
+                "<-- %s ok%s",
+                handled.name,
+                f" ({'; '.join(handled.notes)})" if handled.notes else "",
+            )
         else:
             log.warning("%s failed: %s", handled.name, handled.error)
         for note in handled.notes:
@@ -555,7 +559,8 @@ async def run(
 async def _watch_signals(scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            logger.info("%s received: releasing everything and exiting", signal.Signals(signum).name)
+            logger.info(
+                "%s received: releasing everything and exiting", signal.Signals(signum).name
+            )
             scope.cancel()
             return
-

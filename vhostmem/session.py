@@ -50,7 +50,6 @@ from protocol import (
     MAX_PAYLOAD_SIZE,
     DecodeError,
     Header,
-    HeaderFlags,
     MemoryRegion,
     MemoryTable,
     MemRegMsg,
@@ -66,7 +65,13 @@ from protocol import (
     encode_reply,
     encode_u64_reply,
 )
-from vhostmem.errors import LocalProtocolError, MappingError, RemoteProtocolError, StateError, TableError
+from vhostmem.errors import (
+    LocalProtocolError,
+    MappingError,
+    RemoteProtocolError,
+    StateError,
+    TableError,
+)
 from vhostmem.events import NEED_DATA, Handled, NeedData, TableChange
 from vhostmem.faults import Fault, FaultPlan
 from vhostmem.regions import Region, RegionTable, describe
@@ -364,7 +369,8 @@ class Session:
                     return self._injected(header, payload, fds, fault)
                 next_state = self._check_state(request)
                 self._check_fds(request, payload, fds)
-                handler = _HANDLERS.get(request)  # looked up outside the handler's own errors
+                # looked up outside the handler's own errors (trio-websocket's KeyError pitfall)
+                handler = _HANDLERS.get(request) if isinstance(request, Request) else None
                 if handler is None:
                     raise LocalProtocolError(
                         f"{_name(request)} is not implemented by vhostmem (no feature that would "
@@ -400,7 +406,9 @@ class Session:
             delay=fault.delay if fault else 0.0,
         )
 
-    def _injected(self, header: Header, payload: Payload | None, fds: list[int], fault: Fault) -> Handled:
+    def _injected(
+        self, header: Header, payload: Payload | None, fds: list[int], fault: Fault
+    ) -> Handled:
         """A rule fired that stops the request from being handled at all."""
         nfds = len(fds)
         while fds:
@@ -574,7 +582,13 @@ class Session:
 
     # -- memory table -------------------------------------------------------------------------
 
-    def _new_region(self, region: MemoryRegion, handle: Any, info: dict[str, Any], file_id: tuple[int, int] | None) -> Region:
+    def _new_region(
+        self,
+        region: MemoryRegion,
+        handle: Any,
+        info: dict[str, Any],
+        file_id: tuple[int, int] | None,
+    ) -> Region:
         self._seq += 1
         return Region(
             gpa=region.guest_phys_addr,
@@ -619,7 +633,11 @@ class Session:
                 f"no region matches {describe(wire.guest_phys_addr, wire.memory_size, wire.userspace_addr)}"
                 f" (REM_MEM_REG matches gpa, uaddr and size; {self.table.neighbours(wire.guest_phys_addr)})",
                 kind="not-found",
-                details={"gpa": wire.guest_phys_addr, "size": wire.memory_size, "uaddr": wire.userspace_addr},
+                details={
+                    "gpa": wire.guest_phys_addr,
+                    "size": wire.memory_size,
+                    "uaddr": wire.userspace_addr,
+                },
             )
         notes = self._rings_in(region)
         self.table.remove(region)
@@ -633,7 +651,11 @@ class Session:
         # Validate the new table on its own first: nothing is mapped until it is consistent.
         scratch = RegionTable(max(self.config.max_slots, len(wanted)))
         for wire in wanted:
-            scratch.add(Region(wire.guest_phys_addr, wire.memory_size, wire.userspace_addr, wire.mmap_offset))
+            scratch.add(
+                Region(
+                    wire.guest_phys_addr, wire.memory_size, wire.userspace_addr, wire.mmap_offset
+                )
+            )
         current = {region.identity: region for region in self.table}
         kept: list[Region] = []
         added: list[Region] = []
@@ -641,7 +663,13 @@ class Session:
             for wire, fd in zip(wanted, list(fds), strict=True):
                 fds.remove(fd)
                 file_id = self.host.file_id(fd)
-                identity = (wire.guest_phys_addr, wire.memory_size, wire.userspace_addr, wire.mmap_offset, file_id)
+                identity = (
+                    wire.guest_phys_addr,
+                    wire.memory_size,
+                    wire.userspace_addr,
+                    wire.mmap_offset,
+                    file_id,
+                )
                 same = current.pop(identity, None) if file_id is not None else None
                 if same is not None:
                     # Unchanged region: keep its mapping, as DPDK's vhost_memory_changed and
@@ -685,7 +713,9 @@ class Session:
         assert isinstance(payload, VringState)
         vring = self._vring(payload.index)
         if not 0 < payload.num <= _MAX_QUEUE_SIZE:
-            raise LocalProtocolError(f"vring {payload.index} size {payload.num} is not in 1..{_MAX_QUEUE_SIZE}")
+            raise LocalProtocolError(
+                f"vring {payload.index} size {payload.num} is not in 1..{_MAX_QUEUE_SIZE}"
+            )
         vring.num = payload.num
         return b"", None, ()
 
@@ -717,7 +747,11 @@ class Session:
     def _set_vring_fd(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
         assert isinstance(payload, VringFile)
         vring = self._vring(payload.index)
-        slot = {Request.SET_VRING_KICK: "kick", Request.SET_VRING_CALL: "call", Request.SET_VRING_ERR: "err"}[
+        slot = {
+            Request.SET_VRING_KICK: "kick",
+            Request.SET_VRING_CALL: "call",
+            Request.SET_VRING_ERR: "err",
+        }[
             header.request  # type: ignore[index]
         ]
         old = getattr(vring, slot)
@@ -737,7 +771,11 @@ class Session:
         if addr is None:
             return (f"vring {vring.index} started without SET_VRING_ADDR",)
         problems = []
-        for part, uaddr in (("desc", addr.desc_user_addr), ("avail", addr.avail_user_addr), ("used", addr.used_user_addr)):
+        for part, uaddr in (
+            ("desc", addr.desc_user_addr),
+            ("avail", addr.avail_user_addr),
+            ("used", addr.used_user_addr),
+        ):
             if self.table.lookup_uaddr(uaddr) is None:
                 problems.append(
                     f"vring {vring.index} {part} ring at front-end address 0x{uaddr:x} is in no "
@@ -752,7 +790,9 @@ class Session:
             if vring.started and addr is not None:
                 for uaddr in (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr):
                     if region.uaddr <= uaddr < region.uaddr_end:
-                        notes.append(f"running vring {vring.index} lies in removed region {region.describe()}")
+                        notes.append(
+                            f"running vring {vring.index} lies in removed region {region.describe()}"
+                        )
                         break
         return tuple(notes)
 

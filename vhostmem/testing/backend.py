@@ -33,7 +33,12 @@ class RunningBackend:
     """
 
     def __init__(
-        self, socket: str, control: str, event_log: str, stderr_path: str, process: subprocess.Popen[bytes]
+        self,
+        socket: str,
+        control: str,
+        event_log: str,
+        stderr_path: str,
+        process: subprocess.Popen[bytes],
     ) -> None:
         self.socket = socket
         self.control = control

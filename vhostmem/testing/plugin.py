@@ -41,7 +41,9 @@ def vhostmem_factory(tmp_path: Path) -> Iterator[Callable[..., RunningBackend]]:
     for backend in started:
         status = backend.stop()
         if status != 0:
-            failures.append(f"vhostmem pid {backend.pid} exited {status}:\n{backend.stderr()[-2000:]}")
+            failures.append(
+                f"vhostmem pid {backend.pid} exited {status}:\n{backend.stderr()[-2000:]}"
+            )
     if failures:
         pytest.fail("\n".join(failures))
 
