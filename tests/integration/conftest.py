@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from vhostmem.testing.backend import RunningBackend, start_backend
+from vhostmem.testing.backend import RunningBackend
 from vhostmem.testing.qemu import Guest, GuestConfig, PrerequisiteError, find_qemu
 
 GiB = 1 << 30
@@ -68,6 +67,10 @@ def hugepages(pages: int) -> Iterator[None]:
             f.write(str(before))
 
 
+def started_by_factory(factory: Callable[..., RunningBackend]) -> list[RunningBackend]:
+    return list(getattr(factory, "started", []))
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -103,17 +106,18 @@ class Rig:
 
 
 @pytest.fixture
-def make_rig(qemu_ready: None, tmp_path: Path) -> Iterator[Callable[..., Rig]]:
+def make_rig(
+    qemu_ready: None, vhostmem_factory: Callable[..., RunningBackend]
+) -> Iterator[Callable[..., Rig]]:
     """``make_rig(vhostmem_args=(), **guest_config) -> Rig`` with the guest booted and its boot
-    RAM region in vhostmem's table; everything stopped at teardown (QEMU first)."""
+    RAM region in vhostmem's table; everything stopped at teardown (QEMU first). vhostmem is
+    started through the pytest plugin's ``vhostmem_factory``, the fixture users get."""
     rigs: list[Rig] = []
 
     def make(vhostmem_args: tuple[str, ...] = (), backend: RunningBackend | None = None,
              wait_boot_ram: bool = True, **config: Any) -> Rig:
         if backend is None:
-            directory = tmp_path / f"rig{len(rigs)}"
-            directory.mkdir()
-            backend = start_backend(directory, vhostmem_args)
+            backend = vhostmem_factory(vhostmem_args, name=f"vu{len(rigs)}.sock")
         guest = Guest(GuestConfig(vhost_socket=backend.socket, **config))
         rig = Rig(backend, guest)
         rigs.append(rig)
@@ -126,10 +130,8 @@ def make_rig(qemu_ready: None, tmp_path: Path) -> Iterator[Callable[..., Rig]]:
         return rig
 
     yield make
-    statuses = []
+    # QEMU first; vhostmem_factory then stops every vhostmem and fails on a non-zero exit.
     for rig in reversed(rigs):
         rig.guest.close()
-        statuses.append((rig.backend.pid, rig.backend.stop(), rig.backend))
-    bad = [f"vhostmem {pid} exited {code}:\n{b.stderr()[-2000:]}" for pid, code, b in statuses if code != 0]
-    if bad:
-        pytest.fail("\n".join(bad))
+        if rig.backend not in started_by_factory(vhostmem_factory):
+            assert rig.backend.stop() == 0, rig.backend.stderr()[-2000:]

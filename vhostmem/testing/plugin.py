@@ -36,6 +36,7 @@ def vhostmem_factory(tmp_path: Path) -> Iterator[Callable[..., RunningBackend]]:
         started.append(backend)
         return backend
 
+    factory.started = started  # type: ignore[attr-defined]
     yield factory
     failures = []
     for backend in started:
