@@ -1,0 +1,160 @@
+"""The command line as people and QEMU use it: a real ``vhostmem`` process per test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vhostmem.cli import ctl_main, main
+from vhostmem.testing.backend import start_backend
+from vhostmem.testing.frontend import FakeFrontend, make_memfd
+
+MiB = 1 << 20
+
+
+def run_vhostmem(*args: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "vhostmem", *args], pass_fds=pass_fds,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_path(path: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_capabilities_and_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--print-capabilities"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"type": "net"}
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert "vhostmem" in capsys.readouterr().out
+
+
+def test_help_teaches() -> None:
+    out = subprocess.run([sys.executable, "-m", "vhostmem", "--help"], capture_output=True, text=True, check=True).stdout
+    for words in ["--socket", "share=on", "vhost-user", "--max-slots", "509", "--inject", "vhostmem-ctl", "no traffic"]:
+        assert words in out, words
+
+
+def test_usage_errors() -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["--fd", "3"])  # --fd needs --control
+    with pytest.raises(SystemExit):
+        main(["--socket", "/tmp/x.sock", "--inject", "ADD_MEM_REG:nth=0:ack=1"])
+
+
+def test_ctl_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    os.environ.pop("VHOSTMEM_CONTROL", None)
+    assert ctl_main(["regions"]) == 2
+    assert ctl_main(["--control", str(tmp_path / "nothing.ctl"), "regions"]) == 2
+    assert "cannot reach" in capsys.readouterr().err
+    assert ctl_main(["--control", "x", "bogus"]) == 2
+
+
+def test_ctl_commands_against_a_running_backend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    backend = start_backend(tmp_path)
+    try:
+        with FakeFrontend.connect(backend.socket) as fe:
+            fe.handshake()
+            memfd = make_memfd(4 * MiB)
+            os.pwrite(memfd, b"vhostmem!", 0x1000)
+            assert fe.add_region(0x100000000, 4 * MiB, 0x7F0000000000, 0, memfd) == 0
+            os.close(memfd)
+            ctl = ["--control", backend.control]
+            assert ctl_main([*ctl, "regions"]) == 0
+            assert "0x0000000100000000" in capsys.readouterr().out
+            assert ctl_main([*ctl, "regions", "--json"]) == 0
+            doc = json.loads(capsys.readouterr().out)
+            assert doc["version"] == 1 and doc["regions"][0]["size"] == 4 * MiB
+            assert ctl_main([*ctl, "peek", "0x100001000", "9", "--json"]) == 0
+            assert bytes.fromhex(json.loads(capsys.readouterr().out)["hex"]) == b"vhostmem!"
+            assert ctl_main([*ctl, "peek", "0x100001000", "9"]) == 0
+            assert "vhostmem!" in capsys.readouterr().out
+            assert ctl_main([*ctl, "peek", "0x200000000", "9"]) == 1
+            assert "in no region" in capsys.readouterr().err
+            for command in ("map", "events", "stats", "diagnose", "inject"):
+                assert ctl_main([*ctl, command]) == 0, command
+                assert capsys.readouterr().out.strip()
+            assert ctl_main([*ctl, "inject", "REM_MEM_REG:nth=1:ack=3"]) == 0
+            capsys.readouterr()
+            assert fe.rem_region(0x100000000, 4 * MiB, 0x7F0000000000) == 3
+    finally:
+        assert backend.stop() == 0
+    assert not os.path.exists(backend.socket) and not os.path.exists(backend.control)
+
+
+def test_sigterm_cleans_up_and_non_socket_refused(tmp_path: Path) -> None:
+    keep = tmp_path / "precious"
+    keep.write_text("data")
+    proc = run_vhostmem("--socket", str(keep))
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode != 0 and b"not a socket" in err
+    assert keep.read_text() == "data"
+    sock = str(tmp_path / "vu.sock")
+    proc = run_vhostmem("--socket", sock, "--socket-mode", "0660")
+    wait_path(sock)
+    assert oct(os.stat(sock).st_mode & 0o777) == "0o660"
+    assert oct(os.stat(sock + ".ctl").st_mode & 0o777) == "0o660"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert not os.path.exists(sock) and not os.path.exists(sock + ".ctl")
+
+
+def test_fd_listening_and_connected(tmp_path: Path) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "inherited.sock"))
+    listener.listen()
+    ctl = str(tmp_path / "a.ctl")
+    proc = run_vhostmem("--fd", str(listener.fileno()), "--control", ctl, pass_fds=(listener.fileno(),))
+    try:
+        wait_path(ctl)
+        with FakeFrontend.connect(str(tmp_path / "inherited.sock")) as fe:
+            fe.handshake()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        listener.close()
+    ours, theirs = socket.socketpair()
+    ctl = str(tmp_path / "b.ctl")
+    proc = run_vhostmem("--fd", str(theirs.fileno()), "--control", ctl, pass_fds=(theirs.fileno(),))
+    theirs.close()
+    try:
+        fe = FakeFrontend(ours)
+        fe.handshake()
+        fe.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+def test_connect_mode_retries_until_frontend_listens(tmp_path: Path) -> None:
+    path = str(tmp_path / "qemu-server.sock")
+    proc = run_vhostmem("--connect", path, "--control", str(tmp_path / "c.ctl"))
+    try:
+        time.sleep(0.5)  # vhostmem is retrying now
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen()
+        listener.settimeout(10)
+        conn, _ = listener.accept()
+        fe = FakeFrontend(conn)
+        fe.handshake()
+        fe.close()
+        listener.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
