@@ -69,6 +69,15 @@ BytesLike = bytes | bytearray | memoryview
 _REQUESTS: Final[dict[int, Request]] = {int(request): request for request in Request}
 
 _HEADER = structs.HEADER_COMPILED
+# One C call per fixed-size decode: struct formats derived from the Construct definitions
+# (structs.flat_format), the hot path of every message.
+_HEADER_UNPACK = structs.HEADER_FLAT.unpack
+_U64_UNPACK = structs.U64_FLAT.unpack
+_TABLE_HEAD_UNPACK_FROM = structs.MEMORY_TABLE_HEAD_FLAT.unpack_from
+_REGION_UNPACK_FROM = structs.MEMORY_REGION_FLAT.unpack_from
+_MEM_REG_UNPACK = structs.MEM_REG_MSG_FLAT.unpack
+_VRING_STATE_UNPACK = structs.VRING_STATE_FLAT.unpack
+_VRING_ADDR_UNPACK = structs.VRING_ADDR_FLAT.unpack
 _U64 = structs.U64_COMPILED
 _REGION_SIZE: Final = structs.MEMORY_REGION_SIZE
 _TABLE_HEAD_SIZE: Final = structs.MEMORY_TABLE_HEADER_SIZE
@@ -108,12 +117,8 @@ def decode_header(data: BytesLike) -> Header:
     """
     if len(data) != HEADER_SIZE:
         raise DecodeError(f"header must be {HEADER_SIZE} bytes, got {len(data)}", raw=bytes(data))
-    try:
-        parsed = _HEADER.parse(data)
-    except (c.ConstructError, struct.error) as err:  # pragma: no cover - 12 bytes always parse
-        raise DecodeError(f"bad header: {err}", raw=bytes(data)) from err
-    code = parsed["request"]
-    return Header(_REQUESTS.get(code, code), parsed["flags"], parsed["size"])
+    code, flags, size = _HEADER_UNPACK(data)
+    return Header(_REQUESTS.get(code, code), flags, size)
 
 
 def payload_kind(request: Request | int) -> PayloadKind:
@@ -218,7 +223,7 @@ def _decode_raw(request: Request | int, payload: BytesLike) -> bytes:
 
 
 def _decode_u64(request: Request | int, payload: BytesLike) -> int:
-    value: int = _U64.parse(payload)
+    value: int = _U64_UNPACK(payload)[0]
     return value
 
 
@@ -234,8 +239,7 @@ def _decode_memory_table(request: Request | int, payload: BytesLike) -> MemoryTa
             f"{_REGION_SIZE} * n with n <= {MEMORY_BASELINE_NREGIONS}, got {size}",
             raw=bytes(payload),
         )
-    parsed = _STRUCTS[PayloadKind.MEMORY_TABLE].parse(payload)
-    nregions = parsed["nregions"]
+    nregions = _TABLE_HEAD_UNPACK_FROM(payload, 0)[0]
     if nregions != body // _REGION_SIZE:
         raise DecodeError(
             f"{_name(request)}: nregions {nregions} disagrees with the {size}-byte payload "
@@ -244,42 +248,28 @@ def _decode_memory_table(request: Request | int, payload: BytesLike) -> MemoryTa
         )
     return MemoryTable(
         tuple(
-            MemoryRegion(
-                r["guest_phys_addr"], r["memory_size"], r["userspace_addr"], r["mmap_offset"]
-            )
-            for r in parsed["regions"]
+            MemoryRegion(*_REGION_UNPACK_FROM(payload, _TABLE_HEAD_SIZE + i * _REGION_SIZE))
+            for i in range(nregions)
         )
     )
 
 
 def _decode_mem_reg(request: Request | int, payload: BytesLike) -> MemRegMsg:
-    r = _STRUCTS[PayloadKind.MEM_REG].parse(payload)["region"]
-    return MemRegMsg(
-        MemoryRegion(r["guest_phys_addr"], r["memory_size"], r["userspace_addr"], r["mmap_offset"])
-    )
+    return MemRegMsg(MemoryRegion(*_MEM_REG_UNPACK(payload)))
 
 
 def _decode_vring_state(request: Request | int, payload: BytesLike) -> VringState:
-    p = _STRUCTS[PayloadKind.VRING_STATE].parse(payload)
-    return VringState(p["index"], p["num"])
+    return VringState(*_VRING_STATE_UNPACK(payload))
 
 
 def _decode_vring_addr(request: Request | int, payload: BytesLike) -> VringAddress:
-    p = _STRUCTS[PayloadKind.VRING_ADDR].parse(payload)
-    return VringAddress(
-        p["index"],
-        p["flags"],
-        p["desc_user_addr"],
-        p["used_user_addr"],
-        p["avail_user_addr"],
-        p["log_guest_addr"],
-    )
+    return VringAddress(*_VRING_ADDR_UNPACK(payload))
 
 
 def _decode_vring_file(request: Request | int, payload: BytesLike) -> VringFile:
     # Bits other than index (0-7) and NOFD (8) are an error, as in rust-vmm
     # vhost-user-backend handle_vring_fd_request; libvhost-user just masks them off.
-    value: int = _U64.parse(payload)
+    value: int = _U64_UNPACK(payload)[0]
     if value & ~_VRING_FILE_MASK:
         raise DecodeError(
             f"{_name(request)}: vring file u64 {value:#x} has bits outside index and NOFD",

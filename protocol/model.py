@@ -7,7 +7,7 @@ converts to and from the Construct definitions in ``protocol.structs``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeAlias, final
+from typing import Final, TypeAlias, final
 
 from protocol.codes import HeaderFlags, Request
 
@@ -27,6 +27,13 @@ __all__ = [
 ]
 
 
+# Plain ints: IntFlag arithmetic costs about a microsecond per operation, and every message
+# asks these.
+_NEED_REPLY: Final = int(HeaderFlags.NEED_REPLY)
+_REPLY: Final = int(HeaderFlags.REPLY)
+_VERSION_MASK: Final = int(HeaderFlags.VERSION_MASK)
+
+
 @final
 @dataclass(frozen=True, slots=True)
 class Header:
@@ -43,17 +50,17 @@ class Header:
     @property
     def need_reply(self) -> bool:
         """The sender asked for a REPLY_ACK."""
-        return bool(self.flags & HeaderFlags.NEED_REPLY)
+        return bool(self.flags & _NEED_REPLY)
 
     @property
     def is_reply(self) -> bool:
         """The REPLY bit is set."""
-        return bool(self.flags & HeaderFlags.REPLY)
+        return bool(self.flags & _REPLY)
 
     @property
     def version(self) -> int:
         """Bits 0-1 of ``flags``; 1 is the only version."""
-        return self.flags & HeaderFlags.VERSION_MASK
+        return self.flags & _VERSION_MASK
 
 
 @final

@@ -48,7 +48,15 @@ __all__ = [
     "VRING_ADDR_COMPILED",
     "VRING_STATE",
     "VRING_STATE_COMPILED",
+    "HEADER_FLAT",
+    "MEMORY_REGION_FLAT",
+    "MEMORY_TABLE_HEAD_FLAT",
+    "MEM_REG_MSG_FLAT",
+    "U64_FLAT",
+    "VRING_ADDR_FLAT",
+    "VRING_STATE_FLAT",
     "PackError",
+    "flat_format",
     "pack_u64",
 ]
 
@@ -153,6 +161,49 @@ VRING_ADDR_COMPILED: Final[c.Construct[Any, Any]] = VRING_ADDR.compile()
 pack_u64: Final[Callable[[int], bytes]] = struct.Struct(c.Int64ul.fmtstr).pack
 #: What ``pack_u64`` raises for a value that is not a u64.
 PackError: Final = struct.error
+
+
+
+def flat_format(definition: c.Construct[Any, Any]) -> struct.Struct:
+    """The ``struct.Struct`` that a fixed-layout definition amounts to, derived from it.
+
+    Walks the Construct definition (integer fields, named padding, nested fixed structs) and
+    joins their format strings, so the hot path can ``unpack_from`` in one C call while the
+    Construct definition stays the single source of the layout. Padding becomes ``x`` (skipped
+    on parse, zero on build), exactly as ``c.Padding`` behaves.
+
+    Raises:
+        TypeError: the definition has a part with no fixed format (arrays, computed sizes).
+    """
+    return struct.Struct("<" + _flat(definition))
+
+
+def _flat(node: c.Construct[Any, Any]) -> str:
+    if isinstance(node, (c.Renamed, c.Rebuild)):
+        return _flat(node.subcon)
+    if isinstance(node, c.FormatField):
+        fmt: str = node.fmtstr
+        if fmt[0] != "<":
+            raise TypeError(f"{fmt!r} is not little endian")
+        return fmt[1:]
+    if isinstance(node, c.Padded) and isinstance(node.subcon, type(c.Pass)):
+        return f"{node.length}x"
+    if isinstance(node, c.Struct):
+        return "".join(_flat(sub) for sub in node.subcons)
+    raise TypeError(f"no fixed format for {node!r}")
+
+
+#: Flat twins of the fixed-size hot definitions (see ``flat_format``).
+HEADER_FLAT: Final = flat_format(HEADER)
+U64_FLAT: Final = flat_format(U64)
+MEMORY_REGION_FLAT: Final = flat_format(MEMORY_REGION)
+MEM_REG_MSG_FLAT: Final = flat_format(MEM_REG_MSG)
+VRING_STATE_FLAT: Final = flat_format(VRING_STATE)
+VRING_ADDR_FLAT: Final = flat_format(VRING_ADDR)
+#: nregions + padding, the fixed head of MEMORY_TABLE before its array of regions.
+MEMORY_TABLE_HEAD_FLAT: Final = struct.Struct(
+    "<" + "".join(_flat(sub) for sub in MEMORY_TABLE.subcons if sub.name != "regions")
+)
 
 MEMORY_REGION_SIZE: Final = MEMORY_REGION.sizeof()
 #: Bytes before the first region of a memory table (nregions + padding): 8.

@@ -268,6 +268,11 @@ class Backing:
         return data
 
 
+#: (st_dev, st_ino) -> (/proc/self/fd target, fstatfs f_type) of regular files seen.
+_FILE_FACTS: dict[tuple[int, int], tuple[str, int | None]] = {}
+_FILE_FACTS_MAX = 4096
+
+
 def probe_backing(fd: int) -> Backing:
     """Find out what ``fd`` is: kind, page size, identity, size, seals, access mode.
 
@@ -278,16 +283,26 @@ def probe_backing(fd: int) -> Backing:
         OSError: the fd is not open (EBADF).
     """
     st = os.fstat(fd)
-    try:
-        target = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        target = "?"
+    # What a file is does not change while it lives: QEMU sends the same memfd with every
+    # ADD_MEM_REG, so its name and filesystem are looked up once per (device, inode).
+    known = _FILE_FACTS.get((st.st_dev, st.st_ino)) if stat.S_ISREG(st.st_mode) else None
+    if known is None:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            target = "?"
+        magic = _fstatfs_type(fd)
+        if stat.S_ISREG(st.st_mode):
+            if len(_FILE_FACTS) >= _FILE_FACTS_MAX:
+                _FILE_FACTS.clear()
+            _FILE_FACTS[(st.st_dev, st.st_ino)] = (target, magic)
+    else:
+        target, magic = known
     try:
         accmode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
     except OSError:
         accmode = os.O_RDONLY
     access = {os.O_RDWR: "read-write", os.O_WRONLY: "write-only"}.get(accmode, "read-only")
-    magic = _fstatfs_type(fd)
     mode = st.st_mode
     page_size = _PAGESIZE
     seals: tuple[str, ...] = ()
@@ -787,24 +802,34 @@ def _vma_at(address: int) -> tuple[int, int, int] | None:
 class _Diagnosis:
     """Builds the one-message MappingError of a map() call: request, region, backing, fix."""
 
-    __slots__ = ("backing_text", "details", "region")
+    # Everything is worked out only when a failure is built: a successful map() (the hot path,
+    # QEMU waits for its ack) pays for none of the text.
+    __slots__ = ("backing", "details", "fd", "gpa", "mmap_offset", "request", "size")
 
     def __init__(self, request: str, gpa: int, size: int, mmap_offset: int, fd: int) -> None:
-        self.region = _region_text(request, gpa, size, mmap_offset)
-        self.backing_text = f"not inspected (fd {fd})"
-        self.details: dict[str, Any] = {
-            "request": request, "gpa": gpa, "size": size, "mmap_offset": mmap_offset, "fd": fd,
-        }
+        self.request, self.gpa, self.size, self.mmap_offset, self.fd = (
+            request, gpa, size, mmap_offset, fd)
+        self.backing: Backing | None = None
+        self.details: dict[str, Any] = {}
 
     def set_backing(self, backing: Backing) -> None:
-        self.backing_text = backing.describe()
-        self.details["backing"] = backing.as_dict()
+        self.backing = backing
 
     def fail(self, kind: str, what: str, fix: str, *, errno: int | None = None,
              **numbers: Any) -> MappingError:
+        region = _region_text(self.request, self.gpa, self.size, self.mmap_offset)
+        details: dict[str, Any] = {
+            "request": self.request, "gpa": self.gpa, "size": self.size,
+            "mmap_offset": self.mmap_offset, "fd": self.fd,
+        }
+        if self.backing is None:
+            backing_text = f"not inspected (fd {self.fd})"
+        else:
+            backing_text = self.backing.describe()
+            details["backing"] = self.backing.as_dict()
         return MappingError(
-            f"{self.region}: {what}. Backing: {self.backing_text}. Fix: {fix}",
-            errno=errno, kind=kind, details={**self.details, **numbers},
+            f"{region}: {what}. Backing: {backing_text}. Fix: {fix}",
+            errno=errno, kind=kind, details={**details, **self.details, **numbers},
         )
 
 
@@ -822,6 +847,10 @@ class Mapper:
     def __init__(self, *, max_mapped: int | None = None) -> None:
         self.max_mapped = max_mapped
         self._live: dict[int, Mapping] = {}
+        # Running totals, so stats cost the same with 1 region or 509.
+        self._mapped_bytes = 0
+        self._fds_held = 0
+        self._fd_counts: dict[int, int] = {}
         self._mem_fd: int | None = None
         self._closed = False
 
@@ -829,8 +858,8 @@ class Mapper:
     def stats(self) -> MapperStats:
         return MapperStats(
             maps=len(self._live),
-            mapped_bytes=sum(m.length for m in self._live.values()),
-            fds_held=sum(m.fds_held for m in self._live.values()) + (self._mem_fd is not None),
+            mapped_bytes=self._mapped_bytes,
+            fds_held=self._fds_held + (self._mem_fd is not None),
         )
 
     def mappings(self) -> Iterator[Mapping]:
@@ -947,9 +976,10 @@ class Mapper:
         length = _align_up(remainder + size, page)
         layout = {"fd_offset": fd_offset, "remainder": remainder, "length": length,
                   "page_size": page}
-        diag.details.update(layout)
-        layout_text = (f"fd_offset {fd_offset:#x}, remainder {remainder:#x}, length {length:#x} "
-                       f"({_human(length)}), page {page:#x}")
+
+        def layout_text() -> str:  # only failures pay for the words
+            return (f"fd_offset {fd_offset:#x}, remainder {remainder:#x}, length {length:#x} "
+                    f"({_human(length)}), page {page:#x}")
 
         stats = self.stats
         if self.max_mapped is not None and stats.mapped_bytes + length > self.max_mapped:
@@ -976,10 +1006,11 @@ class Mapper:
             mm = mmap.mmap(fd, map_len, flags=mmap.MAP_SHARED | MAP_NORESERVE,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=fd_offset)
         except OSError as err:
-            raise self._diagnose(err, diag, backing, layout_text, layout,
+            diag.details.update(layout)
+            raise self._diagnose(err, diag, backing, layout_text(), layout,
                                  injected=fail_errno is not None) from err
         except (ValueError, OverflowError) as err:
-            raise fail("mmap-refused", f"Python's mmap refused: {err} ({layout_text})",
+            raise fail("mmap-refused", f"Python's mmap refused: {err} ({layout_text()})",
                        "report this as a vhostmem bug with these numbers") from err
 
         try:
@@ -1008,6 +1039,9 @@ class Mapper:
             mm.close()
             raise
         self._live[id(mapping)] = mapping
+        self._mapped_bytes += mapping.length
+        self._fds_held += mapping.fds_held
+        self._fd_counts[id(mapping)] = mapping.fds_held
         if kept_fd is None:
             _close_quietly(fd)  # libvhost-user closes the fd right after mmap
         return mapping
@@ -1084,7 +1118,9 @@ class Mapper:
                     errno=code, **numbers, **layout)
 
     def _forget(self, mapping: Mapping) -> None:
-        self._live.pop(id(mapping), None)
+        if self._live.pop(id(mapping), None) is not None:
+            self._mapped_bytes -= mapping.length
+            self._fds_held -= self._fd_counts.pop(id(mapping))
 
     def _proc_mem_fd(self) -> int:
         # One /proc/self/mem fd per Mapper, opened on first peek. It stays bound to this

@@ -146,6 +146,11 @@ TRANSITIONS: dict[SessionState, dict[Request, SessionState]] = {
 #: Requests that map memory: the only ones an injected errno can fail in the mapping step.
 _MAPPING_REQUESTS = frozenset({Request.SET_MEM_TABLE, Request.ADD_MEM_REG})
 
+# Plain-int copies of the feature bits tested per request (IntFlag arithmetic is slow).
+_REPLY_ACK = int(ProtocolFeature.REPLY_ACK)
+_CONFIGURE_MEM_SLOTS = int(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+_FEATURE_BITS = {feature: int(feature) for feature in ProtocolFeature}
+
 #: Largest split-ring size the virtio spec allows.
 _MAX_QUEUE_SIZE = 32768
 
@@ -248,6 +253,8 @@ class Session:
         self.vrings = [Vring(i) for i in range(config.vrings)]
         self.acked_features = 0
         self.acked_protocol_features = 0
+        #: REPLY_ACK negotiated; kept as a bool because every request asks.
+        self.negotiated_reply_ack = False
         self.status = 0
         self.requests = 0
         self._buffer = bytearray()
@@ -295,12 +302,8 @@ class Session:
         return len(self._buffer)
 
     @property
-    def negotiated_reply_ack(self) -> bool:
-        return bool(self.acked_protocol_features & ProtocolFeature.REPLY_ACK)
-
-    @property
     def negotiated_mem_slots(self) -> bool:
-        return bool(self.acked_protocol_features & ProtocolFeature.CONFIGURE_MEM_SLOTS)
+        return bool(self.acked_protocol_features & _CONFIGURE_MEM_SLOTS)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -543,6 +546,7 @@ class Session:
                 f"(offered 0x{self.config.protocol_features:x})"
             )
         self.acked_protocol_features = value
+        self.negotiated_reply_ack = bool(value & _REPLY_ACK)
         return b"", None, ()
 
     def _get_queue_num(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
@@ -573,7 +577,7 @@ class Session:
         return encode_u64_reply(header.request, self.status), None, ()
 
     def _require_protocol_feature(self, feature: ProtocolFeature, request: Request) -> None:
-        if not self.acked_protocol_features & feature:
+        if not self.acked_protocol_features & _FEATURE_BITS[feature]:
             raise StateError(
                 f"{request.name} needs protocol feature {feature.name}, which was not negotiated",
                 self.state.value,

@@ -69,7 +69,10 @@ class FdStream:
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.sock = sock
-        self._send_lock = trio.Lock()
+        # One task owns a connection and sends its replies in order; a second concurrent sender
+        # would interleave bytes, so catch it (trio's ConflictDetector idea) instead of paying
+        # for a lock on every reply.
+        self._sending = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -112,17 +115,28 @@ class FdStream:
         Raises:
             trio.BrokenResourceError: the front-end went away.
         """
-        async with self._send_lock:
-            view = memoryview(data)
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this connection")
+        self._sending = True
+        try:
+            try:
+                sent = self.sock.send(data)  # the common case: it all fits at once
+            except BlockingIOError:
+                sent = 0
+            except OSError as err:
+                raise trio.BrokenResourceError(f"send failed: {err}") from err
+            view = memoryview(data)[sent:]
             while view:
+                await trio.lowlevel.wait_writable(self.sock)
                 try:
                     sent = self.sock.send(view)
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(self.sock)
                     continue
                 except OSError as err:
                     raise trio.BrokenResourceError(f"send failed: {err}") from err
                 view = view[sent:]
+        finally:
+            self._sending = False
 
     def close(self) -> None:
         self.sock.close()
