@@ -7,33 +7,22 @@ call them directly.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
-
-import trio
-from qemu.qmp import QMPError
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from vhostmem import __version__
-from vhostmem.control import ControlClient, ControlError
 from vhostmem.faults import FaultSpecError, parse_fault
-from vhostmem.mapping import raise_nofile_limit
-from vhostmem.qmp import query_memory, unmergeable_markers
-from vhostmem.report import (
-    render_diagnose,
-    render_events,
-    render_faults,
-    render_map,
-    render_merged,
-    render_peek,
-    render_regions,
-    render_stats,
-)
-from vhostmem.server import ServerConfig, SocketError, run
-from vhostmem.session import SessionConfig
+
+if TYPE_CHECKING:
+    from vhostmem.sockets import BoundSockets
+
+# The back-end binds its sockets before importing trio, construct and the rest (about 0.3 s of
+# imports), so QEMU can connect within milliseconds of launch; the rest is imported in main().
 
 __all__ = ["ctl_main", "main", "parse_size"]
 
@@ -188,9 +177,10 @@ Then, in another terminal:
         default=[],
         metavar="SPEC",
         help="make chosen requests fail on purpose (repeatable), e.g. ADD_MEM_REG:nth=2:errno=ENOMEM, "
-        "ADD_MEM_REG:nth=2:ack=1, REM_MEM_REG:every:delay=500ms, ADD_MEM_REG:nth=3:disconnect. "
-        "Parts: nth=N | every, count=K, errno=NAME, ack=V, delay=TIME, disconnect. Counting is per "
-        "rule from when it was added; at run time: vhostmem-ctl inject SPEC",
+        "ADD_MEM_REG:nth=2:ack=1, REM_MEM_REG:every:delay=500ms, "
+        "ADD_MEM_REG:nth=3:disconnect. Parts: nth=N | every, count=K, errno=NAME, ack=V, "
+        "delay=TIME, disconnect. Counting is per rule from when it was added; at run time: "
+        "vhostmem-ctl inject SPEC",
     )
     where.add_argument(
         "--allow-uid",
@@ -247,6 +237,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             parse_fault(spec)
         except FaultSpecError as err:
             parser.error(f"--inject {err}")
+    from vhostmem.sockets import SocketError, open_sockets
+
+    # Until the server loop takes SIGTERM over, a SIGTERM must still clean up: the socket
+    # exists from here on.
+    signal.signal(signal.SIGTERM, _stop_early)
+    try:
+        bound = open_sockets(tuple(args.sockets), tuple(args.fds), control, args.socket_mode)
+    except SocketError as err:
+        _die(str(err))
+    except OSError as err:
+        _die(f"{err.filename or ''}: {err.strerror or err}".lstrip(": "))
+    try:
+        return _serve(args, control, bound)
+    except (_StopEarly, KeyboardInterrupt):
+        return 0
+    finally:
+        bound.close()
+
+
+class _StopEarly(Exception):
+    """SIGTERM before the server loop ran."""
+
+
+def _stop_early(signum: int, frame: object) -> None:
+    raise _StopEarly
+
+
+def _serve(args: argparse.Namespace, control: str, bound: BoundSockets) -> int:
+    import logging
+
+    import trio
+
+    from vhostmem.mapping import raise_nofile_limit
+    from vhostmem.server import ServerConfig, run
+    from vhostmem.session import SessionConfig
+
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
@@ -271,9 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         merge=not args.no_merge,
     )
     try:
-        trio.run(run, config)
-    except SocketError as err:
-        _die(str(err))
+        trio.run(functools.partial(run, config, bound=bound))
     except OSError as err:
         _die(f"{err.filename or ''}: {err.strerror or err}".lstrip(": "))
     except KeyboardInterrupt:
@@ -354,6 +378,46 @@ def build_ctl_parser() -> argparse.ArgumentParser:
 
 _Render = Callable[[dict[str, Any]], str]
 
+
+def _renderer(name: str) -> _Render:
+    from vhostmem import report
+
+    render: _Render = getattr(report, name)
+    return render
+
+
+def render_regions(doc: dict[str, Any]) -> str:
+    return _renderer("render_regions")(doc)
+
+
+def render_map(doc: dict[str, Any]) -> str:
+    return _renderer("render_map")(doc)
+
+
+def render_events(doc: dict[str, Any]) -> str:
+    return _renderer("render_events")(doc)
+
+
+def render_stats(doc: dict[str, Any]) -> str:
+    return _renderer("render_stats")(doc)
+
+
+def render_peek(doc: dict[str, Any]) -> str:
+    return _renderer("render_peek")(doc)
+
+
+def render_faults(doc: dict[str, Any]) -> str:
+    return _renderer("render_faults")(doc)
+
+
+def render_diagnose(doc: dict[str, Any]) -> str:
+    return _renderer("render_diagnose")(doc)
+
+
+def render_merged(doc: dict[str, Any]) -> str:
+    return _renderer("render_merged")(doc)
+
+
 _CTL: dict[str, tuple[str, _Render, Callable[[argparse.Namespace], dict[str, Any]]]] = {
     "regions": ("regions", render_regions, lambda a: _regions_args(a)),
     "map": ("regions", render_map, lambda a: {}),
@@ -378,6 +442,8 @@ def _regions_args(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     markers: list[list[Any]] = []
     if args.qmp:
+        from vhostmem.qmp import query_memory, unmergeable_markers
+
         view = query_memory(args.qmp)
         markers = [[m.start, m.end, m.source] for m in unmergeable_markers(view)]
     return {"merged": True, "markers": markers}
@@ -396,6 +462,10 @@ def ctl_main(argv: Sequence[str] | None = None) -> int:
     cmd, render, make_args = _CTL[args.command]
     if args.command == "regions" and args.merged:
         render = render_merged
+    from qemu.qmp import QMPError
+
+    from vhostmem.control import ControlClient, ControlError
+
     try:
         request = make_args(args)
     except (OSError, QMPError) as err:

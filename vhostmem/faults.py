@@ -31,12 +31,16 @@ import errno as errno_names
 from dataclasses import dataclass, field
 from typing import final
 
-from protocol import Request
+__all__ = ["Fault", "FaultPlan", "FaultSpecError", "parse_fault", "request_names"]
 
-__all__ = ["REQUEST_NAMES", "Fault", "FaultPlan", "FaultSpecError", "parse_fault"]
 
-#: Names a SPEC may use.
-REQUEST_NAMES = frozenset(r.name for r in Request)
+def request_names() -> frozenset[str]:
+    """Names a SPEC may use: every protocol request."""
+    # Imported here: the command line checks --inject before it binds its sockets, and the
+    # protocol package (construct) is most of vhostmem's start-up time.
+    from protocol import Request
+
+    return frozenset(r.name for r in Request)
 
 
 class FaultSpecError(ValueError):
@@ -92,7 +96,7 @@ def _parse_errno(text: str) -> int:
     return value
 
 
-def parse_fault(spec: str, known_requests: frozenset[str] = REQUEST_NAMES) -> Fault:
+def parse_fault(spec: str, known_requests: frozenset[str] | None = None) -> Fault:
     """Parse one SPEC.
 
     Args:
@@ -103,6 +107,8 @@ def parse_fault(spec: str, known_requests: frozenset[str] = REQUEST_NAMES) -> Fa
         FaultSpecError: naming the part that is wrong.
     """
     request, *parts = spec.strip().split(":")
+    if known_requests is None:
+        known_requests = request_names()
     if request != "*" and request not in known_requests:
         raise FaultSpecError(f"{spec}: unknown request {request!r} (e.g. ADD_MEM_REG, or *)")
     fault = Fault(spec=spec.strip(), request=request)

@@ -16,10 +16,8 @@ import logging
 import os
 import signal
 import socket
-import stat
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, final
 
@@ -33,18 +31,15 @@ from vhostmem.faults import FaultPlan, parse_fault
 from vhostmem.mapping import Mapper, Mapping
 from vhostmem.regions import Region
 from vhostmem.session import Session, SessionConfig
+from vhostmem.sockets import BoundSockets, open_sockets, remove_our_socket
 from vhostmem.transport import FdStream, Peer, peer_credentials
 
-__all__ = ["Backend", "ServerConfig", "SocketError", "bind_unix_socket", "run"]
+__all__ = ["Backend", "ServerConfig", "run"]
 
 logger = logging.getLogger(__name__)
 
 _MEMORY_REQUESTS = frozenset({Request.SET_MEM_TABLE, Request.ADD_MEM_REG, Request.REM_MEM_REG})
 _EVENT_HISTORY = 10000
-
-
-class SocketError(VhostMemError):
-    """A socket path cannot be used (exists and is not a socket, or someone listens there)."""
 
 
 class InjectedDisconnect(VhostMemError):
@@ -298,7 +293,7 @@ class Backend:
         except VhostMemError as err:
             reason = f"error: {err}"
             log.error("closing connection: %s", err)
-        except Exception as err:  # a bug of ours must not take the other sockets down
+        except Exception as err:  # a bug of ours must not take the other sockets down  # noqa: BLE001
             reason = f"internal error: {err!r}"
             log.exception("internal error; closing this connection only")
         finally:
@@ -434,125 +429,46 @@ def _requested_regions(payload: Any) -> list[dict[str, int]]:
     ]
 
 
-# -- sockets ---------------------------------------------------------------------------------
-
-
-def bind_unix_socket(path: str, mode: int) -> socket.socket:
-    """Listen on ``path`` so that the path appears only once it accepts.
-
-    Binds a temporary name in the same directory, sets ``mode``, listens, then renames it over
-    ``path``. A stale socket at ``path`` (nobody accepts) is replaced; a live one or anything that
-    is not a socket is refused and left as it is.
-
-    Raises:
-        SocketError: the path is taken.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise SocketError(
-                f"{path} exists and is not a socket; vhostmem will not replace it (remove it or "
-                "choose another --socket path)"
-            )
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            probe.connect(path)
-        except OSError:
-            pass  # stale: nobody accepts there
-        else:
-            raise SocketError(f"{path}: another process is listening on this socket")
-        finally:
-            probe.close()
-    directory = os.path.dirname(os.path.abspath(path))
-    temp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(temp)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        old_umask = os.umask(0o777 & ~mode)
-        try:
-            sock.bind(temp)
-        finally:
-            os.umask(old_umask)
-        os.chmod(temp, mode)
-        sock.listen(16)
-        os.rename(temp, path)
-    except BaseException:
-        sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    return sock
-
-
-def remove_our_socket(path: str) -> None:
-    """Remove a socket file we created, but never anything that is not a socket."""
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-
-
-def _is_listening(sock: socket.socket) -> bool:
-    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-
-
 async def run(
     config: ServerConfig,
     *,
+    bound: BoundSockets | None = None,
     task_status: trio.TaskStatus[Backend] = trio.TASK_STATUS_IGNORED,
-    on_ready: Callable[[Backend], None] | None = None,
 ) -> None:
     """Run the back-end until SIGINT/SIGTERM or cancellation, then release everything.
 
     Args:
         config: what to serve.
+        bound: sockets opened already (the command line binds them first, so the socket
+            accepts as soon as possible); opened here from ``config`` when ``None``.
         task_status: receives the :class:`Backend` once every socket accepts.
-        on_ready: called with the backend once every socket accepts.
     """
     backend = Backend(config)
     try:
+        if bound is None:
+            bound = open_sockets(config.sockets, config.fds, config.control, config.socket_mode)
+        backend.created_paths.extend(bound.created)
+        bound.created.clear()  # the backend removes them now
         async with trio.open_nursery() as nursery:
-            listeners: list[tuple[socket.socket, str]] = []
-            connected: list[tuple[socket.socket, str]] = []
-            try:
-                for path in config.sockets:
-                    listeners.append((bind_unix_socket(path, config.socket_mode), path))
-                    backend.created_paths.append(path)
-                for fd in config.fds:
-                    sock = socket.socket(fileno=fd)
-                    if sock.family != socket.AF_UNIX:
-                        raise SocketError(f"--fd {fd} is not a Unix socket")
-                    name = f"fd:{fd}"
-                    (listeners if _is_listening(sock) else connected).append((sock, name))
-                if config.control:
-                    control_sock = bind_unix_socket(config.control, config.socket_mode)
-                    backend.created_paths.append(config.control)
-                    nursery.start_soon(serve_control, control_sock, backend)
-            except BaseException:
-                for sock, _ in listeners + connected:
-                    sock.close()
-                raise
-            for sock, name in listeners:
+            if bound.control is not None:
+                nursery.start_soon(serve_control, bound.control, backend)
+            for sock, name in bound.listeners:
                 nursery.start_soon(backend.serve_listener, sock, name)
-            for sock, name in connected:
+            for sock, name in bound.connected:
                 nursery.start_soon(backend.serve_connected, sock, name)
             for path in config.connect:
                 nursery.start_soon(backend.serve_client, path)
             nursery.start_soon(_watch_signals, nursery.cancel_scope)
             logger.info(
                 "listening on %s; control socket %s",
-                ", ".join(config.sockets + tuple(n for _, n in listeners if n.startswith("fd:")))
-                or "(client mode)",
+                ", ".join(name for _, name in bound.listeners) or "(client mode)",
                 config.control,
             )
             backend.listening.set()
-            if on_ready is not None:
-                on_ready(backend)
             task_status.started(backend)
     finally:
+        if bound is not None:
+            bound.close()
         backend.cleanup()
 
 

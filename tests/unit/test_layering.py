@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"vhostmem.regions", "vhostmem.events"},
     {"vhostmem.faults"},
     {"vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.session"},
-    {"vhostmem.mapping", "vhostmem.transport", "vhostmem.report"},
+    {"vhostmem.mapping", "vhostmem.transport", "vhostmem.report", "vhostmem.sockets"},
     {"vhostmem.control", "vhostmem.qmp"},
     {"vhostmem.server"},
     {"vhostmem.cli", "vhostmem.__main__"},

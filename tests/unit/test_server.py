@@ -20,7 +20,8 @@ import trio
 
 from protocol import Request, VringState, encode_request
 from vhostmem.control import ControlClient, ControlError, answer
-from vhostmem.server import Backend, ServerConfig, SocketError, bind_unix_socket, run
+from vhostmem.server import Backend, ServerConfig, run
+from vhostmem.sockets import SocketError, bind_unix_socket
 from vhostmem.session import SessionConfig
 from vhostmem.testing.frontend import FakeFrontend, make_memfd
 
