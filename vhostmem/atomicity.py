@@ -1,0 +1,923 @@
+"""Are memory-table updates atomic per memslot? Batches, the update history, violations.
+
+Theory of operation
+-------------------
+QEMU keeps its vhost region list in step with the guest's memory map: on every memory transaction
+``vhost_commit`` (qemu/qemu:hw/virtio/vhost.c) rebuilds the list and, for a vhost-user back-end
+with CONFIGURE_MEM_SLOTS, ``vhost_user_add_remove_regions`` (hw/virtio/vhost-user.c) sends the
+difference: every REM_MEM_REG first, then every ADD_MEM_REG, one message per region, each waiting
+for the back-end's ack. The back-end sees that change as a sequence, not at once. That is harmless
+for memory that really comes or goes, and harmful for memory that stays plugged but is removed and
+re-added, because between the two messages the back-end has no mapping for it. Before QEMU 8.2
+this happened whenever a newly plugged range merged with a live neighbour into one bigger region;
+commit 533f5d6679 marks memory-device aliases *unmergeable* so that it cannot.
+
+Definitions
+~~~~~~~~~~~
+Batch
+    How QEMU commits one memory change: its REM_MEM_REGs, then its ADD_MEM_REGs, each request
+    arriving within ``T`` (default 20 ms, ``--batch-gap``) of vhostmem's reply to the previous
+    one. The gap is measured from our reply to the next arrival, so a delay vhostmem adds itself
+    (fault injection) never splits a batch: QEMU waits for the ack before it sends the next
+    request. Edges, in this order:
+
+    1. The first request of a connection starts a batch (QEMU's shadow table starts empty on
+       every connection, hw/virtio/vhost-user.c).
+    2. A SET_MEM_TABLE is a batch by itself, and the request after it starts a new one.
+    3. A REM after an ADD starts a new batch (QEMU sends all removes before all adds).
+    4. A gap of exactly ``T`` still continues the batch ("within T"); only a longer gap starts a
+       new one. Gaps are compared in whole nanoseconds, so float noise in ``arrived - replied``
+       cannot move a gap across the edge.
+    5. :meth:`History.close_batch` ends the open batch (the shell calls it when the connection
+       closes); nothing else does.
+
+    Failed requests are recorded and take part in batching (QEMU sent them in that order), but
+    they change nothing.
+
+Violation
+    A guest-physical range that is mapped before a batch and after it, but not by the same
+    unchanged region throughout: it was removed and re-covered within the batch (merge of live
+    regions into a bigger one, split of a live region, resize, a different offset, or removed and
+    re-added identically). An unplug in one batch and a replug of the same memslot in a later
+    batch is not a violation. Violations are recorded, never refused.
+
+    Because a batch is REMs then ADDs, a range re-covered by an ADD stays mapped until the batch
+    ends, so the violation is complete at the ADD that re-covers it: that request carries it,
+    and each violated range is reported once. Kinds, first match wins:
+
+    ``readd``   one region removed and re-added with identical numbers (and backing file);
+    ``moved``   one region removed and re-added at the same GPA and size, but with a different
+                front-end address, file offset or file;
+    ``merge``   a re-covering region spans two or more removed regions, or a removed region plus
+                memory outside it (QEMU before 8.2 merging a newly plugged memslot into its live
+                neighbour; a grow-in-place resize looks the same on the wire);
+    ``split``   one removed region re-covered by two or more added regions;
+    ``resize``  one region removed and re-added at the same GPA, smaller;
+    ``replace`` anything else (e.g. re-covered at a different start address).
+
+    When a split arrives as separate ADDs, the first ADD already completes a violation for the
+    part it re-covers (``resize``); the next one reports the rest as ``split``.
+
+Classification of a request: ``failed``; ``unplug`` for a REM (a REM never knows yet whether the
+batch will re-cover its range: the ADD that does carries the violation); ``plug`` or a violation
+kind for an ADD; for SET_MEM_TABLE a violation kind, else ``plug``, ``unplug``, ``plug+unplug`` or
+``unchanged``.
+
+The module is pure: times are plain floats (monotonic seconds) the shell passes in.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol, final
+
+from vhostmem.regions import Region, _human, describe
+
+__all__ = [
+    "ADD_MEM_REG",
+    "DEFAULT_BATCH_GAP",
+    "REM_MEM_REG",
+    "SET_MEM_TABLE",
+    "VIOLATION_KINDS",
+    "BatchSummary",
+    "History",
+    "Record",
+    "RegionLike",
+    "RegionRef",
+    "Violation",
+    "classify_batch",
+    "render_report",
+]
+
+SET_MEM_TABLE: Final = "SET_MEM_TABLE"
+ADD_MEM_REG: Final = "ADD_MEM_REG"
+REM_MEM_REG: Final = "REM_MEM_REG"
+_TABLE_REQUESTS: Final = (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG)
+
+#: Seconds between our reply and the next request within which the request belongs to the batch.
+DEFAULT_BATCH_GAP: Final = 0.020
+
+#: Violation kinds, in the order they are tried.
+VIOLATION_KINDS: Final = ("readd", "moved", "merge", "split", "resize", "replace")
+
+_WHY_QEMU: Final = (
+    "a vhost-user back-end cannot see the change atomically (QEMU 8.2 marks memslot aliases "
+    "unmergeable for this: commit 533f5d6679)"
+)
+
+#: A half-open guest-physical range ``[start, end)``.
+Range = tuple[int, int]
+
+
+class RegionLike(Protocol):
+    """Anything with a region's numbers: :class:`~vhostmem.regions.Region`, :class:`RegionRef`,
+    ``vhostmem.qemu_model.ModelRegion``."""
+
+    @property
+    def gpa(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def uaddr(self) -> int: ...
+
+    @property
+    def mmap_offset(self) -> int: ...
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class RegionRef:
+    """A region's identity, as a value: what must stay the same for memory to count as unchanged.
+
+    Attributes:
+        gpa: guest physical address of the first byte.
+        size: length in bytes.
+        uaddr: the front-end's address of the first byte.
+        mmap_offset: offset of the first byte in the region's file.
+        file_id: ``(st_dev, st_ino)`` of that file, ``None`` when unknown.
+    """
+
+    gpa: int
+    size: int
+    uaddr: int
+    mmap_offset: int
+    file_id: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, region: RegionLike) -> RegionRef:
+        """The identity of ``region``.
+
+        Args:
+            region: a table region, a model region or a ref.
+
+        Returns:
+            A ref with the region's numbers (and file, when the region knows it).
+        """
+        if isinstance(region, RegionRef):
+            return region
+        file_id = region.file_id if isinstance(region, Region) else None
+        return cls(region.gpa, region.size, region.uaddr, region.mmap_offset, file_id)
+
+    @property
+    def end(self) -> int:
+        """One past the last guest physical address."""
+        return self.gpa + self.size
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """What REM_MEM_REG matches on: (gpa, uaddr, size), as libvhost-user ``vu_rem_mem_reg``."""
+        return (self.gpa, self.uaddr, self.size)
+
+    def describe(self) -> str:
+        """The region's numbers in the project's one wording."""
+        return describe(self.gpa, self.size, self.uaddr, self.mmap_offset)
+
+    def as_json(self) -> dict[str, int]:
+        """``{"gpa", "size", "uaddr", "mmap_offset"}``."""
+        return {
+            "gpa": self.gpa,
+            "size": self.size,
+            "uaddr": self.uaddr,
+            "mmap_offset": self.mmap_offset,
+        }
+
+
+# -- ranges -----------------------------------------------------------------------------------
+
+
+def _union(ranges: Iterable[Range]) -> list[Range]:
+    out: list[Range] = []
+    for start, end in sorted(r for r in ranges if r[0] < r[1]):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def _subtract(ranges: Iterable[Range], minus: Iterable[Range]) -> list[Range]:
+    holes = _union(minus)
+    out: list[Range] = []
+    for start, end in _union(ranges):
+        for h_start, h_end in holes:
+            if h_end <= start or h_start >= end:
+                continue
+            if h_start > start:
+                out.append((start, h_start))
+            start = max(start, h_end)
+            if start >= end:
+                break
+        if start < end:
+            out.append((start, end))
+    return out
+
+
+def _overlap(a: RegionRef, b: RegionRef) -> Range | None:
+    start, end = max(a.gpa, b.gpa), min(a.end, b.end)
+    return (start, end) if start < end else None
+
+
+def _range_text(r: Range) -> str:
+    return f"0x{r[0]:x}-0x{r[1] - 1:x} ({_human(r[1] - r[0])})"
+
+
+def _ranges_json(ranges: Iterable[Range]) -> list[dict[str, int]]:
+    return [{"start": s, "end": e, "size": e - s} for s, e in ranges]
+
+
+# -- violations -------------------------------------------------------------------------------
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """Guest memory that stayed plugged but was removed and re-covered within one batch.
+
+    Attributes:
+        kind: one of :data:`VIOLATION_KINDS`.
+        removed: the live regions the batch removed, by GPA.
+        added: the regions of the batch that re-cover them, by GPA.
+        unmapped: ``(start, end)``, end exclusive: the hull of the range that was briefly unmapped.
+        ranges: the exact pieces of ``unmapped`` (more than one only when a merge also filled a
+            hole that was never mapped).
+        removed_by: the requests that removed ``removed`` (record ``seq``, or message number for
+            :func:`classify_batch`).
+        completed_by: the request that re-covered the range.
+        unmapped_ms: at least this long the back-end had no mapping (from our reply to the REM to
+            the arrival of the ADD); ``None`` for SET_MEM_TABLE and when no times are known.
+        why: one paragraph with the numbers, for people.
+    """
+
+    kind: str
+    removed: tuple[RegionRef, ...]
+    added: tuple[RegionRef, ...]
+    unmapped: Range
+    ranges: tuple[Range, ...]
+    removed_by: tuple[int, ...]
+    completed_by: int
+    unmapped_ms: float | None
+    why: str
+
+    def as_json(self) -> dict[str, Any]:
+        """The event log's ``violation`` object; ranges have ``start``, exclusive ``end``, ``size``.
+
+        Returns:
+            A JSON-ready dict.
+        """
+        return {
+            "kind": self.kind,
+            "removed": [r.as_json() for r in self.removed],
+            "added": [r.as_json() for r in self.added],
+            "unmapped": _ranges_json([self.unmapped])[0],
+            "ranges": _ranges_json(self.ranges),
+            "removed_by": list(self.removed_by),
+            "completed_by": self.completed_by,
+            "unmapped_ms": self.unmapped_ms,
+            "why": self.why,
+        }
+
+
+def _kind(xs: Sequence[RegionRef], adds: Sequence[RegionRef]) -> str:
+    """Name what happened to removed regions ``xs`` re-covered by ``adds`` (module docstring)."""
+    if len(xs) == 1 and len(adds) == 1:
+        x, a = xs[0], adds[0]
+        if x == a:
+            return "readd"
+        if (x.gpa, x.size) == (a.gpa, a.size):
+            return "moved"
+    for a in adds:
+        hit = [x for x in xs if _overlap(x, a)]
+        if len(hit) >= 2:
+            return "merge"
+        if any(a.gpa <= x.gpa and a.end >= x.end and a.size > x.size for x in hit):
+            return "merge"
+    for x in xs:
+        if sum(1 for a in adds if _overlap(x, a)) >= 2:
+            return "split"
+    if len(xs) == 1 and len(adds) == 1 and xs[0].gpa == adds[0].gpa:
+        return "resize"
+    return "replace"
+
+
+def _how(kind: str, xs: Sequence[RegionRef], adds: Sequence[RegionRef]) -> str:
+    """The words after 're-added it' for each kind."""
+    listed = "; ".join(f"region {a.describe()}" for a in adds)
+    if kind == "readd":
+        return "unchanged"
+    if kind == "moved":
+        x, a = xs[0], adds[0]
+        diffs = [
+            f"{name} 0x{old:x} -> 0x{new:x}"
+            for name, old, new in (
+                ("uaddr", x.uaddr, a.uaddr),
+                ("mmap_offset", x.mmap_offset, a.mmap_offset),
+            )
+            if old != new
+        ]
+        if x.file_id != a.file_id:
+            diffs.append("a different backing file")
+        return "at the same guest range but with " + ", ".join(diffs)
+    if kind == "merge":
+        extra = _subtract([(a.gpa, a.end) for a in adds], [(x.gpa, x.end) for x in xs])
+        if extra:
+            return f"merged with {', '.join(map(_range_text, extra))} as {listed}"
+        return f"merged into {listed}"
+    if kind == "split":
+        return f"split into {len(adds)} regions: {listed}"
+    if kind == "resize":
+        return f"resized to {listed}"
+    return f"as {listed}"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _Removal:
+    ref: RegionRef
+    seq: int
+    replied: float | None
+    label: str
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _Addition:
+    ref: RegionRef
+    seq: int
+
+
+@final
+class _Batch:
+    """One open or closed batch: what it removed of the table it started from, what it added."""
+
+    def __init__(self, number: int, socket: str, conn: int, reason: str, whole_table: bool) -> None:
+        self.number = number
+        self.socket = socket
+        self.conn = conn
+        self.reason = reason
+        #: A SET_MEM_TABLE batch holds that one request only.
+        self.whole_table = whole_table
+        self.seqs: list[int] = []
+        self.names: list[str] = []
+        self.started = 0.0
+        self.ended = 0.0
+        self.has_add = False
+        self.violations = 0
+        # Only regions live when the batch started land here: within a batch every REM comes
+        # before every ADD, so nothing removed can have been added by the same batch.
+        self.removed: list[_Removal] = []
+        self.added: list[_Addition] = []
+        self.reported: list[Range] = []
+
+    def remove(
+        self, refs: Iterable[RegionRef], *, seq: int, replied: float | None, label: str
+    ) -> None:
+        for ref in refs:
+            self.removed.append(_Removal(ref, seq, replied, label))
+
+    def add(
+        self, refs: Iterable[RegionRef], *, seq: int, arrived: float | None, label: str
+    ) -> list[Violation]:
+        """Register added regions; return the violations they complete (one per connected group
+        of removed regions they re-cover)."""
+        new = [_Addition(ref, seq) for ref in refs]
+        self.added.extend(new)
+        # Which removed regions does each new region re-cover, in parts not reported yet?
+        pieces: dict[int, list[Range]] = {}
+        parent: dict[int, int] = {}
+
+        def root(i: int) -> int:
+            while parent[i] != i:
+                i = parent[i]
+            return i
+
+        for addition in new:
+            group: list[int] = []
+            for xi, removal in enumerate(self.removed):
+                hit = _overlap(removal.ref, addition.ref)
+                if hit is None:
+                    continue
+                fresh = _subtract([hit], self.reported)
+                if fresh:
+                    pieces.setdefault(xi, []).extend(fresh)
+                    parent.setdefault(xi, xi)
+                    group.append(xi)
+            for xi in group[1:]:
+                parent[root(xi)] = root(group[0])
+        components: dict[int, list[int]] = {}
+        for xi in sorted(pieces, key=lambda i: self.removed[i].ref.gpa):
+            components.setdefault(root(xi), []).append(xi)
+        out = [
+            self._violation(members, pieces, seq, arrived, label) for members in components.values()
+        ]
+        self.violations += len(out)
+        return out
+
+    def _violation(
+        self,
+        members: list[int],
+        pieces: Mapping[int, list[Range]],
+        seq: int,
+        arrived: float | None,
+        label: str,
+    ) -> Violation:
+        removals = [self.removed[i] for i in members]
+        xs = [r.ref for r in removals]
+        # Every region of the batch over these ranges, not just this request's: a split that
+        # arrives as two ADDs is only recognisable with the first ADD in view.
+        adds = sorted(
+            {a.ref for a in self.added if any(_overlap(x, a.ref) for x in xs)}, key=lambda r: r.gpa
+        )
+        ranges = _union(p for i in members for p in pieces[i])
+        self.reported = _union([*self.reported, *ranges])
+        kind = _kind(xs, adds)
+        hull = (ranges[0][0], ranges[-1][1])
+        times = [r.replied for r in removals]
+        unmapped_ms: float | None = None
+        if not self.whole_table and arrived is not None and None not in times:
+            unmapped_ms = max(0.0, arrived - min(t for t in times if t is not None)) * 1000.0
+        span = ", ".join(map(_range_text, ranges))
+        owners = " and ".join(f"region {x.describe()}" for x in xs)
+        how = _how(kind, xs, adds)
+        if self.whole_table:
+            why = (
+                f"{span} was mapped by {owners} before {label} and again after it, but {label} "
+                f"dropped it and mapped it again {how}: a back-end applying the new table tears "
+                "the old mapping down and maps the new one, so guest memory that stayed plugged "
+                f"is briefly not mapped as before; {_WHY_QEMU}"
+            )
+        else:
+            removers = " and ".join(dict.fromkeys(r.label for r in removals))
+            # A model run gives both requests the same instant: say no number rather than 0.
+            duration = (
+                "between the two requests"
+                if not unmapped_ms
+                else f"for at least {unmapped_ms:.1f} ms"
+                if unmapped_ms >= 1
+                else f"for at least {unmapped_ms:.3f} ms"
+            )
+            why = (
+                f"{span} was mapped by {owners} before this batch and again after it, but "
+                f"{removers} removed it and {label} re-added it {how}: {duration} the back-end "
+                f"had no mapping for guest memory that stayed plugged; {_WHY_QEMU}"
+            )
+        return Violation(
+            kind=kind,
+            removed=tuple(xs),
+            added=tuple(adds),
+            unmapped=hull,
+            ranges=tuple(ranges),
+            removed_by=tuple(dict.fromkeys(r.seq for r in removals)),
+            completed_by=seq,
+            unmapped_ms=unmapped_ms,
+            why=why,
+        )
+
+    def summary(self) -> BatchSummary:
+        gone = [(r.ref.gpa, r.ref.end) for r in self.removed]
+        came = [(a.ref.gpa, a.ref.end) for a in self.added]
+        return BatchSummary(
+            number=self.number,
+            socket=self.socket,
+            conn=self.conn,
+            reason=self.reason,
+            requests=tuple(self.seqs),
+            names=tuple(self.names),
+            plugged=tuple(_subtract(came, gone)),
+            unplugged=tuple(_subtract(gone, came)),
+            violations=self.violations,
+            started=self.started,
+            ended=self.ended,
+        )
+
+
+def classify_batch(
+    before: Iterable[RegionLike], requests: Sequence[tuple[str, RegionLike]]
+) -> list[Violation]:
+    """The violations of one batch of ADD/REM requests against the table it started from.
+
+    Args:
+        before: the live regions when the batch starts.
+        requests: ``("rem", region)`` and ``("add", region)`` in arrival order, all REMs first.
+            A REM names its region by (gpa, uaddr, size), as on the wire (its mmap_offset is
+            ignored, QEMU sends 0).
+
+    Returns:
+        The violations, in the order the requests completed them. ``removed_by`` and
+        ``completed_by`` are 1-based message numbers; ``unmapped_ms`` is ``None``.
+
+    Raises:
+        ValueError: a REM after an ADD (that is the next batch), a REM of no live region, an ADD
+            overlapping a live region, or an unknown kind: requests a back-end would refuse.
+    """
+    live = {ref.key: ref for ref in map(RegionRef.of, before)}
+    batch = _Batch(0, "", 0, "classify_batch", whole_table=False)
+    out: list[Violation] = []
+    for number, (kind, region) in enumerate(requests, 1):
+        ref = RegionRef.of(region)
+        if kind == "rem":
+            if batch.has_add:
+                raise ValueError(
+                    f"message {number}: REM_MEM_REG after ADD_MEM_REG starts a new batch"
+                )
+            gone = live.pop(ref.key, None)
+            if gone is None:
+                raise ValueError(
+                    f"message {number}: REM_MEM_REG {ref.describe()} names no live region"
+                )
+            batch.remove([gone], seq=number, replied=None, label=f"REM_MEM_REG (message {number})")
+        elif kind == "add":
+            batch.has_add = True
+            clash = next((r for r in live.values() if _overlap(r, ref)), None)
+            if clash is not None:
+                raise ValueError(
+                    f"message {number}: ADD_MEM_REG {ref.describe()} overlaps live region "
+                    f"{clash.describe()}"
+                )
+            live[ref.key] = ref
+            out += batch.add(
+                [ref], seq=number, arrived=None, label=f"ADD_MEM_REG (message {number})"
+            )
+        else:
+            raise ValueError(f"message {number}: kind {kind!r} is neither 'add' nor 'rem'")
+    return out
+
+
+# -- history ----------------------------------------------------------------------------------
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One memory-table request as the history saw it.
+
+    Attributes:
+        seq: 1-based number over the whole history.
+        socket: the listening socket's path.
+        conn: the connection number on that socket.
+        request: ``SET_MEM_TABLE``, ``ADD_MEM_REG`` or ``REM_MEM_REG``.
+        ok: whether the request succeeded (a failed one changed nothing).
+        batch: the batch number (over the whole history).
+        classification: see the module docstring.
+        removed: regions the request took out of the table.
+        added: regions it put in.
+        kept: regions a SET_MEM_TABLE left mapped because they were unchanged.
+        requested: the regions the request named, as received (for failed requests).
+        arrived: when the request arrived (monotonic seconds).
+        replied: when we replied (or finished, without REPLY_ACK).
+        violations: the violations this request completed (at most one for ADD_MEM_REG).
+    """
+
+    seq: int
+    socket: str
+    conn: int
+    request: str
+    ok: bool
+    batch: int
+    classification: str
+    removed: tuple[RegionRef, ...]
+    added: tuple[RegionRef, ...]
+    kept: tuple[RegionRef, ...]
+    requested: tuple[Mapping[str, int], ...]
+    arrived: float
+    replied: float
+    violations: tuple[Violation, ...]
+
+    @property
+    def violation(self) -> Violation | None:
+        """The (first) violation this request completed, or ``None``."""
+        return self.violations[0] if self.violations else None
+
+    def as_json(self) -> dict[str, Any]:
+        """Fields for the request's event-log line: ``violation`` when it completed one, plus
+        ``violations`` when a SET_MEM_TABLE completed several.
+
+        Returns:
+            A JSON-ready dict.
+        """
+        doc: dict[str, Any] = {
+            "seq": self.seq,
+            "socket": self.socket,
+            "conn": self.conn,
+            "request": self.request,
+            "ok": self.ok,
+            "batch": self.batch,
+            "classification": self.classification,
+            "removed": [r.as_json() for r in self.removed],
+            "added": [r.as_json() for r in self.added],
+            "kept": len(self.kept),
+        }
+        if not self.ok and self.requested:
+            doc["requested"] = [dict(r) for r in self.requested]
+        if self.violations:
+            doc["violation"] = self.violations[0].as_json()
+        if len(self.violations) > 1:
+            doc["violations"] = [v.as_json() for v in self.violations]
+        return doc
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class BatchSummary:
+    """What one batch did, for ``vhostmem-ctl check``.
+
+    Attributes:
+        number: the batch number.
+        socket: the socket path.
+        conn: the connection number.
+        reason: why a new batch started here (first request, gap, REM after ADD, ...).
+        requests: ``seq`` of its records.
+        names: their request names.
+        plugged: GPA ranges mapped after the batch and not before.
+        unplugged: GPA ranges mapped before the batch and not after.
+        violations: how many violations the batch holds.
+        started: arrival of its first request.
+        ended: reply to its last request.
+    """
+
+    number: int
+    socket: str
+    conn: int
+    reason: str
+    requests: tuple[int, ...]
+    names: tuple[str, ...]
+    plugged: tuple[Range, ...]
+    unplugged: tuple[Range, ...]
+    violations: int
+    started: float
+    ended: float
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON-ready dict; ranges have ``start``, exclusive ``end`` and ``size``."""
+        return {
+            "batch": self.number,
+            "socket": self.socket,
+            "conn": self.conn,
+            "reason": self.reason,
+            "requests": list(self.requests),
+            "names": list(self.names),
+            "plugged": _ranges_json(self.plugged),
+            "unplugged": _ranges_json(self.unplugged),
+            "violations": self.violations,
+            "duration_ms": round((self.ended - self.started) * 1000.0, 3),
+        }
+
+
+def _ns(seconds: float) -> int:
+    return round(seconds * 1_000_000_000)
+
+
+@final
+class _Conn:
+    """Per-connection batching state."""
+
+    __slots__ = ("batch", "last_replied")
+
+    def __init__(self) -> None:
+        self.batch: _Batch | None = None
+        self.last_replied = 0.0
+
+
+@final
+class History:
+    """Every memory-table change of the process's lifetime, in batches, with its violations.
+
+    The shell calls :meth:`record` once per SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG, after it
+    replied. The history never forgets (it outlives connections, so ``vhostmem-ctl check`` works
+    after QEMU has gone). A batch keeps only what it removed and added, never a copy of the table.
+    """
+
+    def __init__(self) -> None:
+        self._records: list[Record] = []
+        self._batches: list[_Batch] = []
+        self._conns: dict[tuple[str, int], _Conn] = {}
+
+    @property
+    def records(self) -> tuple[Record, ...]:
+        """All records, oldest first."""
+        return tuple(self._records)
+
+    def record(
+        self,
+        *,
+        socket: str,
+        conn: int,
+        request: str,
+        ok: bool,
+        removed: Sequence[RegionLike] = (),
+        added: Sequence[RegionLike] = (),
+        kept: Sequence[RegionLike] = (),
+        requested: Sequence[Mapping[str, int]] = (),
+        arrived: float,
+        replied: float,
+        batch_gap: float = DEFAULT_BATCH_GAP,
+    ) -> Record:
+        """Record one memory-table request and classify it.
+
+        Args:
+            socket: the listening socket's path.
+            conn: the connection number; a new one starts a new batch.
+            request: ``SET_MEM_TABLE``, ``ADD_MEM_REG`` or ``REM_MEM_REG``.
+            ok: whether the request succeeded; a failed one is recorded but changes nothing.
+            removed: regions taken out of the table (TableChange.removed).
+            added: regions put in (TableChange.added).
+            kept: regions a SET_MEM_TABLE left unchanged (TableChange.kept).
+            requested: the regions as the request named them (TableChange.requested).
+            arrived: monotonic seconds when the request arrived.
+            replied: monotonic seconds when we replied to it.
+            batch_gap: ``T``: the longest gap from the previous reply to this arrival that still
+                continues the batch.
+
+        Returns:
+            The new record; its ``violation`` goes on the request's event-log line.
+
+        Raises:
+            ValueError: an unknown request name.
+        """
+        if request not in _TABLE_REQUESTS:
+            raise ValueError(
+                f"{request!r} is not a memory-table request ({', '.join(_TABLE_REQUESTS)})"
+            )
+        seq = len(self._records) + 1
+        state = self._conns.setdefault((socket, conn), _Conn())
+        batch = self._batch_for(state, socket, conn, request, arrived, batch_gap)
+        batch.seqs.append(seq)
+        batch.names.append(request)
+        batch.ended = replied
+        state.last_replied = replied
+        if request == ADD_MEM_REG:
+            batch.has_add = True
+        gone = tuple(map(RegionRef.of, removed)) if ok else ()
+        came = tuple(map(RegionRef.of, added)) if ok else ()
+        label = f"{request} #{seq}"
+        batch.remove(gone, seq=seq, replied=replied, label=label)
+        violations = batch.add(came, seq=seq, arrived=arrived, label=label) if came else []
+        record = Record(
+            seq=seq,
+            socket=socket,
+            conn=conn,
+            request=request,
+            ok=ok,
+            batch=batch.number,
+            classification=self._classify(request, ok, gone, came, violations),
+            removed=gone,
+            added=came,
+            kept=tuple(map(RegionRef.of, kept)) if ok else (),
+            requested=tuple(requested),
+            arrived=arrived,
+            replied=replied,
+            violations=tuple(violations),
+        )
+        self._records.append(record)
+        return record
+
+    def _batch_for(
+        self, state: _Conn, socket: str, conn: int, request: str, arrived: float, batch_gap: float
+    ) -> _Batch:
+        """The batch this request belongs to, opening a new one by the rules of the docstring."""
+        open_ = state.batch
+        reason: str | None = None
+        if open_ is None:
+            reason = "first request on the connection"
+        elif request == SET_MEM_TABLE:
+            reason = "SET_MEM_TABLE is a batch by itself"
+        elif open_.whole_table:
+            reason = "after SET_MEM_TABLE"
+        elif request == REM_MEM_REG and open_.has_add:
+            reason = "REM_MEM_REG after ADD_MEM_REG"
+        else:
+            gap = arrived - state.last_replied
+            # Whole nanoseconds: a gap of exactly T must not land on either side by float noise.
+            if _ns(gap) > _ns(batch_gap):
+                reason = f"gap {gap * 1000:.3f} ms > {batch_gap * 1000:g} ms"
+        if reason is None and open_ is not None:
+            return open_
+        batch = _Batch(
+            len(self._batches) + 1, socket, conn, reason or "", whole_table=request == SET_MEM_TABLE
+        )
+        batch.started = arrived
+        self._batches.append(batch)
+        state.batch = batch
+        return batch
+
+    @staticmethod
+    def _classify(
+        request: str,
+        ok: bool,
+        gone: Sequence[RegionRef],
+        came: Sequence[RegionRef],
+        violations: Sequence[Violation],
+    ) -> str:
+        if not ok:
+            return "failed"
+        if violations:
+            return violations[0].kind
+        if request == REM_MEM_REG:
+            return "unplug"
+        if request == ADD_MEM_REG:
+            return "plug"
+        if gone and came:
+            return "plug+unplug"
+        return "plug" if came else "unplug" if gone else "unchanged"
+
+    def close_batch(self, *, socket: str, conn: int) -> None:
+        """End the open batch of a connection (it closed); its next request starts a new one.
+
+        Args:
+            socket: the listening socket's path.
+            conn: the connection number.
+        """
+        state = self._conns.get((socket, conn))
+        if state is not None:
+            state.batch = None
+
+    def violations(self) -> list[Violation]:
+        """Every violation, oldest first."""
+        return [v for r in self._records for v in r.violations]
+
+    def batches(self) -> list[BatchSummary]:
+        """A summary of every batch, oldest first."""
+        return [b.summary() for b in self._batches]
+
+    def report(self) -> dict[str, Any]:
+        """The ``vhostmem-ctl check`` document.
+
+        Returns:
+            ``{"version": 1, "clean", "counts", "violations", "batches"}``; each violation has the
+            completing request's ``seq``, ``socket``, ``conn``, ``batch`` and ``request`` next to
+            :meth:`Violation.as_json`.
+        """
+        by_class: dict[str, int] = {}
+        for r in self._records:
+            by_class[r.classification] = by_class.get(r.classification, 0) + 1
+        found = [
+            {
+                "seq": r.seq,
+                "socket": r.socket,
+                "conn": r.conn,
+                "batch": r.batch,
+                "request": r.request,
+                **v.as_json(),
+            }
+            for r in self._records
+            for v in r.violations
+        ]
+        return {
+            "version": 1,
+            "clean": not found,
+            "counts": {
+                "requests": len(self._records),
+                "failed": by_class.get("failed", 0),
+                "batches": len(self._batches),
+                "violations": len(found),
+                "by_classification": by_class,
+            },
+            "violations": found,
+            "batches": [b.as_json() for b in self.batches()],
+        }
+
+
+def render_report(doc: Mapping[str, Any]) -> str:
+    """:meth:`History.report` as text a person reads in one go.
+
+    Args:
+        doc: the report document.
+
+    Returns:
+        A verdict line, each violation with its reason, then one line per batch.
+    """
+    counts = doc["counts"]
+    head = f"{counts['requests']} memory-table requests in {counts['batches']} batches"
+    if counts["failed"]:
+        head += f" ({counts['failed']} failed)"
+    lines = [
+        f"atomic: yes, {head}, no violations"
+        if doc["clean"]
+        else f"atomic: NO, {counts['violations']} violation(s) in {head}"
+    ]
+    for v in doc["violations"]:
+        unmapped = v["unmapped"]
+        lines.append("")
+        lines.append(
+            f"{v['kind'].upper()}: {v['request']} #{v['seq']} (batch {v['batch']}, "
+            f"{v['socket']} conn {v['conn']}), unmapped "
+            f"{_range_text((unmapped['start'], unmapped['end']))}"
+        )
+        lines.extend(textwrap.wrap(v["why"], 96, initial_indent="  ", subsequent_indent="  "))
+    if doc["batches"]:
+        lines.append("")
+        lines.append(f"{'batch':>5}  {'requests':<14} {'plugged':<32} {'unplugged':<32} violations")
+        for b in doc["batches"]:
+            counts_ = {n: b["names"].count(n) for n in dict.fromkeys(b["names"])}
+            names = ", ".join(f"{c} {n.split('_')[0]}" for n, c in counts_.items())
+            plugged = ", ".join(_range_text((r["start"], r["end"])) for r in b["plugged"]) or "-"
+            unplugged = (
+                ", ".join(_range_text((r["start"], r["end"])) for r in b["unplugged"]) or "-"
+            )
+            lines.append(
+                f"{b['batch']:>5}  {names:<14} {plugged:<32} {unplugged:<32} {b['violations']}"
+            )
+    return "\n".join(lines)
