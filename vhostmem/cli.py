@@ -82,8 +82,11 @@ Start it first, then QEMU with a vhost-user device on the same socket:
       -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0
 
 Guest memory must be shared (share=on) or QEMU sends nothing. Nothing about memory arrives until
-the guest's virtio-net driver starts the device. The guest NIC passes no traffic: vhostmem accepts
-the rings but moves no packets.""",
+the guest's virtio-net driver starts the device. Without --tap the guest NIC passes no traffic:
+vhostmem accepts the rings but moves no packets. With --tap NAME (root) it moves the guest's
+frames to and from a TAP device, in a network namespace with --netns:
+
+  vhostmem --socket /tmp/vu.sock --tap vhm0 --netns vhm --tap-address 192.0.2.1/24""",
         epilog="""\
 Then, in another terminal:
   vhostmem-ctl --control /tmp/vu.sock.ctl regions     the region table
@@ -156,6 +159,27 @@ Then, in another terminal:
         metavar="SIZE",
         help="refuse mappings beyond this many bytes in total (default: no limit)",
     )
+    net = parser.add_argument_group(
+        "data path (without --tap the rings are accepted and no packets move)"
+    )
+    net.add_argument(
+        "--tap",
+        metavar="NAME",
+        help="bridge the guest NIC (queue pair 0) to TAP device NAME: created, or attached to "
+        "if an unattached TAP of that name exists, and brought up; offers MRG_RXBUF and "
+        "EVENT_IDX. Needs CAP_NET_ADMIN. What vhostmem created is removed when it exits",
+    )
+    net.add_argument(
+        "--netns",
+        metavar="NS",
+        help="put the TAP in network namespace NS (/run/netns/NS; created if missing, and then "
+        "removed at exit)",
+    )
+    net.add_argument(
+        "--tap-address",
+        metavar="CIDR",
+        help="give the TAP this address, e.g. 192.0.2.1/24 (removed at exit)",
+    )
     out_merge = parser.add_argument_group("merged view (vhostmem-ctl regions --merged)")
     out_merge.add_argument(
         "--unmergeable",
@@ -200,6 +224,15 @@ Then, in another terminal:
         "disconnects and failures",
     )
     out.add_argument(
+        "--batch-gap",
+        type=float,
+        default=20.0,
+        metavar="MS",
+        help="memory requests arriving within MS of our previous reply belong to one batch (one "
+        "QEMU memory commit); violations of per-memslot atomicity are judged per batch "
+        "(default 20)",
+    )
+    out.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -237,6 +270,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             parse_fault(spec)
         except FaultSpecError as err:
             parser.error(f"--inject {err}")
+    if args.tap is None and (args.netns or args.tap_address):
+        parser.error("--netns and --tap-address need --tap NAME")
+    if args.tap is not None:
+        from vhostmem.tap import TapConfig, TapError
+
+        try:
+            TapConfig(args.tap, args.netns, args.tap_address).check()
+        except TapError as err:
+            parser.error(str(err))
     from vhostmem.sockets import SocketError, open_sockets
 
     # Until the server loop takes SIGTERM over, a SIGTERM must still clean up: the socket
@@ -272,6 +314,7 @@ def _serve(args: argparse.Namespace, control: str, bound: BoundSockets) -> int:
     from vhostmem.mapping import raise_nofile_limit
     from vhostmem.server import ServerConfig, run
     from vhostmem.session import SessionConfig
+    from vhostmem.tap import TapConfig, TapError
 
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
@@ -287,7 +330,10 @@ def _serve(args: argparse.Namespace, control: str, bound: BoundSockets) -> int:
         control=control,
         event_log=args.event_log,
         session=SessionConfig(
-            queues=args.queues, max_slots=args.max_slots, mem_slots=not args.no_mem_slots
+            queues=args.queues,
+            max_slots=args.max_slots,
+            mem_slots=not args.no_mem_slots,
+            net=args.tap is not None,
         ),
         socket_mode=args.socket_mode,
         max_mapped=args.max_mapped,
@@ -295,9 +341,12 @@ def _serve(args: argparse.Namespace, control: str, bound: BoundSockets) -> int:
         allow_uids=tuple(args.allow_uids),
         unmergeable=tuple(args.unmergeable),
         merge=not args.no_merge,
+        tap=TapConfig(args.tap, args.netns, args.tap_address) if args.tap else None,
     )
     try:
         trio.run(functools.partial(run, config, bound=bound))
+    except TapError as err:
+        _die(str(err))
     except OSError as err:
         _die(f"{err.filename or ''}: {err.strerror or err}".lstrip(": "))
     except KeyboardInterrupt:
@@ -366,6 +415,31 @@ def build_ctl_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("spec", nargs="?", help="e.g. ADD_MEM_REG:nth=2:errno=ENOMEM; none lists rules")
     p.add_argument("--clear", action="store_true", help="remove every rule first")
+    _json_flag(p)
+    p = sub.add_parser(
+        "check",
+        help="is every memory-table update atomic per memslot? with --qmp, does the table "
+        "equal what QEMU should have sent? exit 0 clean, 1 violation or mismatch, 2 cannot run",
+    )
+    p.add_argument(
+        "--qmp",
+        metavar="SOCKET",
+        help="QEMU's QMP socket: compare the live table region by region with QEMU's flat view "
+        "run through the model of QEMU's vhost merging",
+    )
+    p.add_argument("--socket", help="which vhost-user socket's table to compare (default: all)")
+    _json_flag(p)
+    p = sub.add_parser(
+        "explain",
+        help="what QEMU sends for a virtio-mem plug sequence, with and without unmergeable "
+        "memslots (QEMU >= 8.2 vs older); needs no running vhostmem",
+        description="Each STEP is the set of plugged memslots after one change, e.g. "
+        "'0' '0,1' '0,1,2' '-' (none). Default: 0 -> 0,1,2 -> 0 -> none, the recorded QEMU run.",
+    )
+    p.add_argument("steps", nargs="*", metavar="STEP", help="plugged memslots, e.g. 0,1 (- for none)")
+    p.add_argument("--memslot-size", type=parse_size, default=1 << 30, metavar="SIZE")
+    p.add_argument("--device-size", type=parse_size, default=4 << 30, metavar="SIZE")
+    p.add_argument("--base", type=_int0, default=0x100000000, metavar="GPA", help="device memaddr")
     _json_flag(p)
     p = sub.add_parser(
         "diagnose",
@@ -449,6 +523,75 @@ def _regions_args(args: argparse.Namespace) -> dict[str, Any]:
     return {"merged": True, "markers": markers}
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from vhostmem.qemu_model import explain, render_explain
+
+    steps: list[set[int]] = []
+    for text in args.steps or ["0", "0,1,2", "0", "-"]:
+        try:
+            steps.append(set() if text == "-" else {int(i) for i in text.split(",")})
+        except ValueError:
+            print(f"vhostmem-ctl: step {text!r} is not a comma list of memslot numbers", file=sys.stderr)
+            return 2
+    doc = explain(
+        steps,
+        base_gpa=args.base,
+        region_size=args.device_size,
+        memslot_size=args.memslot_size,
+    )
+    print(json.dumps(doc, indent=2, sort_keys=True) if getattr(args, "json", False) else render_explain(doc))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from qemu.qmp import QMPError
+
+    from vhostmem.atomicity import render_report
+    from vhostmem.control import ControlClient, ControlError
+
+    client = ControlClient(args.control)
+    try:
+        doc = client.call("check")
+        regions = client.call("regions")["regions"] if args.qmp else []
+    except ControlError as err:
+        print(f"vhostmem-ctl: {err}", file=sys.stderr)
+        return 2
+    ok = bool(doc["clean"])
+    if args.qmp:
+        from vhostmem.qmp import expected_regions, query_memory
+
+        try:
+            view = query_memory(args.qmp)
+        except (OSError, QMPError) as err:
+            print(f"vhostmem-ctl: cannot ask QEMU over QMP ({args.qmp}): {err}", file=sys.stderr)
+            return 2
+        want = {(r.gpa, r.size, r.mmap_offset) for r in expected_regions(view)}
+        have = {
+            (r["gpa"], r["size"], r["mmap_offset"])
+            for r in regions
+            if args.socket in (None, r["socket"])
+        }
+        doc["qmp"] = {
+            "expected": sorted(want),
+            "missing": sorted(want - have),
+            "unexpected": sorted(have - want),
+            "matches": want == have,
+        }
+        ok = ok and want == have
+    if getattr(args, "json", False):
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print(render_report(doc))
+        if "qmp" in doc:
+            q = doc["qmp"]
+            verdict = "matches" if q["matches"] else "DOES NOT match"
+            print(f"\ntable vs QEMU ({args.qmp}): {verdict} the {len(q['expected'])} region(s) QEMU should have sent")
+            for label in ("missing", "unexpected"):
+                for gpa, size, off in q[label]:
+                    print(f"  {label}: gpa=0x{gpa:x} size=0x{size:x} mmap_offset=0x{off:x}")
+    return 0 if ok else 1
+
+
 def ctl_main(argv: Sequence[str] | None = None) -> int:
     """``vhostmem-ctl``; returns the exit status."""
     parser = build_ctl_parser()
@@ -456,9 +599,13 @@ def ctl_main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return 2 if exc.code not in (0, None) else 0
+    if args.command == "explain":
+        return _explain(args)
     if not args.control:
         print("vhostmem-ctl: --control PATH is required (or set VHOSTMEM_CONTROL)", file=sys.stderr)
         return 2
+    if args.command == "check":
+        return _check(args)
     cmd, render, make_args = _CTL[args.command]
     if args.command == "regions" and args.merged:
         render = render_merged

@@ -170,6 +170,18 @@ def _cmd_stats(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
         "rlimit_nofile": [soft, hard],
         "vrings": vrings,
         **backend.counters,
+        **_datapath_stats(backend),
+    }
+
+
+def _datapath_stats(backend: Backend) -> dict[str, Any]:
+    """``tap`` and per-connection ``datapath`` counters (translations per region), with --tap."""
+    net = getattr(backend, "net", None)
+    if net is None:
+        return {}
+    return {
+        "tap": net.as_json(),
+        "datapath": [c.datapath.as_json() for c in backend.connections() if c.datapath],
     }
 
 
@@ -280,6 +292,10 @@ def _cmd_diagnose(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _cmd_check(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
+    return backend.history.report()
+
+
 _Command = Callable[["Backend", dict[str, Any]], dict[str, Any]]
 
 COMMANDS: dict[str, _Command] = {
@@ -289,6 +305,7 @@ COMMANDS: dict[str, _Command] = {
     "peek": _cmd_peek,
     "inject": _cmd_inject,
     "diagnose": _cmd_diagnose,
+    "check": _cmd_check,
 }
 
 

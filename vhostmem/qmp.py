@@ -13,12 +13,15 @@ from typing import Any, Final, NamedTuple, final
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from vhostmem.qemu_model import ModelRegion, Section, vhost_regions
 from vhostmem.regions import UnmergeableRange
 
 __all__ = [
     "BoundedQMP",
     "MemslotAlias",
     "QemuMemory",
+    "expected_regions",
+    "flat_ram_sections",
     "memslot_aliases",
     "query_memory",
     "unmergeable_markers",
@@ -117,6 +120,8 @@ class QemuMemory:
     devices: tuple[dict[str, Any], ...]
     memslots: tuple[MemslotAlias, ...]
     mtree: str
+    flat: str = ""
+    backends: tuple[str, ...] = ()
 
 
 def query_memory(path: str, timeout: float = 10.0) -> QemuMemory:
@@ -130,10 +135,69 @@ def query_memory(path: str, timeout: float = 10.0) -> QemuMemory:
         qmp.connect_within(timeout)
         devices = qmp.cmd("query-memory-devices")
         mtree = qmp.cmd("human-monitor-command", **{"command-line": "info mtree"})
+        flat = qmp.cmd("human-monitor-command", **{"command-line": "info mtree -f"})
+        objects = qmp.cmd("qom-list", path="/objects")
     finally:
         qmp.close()
-    assert isinstance(devices, list) and isinstance(mtree, str)
-    return QemuMemory(tuple(devices), tuple(memslot_aliases(mtree)), mtree)
+    assert isinstance(devices, list) and isinstance(mtree, str) and isinstance(flat, str)
+    assert isinstance(objects, list)
+    backends = tuple(
+        o["name"] for o in objects if str(o.get("type", "")).startswith("child<memory-backend-")
+    )
+    return QemuMemory(tuple(devices), tuple(memslot_aliases(mtree)), mtree, flat, backends)
+
+
+# `  0000000000100000-000000001fffffff (prio 0, ram): mem0 @0000000000100000`
+_FLAT_RE: Final = re.compile(
+    r"^\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, (ram|rom)\): (\S+)(?: @([0-9a-f]+))?"
+)
+
+
+def flat_ram_sections(view: QemuMemory) -> list[Section]:
+    """The sections of the ``memory`` address space's flat view that a vhost-user back-end gets.
+
+    hw/virtio/vhost.c ``vhost_section`` keeps RAM that is not a ROM region and, for vhost-user,
+    has an fd: here, sections of a memory backend object (``memory-backend-*``: only those can
+    be shared). Read-only views of backend RAM (q35's PAM aliases, shown as ``rom``) count, as
+    their region is the backend's RAM. Sections inside a virtio-mem memslot are unmergeable
+    (QEMU 8.2 marks the memslot aliases so).
+    """
+    lines = view.flat.splitlines()
+    sections: list[Section] = []
+    in_memory = False
+    for line in lines:
+        if line.startswith("FlatView"):
+            in_memory = False
+            continue
+        if line.startswith(' AS "'):
+            in_memory = in_memory or line.startswith(' AS "memory"')
+            continue
+        if not in_memory:
+            continue
+        m = _FLAT_RE.match(line)
+        if m is None or m.group(4) not in view.backends:
+            continue
+        start, end = int(m.group(1), 16), int(m.group(2), 16) + 1
+        offset = int(m.group(5), 16) if m.group(5) else 0
+        slot = any(a.gpa_start <= start < a.gpa_end for a in view.memslots)
+        sections.append(
+            Section(
+                gpa=start,
+                size=end - start,
+                mr=m.group(4),
+                offset_in_mr=offset,
+                # QEMU's addresses are not shown; within one region they are base + offset,
+                # which is all the merge rule needs.
+                host_addr=offset,
+                unmergeable=slot,
+            )
+        )
+    return sections
+
+
+def expected_regions(view: QemuMemory) -> list[ModelRegion]:
+    """What QEMU should have sent: its flat view through the model of its vhost merging."""
+    return vhost_regions(flat_ram_sections(view))
 
 
 def unmergeable_markers(view: QemuMemory) -> list[UnmergeableRange]:

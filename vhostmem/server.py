@@ -25,6 +25,8 @@ import trio
 
 from protocol import MemoryRegion, Request
 from vhostmem.control import EventLog, serve_control
+from vhostmem.datapath import NetAttachment, NetDevice
+from vhostmem.atomicity import History
 from vhostmem.errors import RemoteProtocolError, VhostMemError
 from vhostmem.events import NEED_DATA, Handled
 from vhostmem.faults import FaultPlan, parse_fault
@@ -32,6 +34,7 @@ from vhostmem.mapping import Mapper, Mapping
 from vhostmem.regions import Region
 from vhostmem.session import Session, SessionConfig
 from vhostmem.sockets import BoundSockets, open_sockets, remove_our_socket
+from vhostmem.tap import TapConfig, open_tap
 from vhostmem.transport import FdStream, Peer, peer_credentials
 
 __all__ = ["Backend", "ServerConfig", "run"]
@@ -71,6 +74,7 @@ class ServerConfig:
             is dropped.
         unmergeable: GPA ranges ``[start, end)`` whose edges the merged view never crosses.
         merge: ``False`` makes the merged view show every received region on its own.
+        tap: bridge queue pair 0 to this TAP device (``--tap``); ``None``: no traffic.
     """
 
     sockets: tuple[str, ...] = ()
@@ -86,6 +90,8 @@ class ServerConfig:
     send_timeout: float = 10.0
     unmergeable: tuple[tuple[int, int], ...] = ()
     merge: bool = True
+    batch_gap: float = 0.020
+    tap: TapConfig | None = None
 
 
 @final
@@ -143,6 +149,7 @@ class Connection:
     peer: Peer | None
     since: float
     log: logging.Logger
+    datapath: NetAttachment | None = None
 
 
 @final
@@ -165,6 +172,8 @@ class Backend:
         self.created_paths: list[str] = []
         self.listening = trio.Event()
         self.faults = FaultPlan()
+        self.history = History()
+        self.net: NetDevice | None = None
         for spec in config.inject:
             self.faults.add(parse_fault(spec))
 
@@ -177,7 +186,9 @@ class Backend:
         if self.event_log is not None:
             self.event_log.write(doc)
 
-    def _record_handled(self, conn: Connection, handled: Handled) -> None:
+    def _record_handled(
+        self, conn: Connection, handled: Handled, arrived: float, replied: float
+    ) -> None:
         self.counters["requests"] += 1
         if not handled.ok:
             self.counters["errors"] += 1
@@ -231,6 +242,26 @@ class Backend:
             doc["notes"] = list(handled.notes)
         if handled.injected:
             doc["injected"] = handled.injected
+        if handled.request in _MEMORY_REQUESTS:
+            record = self.history.record(
+                socket=conn.socket_name,
+                conn=conn.number,
+                request=handled.name,
+                ok=handled.ok,
+                removed=change.removed if change else (),
+                added=change.added if change else (),
+                kept=change.kept if change else (),
+                requested=requested,
+                arrived=arrived,
+                replied=replied,
+                batch_gap=self.config.batch_gap,
+            )
+            doc["batch"] = record.batch
+            doc["classification"] = record.classification
+            if record.violations:
+                doc.update(record.as_json())
+                for violation in record.violations:
+                    log.warning("NON-ATOMIC UPDATE (%s): %s", violation.kind, violation.why)
         if handled.request not in _MEMORY_REQUESTS:
             # Non-memory requests are logged only when they fail or need a note; they keep the
             # "request" key so a reader can grep them, but live beside the memory lines.
@@ -262,6 +293,8 @@ class Backend:
             return
         session = Session(self.config.session, self.host, self.faults)
         conn = Connection(number, socket_name, session, peer, time.time(), log)
+        if self.net is not None:
+            conn.datapath = self.net.attach(session, socket_name=socket_name, conn=number, log=log)
         self.sockets[socket_name] = conn
         stream = FdStream(sock)
         log.info(
@@ -298,6 +331,8 @@ class Backend:
             log.exception("internal error; closing this connection only")
         finally:
             with trio.CancelScope(shield=True):
+                if conn.datapath is not None:
+                    conn.datapath.close()  # rings stop before their memory is unmapped
                 gone = session.close()
                 stream.close()
                 self.sockets[socket_name] = None
@@ -325,14 +360,17 @@ class Backend:
                         "bytes of it received)"
                     )
                 return
+            arrived = time.monotonic()  # the batch gap runs from our last reply to this
             session.receive_data(data, fds)
             while True:
                 handled = session.next_event()
                 if handled is NEED_DATA:
                     break
                 assert isinstance(handled, Handled)
+                if conn.datapath is not None:
+                    conn.datapath.sync(handled)  # before any await: rings follow the request
                 if handled.disconnect:
-                    self._record_handled(conn, handled)
+                    self._record_handled(conn, handled, arrived, time.monotonic())
                     raise InjectedDisconnect(handled.error or "injected disconnect")
                 if handled.delay:
                     await trio.sleep(handled.delay)
@@ -340,13 +378,13 @@ class Backend:
                     with trio.move_on_after(self.config.send_timeout) as scope:
                         await stream.send_all(handled.reply)
                     if scope.cancelled_caught:
-                        self._record_handled(conn, handled)
+                        self._record_handled(conn, handled, arrived, time.monotonic())
                         raise StalledFrontEnd(
                             f"the front-end has not read its replies for "
                             f"{self.config.send_timeout:g} s (socket buffer full); dropping it"
                         )
                     self.counters["replies"] += 1
-                self._record_handled(conn, handled)
+                self._record_handled(conn, handled, arrived, time.monotonic())
 
     async def serve_listener(self, listener: socket.socket, name: str) -> None:
         """Accept front-ends on one socket, one at a time."""
@@ -406,6 +444,9 @@ class Backend:
         """Release everything: sessions, event log, socket files we created."""
         for conn in self.connections():
             conn.session.close()
+        if self.net is not None:
+            self.net.close()
+            self.net = None
         self.mapper.close()
         if self.event_log is not None:
             self.event_log.close()
@@ -449,7 +490,11 @@ async def run(
             bound = open_sockets(config.sockets, config.fds, config.control, config.socket_mode)
         backend.created_paths.extend(bound.created)
         bound.created.clear()  # the backend removes them now
+        if config.tap is not None:
+            backend.net = NetDevice(open_tap(config.tap), backend.record)
         async with trio.open_nursery() as nursery:
+            if backend.net is not None:
+                backend.net.nursery = nursery
             if bound.control is not None:
                 nursery.start_soon(serve_control, bound.control, backend)
             for sock, name in bound.listeners:
