@@ -166,7 +166,8 @@ class FakeFrontend:
         memory-table requests); requests with their own reply always get read.
         """
         if need_reply is None:
-            need_reply = self.reply_ack
+            # As QEMU: requests with a reply of their own never ask for an ack as well.
+            need_reply = self.reply_ack and request not in HAS_OWN_REPLY
         self.send(request, payload, fds=fds, need_reply=need_reply)
         if request in HAS_OWN_REPLY or (need_reply and self.reply_ack):
             return self.recv_reply(request)
