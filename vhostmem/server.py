@@ -375,16 +375,24 @@ class Backend:
                 if handled.delay:
                     await trio.sleep(handled.delay)
                 if handled.reply:
-                    with trio.move_on_after(self.config.send_timeout) as scope:
-                        await stream.send_all(handled.reply)
-                    if scope.cancelled_caught:
-                        self._record_handled(conn, handled, arrived, time.monotonic())
-                        raise StalledFrontEnd(
-                            f"the front-end has not read its replies for "
-                            f"{self.config.send_timeout:g} s (socket buffer full); dropping it"
-                        )
+                    sent = stream.send_now(handled.reply)
+                    if sent < len(handled.reply):
+                        await self._send_rest(conn, stream, handled, handled.reply[sent:], arrived)
                     self.counters["replies"] += 1
                 self._record_handled(conn, handled, arrived, time.monotonic())
+
+    async def _send_rest(
+        self, conn: Connection, stream: FdStream, handled: Handled, rest: bytes, arrived: float
+    ) -> None:
+        """The front-end's socket buffer is full: wait for room, but not forever."""
+        with trio.move_on_after(self.config.send_timeout) as scope:
+            await stream.send_all(rest)
+        if scope.cancelled_caught:
+            self._record_handled(conn, handled, arrived, time.monotonic())
+            raise StalledFrontEnd(
+                f"the front-end has not read its replies for "
+                f"{self.config.send_timeout:g} s (socket buffer full); dropping it"
+            )
 
     async def serve_listener(self, listener: socket.socket, name: str) -> None:
         """Accept front-ends on one socket, one at a time."""
