@@ -165,16 +165,22 @@ class SessionConfig:
         max_slots: GET_MAX_MEM_SLOTS answer and table capacity. Below 509 QEMU's virtio-mem
             silently uses one memslot for the whole device (hw/mem/memory-device.c).
         mem_slots: offer CONFIGURE_MEM_SLOTS; without it QEMU sends whole SET_MEM_TABLEs.
+        net: a data path is attached (``--tap``): offer what it implements (MRG_RXBUF,
+            EVENT_IDX); without it the rings are accepted and pass no traffic.
     """
 
     queues: int = 1
     max_slots: int = 509
     mem_slots: bool = True
+    net: bool = False
 
     @property
     def features(self) -> int:
         """Virtio feature bits offered in GET_FEATURES."""
-        return int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES)
+        offered = VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES
+        if self.net:
+            offered |= VirtioFeature.NET_F_MRG_RXBUF | VirtioFeature.RING_F_EVENT_IDX
+        return int(offered)
 
     @property
     def protocol_features(self) -> int:

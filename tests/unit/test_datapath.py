@@ -1,0 +1,574 @@
+"""The data path end to end in one process: a fake front-end, memfd guest memory, a fake TAP.
+
+The front-end (``FakeFrontend`` over a socketpair) gives the back-end three memfd regions: A and
+B adjacent in guest physical address (a chain may run across their boundary), a hole, then C.
+The test maps the same memfds itself and plays the guest driver on both rings with the
+``Driver`` of test_virtqueue. The TAP is a SOCK_SEQPACKET socketpair (one datagram = one frame),
+so these tests need no privileges. The last tests use a real TAP in a network namespace (root,
+/dev/net/tun) and fail, never skip, without them.
+
+Every test has a ``trio.fail_after`` deadline; the blocking front-end runs in a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import trio
+
+from protocol import Request, VirtioFeature, VringState, decode_reply_payload
+from vhostmem.control import answer
+from vhostmem.datapath import NetDevice
+from vhostmem.server import Backend, ServerConfig
+from vhostmem.session import SessionConfig
+from vhostmem.testing.frontend import FakeFrontend, make_memfd
+from vhostmem.virtqueue import NET_HDR, NET_HDR_SIZE, RingLayout, build_net_header
+
+from .helpers import open_fds, shared_maps
+from .test_virtqueue import Driver
+
+MiB = 1 << 20
+ONE = (1).to_bytes(8, "little")
+#: (gpa, size, uaddr): A and B adjacent in GPA (not in front-end address), hole, C.
+REGIONS = {
+    "A": (0x0, MiB, 0x7F0000000000),
+    "B": (0x100000, MiB, 0x7F0010000000),
+    "C": (0x400000, MiB, 0x7F0020000000),
+}
+HOLE = 0x200000
+RX_LAYOUT = RingLayout(64, 0x10000, 0x11000, 0x12000)
+TX_LAYOUT = RingLayout(64, 0x20000, 0x21000, 0x22000)
+NET_FEATURES = (
+    VirtioFeature.VERSION_1
+    | VirtioFeature.PROTOCOL_FEATURES
+    | VirtioFeature.NET_F_MRG_RXBUF
+    | VirtioFeature.RING_F_EVENT_IDX
+)
+
+
+class GuestRam:
+    """The guest's view of the memfds (what QEMU and the guest see), by GPA."""
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}
+        self.maps: list[tuple[int, mmap.mmap]] = []
+        for name, (gpa, size, _) in REGIONS.items():
+            fd = make_memfd(size, name=f"guest-{name}")
+            self.fds[name] = fd
+            self.maps.append((gpa, mmap.mmap(fd, size)))
+
+    def _find(self, at: int) -> tuple[int, mmap.mmap]:
+        for gpa, mm in self.maps:
+            if gpa <= at < gpa + len(mm):
+                return gpa, mm
+        raise AssertionError(f"the test itself touched gpa 0x{at:x}, which is in a hole")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        out = bytearray()
+        at = gpa
+        while at < gpa + length:
+            base, mm = self._find(at)
+            n = min(gpa + length, base + len(mm)) - at
+            out += mm[at - base : at - base + n]
+            at += n
+        return bytes(out)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        at = gpa
+        while at < gpa + len(data):
+            base, mm = self._find(at)
+            n = min(gpa + len(data), base + len(mm)) - at
+            mm[at - base : at - base + n] = data[at - gpa : at - gpa + n]
+            at += n
+
+    def close(self) -> None:
+        for _, mm in self.maps:
+            mm.close()
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+class FakeTap:
+    """One end of a SOCK_SEQPACKET pair: reads and writes whole frames, like a TAP fd."""
+
+    def __init__(self) -> None:
+        self.ours, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.ours.setblocking(False)
+        self.peer.setblocking(False)
+
+    @property
+    def fd(self) -> int:
+        return self.ours.fileno()
+
+    @property
+    def name(self) -> str:
+        return "faketap"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"tap": "faketap"}
+
+    def close(self) -> None:
+        self.ours.close()
+        self.peer.close()
+
+    def frames(self) -> list[bytes]:
+        out = []
+        while True:
+            try:
+                out.append(self.peer.recv(70000))
+            except BlockingIOError:
+                return out
+
+
+async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+def gpa_to_uaddr(gpa: int) -> int:
+    for base, size, uaddr in REGIONS.values():
+        if base <= gpa < base + size:
+            return uaddr + gpa - base
+    raise AssertionError(hex(gpa))
+
+
+class Rig:
+    """Back-end + fake front-end + guest RAM + the two rings' drivers."""
+
+    def __init__(self, backend: Backend, fe: FakeFrontend, tap: FakeTap, ram: GuestRam) -> None:
+        self.backend = backend
+        self.fe = fe
+        self.tap = tap
+        self.ram = ram
+        self.rx = Driver(ram, RX_LAYOUT)
+        self.tx = Driver(ram, TX_LAYOUT)
+        self.kick: dict[int, int] = {}
+
+    @property
+    def att(self) -> Any:
+        [conn] = self.backend.connections()
+        return conn.datapath
+
+    def call_fd(self, index: int) -> int:
+        return self.fe.eventfds[2 * index]
+
+    def err_fd(self, index: int) -> int:
+        return self.fe.eventfds[2 * index + 1]
+
+    async def start_rings(self) -> None:
+        for index, layout in ((0, RX_LAYOUT), (1, TX_LAYOUT)):
+            await in_thread(
+                self.fe.start_ring,
+                index,
+                gpa_to_uaddr(layout.desc),
+                gpa_to_uaddr(layout.avail),
+                gpa_to_uaddr(layout.used),
+                layout.num,
+            )
+            self.kick[index] = self.fe.eventfds[-1]
+        for index in (0, 1):
+            await in_thread(self.fe.ack, Request.SET_VRING_ENABLE, VringState(index, 1))
+
+    def kick_ring(self, index: int) -> None:
+        os.write(self.kick[index], ONE)
+
+    def send_tx(self, frame: bytes, buffers: list[tuple[int, int]]) -> int:
+        """Write header + frame over ``(gpa, length)`` buffers, post the chain, kick."""
+        data = build_net_header(0) + frame
+        assert sum(n for _, n in buffers) == len(data)
+        at = 0
+        for gpa, n in buffers:
+            self.ram.write(gpa, data[at : at + n])
+            at += n
+        head = self.tx.post([(gpa, n, False) for gpa, n in buffers])
+        self.kick_ring(1)
+        return head
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.backend.events if e.get("event") == kind]
+
+    def stats(self) -> dict[str, Any]:
+        reply = answer(self.backend, json.dumps({"cmd": "stats"}).encode())
+        assert reply["ok"], reply
+        result: dict[str, Any] = reply["result"]
+        return result
+
+    async def vring_base(self, index: int) -> int:
+        reply = await in_thread(self.fe.call, Request.GET_VRING_BASE, VringState(index, 0))
+        state = decode_reply_payload(Request.GET_VRING_BASE, reply.raw)
+        assert isinstance(state, VringState)
+        return state.num
+
+
+async def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 5.0) -> Any:
+    with trio.move_on_after(timeout):
+        while True:
+            value = predicate()
+            if value:
+                return value
+            await trio.sleep(0.005)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def readable(fd: int) -> bool:
+    try:
+        os.read(fd, 8)
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextlib.asynccontextmanager
+async def rig(features: int = NET_FEATURES, *, tap: Any = None) -> AsyncIterator[Rig]:
+    fds_before = open_fds()
+    maps_before = shared_maps()
+    backend = Backend(ServerConfig(session=SessionConfig(net=True)))
+    fake = tap if tap is not None else FakeTap()
+    ram = GuestRam()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            backend.net = NetDevice(fake, backend.record, nursery, poll_interval=0.05)
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            nursery.start_soon(backend.serve_connection, ours, "pair")
+            fe = FakeFrontend(theirs)
+            await in_thread(lambda: fe.handshake(features=features))
+            for name, (gpa, size, uaddr) in REGIONS.items():
+                assert await in_thread(fe.add_region, gpa, size, uaddr, 0, ram.fds[name]) == 0
+            r = Rig(backend, fe, fake, ram)
+            await r.start_rings()
+            try:
+                yield r
+            finally:
+                fe.close()
+                await wait_for(lambda: not backend.connections(), "the connection to end")
+                nursery.cancel_scope.cancel()
+    backend.cleanup()
+    ram.close()
+    if tap is None:
+        assert open_fds() == fds_before
+        assert shared_maps() == maps_before
+
+
+# -- traffic ---------------------------------------------------------------------------------
+
+
+async def test_tx_frame_crosses_regions_to_the_tap() -> None:
+    async with rig() as r:
+        frame = bytes((i * 13) & 0xFF for i in range(1000))
+        # header in C, the frame in one descriptor running from A into B
+        head = r.send_tx(frame, [(0x400100, NET_HDR_SIZE), (0x100000 - 300, 1000)])
+        got = await wait_for(r.tap.frames, "a frame on the TAP")
+        assert got == [frame]
+        assert await wait_for(r.tx.used, "the used ring") == [(head, 0)]
+        assert readable(r.call_fd(1))
+        stats = r.stats()
+        [dp] = stats["datapath"]
+        assert dp["tx_packets"] == 1 and dp["tx_bytes"] == 1000
+        per_region = {reg["gpa"]: reg for reg in dp["regions"]}
+        assert set(per_region) == {0x0, 0x100000, 0x400000}  # A (ring + frame), B, C
+        assert per_region[0x100000]["bytes"] == 700
+        assert per_region[0x400000]["bytes"] == NET_HDR_SIZE
+        assert stats["tap"]["tap"] == "faketap"
+
+
+async def test_rx_mergeable_frame_spans_two_buffers() -> None:
+    async with rig() as r:
+        heads = [r.rx.post([(0x40000 + 0x1000 * i, 1024, True)]) for i in range(4)]
+        r.kick_ring(0)
+        frame = bytes(range(256)) * 6  # 1536 bytes: header + frame need two 1 KiB buffers
+        r.tap.peer.send(frame)
+        used = await wait_for(r.rx.used, "the RX used ring")
+        assert used == [(heads[0], 1024), (heads[1], NET_HDR_SIZE + len(frame) - 1024)]
+        data = r.ram.read(0x40000, 1024) + r.ram.read(0x41000, used[1][1])
+        assert NET_HDR.unpack(data[:NET_HDR_SIZE])[-1] == 2
+        assert data[NET_HDR_SIZE:] == frame
+        assert readable(r.call_fd(0))
+        assert r.att.counters["rx_packets"] == 1
+
+
+async def test_rx_without_mrg_rxbuf_one_chain_per_frame() -> None:
+    features = VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES
+    async with rig(features) as r:
+        heads = [r.rx.post([(0x40000 + 0x1000 * i, NET_HDR_SIZE + 1514, True)]) for i in range(3)]
+        r.kick_ring(0)
+        for n in (60, 1514, 100):
+            r.tap.peer.send(b"\x42" * n)
+        used = await wait_for(lambda: (u := r.rx.used()) and u, "three frames")
+        while len(used) < 3:
+            used += await wait_for(r.rx.used, "more frames")
+        assert used == [(h, NET_HDR_SIZE + n) for h, n in zip(heads, (60, 1514, 100), strict=True)]
+        assert NET_HDR.unpack(r.ram.read(0x41000, NET_HDR_SIZE))[-1] == 1
+        assert r.stats()["datapath"][0]["mrg_rxbuf"] is False
+
+
+async def test_rx_waits_for_buffers_then_delivers() -> None:
+    async with rig() as r:
+        r.tap.peer.send(b"\x01" * 200)
+        await trio.sleep(0.2)  # no buffers posted: the frame waits in the TAP
+        assert r.rx.used() == []
+        head = r.rx.post([(0x40000, 2048, True)])
+        r.kick_ring(0)
+        assert await wait_for(r.rx.used, "the frame") == [(head, NET_HDR_SIZE + 200)]
+
+
+async def test_many_frames_both_ways() -> None:
+    async with rig() as r:
+        for i in range(60):
+            r.rx.post([(0x40000 + 0x1000 * i, 2048, True)])
+        r.kick_ring(0)
+        for i in range(50):
+            r.tap.peer.send(bytes([i]) * (60 + i))
+        got: list[tuple[int, int]] = []
+        while len(got) < 50:
+            got += await wait_for(r.rx.used, "RX frames")
+        assert [n for _, n in got] == [NET_HDR_SIZE + 60 + i for i in range(50)]
+        sent = []
+        for i in range(40):
+            frame = bytes([i]) * 100
+            sent.append(frame)
+            r.send_tx(frame, [(0x80000 + 0x200 * i, NET_HDR_SIZE + 100)])
+        frames: list[bytes] = []
+        while len(frames) < 40:
+            frames += await wait_for(r.tap.frames, "TX frames")
+        assert frames == sent
+        assert await r.vring_base(1) == 40
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+async def test_descriptor_in_a_hole_stops_the_ring_and_names_the_gpa() -> None:
+    async with rig() as r:
+        r.send_tx(b"ok" * 30, [(0x80000, NET_HDR_SIZE + 60)])
+        await wait_for(r.tap.frames, "the first frame")
+        r.tx.post([(HOLE + 0x1230, 100, False)])
+        r.kick_ring(1)
+        [event] = await wait_for(lambda: r.events("ring-error"), "a ring-error event")
+        assert event["vring"] == 1 and event["queue"] == "tx"
+        assert event["gpa"] == HOLE + 0x1230 and event["error_kind"] == "hole"
+        text = event["error"]
+        assert f"0x{HOLE + 0x1230:x}" in text
+        assert "below: 0x100000-0x1fffff" in text and "above: 0x400000-0x4fffff" in text
+        assert readable(r.err_fd(1))
+        # stopped cleanly: the bad chain is where the ring stopped, the process serves on
+        assert await r.vring_base(1) == 1
+        assert (await in_thread(r.fe.call, Request.GET_FEATURES)).u64 & VirtioFeature.VERSION_1
+        r.send_tx(b"late" * 20, [(0x80400, NET_HDR_SIZE + 80)])
+        await trio.sleep(0.2)
+        assert r.tap.frames() == []
+        # the other ring still moves traffic
+        head = r.rx.post([(0x40000, 2048, True)])
+        r.kick_ring(0)
+        r.tap.peer.send(b"\x07" * 64)
+        assert await wait_for(r.rx.used, "RX after the TX error") == [(head, NET_HDR_SIZE + 64)]
+        assert r.stats()["datapath"][0]["rings"][1]["error"] == text
+
+
+async def test_buffer_crossing_into_a_hole() -> None:
+    async with rig() as r:
+        r.rx.post([(0x200000 - 16, 2048, True)])  # last 16 bytes of B, then the hole
+        r.kick_ring(0)
+        r.tap.peer.send(b"\x09" * 100)
+        [event] = await wait_for(lambda: r.events("ring-error"), "a ring-error event")
+        assert event["vring"] == 0 and event["error_kind"] == "crosses-hole"
+        assert event["gpa"] == HOLE
+        assert "crosses into a hole" in event["error"]
+        assert await r.vring_base(0) == 0
+
+
+async def test_rem_mem_reg_while_rings_run() -> None:
+    async with rig() as r:
+        gpa_c = REGIONS["C"][0]
+        r.send_tx(b"c" * 100, [(gpa_c + 0x1000, NET_HDR_SIZE + 100)])
+        assert await wait_for(r.tap.frames, "a frame from C") == [b"c" * 100]
+        before = r.stats()["datapath"][0]
+        assert any(reg["gpa"] == gpa_c for reg in before["regions"])
+        # REM succeeds although the ring just used C: no view of it is held while waiting
+        _, size, uaddr = REGIONS["C"]
+        assert await in_thread(r.fe.rem_region, gpa_c, size, uaddr) == 0
+        after = r.stats()["datapath"][0]
+        assert not any(reg["gpa"] == gpa_c for reg in after["regions"])
+        assert after["removed_regions"]["translations"] >= 1
+        # a descriptor into C now is an error, not a touch of unmapped memory
+        r.send_tx(b"d" * 100, [(gpa_c + 0x2000, NET_HDR_SIZE + 100)])
+        [event] = await wait_for(lambda: r.events("ring-error"), "a ring-error event")
+        assert event["gpa"] == gpa_c + 0x2000
+        assert "below: 0x100000-0x1fffff" in event["error"]
+        assert r.tap.frames() == []
+
+
+async def test_get_vring_base_stops_the_ring_where_it_stopped() -> None:
+    async with rig() as r:
+        for i in range(3):
+            r.send_tx(bytes([i]) * 50, [(0x80000 + 0x100 * i, NET_HDR_SIZE + 50)])
+        frames: list[bytes] = []
+        while len(frames) < 3:
+            frames += await wait_for(r.tap.frames, "three frames")
+        assert await r.vring_base(1) == 3
+        assert r.backend.connections()[0].session.vrings[1].started is False
+        r.send_tx(b"x" * 50, [(0x80400, NET_HDR_SIZE + 50)])
+        await trio.sleep(0.2)
+        assert r.tap.frames() == []
+        assert len(r.tx.used()) == 3  # the fourth chain was not used
+        assert await r.vring_base(1) == 3
+
+
+async def test_disable_stops_and_enable_resumes() -> None:
+    async with rig() as r:
+        await in_thread(r.fe.ack, Request.SET_VRING_ENABLE, VringState(1, 0))
+        r.send_tx(b"a" * 40, [(0x80000, NET_HDR_SIZE + 40)])
+        await trio.sleep(0.2)
+        assert r.tap.frames() == []
+        await in_thread(r.fe.ack, Request.SET_VRING_ENABLE, VringState(1, 1))
+        r.kick_ring(1)
+        assert await wait_for(r.tap.frames, "the frame after enable") == [b"a" * 40]
+
+
+# -- without --tap -----------------------------------------------------------------------------
+
+
+def test_net_features_are_offered_only_with_a_tap() -> None:
+    plain = SessionConfig().features
+    assert not plain & VirtioFeature.NET_F_MRG_RXBUF and not plain & VirtioFeature.RING_F_EVENT_IDX
+    net = SessionConfig(net=True).features
+    assert net & VirtioFeature.NET_F_MRG_RXBUF and net & VirtioFeature.RING_F_EVENT_IDX
+    assert net & plain == plain
+
+
+async def test_without_tap_rings_are_accepted_and_nothing_moves() -> None:
+    backend = Backend(ServerConfig())
+    ram = GuestRam()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            nursery.start_soon(backend.serve_connection, ours, "pair")
+            fe = FakeFrontend(theirs)
+            await in_thread(fe.handshake)
+            for name, (gpa, size, uaddr) in REGIONS.items():
+                assert await in_thread(fe.add_region, gpa, size, uaddr, 0, ram.fds[name]) == 0
+            r = Rig(backend, fe, FakeTap(), ram)
+            await r.start_rings()
+            r.send_tx(b"q" * 60, [(0x80000, NET_HDR_SIZE + 60)])
+            await trio.sleep(0.1)
+            assert r.tx.used() == []
+            stats = r.stats()
+            assert "datapath" not in stats and "tap" not in stats
+            assert backend.connections()[0].datapath is None
+            fe.close()
+            r.tap.close()
+            await wait_for(lambda: not backend.connections(), "the connection to end")
+    backend.cleanup()
+    ram.close()
+
+
+# -- a real TAP in a network namespace (root) --------------------------------------------------
+
+NS = f"vhmut{os.getpid() % 100000}"
+TAPNAME = f"vhmut{os.getpid() % 100000}"
+
+
+def require_root_tap() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (CAP_NET_ADMIN) to make a TAP and a network namespace")
+    if not os.path.exists("/dev/net/tun"):
+        pytest.fail("/dev/net/tun is missing: modprobe tun (or give the container the device)")
+    if shutil.which("busybox") is None:
+        pytest.fail("busybox is missing (its ping is used): tools/setup-host installs busybox-static")
+
+
+def ip(*args: str, check: bool = True) -> str:
+    res = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
+    if check and res.returncode != 0:
+        raise AssertionError(f"ip {' '.join(args)}: {res.stderr.strip()}")
+    return res.stdout
+
+
+def netns_exists(name: str) -> bool:
+    return name in ip("netns", "list").split()
+
+
+@pytest.fixture
+def clean_netns() -> Any:
+    """Removes, by name, whatever a failing test left: our namespace and our link."""
+    require_root_tap()
+    yield
+    if netns_exists(NS):
+        ip("netns", "del", NS, check=False)
+    ip("link", "del", TAPNAME, check=False)
+
+
+def test_open_tap_in_a_new_netns_and_close_removes_everything(clean_netns: None) -> None:
+    from vhostmem.tap import TapConfig, TapError, open_tap
+
+    assert not netns_exists(NS)
+    tap = open_tap(TapConfig(TAPNAME, NS, "192.0.2.1/24"))
+    try:
+        assert tap.created_netns and tap.created_link and tap.added_address == "192.0.2.1/24"
+        out = ip("-n", NS, "addr", "show", "dev", TAPNAME)
+        assert "192.0.2.1/24" in out and ",UP" in out
+        assert TAPNAME not in ip("link", "show")  # only in the namespace
+        assert "default" not in ip("-n", NS, "route", "show")  # no way out of the namespace
+        with pytest.raises(TapError, match="another process has it open"):
+            open_tap(TapConfig(TAPNAME, NS))
+    finally:
+        tap.close()
+    assert not netns_exists(NS)
+    with pytest.raises(TapError, match="not valid"):
+        TapConfig("x" * 16).check()
+
+
+def test_attach_to_an_existing_tap_leaves_it(clean_netns: None) -> None:
+    from vhostmem.tap import TapConfig, open_tap
+
+    ip("netns", "add", NS)
+    ip("-n", NS, "tuntap", "add", "mode", "tap", "name", TAPNAME)
+    tap = open_tap(TapConfig(TAPNAME, NS, "192.0.2.1/24"))
+    assert not tap.created_link and not tap.created_netns
+    tap.close()
+    out = ip("-n", NS, "addr", "show", "dev", TAPNAME)  # still there, without our address
+    assert "192.0.2.1" not in out and ",UP" not in out
+    assert netns_exists(NS)
+
+
+async def test_real_tap_arp_from_the_namespace_reaches_the_rx_ring(clean_netns: None) -> None:
+    from vhostmem.tap import TapConfig, open_tap
+
+    tap = open_tap(TapConfig(TAPNAME, NS, "192.0.2.1/24"))
+    async with rig(tap=tap) as r:
+        for i in range(16):
+            r.rx.post([(0x40000 + 0x1000 * i, 2048, True)])
+        r.kick_ring(0)
+        # the namespace asks who has 192.0.2.2 (our fake guest never answers)
+        await trio.run_process(
+            ["ip", "netns", "exec", NS, "busybox", "ping", "-c", "1", "-W", "1", "192.0.2.2"],
+            check=False,
+            capture_stdout=True, capture_stderr=True,
+        )
+        frames = []
+        for head, n in r.rx.used():
+            data = r.ram.read(0x40000 + 0x1000 * head, n)[NET_HDR_SIZE:]
+            frames.append(data)
+        arp = [f for f in frames if f[12:14] == b"\x08\x06"]
+        assert arp, [f[:20].hex() for f in frames]
+        assert arp[0][38:42] == bytes([192, 0, 2, 2])  # target protocol address
+        # and a frame from the guest reaches the TAP (its RX counter counts it)
+        before = tap_rx_packets()
+        frame = b"\xff" * 6 + bytes.fromhex("525400123456") + b"\x88\xb5" + b"vhostmem" * 8
+        r.send_tx(frame, [(0x80000, NET_HDR_SIZE + len(frame))])
+        await wait_for(r.tx.used, "the TX chain back")
+        await wait_for(lambda: tap_rx_packets() == before + 1, "the TAP to count the frame")
+    assert not netns_exists(NS)
+
+
+def tap_rx_packets() -> int:
+    [link] = json.loads(ip("-n", NS, "-s", "-j", "link", "show", TAPNAME))
+    packets: int = link["stats64"]["rx"]["packets"]
+    return packets

@@ -1,0 +1,727 @@
+"""The data path: virtio-net rings through the region table, bridged to a TAP device.
+
+Theory of operation
+-------------------
+One :class:`NetDevice` per process holds the TAP device (``vhostmem --tap``) and the nursery the
+ring tasks run in. Each front-end connection gets a :class:`NetAttachment`; the first one claims
+the TAP, later ones (another socket, while the first is connected) get no traffic and say so.
+The shell calls :meth:`NetAttachment.sync` after every handled request, *before* it awaits
+anything: that is where rings start and stop as the protocol says (a ring runs while it is
+started by SET_VRING_KICK, enabled, and has an address and a size; GET_VRING_BASE and
+RESET_DEVICE stop it). Queue pair 0 moves traffic: vring 0 receives (TAP -> guest), vring 1
+transmits (guest -> TAP).
+
+Rules that keep guest memory safe while the table changes:
+
+1. Guest memory is touched only in synchronous *steps* (a bounded batch of chains). A step
+   takes memoryviews through :class:`RegionMemory` and releases every one of them before the
+   task awaits, so ``Mapping.close()`` (REM_MEM_REG, SET_MEM_TABLE, disconnect) never finds an
+   exported view, and every step looks regions up in the table as it is now: a region is never
+   touched after the REM_MEM_REG that removed it was handled, let alone acked.
+2. After every await a task checks that it is still wanted (``stopped``, ring started and
+   enabled) before its next step: a cancelled task that trio had already rescheduled does not
+   process one more chain after GET_VRING_BASE answered.
+3. ``vring.base`` (the session's answer to GET_VRING_BASE) is updated after every chain, and no
+   chain is in flight across an await, so the answer is always where the ring stopped.
+4. A ring error (a descriptor in no region or crossing into a hole, a corrupt ring) stops that
+   ring, signals its err eventfd and records an event naming the GPA and the nearest regions;
+   it is not restarted until the front-end restarts the ring. Nothing a ring does can raise out
+   of its task.
+5. The kick eventfd is dup'ed when a ring starts, so the session may close or replace its own
+   copy at any time without pulling an fd out from under a task waiting on it.
+
+Throughput is bounded per step (``_BUDGET`` chains or frames, then a checkpoint), so the
+connection's control traffic is never starved by a busy ring.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, final
+
+import trio
+
+from protocol import VirtioFeature
+from vhostmem.regions import Region, RegionTable
+from vhostmem.session import Session, SessionState, Vring
+from vhostmem.virtqueue import (
+    GuestMemoryError,
+    PacketError,
+    RingError,
+    RingLayout,
+    RxResult,
+    SplitQueue,
+    net_header_size,
+    rx_deliver,
+    tx_frame,
+)
+
+if TYPE_CHECKING:
+    from vhostmem.events import Handled
+
+__all__ = ["NetAttachment", "NetDevice", "RegionMemory", "TapLike"]
+
+logger = logging.getLogger(__name__)
+
+#: Chains (TX) or frames (RX) per step before a checkpoint.
+_BUDGET = 64
+#: Largest Ethernet frame moved either way (no GSO is offered; 64 KiB covers any MTU).
+MAX_FRAME = 65535
+#: Seconds a ring waits for a kick (or the TAP) before looking at the ring anyway: the safety
+#: net for a notification lost in a race (EVENT_IDX arming has no memory fence from Python).
+POLL_INTERVAL = 0.25
+#: Seconds between looks at a ring that has no kick eventfd (VHOST_USER_VRING_NOFD_MASK).
+_NOFD_POLL = 0.001
+_ONE = (1).to_bytes(8, "little")
+
+
+class TapLike(Protocol):
+    """What the data path needs of the host-side device: a non-blocking fd of whole frames."""
+
+    @property
+    def fd(self) -> int:
+        """Non-blocking fd; one read returns one Ethernet frame, one write sends one."""
+
+    @property
+    def name(self) -> str:
+        """The interface name, for messages."""
+
+    def as_json(self) -> dict[str, Any]:
+        """What to show in ``stats``."""
+
+    def close(self) -> None:
+        """Release the device (and whatever was created for it)."""
+
+
+@dataclass(slots=True)
+class RegionCounter:
+    """Translations the data path made into one region, and the bytes moved through them."""
+
+    translations: int = 0
+    bytes: int = 0
+
+
+@final
+class RegionMemory:
+    """:class:`vhostmem.virtqueue.GuestMemory` over the region table, counting per region.
+
+    Views are cached per region until :meth:`release`, which every step calls before its task
+    awaits (rule 1 of the module docstring).
+
+    Args:
+        table: the session's region table (looked up on every access).
+        counters: per-region counters, updated on every translation.
+    """
+
+    def __init__(self, table: RegionTable, counters: dict[Region, RegionCounter]) -> None:
+        self.table = table
+        self.counters = counters
+        self._views: dict[Region, memoryview] = {}
+
+    def _region(self, at: int, start: int, length: int) -> Region:
+        region = self.table.lookup_gpa(at)
+        if region is None:
+            nearest = self.table.neighbours(at)
+            crossing = at != start
+            text = f"guest physical address 0x{at:x} is in no region"
+            if crossing:
+                text += f" (0x{start:x}+0x{length:x} crosses into a hole there)"
+            raise GuestMemoryError(
+                f"{text}; nearest regions: {nearest}",
+                gpa=at,
+                kind="crosses-hole" if crossing else "hole",
+                details={"gpa": at, "start": start, "length": length, "nearest": nearest},
+            )
+        counter = self.counters.get(region)
+        if counter is None:
+            counter = self.counters[region] = RegionCounter()
+        counter.translations += 1
+        return region
+
+    def _view(self, region: Region) -> memoryview:
+        view = self._views.get(region)
+        if view is None:
+            view = self._views[region] = region.handle.view(0, region.size)
+        return view
+
+    def read(self, gpa: int, length: int) -> bytes:
+        at, end = gpa, gpa + length
+        parts: list[bytes] = []
+        while at < end:
+            region = self._region(at, gpa, length)
+            off = at - region.gpa
+            n = min(end, region.gpa_end) - at
+            parts.append(bytes(self._view(region)[off : off + n]))
+            self.counters[region].bytes += n
+            at += n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        at, end = gpa, gpa + len(data)
+        while at < end:
+            region = self._region(at, gpa, len(data))
+            off = at - region.gpa
+            n = min(end, region.gpa_end) - at
+            self._view(region)[off : off + n] = data[at - gpa : at - gpa + n]
+            self.counters[region].bytes += n
+            at += n
+
+    def uaddr_to_gpa(self, uaddr: int, length: int, what: str) -> int:
+        """The GPA of a ring given by front-end address (SET_VRING_ADDR carries QEMU's).
+
+        Raises:
+            GuestMemoryError: the range is not inside one region.
+        """
+        region = self.table.lookup_uaddr(uaddr)
+        if region is None or uaddr + length > region.uaddr_end:
+            raise GuestMemoryError(
+                f"{what} at front-end address 0x{uaddr:x} (+0x{length:x}) is not inside one "
+                "region of the memory table",
+                gpa=-1,
+                kind="hole",
+                details={"uaddr": uaddr, "length": length},
+            )
+        return region.gpa + (uaddr - region.uaddr)
+
+    def release(self) -> None:
+        """Release every view handed out since the last call."""
+        for view in self._views.values():
+            view.release()
+        self._views.clear()
+
+
+class _Wait(enum.Enum):
+    MORE = "more"  # budget used up: checkpoint and go on
+    KICK = "kick"  # ring empty: wait for the driver
+    TAP = "tap"  # RX: buffers posted, no frame: wait for the TAP
+    PAUSE = "pause"  # the TAP failed: wait a little
+
+
+@final
+class _Ring:
+    """One running ring: its task, its queue, its dup of the kick fd."""
+
+    def __init__(self, att: NetAttachment, vring: Vring, key: tuple[Any, ...], kick: int | None):
+        self.att = att
+        self.vring = vring
+        self.key = key
+        self.index = vring.index
+        self.role = "rx" if vring.index % 2 == 0 else "tx"
+        self.name = f"vring {vring.index} ({self.role})"
+        self.kick = kick
+        self.stopped = False
+        self.finished = False
+        self.scope = trio.CancelScope()
+        self.queue: SplitQueue | None = None
+        self.pending: bytes | None = None
+        features = att.session.acked_features
+        self.mergeable = bool(features & VirtioFeature.NET_F_MRG_RXBUF)
+        self.event_idx = bool(features & VirtioFeature.RING_F_EVENT_IDX)
+        self.header_size = net_header_size(features)
+
+    def wanted(self) -> bool:
+        vring = self.vring
+        return not self.stopped and vring.started and vring.enabled
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.scope.cancel()
+
+    async def run(self) -> None:
+        att = self.att
+        try:
+            with self.scope:
+                if not self.wanted():
+                    return
+                self._start()
+                if self.role == "tx":
+                    await self._run_tx()
+                else:
+                    await self._run_rx()
+        except (RingError, GuestMemoryError) as err:
+            att.ring_failed(self, err)
+        except Exception as err:  # a bug of ours stops this ring only
+            att.log.exception("%s: internal error; ring stopped", self.name)
+            att.ring_failed(self, err)
+        finally:
+            att.mem.release()
+            self.finished = True
+            if self.pending is not None:
+                att.count("rx_dropped")
+                self.pending = None
+            if self.kick is not None:
+                trio.lowlevel.notify_closing(self.kick)
+                os.close(self.kick)
+                self.kick = None
+
+    def _start(self) -> None:
+        vring = self.vring
+        addr = vring.addr
+        assert addr is not None
+        mem = self.att.mem
+        desc_size, avail_size, used_size = RingLayout.sizes(vring.num)
+        try:
+            layout = RingLayout(
+                vring.num,
+                mem.uaddr_to_gpa(addr.desc_user_addr, desc_size, "descriptor table"),
+                mem.uaddr_to_gpa(addr.avail_user_addr, avail_size, "available ring"),
+                mem.uaddr_to_gpa(addr.used_user_addr, used_size, "used ring"),
+            )
+            self.queue = SplitQueue(
+                mem, layout, last_avail_idx=vring.base, event_idx=self.event_idx, name=self.name
+            )
+        except GuestMemoryError as err:
+            raise RingError(f"{self.name}: {err}", kind="layout", details=err.details) from err
+        finally:
+            mem.release()
+        self.att.log.info(
+            "%s running: size %d, desc gpa 0x%x, avail gpa 0x%x, used gpa 0x%x, base %d, "
+            "used idx %d%s%s",
+            self.name,
+            layout.num,
+            layout.desc,
+            layout.avail,
+            layout.used,
+            vring.base,
+            self.queue.used_idx,
+            ", mrg_rxbuf" if self.mergeable else "",
+            ", event_idx" if self.event_idx else "",
+        )
+
+    # -- waiting --
+
+    async def _wait_kick(self) -> None:
+        if self.kick is None:
+            await trio.sleep(_NOFD_POLL)
+            return
+        with trio.move_on_after(self.att.device.poll_interval) as scope:
+            await trio.lowlevel.wait_readable(self.kick)
+        if scope.cancelled_caught:
+            self.att.count("poll_wakeups")
+            return
+        try:
+            os.read(self.kick, 8)
+        except BlockingIOError:
+            pass
+        self.att.count("kicks")
+
+    async def _wait_tap(self) -> None:
+        with trio.move_on_after(self.att.device.poll_interval) as scope:
+            try:
+                await trio.lowlevel.wait_readable(self.att.device.tap.fd)
+            except trio.BusyResourceError:  # a stopped RX task still unwinding
+                await trio.sleep(0.01)
+        if scope.cancelled_caught:
+            self.att.count("poll_wakeups")
+
+    async def _next(self, wait: _Wait) -> None:
+        if wait is _Wait.MORE:
+            await trio.lowlevel.checkpoint()
+        elif wait is _Wait.KICK:
+            await self._wait_kick()
+        elif wait is _Wait.TAP:
+            await self._wait_tap()
+        else:
+            await trio.sleep(self.att.device.poll_interval)
+
+    # -- steps (synchronous; every view is released before returning) --
+
+    def _signal(self) -> None:
+        queue = self.queue
+        assert queue is not None
+        if queue.needs_notify() and self.vring.call is not None:
+            try:
+                os.write(self.vring.call, _ONE)
+                self.att.count("calls")
+            except BlockingIOError:  # counter saturated: the driver is being told anyway
+                pass
+
+    async def _run_tx(self) -> None:
+        while self.wanted():
+            try:
+                wait = self._tx_step()
+            finally:
+                self.att.mem.release()
+            await self._next(wait)
+
+    def _tx_step(self) -> _Wait:
+        queue = self.queue
+        assert queue is not None
+        att = self.att
+        fd = att.device.tap.fd
+        done: list[tuple[int, int]] = []
+        wait = _Wait.MORE
+        try:
+            while len(done) < _BUDGET:
+                chain = queue.pop()
+                if chain is None:
+                    queue.arm_kicks()
+                    if queue.available():
+                        continue
+                    wait = _Wait.KICK
+                    break
+                try:
+                    frame = tx_frame(
+                        queue, chain, max_frame=MAX_FRAME, header_size=self.header_size
+                    )
+                except PacketError as err:
+                    att.drop("tx_errors", str(err))
+                    frame = None
+                except RingError:
+                    queue.unpop(1)  # stop at the bad chain: GET_VRING_BASE names it
+                    raise
+                if frame is not None:
+                    try:
+                        os.write(fd, frame)
+                    except OSError as err:
+                        att.drop("tx_dropped", f"write to {att.device.tap.name}: {err}")
+                    else:
+                        att.count("tx_packets")
+                        att.count("tx_bytes", len(frame))
+                done.append((chain.head, 0))
+                self.vring.base = queue.last_avail_idx
+        finally:
+            if done:
+                queue.push(done)
+                self.vring.base = queue.last_avail_idx
+        if done:
+            self._signal()
+        return wait
+
+    async def _run_rx(self) -> None:
+        while self.wanted():
+            try:
+                wait = self._rx_step()
+            finally:
+                self.att.mem.release()
+            await self._next(wait)
+
+    def _rx_step(self) -> _Wait:
+        queue = self.queue
+        assert queue is not None
+        att = self.att
+        fd = att.device.tap.fd
+        delivered = 0
+        wait = _Wait.MORE
+        while delivered < _BUDGET:
+            if self.pending is None:
+                if not queue.available():
+                    queue.arm_kicks()
+                    if not queue.available():
+                        wait = _Wait.KICK
+                        break
+                try:
+                    frame = os.read(fd, MAX_FRAME + 1)
+                except BlockingIOError:
+                    wait = _Wait.TAP
+                    break
+                except OSError as err:
+                    att.drop("rx_errors", f"read from {att.device.tap.name}: {err}")
+                    wait = _Wait.PAUSE
+                    break
+                if not frame:
+                    wait = _Wait.PAUSE
+                    break
+                if len(frame) > MAX_FRAME:
+                    att.drop("rx_dropped", f"frame of {len(frame)} bytes or more from the TAP")
+                    continue
+                self.pending = frame
+            outcome = rx_deliver(
+                queue, self.pending, mergeable=self.mergeable, header_size=self.header_size
+            )
+            if outcome.result is RxResult.DELIVERED:
+                att.count("rx_packets")
+                att.count("rx_bytes", len(self.pending))
+                self.pending = None
+                self.vring.base = queue.last_avail_idx
+                delivered += 1
+            elif outcome.result is RxResult.TOO_BIG:
+                att.drop(
+                    "rx_dropped",
+                    f"{self.name}: a {len(self.pending)}-byte frame fits no posted buffer",
+                )
+                self.pending = None
+            else:
+                queue.arm_kicks()
+                if queue.available():
+                    continue
+                wait = _Wait.KICK
+                break
+        if delivered:
+            self._signal()
+        return wait
+
+
+@final
+class NetAttachment:
+    """One connection's data path.
+
+    Args:
+        device: the process's TAP and nursery.
+        session: the connection's session (rings, features, table).
+        socket_name: for events.
+        conn: connection number, for events.
+        log: the connection's logger.
+        active: whether this connection owns the TAP.
+    """
+
+    def __init__(
+        self,
+        device: NetDevice,
+        session: Session,
+        *,
+        socket_name: str,
+        conn: int,
+        log: logging.Logger,
+        active: bool,
+    ) -> None:
+        self.device = device
+        self.session = session
+        self.socket_name = socket_name
+        self.conn = conn
+        self.log = log.getChild("net")
+        self.active = active
+        self.region_counters: dict[Region, RegionCounter] = {}
+        self.removed = RegionCounter()
+        self.mem = RegionMemory(session.table, self.region_counters)
+        self.rings: dict[int, _Ring] = {}
+        self.broken: dict[int, tuple[Any, ...]] = {}
+        self.errors: dict[int, str] = {}
+        self.counters: dict[str, int] = dict.fromkeys(
+            (
+                "rx_packets",
+                "rx_bytes",
+                "rx_dropped",
+                "rx_errors",
+                "tx_packets",
+                "tx_bytes",
+                "tx_dropped",
+                "tx_errors",
+                "kicks",
+                "calls",
+                "poll_wakeups",
+                "ring_errors",
+            ),
+            0,
+        )
+        self._last_drop_log = 0.0
+        self.closed = False
+        if not active:
+            self.log.warning(
+                "TAP %s already serves another connection; this one's rings get no traffic",
+                device.tap.name,
+            )
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] += n
+
+    def drop(self, name: str, why: str) -> None:
+        """Count a dropped packet; log at most one such line per second."""
+        self.counters[name] += 1
+        now = time.monotonic()
+        if now - self._last_drop_log >= 1.0:
+            self._last_drop_log = now
+            self.log.warning("%s (%s so far: %d)", why, name, self.counters[name])
+
+    # -- the shell's hook --
+
+    def sync(self, handled: Handled | None = None) -> None:
+        """Start and stop rings to match the session; call after every handled request.
+
+        Must run before the shell awaits anything after ``next_event`` (module rule 2).
+        """
+        if handled is not None and handled.change is not None:
+            for region in handled.change.removed:
+                counter = self.region_counters.pop(region, None)
+                if counter is not None:
+                    self.removed.translations += counter.translations
+                    self.removed.bytes += counter.bytes
+        if not self.active or self.closed:
+            return
+        session = self.session
+        for vring in session.vrings[:2]:
+            index = vring.index
+            runnable = (
+                session.state is SessionState.OWNED
+                and vring.started
+                and vring.enabled
+                and vring.addr is not None
+                and vring.num > 0
+            )
+            key = (vring.kick, vring.addr, vring.num, session.acked_features)
+            ring = self.rings.get(index)
+            if ring is not None and (ring.finished or not runnable or ring.key != key):
+                ring.stop()
+                del self.rings[index]
+            if not vring.started:
+                self.broken.pop(index, None)
+            if runnable and index not in self.rings and self.broken.get(index) != key:
+                self._start(vring, key)
+
+    def _start(self, vring: Vring, key: tuple[Any, ...]) -> None:
+        kick = None
+        if vring.kick is not None:
+            try:
+                kick = os.dup(vring.kick)
+            except OSError as err:
+                self.log.error("vring %d: cannot dup its kick fd: %s", vring.index, err)
+                return
+            os.set_blocking(kick, False)
+        ring = _Ring(self, vring, key, kick)
+        try:
+            if self.device.nursery is None:
+                raise RuntimeError("the data path has no nursery yet")
+            self.device.nursery.start_soon(ring.run, name=f"vhostmem-{ring.name}")
+        except RuntimeError as err:  # the nursery is closing: we are shutting down
+            if kick is not None:
+                os.close(kick)
+            self.log.info("%s not started: %s", ring.name, err)
+            return
+        self.rings[vring.index] = ring
+        self.errors.pop(vring.index, None)
+
+    def ring_failed(self, ring: _Ring, err: Exception) -> None:
+        """Record a ring error, signal the err eventfd, and keep the ring stopped."""
+        self.broken[ring.index] = ring.key
+        self.counters["ring_errors"] += 1
+        text = str(err)
+        self.errors[ring.index] = text
+        self.log.error("%s stopped: %s", ring.name, text)
+        doc: dict[str, Any] = {
+            "event": "ring-error",
+            "socket": self.socket_name,
+            "conn": self.conn,
+            "vring": ring.index,
+            "queue": ring.role,
+            "error": text,
+            "error_kind": getattr(err, "kind", type(err).__name__),
+            "base": ring.vring.base,
+        }
+        gpa = getattr(err, "gpa", None)
+        if isinstance(gpa, int) and gpa >= 0:
+            doc["gpa"] = gpa
+        details = getattr(err, "details", None)
+        if details:
+            doc["details"] = details
+        self.device.record(doc)
+        err_fd = ring.vring.err
+        if err_fd is not None:
+            try:
+                os.write(err_fd, _ONE)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Stop every ring (the connection is ending); idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for ring in self.rings.values():
+            ring.stop()
+        self.rings.clear()
+        self.mem.release()
+        self.device.detach(self)
+
+    def as_json(self) -> dict[str, Any]:
+        """Counters, rings and per-region translations, for ``vhostmem-ctl stats``."""
+        rings = []
+        for vring in self.session.vrings[:2]:
+            ring = self.rings.get(vring.index)
+            queue = ring.queue if ring is not None else None
+            rings.append(
+                {
+                    "index": vring.index,
+                    "queue": "rx" if vring.index % 2 == 0 else "tx",
+                    "running": ring is not None and not ring.finished,
+                    "base": vring.base,
+                    "used_idx": queue.used_idx if queue is not None else None,
+                    "error": self.errors.get(vring.index),
+                }
+            )
+        regions = [
+            {
+                "gpa": region.gpa,
+                "size": region.size,
+                "translations": self.region_counters[region].translations,
+                "bytes": self.region_counters[region].bytes,
+            }
+            for region in self.session.table
+            if region in self.region_counters
+        ]
+        features = self.session.acked_features
+        return {
+            "socket": self.socket_name,
+            "conn": self.conn,
+            "tap": self.device.tap.name,
+            "active": self.active,
+            "mrg_rxbuf": bool(features & VirtioFeature.NET_F_MRG_RXBUF),
+            "event_idx": bool(features & VirtioFeature.RING_F_EVENT_IDX),
+            "rings": rings,
+            **self.counters,
+            "regions": regions,
+            "removed_regions": {
+                "translations": self.removed.translations,
+                "bytes": self.removed.bytes,
+            },
+        }
+
+
+@final
+class NetDevice:
+    """The process's TAP device and the nursery its rings run in.
+
+    Args:
+        tap: the host side (a :class:`vhostmem.tap.Tap`, or a socketpair in unit tests).
+        record: the back-end's event recorder (``Backend.record``).
+        nursery: where ring tasks run; it must outlive every connection. The shell may set
+            ``nursery`` later (it opens the TAP before its nursery exists).
+        poll_interval: seconds a waiting ring looks at its ring anyway.
+    """
+
+    def __init__(
+        self,
+        tap: TapLike,
+        record: Callable[[dict[str, Any]], None],
+        nursery: trio.Nursery | None = None,
+        *,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> None:
+        self.tap = tap
+        self.nursery = nursery
+        self.record = record
+        self.poll_interval = poll_interval
+        self.owner: NetAttachment | None = None
+
+    def attach(
+        self, session: Session, *, socket_name: str, conn: int, log: logging.Logger
+    ) -> NetAttachment:
+        """A data path for one connection; the first live one gets the TAP."""
+        active = self.owner is None
+        att = NetAttachment(
+            self, session, socket_name=socket_name, conn=conn, log=log, active=active
+        )
+        if active:
+            self.owner = att
+        return att
+
+    def detach(self, att: NetAttachment) -> None:
+        if self.owner is att:
+            self.owner = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {**self.tap.as_json(), "owner_conn": self.owner.conn if self.owner else None}
+
+    def close(self) -> None:
+        """Stop the owner's rings and release the TAP (and what was created for it)."""
+        if self.owner is not None:
+            self.owner.close()
+        try:
+            trio.lowlevel.notify_closing(self.tap.fd)
+        except (RuntimeError, OSError, ValueError):  # outside trio, or already closed
+            pass
+        self.tap.close()
