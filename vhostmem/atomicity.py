@@ -69,6 +69,7 @@ The module is pure: times are plain floats (monotonic seconds) the shell passes 
 from __future__ import annotations
 
 import textwrap
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, final
@@ -686,18 +687,28 @@ class History:
     """Every memory-table change of the process's lifetime, in batches, with its violations.
 
     The shell calls :meth:`record` once per SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG, after it
-    replied. The history never forgets (it outlives connections, so ``vhostmem-ctl check`` works
-    after QEMU has gone). A batch keeps only what it removed and added, never a copy of the table.
+    replied. The history outlives connections, so ``vhostmem-ctl check`` works after QEMU has
+    gone. Counts and every violation are kept for the process's lifetime; the request records
+    and batch summaries themselves are kept for the most recent ``keep`` of each, so a
+    back-end left running across thousands of guest boots does not grow without bound. A batch
+    keeps only what it removed and added, never a copy of the table.
+
+    Args:
+        keep: how many recent records and batches to keep in full.
     """
 
-    def __init__(self) -> None:
-        self._records: list[Record] = []
-        self._batches: list[_Batch] = []
+    def __init__(self, keep: int = 20000) -> None:
+        self._records: deque[Record] = deque(maxlen=keep)
+        self._batches: deque[_Batch] = deque(maxlen=keep)
+        self._violating: list[Record] = []
+        self._requests = 0
+        self._batch_count = 0
+        self._by_class: dict[str, int] = {}
         self._conns: dict[tuple[str, int], _Conn] = {}
 
     @property
     def records(self) -> tuple[Record, ...]:
-        """All records, oldest first."""
+        """The most recent records, oldest first."""
         return tuple(self._records)
 
     def record(
@@ -741,7 +752,8 @@ class History:
             raise ValueError(
                 f"{request!r} is not a memory-table request ({', '.join(_TABLE_REQUESTS)})"
             )
-        seq = len(self._records) + 1
+        self._requests += 1
+        seq = self._requests
         state = self._conns.setdefault((socket, conn), _Conn())
         batch = self._batch_for(state, socket, conn, request, arrived, batch_gap)
         batch.seqs.append(seq)
@@ -772,6 +784,9 @@ class History:
             violations=tuple(violations),
         )
         self._records.append(record)
+        self._by_class[record.classification] = self._by_class.get(record.classification, 0) + 1
+        if record.violations:
+            self._violating.append(record)
         return record
 
     def _batch_for(
@@ -796,10 +811,11 @@ class History:
         if reason is None and open_ is not None:
             return open_
         batch = _Batch(
-            len(self._batches) + 1, socket, conn, reason or "", whole_table=request == SET_MEM_TABLE
+            self._batch_count + 1, socket, conn, reason or "", whole_table=request == SET_MEM_TABLE
         )
         batch.started = arrived
         self._batches.append(batch)
+        self._batch_count += 1
         state.batch = batch
         return batch
 
@@ -836,7 +852,7 @@ class History:
 
     def violations(self) -> list[Violation]:
         """Every violation, oldest first."""
-        return [v for r in self._records for v in r.violations]
+        return [v for r in self._violating for v in r.violations]
 
     def batches(self) -> list[BatchSummary]:
         """A summary of every batch, oldest first."""
@@ -850,9 +866,7 @@ class History:
             completing request's ``seq``, ``socket``, ``conn``, ``batch`` and ``request`` next to
             :meth:`Violation.as_json`.
         """
-        by_class: dict[str, int] = {}
-        for r in self._records:
-            by_class[r.classification] = by_class.get(r.classification, 0) + 1
+        by_class = dict(self._by_class)
         found = [
             {
                 "seq": r.seq,
@@ -862,16 +876,16 @@ class History:
                 "request": r.request,
                 **v.as_json(),
             }
-            for r in self._records
+            for r in self._violating
             for v in r.violations
         ]
         return {
             "version": 1,
             "clean": not found,
             "counts": {
-                "requests": len(self._records),
+                "requests": self._requests,
                 "failed": by_class.get("failed", 0),
-                "batches": len(self._batches),
+                "batches": self._batch_count,
                 "violations": len(found),
                 "by_classification": by_class,
             },

@@ -216,6 +216,14 @@ Then, in another terminal:
         help="accept front-ends (and control clients) only from this user id (repeatable; "
         "checked with SO_PEERCRED, refusals are logged)",
     )
+    where.add_argument(
+        "--send-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="drop a front-end that has not read its replies for this long (default 10); it "
+        "stalls only its own connection",
+    )
     out = parser.add_argument_group("what to record")
     out.add_argument(
         "--event-log",

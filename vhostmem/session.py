@@ -659,7 +659,8 @@ class Session:
         assert isinstance(payload, MemoryTable)
         wanted = payload.regions
         # Validate the new table on its own first: nothing is mapped until it is consistent.
-        scratch = RegionTable(max(self.config.max_slots, len(wanted)))
+        # The resulting table must fit in max_slots: refuse before anything is mapped.
+        scratch = RegionTable(self.config.max_slots)
         for wire in wanted:
             scratch.add(
                 Region(

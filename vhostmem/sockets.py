@@ -23,6 +23,10 @@ __all__ = [
 ]
 
 
+#: path -> (st_dev, st_ino) of each socket file this process created.
+_CREATED: dict[str, tuple[int, int]] = {}
+
+
 class SocketError(VhostMemError):
     """A socket path cannot be used (exists and is not a socket, or someone listens there)."""
 
@@ -59,6 +63,8 @@ def bind_unix_socket(path: str, mode: int) -> socket.socket:
     directory = os.path.dirname(os.path.abspath(path))
     temp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(temp).st_mode):
+            raise SocketError(f"{temp} exists and is not a socket; vhostmem will not replace it")
         os.unlink(temp)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -70,6 +76,8 @@ def bind_unix_socket(path: str, mode: int) -> socket.socket:
         os.chmod(temp, mode)
         sock.listen(16)
         os.rename(temp, path)
+        st = os.lstat(path)
+        _CREATED[path] = (st.st_dev, st.st_ino)
     except BaseException:
         sock.close()
         with contextlib.suppress(FileNotFoundError):
@@ -81,7 +89,9 @@ def bind_unix_socket(path: str, mode: int) -> socket.socket:
 def remove_our_socket(path: str) -> None:
     """Remove a socket file we created, but never anything that is not a socket."""
     with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
+        st = os.lstat(path)
+        # Only the socket file we made: another server may have replaced it since.
+        if stat.S_ISSOCK(st.st_mode) and _CREATED.pop(path, None) == (st.st_dev, st.st_ino):
             os.unlink(path)
 
 

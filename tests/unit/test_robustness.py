@@ -1,0 +1,1178 @@
+"""Robustness: hostile and broken front-ends, stalls, faults, and the socket protections.
+
+Explicit cases run through the real shell (``Backend.serve_connection`` over a socketpair, real
+memfds) after QEMU's handshake with REPLY_ACK negotiated. Where the framing is intact the request
+gets a failure reply (a non-zero u64 when NEED_REPLY was set), an error event names it, the
+connection stays up, and every fd that came with it is closed before the reply goes out; only
+broken framing closes the connection, with a reason in the disconnect event, and the other
+connection keeps working. Every test ends with the process's fds and shared maps as they were.
+
+Rules (test_server.py's): every I/O test runs under ``trio.fail_after``; the blocking fake
+front-end runs through ``trio.to_thread.run_sync``; processes we start are stopped by their pid.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from protocol import (
+    HEADER_SIZE,
+    MAX_PAYLOAD_SIZE,
+    MemoryRegion,
+    MemoryTable,
+    MemRegMsg,
+    ProtocolFeature,
+    Request,
+    VirtioFeature,
+    VringFile,
+    VringState,
+    decode_header,
+    encode_request,
+)
+from vhostmem.control import ControlClient, ControlError, answer
+from vhostmem.server import Backend, ServerConfig, run
+from vhostmem.session import SessionConfig
+from vhostmem.sockets import SocketError, bind_unix_socket
+from vhostmem.testing.backend import start_backend
+from vhostmem.testing.frontend import QEMU_PROTOCOL_FEATURES, FakeFrontend, make_memfd
+
+from .helpers import open_fds, shared_maps
+
+MiB = 1 << 20
+GiB = 1 << 30
+U64 = 1 << 64
+REPO = Path(__file__).resolve().parents[2]
+UADDR = 0x7F00_0000_0000
+
+
+async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+def baseline() -> tuple[set[int], list[str]]:
+    """fds and shared maps before a test; objects earlier tests dropped are collected first
+    (their sockets would otherwise close in the middle of ours)."""
+    gc.collect()
+    return live_fds(), shared_maps()
+
+
+def live_fds() -> set[int]:
+    """``open_fds()`` without the fd that listing /proc/self/fd itself used."""
+    live = set()
+    for fd in open_fds():
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            continue
+        live.add(fd)
+    return live
+
+
+# -- a back-end with two QEMU-like connections over socketpairs ---------------------------------
+
+
+@dataclass
+class Wire:
+    backend: Backend
+    a: FakeFrontend
+    b: FakeFrontend
+
+    @property
+    def conn_a(self) -> Any:
+        conn = self.backend.sockets.get("a")
+        assert conn is not None, "connection a was closed"
+        return conn
+
+    def table(self) -> list[tuple[int, int, int, int]]:
+        return [(r.gpa, r.size, r.uaddr, r.mmap_offset) for r in self.conn_a.session.table]
+
+
+async def start_pair(backend: Backend, nursery: trio.Nursery, name: str) -> FakeFrontend:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    nursery.start_soon(backend.serve_connection, ours, name)
+    return FakeFrontend(theirs, timeout=10)
+
+
+async def wait_until(predicate: Callable[[], Any], what: str, seconds: float = 10) -> Any:
+    """Poll what other tasks and threads change; fail naming ``what``."""
+    deadline = trio.current_time() + seconds
+    while not (value := predicate()):
+        if trio.current_time() > deadline:
+            raise AssertionError(f"timed out after {seconds:g} s waiting for {what}")
+        await trio.sleep(0.01)
+    return value
+
+
+@asynccontextmanager
+async def wired(session: SessionConfig | None = None, **config: Any) -> AsyncIterator[Wire]:
+    """Connections "a" and "b", both after QEMU's handshake (REPLY_ACK, CONFIGURE_MEM_SLOTS)."""
+    backend = Backend(ServerConfig(session=session or SessionConfig(), **config))
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                a = await start_pair(backend, nursery, "a")
+                b = await start_pair(backend, nursery, "b")
+                await in_thread(a.handshake)
+                await in_thread(b.handshake)
+                assert a.reply_ack and b.reply_ack
+                yield Wire(backend, a, b)
+                a.close()
+                b.close()
+                await wait_until(lambda: not backend.connections(), "both connections to end")
+                nursery.cancel_scope.cancel()
+    finally:
+        backend.cleanup()
+    assert backend.mapper.stats.maps == 0
+
+
+@asynccontextmanager
+async def no_leaks() -> AsyncIterator[None]:
+    fds, maps = baseline()
+    yield
+    assert live_fds() == fds, "fds leaked"
+    assert shared_maps() == maps, "shared mappings leaked"
+
+
+def memfds(n: int, size: int = 16 * MiB) -> list[int]:
+    return [make_memfd(size) for _ in range(n)]
+
+
+def close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+async def refused(
+    w: Wire,
+    request: Request | int,
+    data: bytes,
+    fds: Sequence[int] = (),
+    *,
+    expect_reply: bool = True,
+) -> int | None:
+    """Send a raw message from "a" with ``fds`` (closed here after sending), return its u64 ack.
+
+    Checks that every fd that came with it is closed by the time the reply is read.
+    """
+    before = live_fds() - set(fds)
+    await in_thread(w.a.send_raw, data, fds)
+    close_all(fds)
+    ack = None
+    if expect_reply:
+        reply = await in_thread(w.a.recv_reply, request)
+        assert reply.header.size == 8, reply
+        ack = reply.u64
+    else:
+        # no reply is due: the next request's reply must be the next thing on the wire
+        assert await in_thread(w.a.call, Request.GET_FEATURES) is not None
+    assert live_fds() == before, "fds that came with the refused request are still open"
+    return ack
+
+
+def error_event(w: Wire, name: str, socket_name: str = "a") -> dict[str, Any]:
+    events = [
+        e
+        for e in w.backend.events
+        if e.get("request") == name
+        and e.get("result") == "error"
+        and e.get("socket") == socket_name
+    ]
+    assert events, f"no error event for {name} on {socket_name}: {list(w.backend.events)[-5:]}"
+    event = events[-1]
+    assert event["error"].startswith(name), event
+    assert event["error_kind"], event
+    return event
+
+
+async def still_up(w: Wire) -> None:
+    """Connection "a" answers (and so does "b")."""
+    for fe, name in ((w.a, "a"), (w.b, "b")):
+        reply = await in_thread(fe.call, Request.GET_FEATURES)
+        assert reply is not None and reply.u64 & VirtioFeature.PROTOCOL_FEATURES
+        assert w.backend.sockets.get(name) is not None
+
+
+def disconnect_reason(backend: Backend, socket_name: str) -> str:
+    events = [
+        e
+        for e in backend.events
+        if e.get("event") == "disconnect" and e.get("socket") == socket_name
+    ]
+    assert events, f"no disconnect event on {socket_name}"
+    reason = events[-1]["reason"]
+    assert isinstance(reason, str) and reason
+    return reason
+
+
+def add_msg(gpa: int, size: int, uaddr: int, offset: int, *, need_reply: bool = True) -> bytes:
+    return encode_request(
+        Request.ADD_MEM_REG,
+        MemRegMsg(MemoryRegion(gpa, size, uaddr, offset)),
+        need_reply=need_reply,
+    )
+
+
+def table_msg(regions: Sequence[tuple[int, int, int, int]], need_reply: bool = True) -> bytes:
+    return encode_request(
+        Request.SET_MEM_TABLE,
+        MemoryTable(tuple(MemoryRegion(*r) for r in regions)),
+        need_reply=need_reply,
+    )
+
+
+def raw_table(nregions: int, bodies: int) -> bytes:
+    """A SET_MEM_TABLE payload whose nregions field says one thing and the bodies another."""
+    body = b"".join(
+        (i * 4 * MiB).to_bytes(8, "little")
+        + MiB.to_bytes(8, "little")
+        + (UADDR + i * 4 * MiB).to_bytes(8, "little")
+        + (0).to_bytes(8, "little")
+        for i in range(bodies)
+    )
+    return nregions.to_bytes(4, "little") + bytes(4) + body
+
+
+# -- explicit cases: framing intact, the connection stays up ------------------------------------
+
+
+async def test_payload_shorter_than_its_type() -> None:
+    async with no_leaks(), wired() as w:
+        for request, size in (
+            (Request.ADD_MEM_REG, 12),
+            (Request.SET_VRING_NUM, 4),
+            (Request.SET_FEATURES, 7),
+        ):
+            fds = memfds(1) if request is Request.ADD_MEM_REG else []
+            ack = await refused(
+                w, request, encode_request(request, b"\0" * size, need_reply=True), fds
+            )
+            assert ack == 1
+            event = error_event(w, request.name)
+            assert event["error_kind"] == "decode" and f"got {size}" in event["error"]
+        # the memory table's own framing: 8 + 32 * n bytes
+        ack = await refused(
+            w,
+            Request.SET_MEM_TABLE,
+            encode_request(Request.SET_MEM_TABLE, b"\1\0\0\0", need_reply=True),
+        )
+        assert ack == 1 and error_event(w, "SET_MEM_TABLE")["error_kind"] == "decode"
+        assert w.table() == []
+        await still_up(w)
+
+
+async def test_header_size_zero_for_a_request_with_a_payload() -> None:
+    async with no_leaks(), wired() as w:
+        [fd] = memfds(1)
+        ack = await refused(
+            w, Request.ADD_MEM_REG, encode_request(Request.ADD_MEM_REG, b"", need_reply=True), [fd]
+        )
+        assert ack == 1 and "got 0" in error_event(w, "ADD_MEM_REG")["error"]
+        await still_up(w)
+
+
+async def test_size_field_at_the_limit_is_answered_not_fatal() -> None:
+    """A size no request has, but within MAX_PAYLOAD_SIZE: read it all, refuse it, go on."""
+    async with no_leaks(), wired() as w:
+        data = encode_request(Request.SET_FEATURES, b"\xaa" * MAX_PAYLOAD_SIZE, need_reply=True)
+        assert await refused(w, Request.SET_FEATURES, data) == 1
+        assert error_event(w, "SET_FEATURES")["error_kind"] == "decode"
+        await still_up(w)
+
+
+async def test_unknown_request_with_and_without_need_reply() -> None:
+    async with no_leaks(), wired() as w:
+        ack = await refused(w, 200, encode_request(200, b"%s%n", need_reply=True), memfds(1))
+        assert ack == 1
+        event = error_event(w, "UNKNOWN(200)")
+        assert "200" in event["error"]
+        # without NEED_REPLY: no reply at all, and the next request is answered in step
+        await refused(w, 201, encode_request(201, b"\0" * 16), memfds(2), expect_reply=False)
+        error_event(w, "UNKNOWN(201)")
+        # a known request vhostmem does not implement, with the fd it carries
+        efd = os.eventfd(0, os.EFD_CLOEXEC)
+        ack = await refused(
+            w, Request.SET_LOG_FD, encode_request(Request.SET_LOG_FD, need_reply=True), [efd]
+        )
+        assert ack == 1 and "not implemented" in error_event(w, "SET_LOG_FD")["error"]
+        await still_up(w)
+
+
+async def test_wrong_version_or_reply_flag_on_a_request() -> None:
+    async with no_leaks(), wired() as w:
+        for flags, words in (
+            (0x2 | 0x8, "version"),
+            (0x0 | 0x8, "version"),
+            (0x1 | 0x4 | 0x8, "REPLY"),
+        ):
+            [fd] = memfds(1)
+            data = encode_request(
+                Request.ADD_MEM_REG, MemRegMsg(MemoryRegion(0, MiB, UADDR, 0)), flags=flags
+            )
+            assert await refused(w, Request.ADD_MEM_REG, data, [fd]) == 1
+            assert words in error_event(w, "ADD_MEM_REG")["error"]
+        assert w.table() == []
+        await still_up(w)
+
+
+async def test_set_mem_table_with_more_than_8_regions() -> None:
+    async with no_leaks(), wired(SessionConfig(mem_slots=False)) as w:
+        payload = raw_table(9, 9)
+        assert len(payload) == 8 + 32 * 9
+        ack = await refused(
+            w,
+            Request.SET_MEM_TABLE,
+            encode_request(Request.SET_MEM_TABLE, payload, need_reply=True),
+            memfds(9),
+        )
+        assert ack == 1
+        assert error_event(w, "SET_MEM_TABLE")["error_kind"] == "decode"
+        assert w.table() == []
+        await still_up(w)
+
+
+async def test_set_mem_table_region_count_disagrees_with_fds() -> None:
+    async with no_leaks(), wired(SessionConfig(mem_slots=False)) as w:
+        keep = memfds(1)
+        assert await in_thread(w.a.set_mem_table, [(0, MiB, UADDR, 0, keep[0])]) == 0
+        close_all(keep)
+        before = w.table()
+        two = [(8 * MiB, MiB, UADDR + 8 * MiB, 0), (12 * MiB, MiB, UADDR + 12 * MiB, 0)]
+        for n in (0, 1, 3, 8):
+            assert await refused(w, Request.SET_MEM_TABLE, table_msg(two), memfds(n)) == 1
+            assert "file descriptor" in error_event(w, "SET_MEM_TABLE")["error"]
+            assert w.table() == before
+        # nregions field against the payload size
+        for nregions, bodies in ((3, 2), (1, 2), (0, 1)):
+            data = encode_request(
+                Request.SET_MEM_TABLE, raw_table(nregions, bodies), need_reply=True
+            )
+            assert await refused(w, Request.SET_MEM_TABLE, data, memfds(bodies)) == 1
+            assert error_event(w, "SET_MEM_TABLE")["error_kind"] == "decode"
+            assert w.table() == before
+        assert w.backend.mapper.stats.maps == 1
+        await still_up(w)
+
+
+async def test_set_mem_table_beyond_max_slots_is_all_or_nothing() -> None:
+    """--max-slots 2 --no-mem-slots, then a 3-region SET_MEM_TABLE (QEMU sends up to 8 without
+    CONFIGURE_MEM_SLOTS): refused, and the table and the mappings are what they were."""
+    async with no_leaks(), wired(SessionConfig(mem_slots=False, max_slots=2)) as w:
+        [fd] = memfds(1)
+        assert await in_thread(w.a.set_mem_table, [(0, MiB, UADDR, 0, fd)]) == 0
+        os.close(fd)
+        before = w.table()
+        three = [(i * 4 * MiB, MiB, UADDR + 0x100000000 + i * 4 * MiB, 0) for i in range(1, 4)]
+        fds = memfds(3)
+        await in_thread(w.a.send_raw, table_msg(three), fds)
+        close_all(fds)
+        reply = await in_thread(w.a.recv_reply, Request.SET_MEM_TABLE)
+        assert reply.u64 == 1
+        assert error_event(w, "SET_MEM_TABLE")["error_kind"] == "slot-limit"
+        assert w.table() == before, "a failed SET_MEM_TABLE changed the table"
+        assert w.backend.mapper.stats.maps == 1, "a failed SET_MEM_TABLE left mappings behind"
+        await still_up(w)
+
+
+async def test_add_mem_reg_with_0_2_or_200_fds() -> None:
+    async with no_leaks(), wired() as w:
+        for n in (0, 2, 200):
+            ack = await refused(w, Request.ADD_MEM_REG, add_msg(0, MiB, UADDR, 0), memfds(n, MiB))
+            assert ack == 1
+            event = error_event(w, "ADD_MEM_REG")
+            assert (
+                f"came with {n} file descriptor" in event["error"]
+                and event["region"]["size"] == MiB
+            )
+        assert w.table() == [] and w.backend.mapper.stats.maps == 0
+        await still_up(w)
+
+
+async def test_region_size_zero() -> None:
+    async with no_leaks(), wired() as w:
+        assert await refused(w, Request.ADD_MEM_REG, add_msg(0, 0, UADDR, 0), memfds(1)) == 1
+        event = error_event(w, "ADD_MEM_REG")
+        assert event["error_kind"] == "bad-region" and "size 0" in event["error"]
+        assert (
+            await refused(w, Request.SET_MEM_TABLE, table_msg([(0, 0, UADDR, 0)]), memfds(1)) == 1
+        )
+        assert "size 0" in error_event(w, "SET_MEM_TABLE")["error"]
+        assert w.table() == []
+        await still_up(w)
+
+
+@pytest.mark.parametrize(
+    ("field", "region"),
+    [
+        ("gpa", (U64 - 2 * MiB, 4 * MiB, UADDR, 0)),
+        ("uaddr", (0, 4 * MiB, U64 - 2 * MiB, 0)),
+        ("mmap_offset", (0, 4 * MiB, UADDR, U64 - 2 * MiB)),
+        ("gpa", (1 << 63, 1 << 63 | 4096, UADDR, 0)),
+    ],
+)
+async def test_ranges_that_wrap_past_2_64(field: str, region: tuple[int, int, int, int]) -> None:
+    async with no_leaks(), wired() as w:
+        assert await refused(w, Request.ADD_MEM_REG, add_msg(*region), memfds(1)) == 1
+        event = error_event(w, "ADD_MEM_REG")
+        assert "2^64" in event["error"] and field in event["error"], event["error"]
+        assert event["error_kind"] == "bad-region"
+        assert await refused(w, Request.SET_MEM_TABLE, table_msg([region]), memfds(1)) == 1
+        assert "2^64" in error_event(w, "SET_MEM_TABLE")["error"]
+        assert w.table() == [] and w.backend.mapper.stats.maps == 0
+        await still_up(w)
+
+
+async def test_rem_of_an_unknown_region() -> None:
+    async with no_leaks(), wired() as w:
+        [fd] = memfds(1)
+        assert await in_thread(w.a.add_region, 0, 2 * MiB, UADDR, 0, fd) == 0
+        os.close(fd)
+        before = w.table()
+        rem = encode_request(
+            Request.REM_MEM_REG, MemRegMsg(MemoryRegion(0, MiB, UADDR, 0)), need_reply=True
+        )
+        assert await refused(w, Request.REM_MEM_REG, rem) == 1
+        # with the (allowed) fd QEMU 5.1-7.0 sent: closed unused even though the REM fails
+        rem = encode_request(
+            Request.REM_MEM_REG, MemRegMsg(MemoryRegion(4 * MiB, MiB, UADDR, 0)), need_reply=True
+        )
+        assert await refused(w, Request.REM_MEM_REG, rem, memfds(1)) == 1
+        event = error_event(w, "REM_MEM_REG")
+        assert event["error_kind"] == "not-found" and "0x400000" in event["error"]
+        assert w.table() == before and w.backend.mapper.stats.maps == 1
+        await still_up(w)
+
+
+async def test_vring_index_out_of_range() -> None:
+    async with no_leaks(), wired() as w:
+        data = encode_request(Request.SET_VRING_NUM, VringState(2, 256), need_reply=True)
+        assert await refused(w, Request.SET_VRING_NUM, data) == 1
+        assert "out of range" in error_event(w, "SET_VRING_NUM")["error"]
+        efd = os.eventfd(0, os.EFD_CLOEXEC)
+        data = encode_request(Request.SET_VRING_KICK, VringFile(7, False), need_reply=True)
+        assert await refused(w, Request.SET_VRING_KICK, data, [efd]) == 1
+        assert "out of range" in error_event(w, "SET_VRING_KICK")["error"]
+        # GET_VRING_BASE has its own reply: an empty one, which QEMU treats as a failure
+        await in_thread(w.a.send, Request.GET_VRING_BASE, VringState(200, 0))
+        reply = await in_thread(w.a.recv_reply, Request.GET_VRING_BASE)
+        assert reply.header.size == 0
+        error_event(w, "GET_VRING_BASE")
+        await still_up(w)
+
+
+async def test_protocol_features_that_were_not_offered() -> None:
+    async with no_leaks(), wired() as w:
+        wanted = int(QEMU_PROTOCOL_FEATURES | ProtocolFeature.LOG_SHMFD)
+        data = encode_request(Request.SET_PROTOCOL_FEATURES, wanted, need_reply=True)
+        assert await refused(w, Request.SET_PROTOCOL_FEATURES, data) == 1
+        assert "LOG_SHMFD" in error_event(w, "SET_PROTOCOL_FEATURES")["error"]
+        assert w.conn_a.session.acked_protocol_features & ProtocolFeature.REPLY_ACK
+        data = encode_request(
+            Request.SET_FEATURES, int(VirtioFeature.VERSION_1 | (1 << 15)), need_reply=True
+        )
+        assert await refused(w, Request.SET_FEATURES, data) == 1
+        assert "did not offer" in error_event(w, "SET_FEATURES")["error"]
+        await still_up(w)
+
+
+# -- explicit cases: broken framing closes that connection only ---------------------------------
+
+
+async def test_size_field_larger_than_any_payload() -> None:
+    async with no_leaks(), wired() as w:
+        head = encode_request(Request.ADD_MEM_REG, MemRegMsg(MemoryRegion(0, MiB, UADDR, 0)))
+        bad = head[:8] + (MAX_PAYLOAD_SIZE + 1).to_bytes(4, "little") + head[12:]
+        fds = memfds(3)
+        await in_thread(w.a.send_raw, bad, fds)
+        close_all(fds)
+        await wait_until(lambda: w.backend.sockets.get("a") is None, "a to close")
+        assert "cannot be trusted" in disconnect_reason(w.backend, "a")
+        with pytest.raises((ConnectionError, OSError)):
+            await in_thread(w.a.call, Request.GET_FEATURES)
+        reply = await in_thread(w.b.call, Request.GET_FEATURES)
+        assert reply is not None and reply.u64
+
+
+@pytest.mark.parametrize("cut", [5, HEADER_SIZE, HEADER_SIZE + 17])
+async def test_partial_message_then_eof(cut: int) -> None:
+    async with no_leaks(), wired() as w:
+        fds = memfds(1)
+        await in_thread(w.a.send_raw, add_msg(0, MiB, UADDR, 0)[:cut], fds)
+        close_all(fds)
+        w.a.sock.shutdown(socket.SHUT_WR)
+        await wait_until(lambda: w.backend.sockets.get("a") is None, "a to close")
+        reason = disconnect_reason(w.backend, "a")
+        assert "middle of a message" in reason and f"{cut} bytes" in reason
+        reply = await in_thread(w.b.call, Request.GET_FEATURES)
+        assert reply is not None and reply.u64
+
+
+def read_until_eof(sock: socket.socket) -> bytes:
+    """Everything until the back-end closes (a close with our bytes unread is a reset)."""
+    out = b""
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except ConnectionResetError:
+        pass
+    return out
+
+
+def check_replies(stream: bytes) -> int:
+    """Every reply on the wire is one QEMU accepts; returns how many."""
+    n = 0
+    while stream:
+        header = decode_header(stream[:HEADER_SIZE])
+        assert header.flags == 0x5 and len(stream) >= HEADER_SIZE + header.size
+        stream = stream[HEADER_SIZE + header.size :]
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_random_bytes(seed: int) -> None:
+    """Random bytes (some with fds) after the handshake, then EOF: whatever they frame as is
+    answered or refused, the connection ends with a reason, nothing leaks, b never notices."""
+    rng = random.Random(seed)
+    async with no_leaks(), wired() as w:
+        for _ in range(8):
+            data = rng.randbytes(rng.randint(1, 300))
+            if rng.random() < 0.5:
+                # a plausible header in front: known code, flags 1 or 9, small size
+                code = rng.choice(list(Request))
+                size = rng.randint(0, 64)
+                data = (
+                    code.to_bytes(4, "little")
+                    + rng.choice([1, 9]).to_bytes(4, "little")
+                    + size.to_bytes(4, "little")
+                    + data
+                )
+            fds = memfds(rng.randint(0, 3), MiB)
+            try:
+                await in_thread(w.a.send_raw, data, fds)
+            except OSError:
+                break  # the back-end already closed on broken framing
+            finally:
+                close_all(fds)
+        w.a.sock.shutdown(socket.SHUT_WR)
+        check_replies(await in_thread(read_until_eof, w.a.sock))
+        await wait_until(lambda: w.backend.sockets.get("a") is None, "a to close")
+        reason = disconnect_reason(w.backend, "a")
+        assert not reason.startswith("internal error"), reason
+        reply = await in_thread(w.b.call, Request.GET_FEATURES)
+        assert reply is not None and reply.u64
+
+
+# -- stalls -------------------------------------------------------------------------------------
+
+
+def spam_without_reading(path: str, count: int, done: list[float]) -> None:
+    """Connect, handshake, then send ``count`` GET_FEATURES one by one and never read a reply;
+    returns once the back-end has dropped the connection."""
+    fe = FakeFrontend.connect(path, timeout=15)
+    try:
+        fe.handshake()
+        message = encode_request(Request.GET_FEATURES)
+        try:
+            for _ in range(count):
+                fe.sock.sendall(message)
+            fe.sock.shutdown(socket.SHUT_WR)
+            # only now read: the replies we left, then EOF once we are dropped
+            while fe.sock.recv(65536):
+                pass
+        except OSError:
+            pass  # dropped while we were still sending
+    finally:
+        done.append(time.monotonic())
+        fe.close()
+
+
+async def test_stalled_frontend_stalls_only_itself_and_is_dropped(tmp_path: Path) -> None:
+    stall, good = str(tmp_path / "stall.sock"), str(tmp_path / "good.sock")
+    control = str(tmp_path / "ctl.sock")
+    config = ServerConfig(sockets=(stall, good), control=control, send_timeout=2.0)
+    fds, maps = baseline()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            backend = await nursery.start(run, config)
+            fe = await in_thread(FakeFrontend.connect, good)
+            await in_thread(fe.handshake)
+            done: list[float] = []
+            started = time.monotonic()
+            nursery.start_soon(in_thread, spam_without_reading, stall, 5000, done)
+            # the stalled connection's replies pile up unread until vhostmem blocks sending ...
+            await wait_until(lambda: backend.counters["requests"] > 100, "the spam to be read")
+            last = -1
+            while backend.counters["requests"] != last:
+                last = backend.counters["requests"]
+                await trio.sleep(0.05)
+            assert backend.sockets[stall] is not None and not done
+            # ... and everyone else is answered at once
+            client = ControlClient(control, timeout=2)
+            memfd = make_memfd(4 * MiB)
+            for i in range(10):
+                t0 = time.monotonic()
+                assert await in_thread(fe.add_region, 0, 4 * MiB, UADDR, 0, memfd) == 0
+                assert await in_thread(fe.rem_region, 0, 4 * MiB, UADDR) == 0
+                stats = await in_thread(client.call, "stats")
+                assert stats["version"] == 1
+                if i == 0:
+                    assert stats["connections_live"] == 2
+                assert time.monotonic() - t0 < 0.75, "another socket waited for the stalled one"
+            os.close(memfd)
+            await wait_until(
+                lambda: backend.sockets[stall] is None, "the stalled front-end to be dropped", 10
+            )
+            dropped = time.monotonic() - started
+            reason = disconnect_reason(backend, stall)
+            assert "has not read its replies for 2 s" in reason, reason
+            assert 2.0 <= dropped < 8, dropped
+            await wait_until(lambda: done, "the spammer to see the drop")
+            # the good connection never noticed
+            assert await in_thread(fe.call, Request.GET_FEATURES) is not None
+            assert [
+                e
+                for e in backend.events
+                if e.get("socket") == good and e.get("event") == "disconnect"
+            ] == []
+            fe.close()
+            nursery.cancel_scope.cancel()
+    assert live_fds() == fds and shared_maps() == maps
+
+
+CAPTURE_CONFIG = textwrap.dedent(
+    """
+    import json, sys, trio
+    from vhostmem import cli
+    from vhostmem.server import ServerConfig
+
+    def fake_run(fn, *args, **kwargs):  # the ServerConfig the command line built, as JSON
+        parts = [*args, *getattr(fn, "args", ()), *getattr(fn, "keywords", {}).values()]
+        [config] = [p for p in parts if isinstance(p, ServerConfig)]
+        print(json.dumps({"send_timeout": config.send_timeout,
+                          "allow_uids": list(config.allow_uids),
+                          "socket_mode": config.socket_mode}))
+
+    trio.run = fake_run
+    sys.exit(cli.main(sys.argv[1:]))
+    """
+)
+
+
+def cli_config(*argv: str) -> dict[str, Any]:
+    """What ``vhostmem ARGV`` puts in its ServerConfig (run in a child: main() binds sockets and
+    takes SIGTERM over)."""
+    done = subprocess.run(
+        [sys.executable, "-c", CAPTURE_CONFIG, *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_cli_send_timeout_default_is_10_s(tmp_path: Path) -> None:
+    assert cli_config("--socket", str(tmp_path / "vu.sock"))["send_timeout"] == 10.0
+    assert ServerConfig().send_timeout == 10.0
+    assert not os.path.exists(tmp_path / "vu.sock")
+
+
+# -- faults -------------------------------------------------------------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    from protocol import MemoryRegion, MemRegMsg, Request, encode_request
+    from vhostmem.testing.frontend import FakeFrontend, make_memfd
+    path, mode = sys.argv[1], sys.argv[2]
+    fe = FakeFrontend.connect(path)
+    fe.handshake()
+    memfd = make_memfd(64 << 20)
+    step = 8 << 20
+    if mode == "mid-plug":
+        for i in range(3):
+            assert fe.add_region(i * step, step, 0x7F0000000000 + i * step, i * step, memfd) == 0
+    region = MemoryRegion(3 * step, step, 0x7F0000000000 + 3 * step, 3 * step)
+    msg = encode_request(Request.ADD_MEM_REG, MemRegMsg(region), need_reply=True)
+    fe.send_raw(msg[: int(sys.argv[3])], [memfd])
+    print("ready", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def start_child_frontend(path: str, mode: str, cut: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, path, mode, str(cut)],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "cut", "released"),
+    [("mid-message", 7, 0), ("mid-message", 30, 0), ("mid-plug", 20, 3)],
+)
+async def test_frontend_killed(tmp_path: Path, mode: str, cut: int, released: int) -> None:
+    """SIGKILL a front-end process mid-message (an ADD half sent, with its fd) and mid-plug
+    (three regions mapped, the fourth half sent): everything it gave us is released."""
+    path = str(tmp_path / "vu.sock")
+    fds, maps = baseline()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            backend = await nursery.start(run, ServerConfig(sockets=(path,), control=path + ".ctl"))
+            child = start_child_frontend(path, mode, cut)
+            try:
+                assert child.stdout is not None
+                line = await in_thread(child.stdout.readline)
+                assert line.strip() == "ready", line
+                await wait_until(lambda: backend.sockets[path] is not None, "the child to connect")
+                conn = backend.sockets[path]
+                await wait_until(lambda: conn.session.buffered == cut, "the half message to arrive")
+                assert len(conn.session.table) == released
+                assert backend.mapper.stats.maps == released
+            finally:
+                child.kill()
+                await in_thread(child.wait)
+                assert child.stdout is not None
+                child.stdout.close()
+            await wait_until(lambda: backend.sockets[path] is None, "the connection to end")
+            [event] = [e for e in backend.events if e.get("event") == "disconnect"]
+            assert "middle of a message" in event["reason"] and event["released"] == released
+            assert event.get("conn") == 1
+            assert backend.mapper.stats.maps == 0
+            # the socket serves the next front-end
+            fe = await in_thread(FakeFrontend.connect, path)
+            await in_thread(fe.handshake)
+            fe.close()
+            nursery.cancel_scope.cancel()
+    assert live_fds() == fds and shared_maps() == maps
+
+
+async def test_second_frontend_waits_and_the_first_is_undisturbed(tmp_path: Path) -> None:
+    path = str(tmp_path / "vu.sock")
+    fds, maps = baseline()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            backend = await nursery.start(run, ServerConfig(sockets=(path,), control=path + ".ctl"))
+            first = await in_thread(FakeFrontend.connect, path)
+            await in_thread(first.handshake)
+            second = await in_thread(FakeFrontend.connect, path)
+            await in_thread(second.send, Request.GET_FEATURES)
+            memfd = make_memfd(64 * MiB)
+            for i in range(8):  # the first plugs and unplugs as if nobody else were there
+                assert (
+                    await in_thread(
+                        first.add_region,
+                        i * 8 * MiB,
+                        8 * MiB,
+                        UADDR + i * 8 * MiB,
+                        i * 8 * MiB,
+                        memfd,
+                    )
+                    == 0
+                )
+            for i in range(4):
+                assert (
+                    await in_thread(first.rem_region, i * 8 * MiB, 8 * MiB, UADDR + i * 8 * MiB)
+                    == 0
+                )
+            # the second is still waiting: no answer yet, not counted as a connection
+            second.sock.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                second.sock.recv(1)
+            assert backend.counters["connections"] == 1
+            assert len(backend.sockets[path].session.table) == 4
+            first.close()
+            second.sock.settimeout(10)
+            reply = await in_thread(second.recv_reply, Request.GET_FEATURES)
+            assert reply.u64
+            await wait_until(
+                lambda: backend.counters["connections"] == 2, "the second to be served"
+            )
+            assert backend.mapper.stats.maps == 0  # the first's regions went with it
+            assert [e["released"] for e in backend.events if e.get("event") == "disconnect"] == [4]
+            second.close()
+            os.close(memfd)
+            nursery.cancel_scope.cancel()
+    assert live_fds() == fds and shared_maps() == maps
+
+
+def connect_cycles(path: str, n: int) -> None:
+    for _ in range(n):
+        fe = FakeFrontend.connect(path, timeout=5)
+        reply = fe.call(Request.GET_FEATURES)
+        assert reply is not None and reply.u64
+        fe.close()
+
+
+async def test_thousand_connect_disconnect_cycles(tmp_path: Path) -> None:
+    path = str(tmp_path / "vu.sock")
+    fds, maps = baseline()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            backend = await nursery.start(run, ServerConfig(sockets=(path,), control=path + ".ctl"))
+            t0 = time.monotonic()
+            await in_thread(connect_cycles, path, 1000)
+            await wait_until(
+                lambda: backend.counters["connections"] == 1000 and not backend.connections(),
+                "the last disconnect",
+            )
+            elapsed = time.monotonic() - t0
+            assert elapsed < 20, f"1000 cycles took {elapsed:.1f} s"
+            disconnects = [e for e in backend.events if e.get("event") == "disconnect"]
+            assert len(disconnects) == 1000
+            assert all(e["reason"] == "front-end closed the connection" for e in disconnects)
+            assert backend.counters["errors"] == 0 and backend.mapper.stats.maps == 0
+            nursery.cancel_scope.cancel()
+    assert live_fds() == fds and shared_maps() == maps
+
+
+def test_sigterm_while_a_request_is_in_flight(tmp_path: Path) -> None:
+    running = start_backend(tmp_path, ["--inject", "ADD_MEM_REG:every:delay=5s"])
+    memfd = make_memfd(8 * MiB)
+    fe = FakeFrontend.connect(running.socket, timeout=10)
+    try:
+        fe.handshake()
+        fe.send_raw(add_msg(0, 8 * MiB, UADDR, 0), [memfd])
+        # handled (mapped) and now holding its reply back for 5 s
+        running.wait_for(lambda: running.regions(), 5, "the region to be mapped")
+        t0 = time.monotonic()
+        running.process.send_signal(signal.SIGTERM)
+        status = running.process.wait(5)
+        elapsed = time.monotonic() - t0
+        assert status == 0, running.stderr()[-2000:]
+        assert elapsed < 3, f"exit took {elapsed:.1f} s: the delayed reply was waited for"
+        assert not os.path.exists(running.socket) and not os.path.exists(running.control)
+        assert read_until_eof(fe.sock) == b""  # no reply: the connection just ends
+        lines = running.log_lines()
+        assert lines[-1]["event"] == "disconnect" and lines[-1]["released"] == 1
+        assert "SIGTERM" in running.stderr()
+    finally:
+        fe.close()
+        os.close(memfd)
+        running.stop()
+
+
+def good_cycles(path: str, n: int) -> list[int]:
+    acks = []
+    memfd = make_memfd(64 * MiB)
+    with FakeFrontend.connect(path) as fe:
+        fe.handshake()
+        for i in range(n):
+            gpa = (i % 8) * 8 * MiB
+            acks.append(fe.add_region(gpa, 8 * MiB, UADDR + gpa, gpa, memfd))
+            acks.append(fe.rem_region(gpa, 8 * MiB, UADDR + gpa))
+    os.close(memfd)
+    return acks
+
+
+def bad_connections(path: str, n: int) -> None:
+    rng = random.Random(7)
+    for i in range(n):
+        with FakeFrontend.connect(path, timeout=5) as fe:
+            kind = i % 4
+            if kind == 0:
+                fe.send_raw(rng.randbytes(200))
+            elif kind == 1:
+                fe.send_raw(
+                    encode_request(Request.GET_FEATURES)[:8] + (1 << 31).to_bytes(4, "little")
+                )
+            elif kind == 2:
+                fd = make_memfd(MiB)
+                fe.send_raw(add_msg(0, MiB, UADDR, 0)[:20], [fd])
+                os.close(fd)
+            else:
+                fe.handshake()
+                fd = make_memfd(MiB)
+                fe.send_raw(add_msg(0, MiB, UADDR, 0), [fd, fd, fd])
+                os.close(fd)
+            fe.sock.shutdown(socket.SHUT_WR)
+            try:
+                read_until_eof(fe.sock)
+            except OSError:
+                pass
+
+
+async def test_misbehaving_socket_does_not_disturb_another(tmp_path: Path) -> None:
+    good, bad = str(tmp_path / "good.sock"), str(tmp_path / "bad.sock")
+    fds, maps = baseline()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            backend = await nursery.start(
+                run, ServerConfig(sockets=(good, bad), control=good + ".ctl")
+            )
+            results: dict[str, Any] = {}
+
+            async def run_good() -> None:
+                results["acks"] = await in_thread(good_cycles, good, 150)
+
+            async with trio.open_nursery() as both:
+                both.start_soon(run_good)
+                both.start_soon(in_thread, bad_connections, bad, 40)
+            assert results["acks"] == [0] * 300
+            await wait_until(lambda: not backend.connections(), "all connections to end")
+            on_good = [e for e in backend.events if e.get("socket") == good]
+            assert [e for e in on_good if e.get("result") == "error"] == []
+            assert [e.get("event") for e in on_good if "event" in e] == ["connect", "disconnect"]
+            bad_disconnects = [
+                e
+                for e in backend.events
+                if e.get("socket") == bad and e.get("event") == "disconnect"
+            ]
+            assert len(bad_disconnects) == 40
+            assert not [e for e in bad_disconnects if e["reason"].startswith("internal error")]
+            nursery.cancel_scope.cancel()
+    assert live_fds() == fds and shared_maps() == maps
+
+
+# -- security -----------------------------------------------------------------------------------
+
+
+async def test_sockets_are_created_0600(tmp_path: Path) -> None:
+    path = str(tmp_path / "vu.sock")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run, ServerConfig(sockets=(path,), control=path + ".ctl"))
+            for p in (path, path + ".ctl"):
+                st = os.stat(p)
+                assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600, oct(
+                    st.st_mode
+                )
+            nursery.cancel_scope.cancel()
+
+
+def test_socket_mode_option_sets_both_sockets(tmp_path: Path) -> None:
+    running = start_backend(tmp_path, ["--socket-mode", "0660"])
+    try:
+        for p in (running.socket, running.control):
+            assert stat.S_IMODE(os.stat(p).st_mode) == 0o660
+        assert running.stats()["version"] == 1
+    finally:
+        assert running.stop() == 0
+
+
+async def test_peer_credentials_in_event_log_and_regions(tmp_path: Path) -> None:
+    path = str(tmp_path / "vu.sock")
+    log = tmp_path / "events.jsonl"
+    me = {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                run, ServerConfig(sockets=(path,), control=path + ".ctl", event_log=str(log))
+            )
+            fe = await in_thread(FakeFrontend.connect, path)
+            await in_thread(fe.handshake)
+            memfd = make_memfd(MiB)
+            assert await in_thread(fe.add_region, 0, MiB, UADDR, 0, memfd) == 0
+            os.close(memfd)
+            doc = await in_thread(ControlClient(path + ".ctl").call, "regions")
+            [region] = doc["regions"]
+            assert region["peer_pid"] == me["pid"]
+            [sock] = doc["sockets"]
+            assert sock["peer"] == me
+            fe.close()
+            nursery.cancel_scope.cancel()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    [connect] = [e for e in lines if e.get("event") == "connect"]
+    assert connect["peer"] == me
+    [add] = [e for e in lines if e.get("request") == "ADD_MEM_REG"]
+    assert add["peer_pid"] == me["pid"]
+
+
+async def test_allow_uid_refuses_other_peers_with_a_logged_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = str(tmp_path / "vu.sock")
+    log = tmp_path / "events.jsonl"
+    other = os.getuid() + 4242
+    config = ServerConfig(
+        sockets=(path,), control=path + ".ctl", event_log=str(log), allow_uids=(other, other + 1)
+    )
+    caplog.set_level(logging.WARNING, logger="vhostmem")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            backend = await nursery.start(run, config)
+            fe = await in_thread(FakeFrontend.connect, path)
+            with pytest.raises((ConnectionError, OSError)):
+                await in_thread(fe.call, Request.GET_FEATURES)
+            fe.close()
+            with pytest.raises(ControlError):
+                await in_thread(ControlClient(path + ".ctl", timeout=5).call, "stats")
+            await wait_until(
+                lambda: len([e for e in backend.events if e.get("event") == "refused"]) == 2,
+                "two refusals",
+            )
+            assert backend.connections() == []
+            nursery.cancel_scope.cancel()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    refusals = [e for e in lines if e.get("event") == "refused"]
+    assert {e["socket"] for e in refusals} == {path, "control"}
+    for e in refusals:
+        assert (
+            f"uid {os.getuid()}" in e["reason"]
+            and f"--allow-uid {other} {other + 1}" in e["reason"]
+        )
+    assert refusals[0]["peer"]["uid"] == os.getuid() and refusals[0]["peer"]["pid"] == os.getpid()
+    assert any(
+        "refused" in r.getMessage() and "is not allowed" in r.getMessage() for r in caplog.records
+    )
+    assert not [e for e in lines if e.get("event") == "connect"]
+
+
+def test_allow_uid_is_repeatable_on_the_command_line(tmp_path: Path) -> None:
+    sock = str(tmp_path / "x.sock")
+    assert cli_config("--socket", sock, "--allow-uid", "7", "--allow-uid", "0")["allow_uids"] == [
+        7,
+        0,
+    ]
+    assert cli_config("--socket", sock) == {
+        "send_timeout": 10.0,
+        "allow_uids": [],
+        "socket_mode": 0o600,
+    }
+    assert cli_config("--socket", sock, "--socket-mode", "0640")["socket_mode"] == 0o640
+
+
+async def test_allow_uid_accepts_the_listed_uid(tmp_path: Path) -> None:
+    config = ServerConfig(allow_uids=(7, os.getuid()))
+    path = str(tmp_path / "vu.sock")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                run,
+                ServerConfig(sockets=(path,), control=path + ".ctl", allow_uids=config.allow_uids),
+            )
+            fe = await in_thread(FakeFrontend.connect, path)
+            assert (await in_thread(fe.call, Request.GET_FEATURES)) is not None
+            fe.close()
+            assert (await in_thread(ControlClient(path + ".ctl").call, "stats"))["version"] == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_path_that_is_not_a_socket_is_never_removed(tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("keep me")
+    target = tmp_path / "target"
+    target.write_text("keep me too")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    sock = str(tmp_path / "vu.sock")
+    for socket_path, control in (
+        (str(plain), sock + ".ctl"),
+        (sock, str(plain)),
+        (str(link), sock + ".ctl"),
+        (sock, str(link)),
+    ):
+        with trio.fail_after(10):
+            try:
+                await run(ServerConfig(sockets=(socket_path,), control=control))
+            except BaseException as err:  # SocketError, maybe inside an ExceptionGroup
+                assert "not a socket" in repr(err), repr(err)
+            else:
+                raise AssertionError("run() served on a path that is not a socket")
+        assert plain.read_text() == "keep me" and target.read_text() == "keep me too"
+        assert link.is_symlink()
+        assert not os.path.exists(sock) and not os.path.exists(sock + ".ctl")  # ours, removed
+    # our socket replaced by a file while we run: left alone at exit
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run, ServerConfig(sockets=(sock,), control=sock + ".ctl"))
+            os.unlink(sock)
+            Path(sock).write_text("someone else's")
+            nursery.cancel_scope.cancel()
+    assert Path(sock).read_text() == "someone else's"
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_bind_never_removes_a_non_socket_at_its_temporary_name(tmp_path: Path) -> None:
+    """bind_unix_socket binds ``.NAME.PID.tmp`` beside the path first; a file of someone else's
+    that happens to have that name must not be unlinked."""
+    path = tmp_path / "vu.sock"
+    temp = tmp_path / f".vu.sock.{os.getpid()}.tmp"
+    temp.write_text("not ours")
+    try:
+        sock = bind_unix_socket(str(path), 0o600)
+    except SocketError:
+        pass  # refusing is fine too
+    else:
+        sock.close()
+    assert temp.exists() and temp.read_text() == "not ours"
+
+
+async def test_a_socket_we_did_not_create_is_not_removed_at_exit(tmp_path: Path) -> None:
+    """Our socket file was replaced by another server's socket while we ran: at exit we remove
+    only the socket we created (the same inode), not the other server's."""
+    path = str(tmp_path / "vu.sock")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run, ServerConfig(sockets=(path,), control=path + ".ctl"))
+            os.unlink(path)
+            theirs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            theirs.bind(path)
+            theirs.listen(1)
+            nursery.cancel_scope.cancel()
+    try:
+        assert os.path.exists(path), "vhostmem removed another server's socket"
+    finally:
+        theirs.close()
+
+
+async def test_wire_bytes_are_never_paths_or_format_strings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Payloads full of %-formats, {}-formats and paths: logged and recorded as data only."""
+    caplog.set_level(logging.DEBUG, logger="vhostmem")
+    evil = b"%s%n%x{0}{.__class__}../../" + str(tmp_path / "pwned").encode() + b"\0"
+    async with no_leaks(), wired(event_log=str(tmp_path / "events.jsonl")) as w:
+        for code in (
+            200,
+            int(Request.SET_LOG_BASE),
+            int(Request.GET_CONFIG),
+            int(Request.SET_MEM_TABLE),
+        ):
+            await in_thread(w.a.send_raw, encode_request(code, evil, need_reply=True))
+            if code in (int(Request.GET_CONFIG),):
+                await in_thread(w.a.recv_reply, code)
+            else:
+                assert (await in_thread(w.a.recv_reply, code)).u64 != 0
+        await still_up(w)
+        # the control socket: names and numbers looked up, never opened or formatted
+        for request in (
+            {"cmd": "%s%n", "args": {}},
+            {"cmd": "peek", "args": {"gpa": 0, "len": 8, "socket": str(tmp_path / "pwned")}},
+            {"cmd": "events", "args": {"limit": "%d"}},
+            {"cmd": "regions", "args": {"merged": True, "markers": [[0, 1, "%s%s%s{0}"]]}},
+        ):
+            reply = answer(w.backend, json.dumps(request).encode())
+            assert "internal error" not in json.dumps(reply)
+    for record in caplog.records:
+        record.getMessage()  # every record formats (a wire %s as the format would raise or lie)
+        assert "pwned" not in str(record.msg), record.msg
+    assert not (tmp_path / "pwned").exists()
+    for line in (tmp_path / "events.jsonl").read_text().splitlines():
+        json.loads(line)
