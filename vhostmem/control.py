@@ -148,6 +148,16 @@ def _count(path: str) -> int:
         return -1
 
 
+def _shared_maps() -> int:
+    """Shared mappings of the process (guest memory is MAP_SHARED; heap arenas and thread
+    stacks, which come and go, are private)."""
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+            return sum(1 for line in f if line.split(maxsplit=2)[1][3:4] == "s")
+    except OSError:
+        return -1
+
+
 def _cmd_stats(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     mapper = backend.mapper.stats
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -167,6 +177,7 @@ def _cmd_stats(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
         "mapping_fds": mapper.fds_held,
         "process_fds": _count("/proc/self/fd"),
         "process_maps": _count("/proc/self/maps"),
+        "process_shared_maps": _shared_maps(),
         "rlimit_nofile": [soft, hard],
         "vrings": vrings,
         **backend.counters,
