@@ -444,7 +444,9 @@ def build_ctl_parser() -> argparse.ArgumentParser:
         description="Each STEP is the set of plugged memslots after one change, e.g. "
         "'0' '0,1' '0,1,2' '-' (none). Default: 0 -> 0,1,2 -> 0 -> none, the recorded QEMU run.",
     )
-    p.add_argument("steps", nargs="*", metavar="STEP", help="plugged memslots, e.g. 0,1 (- for none)")
+    p.add_argument(
+        "steps", nargs="*", metavar="STEP", help="plugged memslots, e.g. 0,1 (- for none)"
+    )
     p.add_argument("--memslot-size", type=parse_size, default=1 << 30, metavar="SIZE")
     p.add_argument("--device-size", type=parse_size, default=4 << 30, metavar="SIZE")
     p.add_argument("--base", type=_int0, default=0x100000000, metavar="GPA", help="device memaddr")
@@ -539,7 +541,10 @@ def _explain(args: argparse.Namespace) -> int:
         try:
             steps.append(set() if text == "-" else {int(i) for i in text.split(",")})
         except ValueError:
-            print(f"vhostmem-ctl: step {text!r} is not a comma list of memslot numbers", file=sys.stderr)
+            print(
+                f"vhostmem-ctl: step {text!r} is not a comma list of memslot numbers",
+                file=sys.stderr,
+            )
             return 2
     doc = explain(
         steps,
@@ -547,7 +552,11 @@ def _explain(args: argparse.Namespace) -> int:
         region_size=args.device_size,
         memslot_size=args.memslot_size,
     )
-    print(json.dumps(doc, indent=2, sort_keys=True) if getattr(args, "json", False) else render_explain(doc))
+    print(
+        json.dumps(doc, indent=2, sort_keys=True)
+        if getattr(args, "json", False)
+        else render_explain(doc)
+    )
     return 0
 
 
@@ -593,7 +602,9 @@ def _check(args: argparse.Namespace) -> int:
         if "qmp" in doc:
             q = doc["qmp"]
             verdict = "matches" if q["matches"] else "DOES NOT match"
-            print(f"\ntable vs QEMU ({args.qmp}): {verdict} the {len(q['expected'])} region(s) QEMU should have sent")
+            print(
+                f"\ntable vs QEMU ({args.qmp}): {verdict} the {len(q['expected'])} region(s) QEMU should have sent"
+            )
             for label in ("missing", "unexpected"):
                 for gpa, size, off in q[label]:
                     print(f"  {label}: gpa=0x{gpa:x} size=0x{size:x} mmap_offset=0x{off:x}")
