@@ -4,7 +4,9 @@
 Per page size (from /sys/kernel/mm/hugepages/hugepages-*kB): total (nr_hugepages), free,
 reserved (promised to a mapping but not yet faulted in: not usable by anyone else), surplus
 (overcommitted pages beyond the pool) and the overcommit limit; "available" is free - reserved,
-what a new mapping can still get. Then every hugetlbfs mount with its page size.
+what a new mapping can still get. Then every hugetlbfs mount with its page size, and the
+processes that hold huge pages right now (HugetlbPages in /proc/PID/status: shared and private
+hugetlb memory they have faulted in).
 
 Standalone (stdlib only), never imported by vhostmem.
 """
@@ -64,12 +66,29 @@ def mounts() -> list[dict[str, Any]]:
     return out
 
 
+def holders() -> list[dict[str, Any]]:
+    """Processes with hugetlb pages mapped (faulted in), largest first."""
+    out = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(
+                line.split(":", 1) for line in status.read_text().splitlines() if ":" in line
+            )
+        except OSError:  # the process went away
+            continue
+        kb = int(fields.get("HugetlbPages", "0 kB").split()[0])
+        if kb:
+            out.append({"pid": int(status.parent.name), "name": fields["Name"].strip(),
+                        "hugetlb_bytes": kb * 1024})
+    return sorted(out, key=lambda h: -h["hugetlb_bytes"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="one JSON document (version 1)")
     args = ap.parse_args()
-    doc = {"version": 1, "pools": pools(), "mounts": mounts()}
+    doc = {"version": 1, "pools": pools(), "mounts": mounts(), "holders": holders()}
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         print()
@@ -82,6 +101,10 @@ def main() -> int:
         print("hugetlbfs: not mounted (hugepages/setup.sh --mount DIR)")
     for m in doc["mounts"]:
         print(f"hugetlbfs: {m['path']} (pagesize {m['page_size']})")
+    if not doc["holders"]:
+        print("no process holds huge pages")
+    for h in doc["holders"]:
+        print(f"held by pid {h['pid']} ({h['name']}): {h['hugetlb_bytes'] >> 20} MiB")
     return 0
 
 

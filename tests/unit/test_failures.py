@@ -82,6 +82,10 @@ CASES: list[tuple[str, Callable[[Path], int], int, list[str]]] = [
     ("sealed-memfd", lambda p: make_sealed_memfd(), 4 * MiB, ["sealed", "F_SEAL_WRITE"]),
     ("truncated-file", make_short_file, 4 * MiB, ["past", "file"]),
     ("memfd-past-eof", lambda p: make_memfd(MiB), 4 * MiB, ["memfd", "past"]),
+    # MFD_HUGETLB memfd of one 2 MiB page, region of 4 MiB: refused up front (touching the
+    # tail would SIGBUS), and the message names the huge page backing
+    ("hugetlb-memfd-past-eof", lambda p: make_memfd(2 * MiB, hugetlb=True), 4 * MiB,
+     ["memfd-hugetlb", "2 MiB", "past"]),
 ]
 
 
