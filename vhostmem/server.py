@@ -24,9 +24,9 @@ from typing import Any, final
 import trio
 
 from protocol import MemoryRegion, Request
+from vhostmem.atomicity import History
 from vhostmem.control import EventLog, serve_control
 from vhostmem.datapath import NetAttachment, NetDevice
-from vhostmem.atomicity import History
 from vhostmem.errors import RemoteProtocolError, VhostMemError
 from vhostmem.events import NEED_DATA, Handled
 from vhostmem.faults import FaultPlan, parse_fault
@@ -326,7 +326,7 @@ class Backend:
         except VhostMemError as err:
             reason = f"error: {err}"
             log.error("closing connection: %s", err)
-        except Exception as err:  # a bug of ours must not take the other sockets down  # noqa: BLE001
+        except Exception as err:  # a bug of ours must not take the other sockets down
             reason = f"internal error: {err!r}"
             log.exception("internal error; closing this connection only")
         finally:
