@@ -157,6 +157,10 @@ class FaultPlan:
 
     faults: list[Fault] = field(default_factory=list)
 
+    def __bool__(self) -> bool:
+        # An empty plan is false, so the session skips matching on every request.
+        return bool(self.faults)
+
     def add(self, fault: Fault) -> None:
         self.faults.append(fault)
 
