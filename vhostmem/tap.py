@@ -42,6 +42,9 @@ def _pyroute2() -> None:
     from pyroute2 import config  # type: ignore[import-untyped,unused-ignore]
 
     config.disable_mp_signal = True
+    # pyroute2 logs every netlink message at DEBUG; vhostmem's --log-level debug is about us.
+    if logging.getLogger("pyroute2").level == logging.NOTSET:
+        logging.getLogger("pyroute2").setLevel(logging.INFO)
 
 
 __all__ = ["Tap", "TapConfig", "TapError", "open_tap"]

@@ -208,14 +208,14 @@ class Rig:
         return state.num
 
 
-async def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 5.0) -> Any:
-    with trio.move_on_after(timeout):
+async def wait_for(predicate: Callable[[], Any], what: str, limit: float = 5.0) -> Any:
+    with trio.move_on_after(limit):
         while True:
             value = predicate()
             if value:
                 return value
             await trio.sleep(0.005)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    raise AssertionError(f"timed out after {limit} s waiting for {what}")
 
 
 def readable(fd: int) -> bool:
@@ -481,7 +481,9 @@ def require_root_tap() -> None:
     if not os.path.exists("/dev/net/tun"):
         pytest.fail("/dev/net/tun is missing: modprobe tun (or give the container the device)")
     if shutil.which("busybox") is None:
-        pytest.fail("busybox is missing (its ping is used): tools/setup-host installs busybox-static")
+        pytest.fail(
+            "busybox is missing (its ping is used): tools/setup-host installs busybox-static"
+        )
 
 
 def ip(*args: str, check: bool = True) -> str:
@@ -550,7 +552,8 @@ async def test_real_tap_arp_from_the_namespace_reaches_the_rx_ring(clean_netns: 
         await trio.run_process(
             ["ip", "netns", "exec", NS, "busybox", "ping", "-c", "1", "-W", "1", "192.0.2.2"],
             check=False,
-            capture_stdout=True, capture_stderr=True,
+            capture_stdout=True,
+            capture_stderr=True,
         )
         frames = []
         for head, n in r.rx.used():

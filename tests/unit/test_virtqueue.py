@@ -134,9 +134,7 @@ class Driver:
         self.mem.write(self.layout.avail + 4 + 2 * self.num, struct.pack("<H", value))
 
     def avail_event(self) -> int:
-        value: int = struct.unpack(
-            "<H", self.mem.read(self.layout.used + 4 + 8 * self.num, 2)
-        )[0]
+        value: int = struct.unpack("<H", self.mem.read(self.layout.used + 4 + 8 * self.num, 2))[0]
         return value
 
 
@@ -350,7 +348,7 @@ def test_unpop_gives_chains_back() -> None:
 
 
 def test_used_idx_is_read_from_memory() -> None:
-    mem, driver, _ = ring()
+    mem, _, _ = ring()
     mem.write(LAYOUT.used + 2, struct.pack("<H", 5))
     queue = SplitQueue(mem, LAYOUT, last_avail_idx=5, event_idx=False)
     assert queue.used_idx == 5 and queue.last_avail_idx == 5
