@@ -74,7 +74,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, final
 
-from vhostmem.regions import Region, _human, describe
+from vhostmem.regions import Region, human_size, describe
 
 __all__ = [
     "ADD_MEM_REG",
@@ -223,7 +223,7 @@ def _overlap(a: RegionRef, b: RegionRef) -> Range | None:
 
 
 def _range_text(r: Range) -> str:
-    return f"0x{r[0]:x}-0x{r[1] - 1:x} ({_human(r[1] - r[0])})"
+    return f"0x{r[0]:x}-0x{r[1] - 1:x} ({human_size(r[1] - r[0])})"
 
 
 def _ranges_json(ranges: Iterable[Range]) -> list[dict[str, int]]:

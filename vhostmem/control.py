@@ -176,7 +176,7 @@ def _cmd_stats(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
         "maps": mapper.maps,
         "mapping_fds": mapper.fds_held,
         "process_fds": _count("/proc/self/fd"),
-        "process_maps": _count("/proc/self/maps"),
+        "process_maps": process_map_count(),
         "process_shared_maps": _shared_maps(),
         "rlimit_nofile": [soft, hard],
         "vrings": vrings,
@@ -187,7 +187,7 @@ def _cmd_stats(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
 
 def _datapath_stats(backend: Backend) -> dict[str, Any]:
     """``tap`` and per-connection ``datapath`` counters (translations per region), with --tap."""
-    net = getattr(backend, "net", None)
+    net = backend.net
     if net is None:
         return {}
     return {

@@ -37,13 +37,11 @@ class TableChange:
         removed: regions taken out (their mappings are already released).
         added: regions put in (mapped).
         kept: for SET_MEM_TABLE, regions that stayed mapped because they were unchanged.
-        requested: the regions the request named, as received (for the event log).
     """
 
     removed: tuple[Region, ...]
     added: tuple[Region, ...]
     kept: tuple[Region, ...]
-    requested: tuple[dict[str, int], ...]
 
 
 @final
@@ -63,6 +61,8 @@ class Handled:
         notes: things a person should know although the request succeeded.
         nfds: how many file descriptors came with the request.
         details: extra numbers for JSON consumers (e.g. a mapping diagnosis).
+        requested: for memory-table requests, the regions the request named, as received
+            (``gpa``, ``size``, ``uaddr``, ``mmap_offset``), whether or not it succeeded.
         injected: the fault SPEC that fired on this request, if one did.
         delay: seconds the shell holds the reply back (an injected delay).
         disconnect: the shell must close the connection now (an injected disconnect).
@@ -79,6 +79,7 @@ class Handled:
     notes: tuple[str, ...] = ()
     nfds: int = 0
     details: dict[str, Any] | None = None
+    requested: tuple[dict[str, int], ...] = ()
     injected: str | None = None
     delay: float = 0.0
     disconnect: bool = False

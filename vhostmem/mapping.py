@@ -42,6 +42,7 @@ from types import TracebackType
 from typing import Any, Final, Literal, final
 
 from vhostmem.errors import MappingError
+from vhostmem.regions import describe, human_size
 
 __all__ = [
     "MAP_NORESERVE",
@@ -133,16 +134,8 @@ def _align_up(value: int, align: int) -> int:
     return _align_down(value + align - 1, align)
 
 
-def _human(n: int) -> str:
-    """``1024 MiB``, ``4 KiB``, ``1.50 MiB``: sizes as people read them in messages."""
-    for unit, name in ((_MIB, "MiB"), (1 << 10, "KiB")):
-        if n >= unit:
-            return f"{n // unit} {name}" if n % unit == 0 else f"{n / unit:.2f} {name}"
-    return f"{n} B"
-
-
 def _region_text(request: str, gpa: int, size: int, mmap_offset: int) -> str:
-    return f"{request} gpa={gpa:#x} size={size:#x} ({_human(size)}) mmap_offset={mmap_offset:#x}"
+    return f"{request} {describe(gpa, size, mmap_offset=mmap_offset)}"
 
 
 def _read_int(path: str) -> int | None:
@@ -192,7 +185,7 @@ def hugetlb_pool(page_size: int) -> dict[str, int] | None:
 def _pool_text(page_size: int) -> str:
     pool = hugetlb_pool(page_size)
     if pool is None:
-        return f"no hugetlb pool for {_human(page_size)} pages"
+        return f"no hugetlb pool for {human_size(page_size)} pages"
     return (f"hugetlb pool {page_size // 1024}kB: free {pool['free']}, resv {pool['resv']}, "
             f"total {pool['total']}, surplus {pool['surplus']} pages")
 
@@ -254,8 +247,8 @@ class Backing:
         """One line for messages: kind, target, page size, file size, access, seals."""
         text = f"{self.kind} {self.target!r}"
         if self.mappable:
-            text += (f" (page {_human(self.page_size)}, file size {self.st_size:#x}"
-                     f" = {_human(self.st_size)}, {self.access}")
+            text += (f" (page {human_size(self.page_size)}, file size {self.st_size:#x}"
+                     f" = {human_size(self.st_size)}, {self.access}")
             if self.seals:
                 text += ", seals " + "|".join(self.seals)
             text += ")"
@@ -962,8 +955,8 @@ class Mapper:
         if backing.st_size < end:
             raise fail("past-eof",
                        f"the region ends past the end of the file: file size "
-                       f"{backing.st_size:#x} ({_human(backing.st_size)}) < mmap_offset + size "
-                       f"= {end:#x} ({_human(end)}), short by {end - backing.st_size:#x}; "
+                       f"{backing.st_size:#x} ({human_size(backing.st_size)}) < mmap_offset + size "
+                       f"= {end:#x} ({human_size(end)}), short by {end - backing.st_size:#x}; "
                        "touching the tail would SIGBUS",
                        "make the memory backend at least mmap_offset + size bytes (size=), and "
                        "check nothing truncated the file",
@@ -979,14 +972,14 @@ class Mapper:
 
         def layout_text() -> str:  # only failures pay for the words
             return (f"fd_offset {fd_offset:#x}, remainder {remainder:#x}, length {length:#x} "
-                    f"({_human(length)}), page {page:#x}")
+                    f"({human_size(length)}), page {page:#x}")
 
         stats = self.stats
         if self.max_mapped is not None and stats.mapped_bytes + length > self.max_mapped:
             raise fail("max-mapped",
-                       f"mapping {length:#x} ({_human(length)}) more would exceed max_mapped "
-                       f"{self.max_mapped:#x} ({_human(self.max_mapped)}): already mapped "
-                       f"{stats.mapped_bytes:#x} ({_human(stats.mapped_bytes)}) in "
+                       f"mapping {length:#x} ({human_size(length)}) more would exceed max_mapped "
+                       f"{self.max_mapped:#x} ({human_size(self.max_mapped)}): already mapped "
+                       f"{stats.mapped_bytes:#x} ({human_size(stats.mapped_bytes)}) in "
                        f"{stats.maps} regions",
                        "raise the max_mapped cap, or unplug memory first",
                        max_mapped=self.max_mapped, mapped_bytes=stats.mapped_bytes,
@@ -1073,7 +1066,7 @@ class Mapper:
                 f"/proc/sys/vm/max_map_count {limit}, this process has {current} mappings "
                 f"(/proc/self/maps lines)",
                 f"this Mapper maps {stats.maps} regions, {stats.mapped_bytes:#x} "
-                f"({_human(stats.mapped_bytes)})",
+                f"({human_size(stats.mapped_bytes)})",
                 f"RLIMIT_AS {as_text}",
             ]
             numbers.update(max_map_count=limit, process_maps=current, mapper_maps=stats.maps,
@@ -1091,7 +1084,7 @@ class Mapper:
         if code == errno_mod.EINVAL and backing.hugetlb:
             page = backing.page_size
             text = (f"{said}; hugetlbfs needs the file offset and length to be multiples of the "
-                    f"huge page size {page:#x} ({_human(page)}): fd_offset {layout['fd_offset']:#x}"
+                    f"huge page size {page:#x} ({human_size(page)}): fd_offset {layout['fd_offset']:#x}"
                     f" mod page = {layout['fd_offset'] % page:#x}, length {layout['length']:#x}"
                     f" mod page = {layout['length'] % page:#x}")
             return fail("einval", text, "check the page size of the backend (hugetlbsize=) "

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Final, final
 
 from vhostmem.atomicity import DEFAULT_BATCH_GAP, History
-from vhostmem.regions import _human, describe
+from vhostmem.regions import human_size, describe
 
 __all__ = [
     "DEFAULT_BOOT_RAM",
@@ -461,7 +461,7 @@ def explain(
 
 def _message_line(m: Mapping[str, Any]) -> str:
     verb = "ADD" if m["request"] == "ADD_MEM_REG" else "REM"
-    text = f"{verb} 0x{m['gpa']:x}-0x{m['gpa'] + m['size'] - 1:x} {_human(m['size'])}"
+    text = f"{verb} 0x{m['gpa']:x}-0x{m['gpa'] + m['size'] - 1:x} {human_size(m['size'])}"
     if m["violation"]:
         text += f"  !! {m['classification']}"
     return text

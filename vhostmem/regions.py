@@ -38,6 +38,7 @@ __all__ = [
     "RegionTable",
     "UnmergeableRange",
     "describe",
+    "human_size",
     "merged_view",
 ]
 
@@ -46,7 +47,7 @@ U64_LIMIT = 1 << 64
 
 def describe(gpa: int, size: int, uaddr: int | None = None, mmap_offset: int | None = None) -> str:
     """Name a region the same way in every message: ``gpa=0x... size=0x... (N MiB) ...``."""
-    text = f"gpa=0x{gpa:x} size=0x{size:x} ({_human(size)})"
+    text = f"gpa=0x{gpa:x} size=0x{size:x} ({human_size(size)})"
     if uaddr is not None:
         text += f" uaddr=0x{uaddr:x}"
     if mmap_offset is not None:
@@ -54,7 +55,8 @@ def describe(gpa: int, size: int, uaddr: int | None = None, mmap_offset: int | N
     return text
 
 
-def _human(size: int) -> str:
+def human_size(size: int) -> str:
+    """``512 MiB``, ``1 GiB``, ``1.50 MiB``: a size as people read it in every message."""
     for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if size >= 1 << shift:
             value = size / (1 << shift)

@@ -5,10 +5,11 @@ Pure formatting; ``vhostmem-ctl`` prints what these functions return.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
-from vhostmem.regions import _human
+from vhostmem.regions import human_size
 
 __all__ = [
     "render_diagnose",
@@ -23,7 +24,7 @@ __all__ = [
 
 
 def _size(n: int) -> str:
-    return _human(n)
+    return human_size(n)
 
 
 def render_regions(doc: dict[str, Any]) -> str:
@@ -137,6 +138,8 @@ def render_stats(doc: dict[str, Any]) -> str:
             value = f"{value} ({_size(value)})"
         elif key == "uptime":
             value = f"{value:.1f} s"
+        elif isinstance(value, (dict, list)):  # tap and data-path counters (--tap)
+            value = json.dumps(value, sort_keys=True)
         lines.append(f"{key:>18}: {value}")
     for ring in doc.get("vrings", []):
         lines.append(

@@ -218,12 +218,8 @@ class Backend:
         }
         if conn.peer is not None:
             doc["peer_pid"] = conn.peer.pid
-        payload = handled.payload
         change = handled.change
-        if change is not None:
-            requested = list(change.requested)
-        else:
-            requested = _requested_regions(payload)
+        requested = list(handled.requested)
         if handled.request is Request.SET_MEM_TABLE:
             doc["regions"] = requested
         elif requested:
@@ -330,22 +326,22 @@ class Backend:
             reason = f"internal error: {err!r}"
             log.exception("internal error; closing this connection only")
         finally:
-            with trio.CancelScope(shield=True):
-                if conn.datapath is not None:
-                    conn.datapath.close()  # rings stop before their memory is unmapped
-                gone = session.close()
-                stream.close()
-                self.sockets[socket_name] = None
-                log.info("released %d region(s); %s", len(gone), reason)
-                self.record(
-                    {
-                        "event": "disconnect",
-                        "socket": socket_name,
-                        "conn": number,
-                        "reason": reason,
-                        "released": len(gone),
-                    }
-                )
+            # Nothing here awaits, so cancellation cannot cut the release short.
+            if conn.datapath is not None:
+                conn.datapath.close()  # rings stop before their memory is unmapped
+            gone = session.close()
+            stream.close()
+            self.sockets[socket_name] = None
+            log.info("released %d region(s); %s", len(gone), reason)
+            self.record(
+                {
+                    "event": "disconnect",
+                    "socket": socket_name,
+                    "conn": number,
+                    "reason": reason,
+                    "released": len(gone),
+                }
+            )
 
     async def _loop(self, conn: Connection, stream: FdStream) -> None:
         session = conn.session
@@ -461,21 +457,6 @@ class Backend:
         for path in self.created_paths:
             remove_our_socket(path)
         self.created_paths.clear()
-
-
-def _requested_regions(payload: Any) -> list[dict[str, int]]:
-    region = getattr(payload, "region", None)
-    regions = getattr(payload, "regions", None)
-    wire = [region] if region is not None else list(regions or [])
-    return [
-        {
-            "gpa": r.guest_phys_addr,
-            "size": r.memory_size,
-            "uaddr": r.userspace_addr,
-            "mmap_offset": r.mmap_offset,
-        }
-        for r in wire
-    ]
 
 
 async def run(

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, final
 
 from protocol import (
@@ -338,19 +338,25 @@ class Session:
         if len(self._buffer) < total:
             return NEED_DATA
         raw = bytes(self._buffer[HEADER_SIZE:total])
-        start = self._consumed
         del self._buffer[:total]
         self._header = None
         self._consumed += total
-        fds = self._take_fds(start, self._consumed)
+        fds = self._take_fds(self._consumed)
         self.requests += 1
-        return self._handle(header, raw, fds)
+        handled = self._handle(header, raw, fds)
+        payload = handled.payload
+        if isinstance(payload, MemRegMsg):
+            return replace(handled, requested=(_wire_json(payload.region),))
+        if isinstance(payload, MemoryTable):
+            return replace(handled, requested=tuple(_wire_json(r) for r in payload.regions))
+        return handled
 
-    def _take_fds(self, start: int, end: int) -> list[int]:
+    def _take_fds(self, end: int) -> list[int]:
+        # Every pending chunk that starts before ``end`` belongs to this message: chunks that
+        # started before it were taken by earlier messages.
         fds: list[int] = []
         while self._pending and self._pending[0].at < end:
             fds.extend(self._pending.popleft().fds)
-        del start  # fds that arrived before this message's start were taken by earlier ones
         return fds
 
     def _fail_framing(self, why: str) -> None:
@@ -626,7 +632,7 @@ class Session:
         fd = fds.pop()
         region = self._map(Request.ADD_MEM_REG, wire, fd)
         self.table.add(region)
-        change = TableChange(removed=(), added=(region,), kept=(), requested=(_wire_json(wire),))
+        change = TableChange(removed=(), added=(region,), kept=())
         return b"", change, self._ring_notes_after_change()
 
     def _rem_mem_reg(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
@@ -652,7 +658,7 @@ class Session:
         notes = self._rings_in(region)
         self.table.remove(region)
         self.host.unmap_region(region.handle)
-        change = TableChange(removed=(region,), added=(), kept=(), requested=(_wire_json(wire),))
+        change = TableChange(removed=(region,), added=(), kept=())
         return b"", change, notes
 
     def _set_mem_table(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
@@ -706,7 +712,6 @@ class Session:
             removed=removed,
             added=tuple(added),
             kept=tuple(kept),
-            requested=tuple(_wire_json(w) for w in wanted),
         )
         return b"", change, self._ring_notes_after_change()
 
