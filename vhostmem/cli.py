@@ -224,6 +224,17 @@ Then, in another terminal:
         help="drop a front-end that has not read its replies for this long (default 10); it "
         "stalls only its own connection",
     )
+    where.add_argument(
+        "--linger-ms",
+        type=float,
+        default=1.0,
+        metavar="MS",
+        help="after each message, wait up to MS in the kernel for the front-end's next one "
+        "before handing the connection back to the event loop (default 1; the kernel rounds "
+        "up to its tick, 4 ms at HZ=250). QEMU sends memory updates as a ping-pong, and this "
+        "saves about 9 us per message; meanwhile other sockets and the control socket wait. "
+        "0 turns it off (many busy front-ends in one vhostmem)",
+    )
     out = parser.add_argument_group("what to record")
     out.add_argument(
         "--event-log",
@@ -273,6 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--max-slots must be at least 1")
     if args.queues < 1:
         parser.error("--queues must be at least 1")
+    if args.send_timeout <= 0:
+        parser.error("--send-timeout must be more than 0 seconds")
+    if args.batch_gap < 0 or args.linger_ms < 0:
+        parser.error("--batch-gap and --linger-ms must not be negative")
     for spec in args.inject:
         try:
             parse_fault(spec)
@@ -350,6 +365,9 @@ def _serve(args: argparse.Namespace, control: str, bound: BoundSockets) -> int:
         unmergeable=tuple(args.unmergeable),
         merge=not args.no_merge,
         tap=TapConfig(args.tap, args.netns, args.tap_address) if args.tap else None,
+        send_timeout=args.send_timeout,
+        batch_gap=args.batch_gap / 1000,
+        linger=args.linger_ms / 1000,
     )
     try:
         trio.run(functools.partial(run, config, bound=bound))

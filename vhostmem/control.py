@@ -342,6 +342,7 @@ def answer(backend: Backend, line: bytes) -> dict[str, Any]:
     except (ValueError, ControlError) as err:
         return {"ok": False, "error": str(err)}
     try:
+        backend.flush_all()  # requests acknowledged but not yet booked count too
         return {"ok": True, "result": command(backend, args)}
     except VhostMemError as err:
         return {"ok": False, "error": str(err)}

@@ -84,6 +84,8 @@ MAPPABLE_KINDS: Final = frozenset({"memfd", "memfd-hugetlb", "hugetlbfs", "tmpfs
 HUGETLB_KINDS: Final = frozenset({"memfd-hugetlb", "hugetlbfs"})
 
 _U64: Final = 1 << 64
+_MAP_FLAGS: Final = mmap.MAP_SHARED | MAP_NORESERVE
+_MAP_PROT: Final = mmap.PROT_READ | mmap.PROT_WRITE
 _PAGESIZE: Final = mmap.PAGESIZE
 _MIB: Final = 1 << 20
 
@@ -261,6 +263,8 @@ class Backing:
         return data
 
 
+#: (st_dev, st_ino, st_size) -> Backing of regular files mapped read-write before (Mapper._map).
+_PROVEN: dict[tuple[int, int, int], Backing] = {}
 #: (st_dev, st_ino) -> (/proc/self/fd target, fstatfs f_type) of regular files seen.
 _FILE_FACTS: dict[tuple[int, int], tuple[str, int | None]] = {}
 _FILE_FACTS_MAX = 4096
@@ -708,7 +712,9 @@ class Mapping:
         # mmap.close() ignores munmap's result (CPython 3.11 mmapmodule.c), and munmap of a
         # hugetlb VMA with a length that is not a multiple of the huge page size fails with
         # EINVAL, leaving the mapping in place silently. We never pass such a length, but we
-        # verify instead of trusting it:
+        # verify instead of trusting it. Other mappings are unmapped whole, so munmap has no
+        # VMA to split and nothing to refuse (munmap(2)): they skip the check, which would
+        # cost every REM_MEM_REG a syscall.
         # 1. mincore on the first page fails with ENOMEM once nothing is mapped there: done,
         #    one syscall, no parsing.
         # 2. If something is mapped there, it may be ours (munmap failed) or a new mapping some
@@ -716,6 +722,8 @@ class Mapping:
         #    same inode as our backing means ours. Only then do we munmap it ourselves through
         #    ctypes with a huge-page-aligned length. An unconditional ctypes munmap after
         #    mmap.close() would be wrong: it could tear down someone else's new mapping.
+        if not self.backing.hugetlb:
+            return
         try:
             _mincore(self.map_base, _PAGESIZE)
         except OSError:
@@ -898,12 +906,122 @@ class Mapper:
 
     def _map(
         self, fd: int, gpa: int, size: int, mmap_offset: int, request: str,
-        fail_errno: int | None,
+        fail_errno: int | None, st: os.stat_result | None = None,
     ) -> Mapping:
         diag = _Diagnosis(request, gpa, size, mmap_offset, fd)
         fail = diag.fail
         if self._closed:
             raise fail("closed", "the Mapper is closed", "map regions before Mapper.close()")
+        # The path QEMU waits on: one fstat, and a backing already proven mappable for this
+        # file and size (QEMU sends the same memfd with every ADD_MEM_REG). Anything else, and
+        # every mmap failure, probes the fd afresh, so the words of a failure never rest on
+        # cached facts.
+        if st is None:
+            try:
+                st = os.fstat(fd)
+            except OSError as err:
+                raise fail("bad-fd", f"cannot inspect fd {fd}: {err.strerror}",
+                           "pass the fd received with the message (SCM_RIGHTS), still open",
+                           errno=err.errno) from err
+        key = (st.st_dev, st.st_ino, st.st_size)
+        backing = _PROVEN.get(key) if stat.S_ISREG(st.st_mode) else None
+        if backing is None:
+            backing = self._probe_and_refuse(fd, diag)
+        diag.set_backing(backing)
+
+        # -- numbers (the wire format makes each a u64 already) --
+        end = mmap_offset + size
+        if not (0 < size and 0 <= gpa and 0 <= mmap_offset and end < _U64
+                and gpa + size < _U64 and end <= backing.st_size):
+            self._refuse_numbers(diag, backing, gpa, size, mmap_offset)
+
+        # -- layout (libvhost-user _vu_add_mem_reg) --
+        page = backing.page_size
+        fd_offset = mmap_offset - mmap_offset % page
+        remainder = mmap_offset - fd_offset
+        length = -(-(remainder + size) // page) * page
+        if self.max_mapped is not None and self._mapped_bytes + length > self.max_mapped:
+            stats = self.stats
+            raise fail("max-mapped",
+                       f"mapping {length:#x} ({human_size(length)}) more would exceed max_mapped "
+                       f"{self.max_mapped:#x} ({human_size(self.max_mapped)}): already mapped "
+                       f"{stats.mapped_bytes:#x} ({human_size(stats.mapped_bytes)}) in "
+                       f"{stats.maps} regions",
+                       "raise the max_mapped cap, or unplug memory first",
+                       max_mapped=self.max_mapped, mapped_bytes=stats.mapped_bytes,
+                       maps=stats.maps)
+
+        # Python's mmap refuses a length past the end of a regular file even though the kernel
+        # maps whole pages; the region itself is inside the file (checked above), so map only up
+        # to EOF and let the kernel round the last page. Hugetlb sizes are huge-page multiples.
+        hugetlb = backing.hugetlb
+        map_len = length if hugetlb else min(length, backing.st_size - fd_offset)
+
+        # -- mmap --
+        try:
+            if fail_errno is not None:
+                raise OSError(fail_errno, os.strerror(fail_errno))
+            mm = mmap.mmap(fd, map_len, _MAP_FLAGS, _MAP_PROT, offset=fd_offset)
+        except OSError as err:
+            # Probe afresh: a read-only fd, a write seal or a pipe fails here with EACCES,
+            # EPERM or ENODEV, and the words should say which (not rely on the cache).
+            backing = self._probe_and_refuse(fd, diag, cache=False)
+            diag.set_backing(backing)
+            layout = {"fd_offset": fd_offset, "remainder": remainder, "length": length,
+                      "page_size": page}
+            diag.details.update(layout)
+            text = (f"fd_offset {fd_offset:#x}, remainder {remainder:#x}, length {length:#x} "
+                    f"({human_size(length)}), page {page:#x}")
+            raise self._diagnose(err, diag, backing, text, layout,
+                                 injected=fail_errno is not None) from err
+        except (ValueError, OverflowError) as err:
+            raise fail("mmap-refused",
+                       f"Python's mmap refused: {err} (fd_offset {fd_offset:#x}, length "
+                       f"{length:#x}, page {page:#x})",
+                       "report this as a vhostmem bug with these numbers") from err
+
+        try:
+            # The base address: a ctypes object over the buffer exports it, so drop it at once
+            # or mmap.close() would raise BufferError.
+            anchor = ctypes.c_char.from_buffer(mm)
+            map_base = ctypes.addressof(anchor)
+            del anchor
+            warnings: tuple[str, ...] = ()
+            try:
+                mm.madvise(mmap.MADV_DONTDUMP)  # libvhost-user 52767e1063: no guest RAM in cores
+            except OSError as err:
+                warnings = (f"madvise(MADV_DONTDUMP) failed: {err.strerror}",)
+            # Hugetlb: keep the received fd, so peek can read pages our mapping has not faulted
+            # in through it (hugetlb mincore only sees our page tables; see Mapping.peek). The
+            # dup inside mmap.mmap is not reachable from Python 3.11.
+            kept_fd = fd if hugetlb else None
+            mapping = Mapping(
+                mapper=self, mm=mm, map_base=map_base, kept_fd=kept_fd, request=request,
+                gpa=gpa, size=size, mmap_offset=mmap_offset, fd_offset=fd_offset,
+                length=length, backing=backing, warnings=warnings,
+            )
+        except BaseException:
+            mm.close()
+            raise
+        key_id = id(mapping)
+        held = 2 if hugetlb else 1
+        self._live[key_id] = mapping
+        self._mapped_bytes += length
+        self._fds_held += held
+        self._fd_counts[key_id] = held
+        if not hugetlb:
+            os.close(fd)  # libvhost-user closes the fd right after mmap
+        return mapping
+
+    def _probe_and_refuse(self, fd: int, diag: _Diagnosis, *, cache: bool = True) -> Backing:
+        """Probe ``fd`` in full and refuse what can never be mapped read-write and shared.
+
+        A regular file that passes is remembered by (device, inode, size): the next region of
+        the same file skips the probe. Seals only ever grow and a write seal makes mmap fail
+        (EPERM), which probes afresh; seals added later without failing (GROW, SHRINK) show in
+        reports only once the file is probed again.
+        """
+        fail = diag.fail
         try:
             backing = probe_backing(fd)
         except OSError as err:
@@ -911,27 +1029,6 @@ class Mapper:
                        "pass the fd received with the message (SCM_RIGHTS), still open",
                        errno=err.errno) from err
         diag.set_backing(backing)
-
-        # -- numbers --
-        for name, value in (("gpa", gpa), ("size", size), ("mmap_offset", mmap_offset)):
-            if not 0 <= value < _U64:
-                raise fail("bad-region", f"{name}={value:#x} is not a u64",
-                           "the front-end sent a corrupt region")
-        if size == 0:
-            raise fail("empty", "the region is empty (size 0)",
-                       "the front-end sent a zero-sized region (a front-end bug): "
-                       "check the memory table it sends")
-        if mmap_offset + size >= _U64:
-            raise fail("overflow",
-                       f"mmap_offset + size = {mmap_offset + size:#x} overflows 2^64",
-                       "the front-end sent a corrupt region (mmap_offset + size must fit in "
-                       "64 bits)", end=mmap_offset + size)
-        if gpa + size >= _U64:
-            raise fail("overflow", f"gpa + size = {gpa + size:#x} overflows 2^64",
-                       "the front-end sent a corrupt region (gpa + size must fit in 64 bits)",
-                       end=gpa + size)
-
-        # -- the fd --
         if not backing.mappable:
             raise fail("not-mappable", f"a {backing.kind} cannot be mmapped",
                        "pass a memory backend with share=on (memfd or a file), e.g. "
@@ -951,6 +1048,34 @@ class Mapper:
                        "would refuse with EPERM",
                        "do not seal guest memory against writes (F_SEAL_WRITE / "
                        "F_SEAL_FUTURE_WRITE); QEMU's own seal=on only adds GROW/SHRINK")
+        if cache and backing.kind in MAPPABLE_KINDS:
+            if len(_PROVEN) >= _FILE_FACTS_MAX:
+                _PROVEN.clear()
+            _PROVEN[(backing.st_dev, backing.st_ino, backing.st_size)] = backing
+        return backing
+
+    @staticmethod
+    def _refuse_numbers(
+        diag: _Diagnosis, backing: Backing, gpa: int, size: int, mmap_offset: int
+    ) -> None:
+        fail = diag.fail
+        for name, value in (("gpa", gpa), ("size", size), ("mmap_offset", mmap_offset)):
+            if not 0 <= value < _U64:
+                raise fail("bad-region", f"{name}={value:#x} is not a u64",
+                           "the front-end sent a corrupt region")
+        if size == 0:
+            raise fail("empty", "the region is empty (size 0)",
+                       "the front-end sent a zero-sized region (a front-end bug): "
+                       "check the memory table it sends")
+        if mmap_offset + size >= _U64:
+            raise fail("overflow",
+                       f"mmap_offset + size = {mmap_offset + size:#x} overflows 2^64",
+                       "the front-end sent a corrupt region (mmap_offset + size must fit in "
+                       "64 bits)", end=mmap_offset + size)
+        if gpa + size >= _U64:
+            raise fail("overflow", f"gpa + size = {gpa + size:#x} overflows 2^64",
+                       "the front-end sent a corrupt region (gpa + size must fit in 64 bits)",
+                       end=gpa + size)
         end = mmap_offset + size
         if backing.st_size < end:
             raise fail("past-eof",
@@ -961,83 +1086,6 @@ class Mapper:
                        "make the memory backend at least mmap_offset + size bytes (size=), and "
                        "check nothing truncated the file",
                        st_size=backing.st_size, end=end)
-
-        # -- layout (libvhost-user _vu_add_mem_reg) --
-        page = backing.page_size
-        fd_offset = _align_down(mmap_offset, page)
-        remainder = mmap_offset - fd_offset
-        length = _align_up(remainder + size, page)
-        layout = {"fd_offset": fd_offset, "remainder": remainder, "length": length,
-                  "page_size": page}
-
-        def layout_text() -> str:  # only failures pay for the words
-            return (f"fd_offset {fd_offset:#x}, remainder {remainder:#x}, length {length:#x} "
-                    f"({human_size(length)}), page {page:#x}")
-
-        stats = self.stats
-        if self.max_mapped is not None and stats.mapped_bytes + length > self.max_mapped:
-            raise fail("max-mapped",
-                       f"mapping {length:#x} ({human_size(length)}) more would exceed max_mapped "
-                       f"{self.max_mapped:#x} ({human_size(self.max_mapped)}): already mapped "
-                       f"{stats.mapped_bytes:#x} ({human_size(stats.mapped_bytes)}) in "
-                       f"{stats.maps} regions",
-                       "raise the max_mapped cap, or unplug memory first",
-                       max_mapped=self.max_mapped, mapped_bytes=stats.mapped_bytes,
-                       maps=stats.maps)
-
-        # Python's mmap refuses a length past the end of a regular file even though the kernel
-        # maps whole pages; the region itself is inside the file (checked above), so map only up
-        # to EOF and let the kernel round the last page. Hugetlb sizes are huge-page multiples.
-        map_len = length
-        if not backing.hugetlb:
-            map_len = min(length, backing.st_size - fd_offset)
-
-        # -- mmap --
-        try:
-            if fail_errno is not None:
-                raise OSError(fail_errno, os.strerror(fail_errno))
-            mm = mmap.mmap(fd, map_len, flags=mmap.MAP_SHARED | MAP_NORESERVE,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=fd_offset)
-        except OSError as err:
-            diag.details.update(layout)
-            raise self._diagnose(err, diag, backing, layout_text(), layout,
-                                 injected=fail_errno is not None) from err
-        except (ValueError, OverflowError) as err:
-            raise fail("mmap-refused", f"Python's mmap refused: {err} ({layout_text()})",
-                       "report this as a vhostmem bug with these numbers") from err
-
-        try:
-            # The base address: a ctypes object over the buffer exports it, so drop it at once
-            # or mmap.close() would raise BufferError.
-            anchor = ctypes.c_char.from_buffer(mm)
-            map_base = ctypes.addressof(anchor)
-            del anchor
-            warnings: tuple[str, ...] = ()
-            try:
-                mm.madvise(mmap.MADV_DONTDUMP)  # libvhost-user 52767e1063: no guest RAM in cores
-            except OSError as err:
-                warnings = (f"madvise(MADV_DONTDUMP) failed: {err.strerror}",)
-            kept_fd: int | None = None
-            if backing.hugetlb:
-                # Keep the received fd: peek reads pages our mapping has not faulted in through
-                # it (hugetlb mincore only sees our page tables; see Mapping.peek). The dup
-                # inside mmap.mmap is not reachable from Python 3.11.
-                kept_fd = fd
-            mapping = Mapping(
-                mapper=self, mm=mm, map_base=map_base, kept_fd=kept_fd, request=request,
-                gpa=gpa, size=size, mmap_offset=mmap_offset, fd_offset=fd_offset,
-                length=length, backing=backing, warnings=warnings,
-            )
-        except BaseException:
-            mm.close()
-            raise
-        self._live[id(mapping)] = mapping
-        self._mapped_bytes += mapping.length
-        self._fds_held += mapping.fds_held
-        self._fd_counts[id(mapping)] = mapping.fds_held
-        if kept_fd is None:
-            _close_quietly(fd)  # libvhost-user closes the fd right after mmap
-        return mapping
 
     def _diagnose(
         self,

@@ -6,7 +6,11 @@ in the backlog (QEMU does the same with its chardev). A connection's errors stay
 task (trio's ``serve_listeners`` documents that a handler exception would crash the server).
 
 The shell loop is the sans-IO one (h11's ``examples/trio-server.py``): read what the session
-wants, ``receive_data``, drain ``next_event``, send each reply, record each event.
+wants, ``receive_data``, drain ``next_event``, send each reply, record each event. Recording
+(vhostmem's log, the event log, the atomicity history) of a request that succeeded quietly waits
+until the front-end goes quiet, at most 64 requests (:meth:`Backend.flush`), so QEMU's round
+trip pays only for the mapping and the ack; failures, notes and injected faults are recorded at
+once, in order, and the control socket books everything before it answers.
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 _MEMORY_REQUESTS = frozenset({Request.SET_MEM_TABLE, Request.ADD_MEM_REG, Request.REM_MEM_REG})
 _EVENT_HISTORY = 10000
+#: Acknowledged requests booked together at most (the front-end going quiet books them sooner).
+_FLUSH_EVERY = 64
+#: Messages handled back to back before the connection's task lets others run.
+_YIELD_EVERY = 64
 
 
 class InjectedDisconnect(VhostMemError):
@@ -75,6 +83,8 @@ class ServerConfig:
         unmergeable: GPA ranges ``[start, end)`` whose edges the merged view never crosses.
         merge: ``False`` makes the merged view show every received region on its own.
         tap: bridge queue pair 0 to this TAP device (``--tap``); ``None``: no traffic.
+        linger: seconds a connection's read waits in the kernel for the next request before
+            handing back to trio (``--linger-ms``; see :class:`~vhostmem.transport.FdStream`).
     """
 
     sockets: tuple[str, ...] = ()
@@ -92,6 +102,7 @@ class ServerConfig:
     merge: bool = True
     batch_gap: float = 0.020
     tap: TapConfig | None = None
+    linger: float = 0.001
 
 
 @final
@@ -150,6 +161,8 @@ class Connection:
     since: float
     log: logging.Logger
     datapath: NetAttachment | None = None
+    #: Acknowledged requests not yet booked: (handled, arrived, replied) in monotonic seconds.
+    pending: list[tuple[Handled, float, float]] = field(default_factory=list)
 
 
 @final
@@ -211,6 +224,8 @@ class Backend:
         ):
             return
         doc: dict[str, Any] = {
+            # Booked after the reply, maybe later: the time is the reply's, not the booking's.
+            "ts": time.time() - (time.monotonic() - replied),
             "socket": conn.socket_name,
             "conn": conn.number,
             "request": handled.name,
@@ -292,7 +307,7 @@ class Backend:
         if self.net is not None:
             conn.datapath = self.net.attach(session, socket_name=socket_name, conn=number, log=log)
         self.sockets[socket_name] = conn
-        stream = FdStream(sock)
+        stream = FdStream(sock, self.config.linger)
         log.info(
             "front-end connected on %s (pid %s, uid %s)",
             socket_name,
@@ -327,6 +342,7 @@ class Backend:
             log.exception("internal error; closing this connection only")
         finally:
             # Nothing here awaits, so cancellation cannot cut the release short.
+            self.flush(conn)
             if conn.datapath is not None:
                 conn.datapath.close()  # rings stop before their memory is unmapped
             gone = session.close()
@@ -345,8 +361,17 @@ class Backend:
 
     async def _loop(self, conn: Connection, stream: FdStream) -> None:
         session = conn.session
+        quiet = NEED_DATA
+        unyielded = 0
         while True:
-            data, fds = await stream.receive(session.bytes_wanted)
+            got = stream.try_receive(session.bytes_wanted)
+            if got is None:
+                # The front-end is quiet: now the bookkeeping its requests did not wait for.
+                if conn.pending:
+                    self.flush(conn)
+                await stream.wait_readable()
+                continue
+            data, fds = got
             if not data:
                 for fd in fds:
                     os.close(fd)
@@ -358,24 +383,60 @@ class Backend:
                 return
             arrived = time.monotonic()  # the batch gap runs from our last reply to this
             session.receive_data(data, fds)
-            while True:
-                handled = session.next_event()
-                if handled is NEED_DATA:
-                    break
+            handled = session.next_event()
+            while handled is not quiet:
                 assert isinstance(handled, Handled)
                 if conn.datapath is not None:
                     conn.datapath.sync(handled)  # before any await: rings follow the request
-                if handled.disconnect:
+                reply = handled.reply
+                if handled.ok and not handled.notes and not handled.injected:
+                    # The common case: ack now, book later (when the front-end goes quiet or
+                    # every _FLUSH_EVERY requests), so the event log and the atomicity
+                    # history never cost the front-end's round trip.
+                    if reply:
+                        sent = stream.send_now(reply)
+                        if sent < len(reply):
+                            self.flush(conn)
+                            await self._send_rest(conn, stream, handled, reply[sent:], arrived)
+                    conn.pending.append((handled, arrived, time.monotonic()))
+                    if len(conn.pending) >= _FLUSH_EVERY:
+                        self.flush(conn)
+                else:
+                    self.flush(conn)  # keep the log in order
+                    if handled.disconnect:
+                        self._record_handled(conn, handled, arrived, time.monotonic())
+                        raise InjectedDisconnect(handled.error or "injected disconnect")
+                    if handled.delay:
+                        await trio.sleep(handled.delay)
+                    if reply:
+                        sent = stream.send_now(reply)
+                        if sent < len(reply):
+                            await self._send_rest(conn, stream, handled, reply[sent:], arrived)
                     self._record_handled(conn, handled, arrived, time.monotonic())
-                    raise InjectedDisconnect(handled.error or "injected disconnect")
-                if handled.delay:
-                    await trio.sleep(handled.delay)
-                if handled.reply:
-                    sent = stream.send_now(handled.reply)
-                    if sent < len(handled.reply):
-                        await self._send_rest(conn, stream, handled, handled.reply[sent:], arrived)
+                if reply:
                     self.counters["replies"] += 1
-                self._record_handled(conn, handled, arrived, time.monotonic())
+                handled = session.next_event() if session.buffered else quiet
+            unyielded += 1
+            if unyielded >= _YIELD_EVERY:
+                # A front-end that never pauses must not keep the other tasks (control socket,
+                # other connections, signals) or cancellation waiting.
+                unyielded = 0
+                await trio.lowlevel.checkpoint()
+
+    def flush(self, conn: Connection) -> None:
+        """Book what ``conn``'s acknowledged requests left for later (log, events, history)."""
+        pending = conn.pending
+        if not pending:
+            return
+        # Swap first: recording may log, and nothing must be booked twice.
+        conn.pending = []
+        for handled, arrived, replied in pending:
+            self._record_handled(conn, handled, arrived, replied)
+
+    def flush_all(self) -> None:
+        """Book every connection's deferred requests (before the control socket answers)."""
+        for conn in self.connections():
+            self.flush(conn)
 
     async def _send_rest(
         self, conn: Connection, stream: FdStream, handled: Handled, rest: bytes, arrived: float
@@ -482,6 +543,9 @@ async def run(
         if config.tap is not None:
             backend.net = NetDevice(open_tap(config.tap), backend.record)
         async with trio.open_nursery() as nursery:
+            # Signals first: a connection may keep the loop busy from its first message on
+            # (the linger), and SIGTERM must find trio's handler by then.
+            await nursery.start(_watch_signals, nursery.cancel_scope)
             if backend.net is not None:
                 backend.net.nursery = nursery
             if bound.control is not None:
@@ -492,7 +556,6 @@ async def run(
                 nursery.start_soon(backend.serve_connected, sock, name)
             for path in config.connect:
                 nursery.start_soon(backend.serve_client, path)
-            nursery.start_soon(_watch_signals, nursery.cancel_scope)
             logger.info(
                 "listening on %s; control socket %s",
                 ", ".join(name for _, name in bound.listeners) or "(client mode)",
@@ -506,8 +569,11 @@ async def run(
         backend.cleanup()
 
 
-async def _watch_signals(scope: trio.CancelScope) -> None:
+async def _watch_signals(
+    scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             logger.info(
                 "%s received: releasing everything and exiting", signal.Signals(signum).name

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol, final
 
 from protocol import (
@@ -343,13 +343,7 @@ class Session:
         self._consumed += total
         fds = self._take_fds(self._consumed)
         self.requests += 1
-        handled = self._handle(header, raw, fds)
-        payload = handled.payload
-        if isinstance(payload, MemRegMsg):
-            return replace(handled, requested=(_wire_json(payload.region),))
-        if isinstance(payload, MemoryTable):
-            return replace(handled, requested=tuple(_wire_json(r) for r in payload.regions))
-        return handled
+        return self._handle(header, raw, fds)
 
     def _take_fds(self, end: int) -> list[int]:
         # Every pending chunk that starts before ``end`` belongs to this message: chunks that
@@ -857,15 +851,6 @@ def _u64(payload: Payload) -> int:
 
 def _name(request: Request | int) -> str:
     return request.name if isinstance(request, Request) else f"UNKNOWN({int(request)})"
-
-
-def _wire_json(region: MemoryRegion) -> dict[str, int]:
-    return {
-        "gpa": region.guest_phys_addr,
-        "size": region.memory_size,
-        "uaddr": region.userspace_addr,
-        "mmap_offset": region.mmap_offset,
-    }
 
 
 _HANDLERS = {
