@@ -151,6 +151,21 @@ _REPLY_ACK = int(ProtocolFeature.REPLY_ACK)
 _CONFIGURE_MEM_SLOTS = int(ProtocolFeature.CONFIGURE_MEM_SLOTS)
 _FEATURE_BITS = {feature: int(feature) for feature in ProtocolFeature}
 
+_ENDED = frozenset({SessionState.ERROR, SessionState.CLOSED})
+# Header flags checked per request as plain ints: version (bits 0-1) must be 1, REPLY (bit 2)
+# must be clear; anything else goes to _check_header for the words.
+_HEADER_CHECK_MASK = 0x7
+_VERSION_1 = 0x1
+_NEED_REPLY = 0x8
+_FDS = dict(FDS_ALLOWED)
+_NO_FDS = (0, 0)
+#: Requests whose payload says how many fds they take (NOFD bit, number of regions).
+_FDS_FROM_PAYLOAD = frozenset(
+    {Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR, Request.SET_MEM_TABLE}
+)
+#: The success acks, encoded once.
+_ACKS = {request: encode_u64_reply(request, 0) for request in Request}
+
 #: Largest split-ring size the virtio spec allows.
 _MAX_QUEUE_SIZE = 32768
 
@@ -255,6 +270,10 @@ class Session:
         self.faults = faults
         self._fail_errno: int | None = None
         self.state = SessionState.AWAIT_OWNER
+        # The offer never changes; IntFlag arithmetic in SessionConfig.features is slow.
+        self._features_reply = encode_u64_reply(Request.GET_FEATURES, config.features)
+        #: TRANSITIONS of the current state, looked up once per state change, not per request.
+        self._allowed = TRANSITIONS[self.state]
         self.table = RegionTable(config.max_slots)
         self.vrings = [Vring(i) for i in range(config.vrings)]
         self.acked_features = 0
@@ -279,7 +298,7 @@ class Session:
         Raises:
             RemoteProtocolError: the session is already in ``ERROR`` or ``CLOSED``.
         """
-        if self.state in (SessionState.ERROR, SessionState.CLOSED):
+        if self.state in _ENDED:
             for fd in fds:
                 self.host.close_fd(fd)
             raise RemoteProtocolError(f"session is {self.state.value}; no more data accepted")
@@ -323,25 +342,30 @@ class Session:
             RemoteProtocolError: the framing is broken; the connection must close (the session
                 has released every fd it held for unhandled messages).
         """
-        if self.state in (SessionState.ERROR, SessionState.CLOSED):
+        if self.state in _ENDED:
             raise RemoteProtocolError(f"session is {self.state.value}")
-        if len(self._buffer) < HEADER_SIZE:
+        buffer = self._buffer
+        have = len(buffer)
+        if have < HEADER_SIZE:
             return NEED_DATA
-        header = self._header_in_hand()
-        if header.size > MAX_PAYLOAD_SIZE:
+        header = self._header
+        if header is None:
+            header = self._header = decode_header(bytes(buffer[:HEADER_SIZE]))
+        size = header.size
+        if size > MAX_PAYLOAD_SIZE:
             self._fail_framing(
-                f"{_name(header.request)} header announces a {header.size}-byte payload; no "
+                f"{_name(header.request)} header announces a {size}-byte payload; no "
                 f"request is larger than {MAX_PAYLOAD_SIZE} bytes, so the stream cannot be "
                 "trusted any more"
             )
-        total = HEADER_SIZE + header.size
-        if len(self._buffer) < total:
+        total = HEADER_SIZE + size
+        if have < total:
             return NEED_DATA
-        raw = bytes(self._buffer[HEADER_SIZE:total])
-        del self._buffer[:total]
+        raw = bytes(buffer[HEADER_SIZE:total]) if size else b""
+        del buffer[:total]
         self._header = None
         self._consumed += total
-        fds = self._take_fds(self._consumed)
+        fds = self._take_fds(self._consumed) if self._pending else []
         self.requests += 1
         return self._handle(header, raw, fds)
 
@@ -354,7 +378,7 @@ class Session:
         return fds
 
     def _fail_framing(self, why: str) -> None:
-        self.state = SessionState.ERROR
+        self._set_state(SessionState.ERROR)
         for pending in self._pending:
             for fd in pending.fds:
                 self.host.close_fd(fd)
@@ -371,23 +395,30 @@ class Session:
         fault: Fault | None = None
         try:
             try:
-                self._check_header(header)
+                if header.flags & _HEADER_CHECK_MASK != _VERSION_1:
+                    self._check_header(header)
                 payload = decode_payload(request, raw)
-                fault = self.faults.match(_name(request)) if self.faults else None
-                if fault is not None and (fault.disconnect or fault.ack is not None):
-                    return self._injected(header, payload, fds, fault)
-                next_state = self._check_state(request)
-                self._check_fds(request, payload, fds)
+                if self.faults:
+                    fault = self.faults.match(_name(request))
+                    if fault is not None and (fault.disconnect or fault.ack is not None):
+                        return self._injected(header, payload, fds, fault)
+                next_state = self._allowed.get(request)  # type: ignore[call-overload]
+                if next_state is None:
+                    next_state = self._check_state(request)  # raises with the reason
+                low, high = _FDS.get(request, _NO_FDS)
+                if not low <= nfds <= high or request in _FDS_FROM_PAYLOAD:
+                    self._check_fds(request, payload, fds)
                 # looked up outside the handler's own errors (trio-websocket's KeyError pitfall)
-                handler = _HANDLERS.get(request) if isinstance(request, Request) else None
+                handler = _HANDLERS.get(request)  # type: ignore[call-overload]
                 if handler is None:
                     raise LocalProtocolError(
                         f"{_name(request)} is not implemented by vhostmem (no feature that would "
                         "allow it was offered)"
                     )
-                self._fail_errno = fault.errno if fault is not None else None
-                if self._fail_errno is not None and request not in _MAPPING_REQUESTS:
-                    return self._injected(header, payload, fds, fault)  # type: ignore[arg-type]
+                if fault is not None:
+                    self._fail_errno = fault.errno
+                    if fault.errno is not None and request not in _MAPPING_REQUESTS:
+                        return self._injected(header, payload, fds, fault)
                 result = handler(self, header, payload, fds)
             except BaseException:
                 # Whatever the handler did not take ownership of is closed here.
@@ -398,10 +429,13 @@ class Session:
             return self._failure(header, payload, err, nfds, fault=fault)
         finally:
             self._fail_errno = None
-        self.state = next_state
+        if next_state is not self.state:
+            self._set_state(next_state)
         reply, change, notes = result
-        if not reply and header.need_reply and self.negotiated_reply_ack:
-            reply = encode_u64_reply(request, 0)
+        if not reply and header.flags & _NEED_REPLY and self.negotiated_reply_ack:
+            reply = _ACKS.get(request) or encode_u64_reply(request, 0)
+        if fault is None:
+            return Handled(request, header, payload, reply, True, None, None, change, notes, nfds)
         return Handled(
             request=request,
             header=header,
@@ -411,9 +445,13 @@ class Session:
             change=change,
             notes=notes,
             nfds=nfds,
-            injected=fault.spec if fault else None,
-            delay=fault.delay if fault else 0.0,
+            injected=fault.spec,
+            delay=fault.delay,
         )
+
+    def _set_state(self, state: SessionState) -> None:
+        self.state = state
+        self._allowed = TRANSITIONS.get(state, {})
 
     def _injected(
         self, header: Header, payload: Payload | None, fds: list[int], fault: Fault
@@ -521,7 +559,7 @@ class Session:
     # -- feature negotiation ----------------------------------------------------------------
 
     def _get_features(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
-        return encode_u64_reply(header.request, self.config.features), None, ()
+        return self._features_reply, None, ()
 
     def _set_features(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
         value = _u64(payload)
@@ -601,14 +639,14 @@ class Session:
     ) -> Region:
         self._seq += 1
         return Region(
-            gpa=region.guest_phys_addr,
-            size=region.memory_size,
-            uaddr=region.userspace_addr,
-            mmap_offset=region.mmap_offset,
-            file_id=file_id,
-            info=info,
-            handle=handle,
-            seq=self._seq,
+            region.guest_phys_addr,
+            region.memory_size,
+            region.userspace_addr,
+            region.mmap_offset,
+            file_id,
+            info,
+            handle,
+            self._seq,
         )
 
     def _map(self, request: Request, region: MemoryRegion, fd: int) -> Region:
@@ -617,20 +655,26 @@ class Session:
         return self._new_region(region, handle, info, file_id)
 
     def _add_mem_reg(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
-        self._require_protocol_feature(ProtocolFeature.CONFIGURE_MEM_SLOTS, Request.ADD_MEM_REG)
+        if not self.acked_protocol_features & _CONFIGURE_MEM_SLOTS:
+            self._require_protocol_feature(
+                ProtocolFeature.CONFIGURE_MEM_SLOTS, Request.ADD_MEM_REG
+            )
         assert isinstance(payload, MemRegMsg)
         wire = payload.region
-        self.table.check_add(
+        table = self.table
+        table.check_add(
             wire.guest_phys_addr, wire.memory_size, wire.userspace_addr, wire.mmap_offset
         )
-        fd = fds.pop()
-        region = self._map(Request.ADD_MEM_REG, wire, fd)
-        self.table.add(region)
-        change = TableChange(removed=(), added=(region,), kept=())
-        return b"", change, self._ring_notes_after_change()
+        region = self._map(Request.ADD_MEM_REG, wire, fds.pop())
+        table.insert(region)
+        notes = self._ring_notes_after_change() if self._rings_started else ()
+        return b"", TableChange((), (region,), ()), notes
 
     def _rem_mem_reg(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
-        self._require_protocol_feature(ProtocolFeature.CONFIGURE_MEM_SLOTS, Request.REM_MEM_REG)
+        if not self.acked_protocol_features & _CONFIGURE_MEM_SLOTS:
+            self._require_protocol_feature(
+                ProtocolFeature.CONFIGURE_MEM_SLOTS, Request.REM_MEM_REG
+            )
         assert isinstance(payload, MemRegMsg)
         # vhost-user.rst: "If a file descriptor is passed, the back-end MUST close it without
         # using it otherwise." QEMU 5.1-7.0 sent one.
@@ -649,11 +693,17 @@ class Session:
                     "uaddr": wire.userspace_addr,
                 },
             )
-        notes = self._rings_in(region)
+        notes = self._rings_in(region) if self._rings_started else ()
         self.table.remove(region)
         self.host.unmap_region(region.handle)
-        change = TableChange(removed=(region,), added=(), kept=())
-        return b"", change, notes
+        return b"", TableChange((region,), (), ()), notes
+
+    @property
+    def _rings_started(self) -> bool:
+        for vring in self.vrings:
+            if vring.started:
+                return True
+        return False
 
     def _set_mem_table(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
         assert isinstance(payload, MemoryTable)
@@ -823,7 +873,7 @@ class Session:
         """
         if self.state is SessionState.CLOSED:
             return ()
-        self.state = SessionState.CLOSED
+        self._set_state(SessionState.CLOSED)
         gone = self.table.clear()
         for region in gone:
             self.host.unmap_region(region.handle)
