@@ -876,6 +876,7 @@ class Mapper:
         mmap_offset: int,
         request: str = "ADD_MEM_REG",
         fail_errno: int | None = None,
+        st: os.stat_result | None = None,
     ) -> Mapping:
         """Map one region. ``fd`` is consumed: closed on success and on failure.
 
@@ -887,6 +888,7 @@ class Mapper:
             request: the request name used in messages (``ADD_MEM_REG``, ``SET_MEM_TABLE``...).
             fail_errno: fault injection: the mmap step raises ``OSError(fail_errno)`` as if the
                 kernel had refused, so the whole diagnosis path runs.
+            st: ``os.fstat(fd)`` if the caller has just made it (saves a syscall).
 
         Returns:
             The live Mapping.
@@ -895,7 +897,7 @@ class Mapper:
             MappingError: refused up front or refused by the kernel; ``str()`` is the diagnosis.
         """
         try:
-            return self._map(fd, gpa, size, mmap_offset, request, fail_errno)
+            return self._map(fd, gpa, size, mmap_offset, request, fail_errno, st)
         except MappingError as err:
             if err.kind != "bad-fd":  # a number that is not open may already be someone else's
                 _close_quietly(fd)

@@ -220,6 +220,44 @@ class RegionTable:
                 details={"other": other.as_json()},
             )
 
+    def check_table(self, entries: list[tuple[int, int, int, int]]) -> None:
+        """Raise :class:`TableError` if ``(gpa, size, uaddr, mmap_offset)`` entries could not
+        form a table on their own (SET_MEM_TABLE replaces the whole table).
+
+        Two sorts and a scan find any problem; only then are the entries added one by one to a
+        scratch table, whose refusal names the regions the way :meth:`check_add` does.
+        """
+        ok = len(entries) <= self.max_slots
+        if ok:
+            for gpa, size, uaddr, mmap_offset in entries:
+                if not size or max(gpa, uaddr, mmap_offset) + size > U64_LIMIT:
+                    ok = False
+                    break
+        if ok:
+            for index in (0, 2):
+                ordered = sorted(entries, key=lambda e: e[index])
+                for before, after in zip(ordered, ordered[1:]):
+                    if before[index] + before[1] > after[index]:
+                        ok = False
+                        break
+        if ok:
+            return
+        scratch = RegionTable(self.max_slots)
+        for gpa, size, uaddr, mmap_offset in entries:
+            scratch.add(Region(gpa, size, uaddr, mmap_offset))
+        raise AssertionError(f"check_table found a problem scratch.add did not: {entries}")
+
+    def replace(self, regions: Iterable[Region]) -> tuple[Region, ...]:
+        """Make ``regions`` the whole table (checked by :meth:`check_table`); returns the old."""
+        gone = self.clear()
+        by_gpa = sorted(regions, key=lambda r: r.gpa)
+        self._by_gpa[:] = by_gpa
+        self._gpa_starts[:] = [r.gpa for r in by_gpa]
+        by_uaddr = sorted(by_gpa, key=lambda r: r.uaddr)
+        self._by_uaddr[:] = by_uaddr
+        self._uaddr_starts[:] = [r.uaddr for r in by_uaddr]
+        return gone
+
     @staticmethod
     def _overlap(
         ordered: list[Region], starts: list[int], start: int, size: int, attr: str, skip: AbstractSet[int]

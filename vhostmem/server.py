@@ -111,10 +111,13 @@ class ShellHost:
 
     def __init__(self, mapper: Mapper) -> None:
         self.mapper = mapper
+        # The session asks file_id(fd) right before map_region(fd): one fstat answers both.
+        self._stat: tuple[int, os.stat_result] | None = None
 
     def map_region(
         self, request: str, region: MemoryRegion, fd: int, fail_errno: int | None = None
     ) -> tuple[Any, dict[str, Any]]:
+        known, self._stat = self._stat, None
         mapping = self.mapper.map(
             fd,
             gpa=region.guest_phys_addr,
@@ -122,6 +125,7 @@ class ShellHost:
             mmap_offset=region.mmap_offset,
             request=request,
             fail_errno=fail_errno,
+            st=known[1] if known is not None and known[0] == fd else None,
         )
         backing = mapping.backing
         info: dict[str, Any] = {
@@ -139,6 +143,7 @@ class ShellHost:
         handle.close()
 
     def close_fd(self, fd: int) -> None:
+        self._stat = None
         with contextlib.suppress(OSError):
             os.close(fd)
 
@@ -146,7 +151,9 @@ class ShellHost:
         try:
             st = os.fstat(fd)
         except OSError:
+            self._stat = None
             return None
+        self._stat = (fd, st)
         return (st.st_dev, st.st_ino)
 
 

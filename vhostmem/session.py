@@ -710,13 +710,12 @@ class Session:
         wanted = payload.regions
         # Validate the new table on its own first: nothing is mapped until it is consistent.
         # The resulting table must fit in max_slots: refuse before anything is mapped.
-        scratch = RegionTable(self.config.max_slots)
-        for wire in wanted:
-            scratch.add(
-                Region(
-                    wire.guest_phys_addr, wire.memory_size, wire.userspace_addr, wire.mmap_offset
-                )
-            )
+        self.table.check_table(
+            [
+                (wire.guest_phys_addr, wire.memory_size, wire.userspace_addr, wire.mmap_offset)
+                for wire in wanted
+            ]
+        )
         current = {region.identity: region for region in self.table}
         kept: list[Region] = []
         added: list[Region] = []
@@ -747,9 +746,7 @@ class Session:
                 self.host.unmap_region(region.handle)
             raise
         removed = tuple(current.values())
-        self.table.clear()
-        for region in sorted(kept + added, key=lambda r: r.gpa):
-            self.table.add(region)
+        self.table.replace(kept + added)  # checked above as a whole
         for region in removed:
             self.host.unmap_region(region.handle)
         change = TableChange(

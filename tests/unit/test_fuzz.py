@@ -772,3 +772,34 @@ def test_corpus_replays(path: Path, harness: Callable[[], Harness]) -> None:
     assert [f"{name} {'ok' if ok else 'failed'}" for name, ok in out.results] == wanted, meta["why"]
     assert (out.framing_error is not None) == expect["framing_error"], out.framing_error
     assert out.disconnected == expect.get("disconnect", False)
+
+
+# -- SET_MEM_TABLE's whole-table check agrees with adding one by one --------------------------
+
+_SMALL = st.integers(min_value=0, max_value=64).map(lambda n: n * 0x1000)
+_ENTRY = st.tuples(_SMALL, _SMALL, _SMALL, _SMALL) | st.tuples(
+    st.sampled_from([0, (1 << 64) - 0x1000]), _SMALL, _SMALL, _SMALL
+)
+
+
+@given(st.lists(_ENTRY, max_size=9), st.integers(min_value=1, max_value=8))
+def test_check_table_agrees_with_adding_one_by_one(
+    entries: list[tuple[int, int, int, int]], max_slots: int
+) -> None:
+    from vhostmem.errors import TableError
+    from vhostmem.regions import Region, RegionTable
+
+    def kind_of(check: Callable[[], None]) -> str | None:
+        try:
+            check()
+        except TableError as err:
+            return err.kind
+        return None
+
+    def one_by_one() -> None:
+        scratch = RegionTable(max_slots)
+        for entry in entries:
+            scratch.add(Region(*entry))
+
+    # The whole-table check refuses exactly what adding one by one refuses, with its words.
+    assert kind_of(lambda: RegionTable(max_slots).check_table(entries)) == kind_of(one_by_one)
