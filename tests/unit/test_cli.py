@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from vhostmem.cli import ctl_main, main
+from vhostmem.control import ControlClient
 from vhostmem.testing.backend import start_backend
 from vhostmem.testing.frontend import FakeFrontend, make_memfd
 
@@ -158,3 +159,36 @@ def test_connect_mode_retries_until_frontend_listens(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+@pytest.mark.parametrize(("flags", "violations"), [((), 1), (("--batch-gap", "0"), 0)])
+def test_batch_gap_and_send_timeout_reach_the_server(
+    tmp_path: Path, flags: tuple[str, ...], violations: int
+) -> None:
+    # A REM and the identical re-ADD right behind it: one batch (a violation) under the default
+    # 20 ms gap, two batches under --batch-gap 0. --send-timeout only has to be accepted here.
+    sock = str(tmp_path / "vu.sock")
+    ctl = str(tmp_path / "vu.ctl")
+    proc = run_vhostmem("--socket", sock, "--control", ctl, "--send-timeout", "3", *flags)
+    try:
+        wait_path(sock)
+        memfd = make_memfd(4 << 20)
+        with FakeFrontend.connect(sock) as fe:
+            fe.handshake()
+            assert fe.add_region(0, 4 << 20, 0x10000000, 0, memfd) == 0
+            time.sleep(0.1)  # the ADD is a batch of its own either way
+            assert fe.rem_region(0, 4 << 20, 0x10000000) == 0
+            assert fe.add_region(0, 4 << 20, 0x10000000, 0, memfd) == 0
+            report = ControlClient(ctl).call("check")
+        os.close(memfd)
+        assert report["counts"]["violations"] == violations, report
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+def test_linger_and_send_timeout_are_checked() -> None:
+    for flags in (["--linger-ms", "-1"], ["--send-timeout", "0"], ["--batch-gap", "-5"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["--socket", "/tmp/never-bound.sock", *flags])
+        assert exc.value.code == 2

@@ -225,3 +225,114 @@ async def test_run_serves_queues_second_frontend_and_cleans_up(tmp_path: Path) -
     assert len(adds) == 1 and adds[0]["result"] == "ok" and adds[0]["region"]["size"] == MiB
     assert {"ts", "socket", "request", "result"} <= adds[0].keys()
     assert backend.mapper.stats.maps == 0
+
+
+# -- booking after the ack, and the linger ------------------------------------------------------
+
+
+async def test_quiet_successes_are_booked_later_but_in_order_and_before_control_answers() -> None:
+    backend = Backend(ServerConfig(linger=0.001))
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            fe = await start_pair(backend, nursery)
+            await in_thread(fe.handshake)
+            memfd = make_memfd(16 * MiB)
+
+            def burst() -> list[int]:
+                acks = [fe.add_region(i * 4 * MiB, 4 * MiB, 0x10000000 + i * 4 * MiB, i * 4 * MiB, memfd) for i in range(3)]
+                # a failure right behind the quiet successes: GPA overlap with region 0
+                acks.append(fe.add_region(0, 4 * MiB, 0x20000000, 0, memfd))
+                return acks
+
+            before = len(backend.events)
+            assert await in_thread(burst) == [0, 0, 0, 1]
+            # The control socket books what is pending before it answers.
+            reply = answer(backend, json.dumps({"cmd": "events", "args": {}}).encode())
+            assert reply["ok"], reply
+            memory = [e for e in reply["result"]["events"][before:] if e.get("request") == "ADD_MEM_REG"]
+            assert [e["result"] for e in memory] == ["ok", "ok", "ok", "error"]
+            assert [e["region"]["gpa"] for e in memory] == [0, 4 * MiB, 8 * MiB, 0]
+            # Times are the replies' (monotonic order), not the booking's.
+            stamps = [e["ts"] for e in memory]
+            assert stamps == sorted(stamps)
+            check = answer(backend, json.dumps({"cmd": "check", "args": {}}).encode())
+            assert check["ok"], check
+            assert check["result"]["counts"]["requests"] == 4
+            assert check["result"]["counts"]["failed"] == 1
+            conn = backend.connections()[0]
+            assert conn.pending == []
+            os.close(memfd)
+            fe.close()
+            while backend.connections():
+                await trio.sleep(0.01)
+    backend.cleanup()
+
+
+async def test_booking_happens_when_the_front_end_goes_quiet() -> None:
+    backend = Backend(ServerConfig(linger=0.001))
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            fe = await start_pair(backend, nursery)
+            await in_thread(fe.handshake)
+            memfd = make_memfd(4 * MiB)
+            assert await in_thread(fe.add_region, 0, 4 * MiB, 0x10000000, 0, memfd) == 0
+            os.close(memfd)
+            # No control request: the connection's own task books it once reads time out.
+            while not any(e.get("request") == "ADD_MEM_REG" for e in backend.events):
+                await trio.sleep(0.005)
+            assert backend.connections()[0].pending == []
+            fe.close()
+            while backend.connections():
+                await trio.sleep(0.01)
+    backend.cleanup()
+
+
+@pytest.mark.parametrize("linger", [0.0, 0.001, 0.25])
+async def test_control_socket_answers_while_a_front_end_lingers(linger: float, tmp_path: Path) -> None:
+    # A lingering read holds the event loop for at most one kernel tick (or the linger), then
+    # hands back to trio: the control socket must still answer promptly while a front-end is
+    # connected and quiet.
+    sock_path = str(tmp_path / "vu.sock")
+    ctl_path = str(tmp_path / "vu.ctl")
+    config = ServerConfig(sockets=(sock_path,), control=ctl_path, linger=linger)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            backend = await nursery.start(run, config)
+            fe = await in_thread(FakeFrontend.connect, sock_path, 10)
+            await in_thread(fe.handshake)
+            client = ControlClient(ctl_path)
+            for _ in range(5):
+                start = trio.current_time()
+                result = await in_thread(client.call, "stats")
+                assert result["connections_live"] == 1
+                assert trio.current_time() - start < 1.0 + linger
+            fe.close()
+            while backend.connections():
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+
+async def test_control_answers_book_pending_requests_first() -> None:
+    # A front-end that never pauses leaves requests unbooked when its task yields (every 64
+    # messages); a control request then must see them.
+    from protocol import Header
+    from vhostmem.events import Handled
+
+    backend = Backend(ServerConfig())
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            fe = await start_pair(backend, nursery)
+            await in_thread(fe.handshake)
+            while backend.connections()[0].pending:
+                await trio.sleep(0.005)
+            conn = backend.connections()[0]
+            before = answer(backend, b'{"cmd": "stats"}')["result"]["requests"]
+            request = Request.GET_FEATURES
+            conn.pending.append((Handled(request, Header(request, 1, 0), None, b"", True), 0.0, 0.0))
+            after = answer(backend, b'{"cmd": "stats"}')["result"]["requests"]
+            assert after == before + 1
+            assert conn.pending == []
+            fe.close()
+            while backend.connections():
+                await trio.sleep(0.01)
+    backend.cleanup()
