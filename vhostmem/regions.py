@@ -26,6 +26,7 @@ unmaps or closes anything itself.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from itertools import pairwise
 from collections.abc import Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -236,7 +237,7 @@ class RegionTable:
         if ok:
             for index in (0, 2):
                 ordered = sorted(entries, key=lambda e: e[index])
-                for before, after in zip(ordered, ordered[1:]):
+                for before, after in pairwise(ordered):
                     if before[index] + before[1] > after[index]:
                         ok = False
                         break
@@ -260,7 +261,12 @@ class RegionTable:
 
     @staticmethod
     def _overlap(
-        ordered: list[Region], starts: list[int], start: int, size: int, attr: str, skip: AbstractSet[int]
+        ordered: list[Region],
+        starts: list[int],
+        start: int,
+        size: int,
+        attr: str,
+        skip: AbstractSet[int],
     ) -> Region | None:
         # Only the neighbours around the insertion point can overlap, but ignored regions may sit
         # in between, so walk outwards past them.

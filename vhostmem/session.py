@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, final
 
@@ -143,6 +144,11 @@ TRANSITIONS: dict[SessionState, dict[Request, SessionState]] = {
     },
 }
 
+#: TRANSITIONS keyed by plain request code, for the lookup every request makes.
+_ALLOWED: dict[SessionState, dict[int, SessionState]] = {
+    state: {int(r): after for r, after in table.items()} for state, table in TRANSITIONS.items()
+}
+
 #: Requests that map memory: the only ones an injected errno can fail in the mapping step.
 _MAPPING_REQUESTS = frozenset({Request.SET_MEM_TABLE, Request.ADD_MEM_REG})
 
@@ -157,14 +163,14 @@ _ENDED = frozenset({SessionState.ERROR, SessionState.CLOSED})
 _HEADER_CHECK_MASK = 0x7
 _VERSION_1 = 0x1
 _NEED_REPLY = 0x8
-_FDS = dict(FDS_ALLOWED)
+_FDS: dict[int, tuple[int, int]] = {int(r): bounds for r, bounds in FDS_ALLOWED.items()}
 _NO_FDS = (0, 0)
 #: Requests whose payload says how many fds they take (NOFD bit, number of regions).
 _FDS_FROM_PAYLOAD = frozenset(
     {Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR, Request.SET_MEM_TABLE}
 )
 #: The success acks, encoded once.
-_ACKS = {request: encode_u64_reply(request, 0) for request in Request}
+_ACKS: dict[int, bytes] = {int(r): encode_u64_reply(r, 0) for r in Request}
 
 #: Largest split-ring size the virtio spec allows.
 _MAX_QUEUE_SIZE = 32768
@@ -273,7 +279,7 @@ class Session:
         # The offer never changes; IntFlag arithmetic in SessionConfig.features is slow.
         self._features_reply = encode_u64_reply(Request.GET_FEATURES, config.features)
         #: TRANSITIONS of the current state, looked up once per state change, not per request.
-        self._allowed = TRANSITIONS[self.state]
+        self._allowed = _ALLOWED[self.state]
         self.table = RegionTable(config.max_slots)
         self.vrings = [Vring(i) for i in range(config.vrings)]
         self.acked_features = 0
@@ -402,14 +408,15 @@ class Session:
                     fault = self.faults.match(_name(request))
                     if fault is not None and (fault.disconnect or fault.ack is not None):
                         return self._injected(header, payload, fds, fault)
-                next_state = self._allowed.get(request)  # type: ignore[call-overload]
+                code: int = request  # a Request is its code; the tables below are keyed by int
+                next_state = self._allowed.get(code)
                 if next_state is None:
                     next_state = self._check_state(request)  # raises with the reason
-                low, high = _FDS.get(request, _NO_FDS)
+                low, high = _FDS.get(code, _NO_FDS)
                 if not low <= nfds <= high or request in _FDS_FROM_PAYLOAD:
                     self._check_fds(request, payload, fds)
                 # looked up outside the handler's own errors (trio-websocket's KeyError pitfall)
-                handler = _HANDLERS.get(request)  # type: ignore[call-overload]
+                handler = _HANDLER_BY_CODE.get(code)
                 if handler is None:
                     raise LocalProtocolError(
                         f"{_name(request)} is not implemented by vhostmem (no feature that would "
@@ -433,7 +440,7 @@ class Session:
             self._set_state(next_state)
         reply, change, notes = result
         if not reply and header.flags & _NEED_REPLY and self.negotiated_reply_ack:
-            reply = _ACKS.get(request) or encode_u64_reply(request, 0)
+            reply = _ACKS.get(int(request)) or encode_u64_reply(request, 0)
         if fault is None:
             return Handled(request, header, payload, reply, True, None, None, change, notes, nfds)
         return Handled(
@@ -451,7 +458,7 @@ class Session:
 
     def _set_state(self, state: SessionState) -> None:
         self.state = state
-        self._allowed = TRANSITIONS.get(state, {})
+        self._allowed = _ALLOWED.get(state, {})
 
     def _injected(
         self, header: Header, payload: Payload | None, fds: list[int], fault: Fault
@@ -923,4 +930,8 @@ _HANDLERS = {
     Request.SET_VRING_KICK: Session._set_vring_fd,
     Request.SET_VRING_CALL: Session._set_vring_fd,
     Request.SET_VRING_ERR: Session._set_vring_fd,
+}
+
+_HANDLER_BY_CODE: dict[int, Callable[[Session, Header, Payload, list[int]], _Result]] = {
+    int(request): handler for request, handler in _HANDLERS.items()
 }

@@ -21,8 +21,8 @@ import trio
 from protocol import Request, VringState, encode_request
 from vhostmem.control import ControlClient, ControlError, answer
 from vhostmem.server import Backend, ServerConfig, run
-from vhostmem.sockets import SocketError, bind_unix_socket
 from vhostmem.session import SessionConfig
+from vhostmem.sockets import SocketError, bind_unix_socket
 from vhostmem.testing.frontend import FakeFrontend, make_memfd
 
 from .helpers import map_lines, open_fds, shared_maps
@@ -239,7 +239,10 @@ async def test_quiet_successes_are_booked_later_but_in_order_and_before_control_
             memfd = make_memfd(16 * MiB)
 
             def burst() -> list[int]:
-                acks = [fe.add_region(i * 4 * MiB, 4 * MiB, 0x10000000 + i * 4 * MiB, i * 4 * MiB, memfd) for i in range(3)]
+                acks = [
+                    fe.add_region(i * 4 * MiB, 4 * MiB, 0x10000000 + i * 4 * MiB, i * 4 * MiB, memfd)
+                    for i in range(3)
+                ]
                 # a failure right behind the quiet successes: GPA overlap with region 0
                 acks.append(fe.add_region(0, 4 * MiB, 0x20000000, 0, memfd))
                 return acks
@@ -249,7 +252,8 @@ async def test_quiet_successes_are_booked_later_but_in_order_and_before_control_
             # The control socket books what is pending before it answers.
             reply = answer(backend, json.dumps({"cmd": "events", "args": {}}).encode())
             assert reply["ok"], reply
-            memory = [e for e in reply["result"]["events"][before:] if e.get("request") == "ADD_MEM_REG"]
+            events = reply["result"]["events"][before:]
+            memory = [e for e in events if e.get("request") == "ADD_MEM_REG"]
             assert [e["result"] for e in memory] == ["ok", "ok", "ok", "error"]
             assert [e["region"]["gpa"] for e in memory] == [0, 4 * MiB, 8 * MiB, 0]
             # Times are the replies' (monotonic order), not the booking's.
@@ -288,7 +292,9 @@ async def test_booking_happens_when_the_front_end_goes_quiet() -> None:
 
 
 @pytest.mark.parametrize("linger", [0.0, 0.001, 0.25])
-async def test_control_socket_answers_while_a_front_end_lingers(linger: float, tmp_path: Path) -> None:
+async def test_control_socket_answers_while_a_front_end_lingers(
+    linger: float, tmp_path: Path
+) -> None:
     # A lingering read holds the event loop for at most one kernel tick (or the linger), then
     # hands back to trio: the control socket must still answer promptly while a front-end is
     # connected and quiet.
@@ -328,7 +334,8 @@ async def test_control_answers_book_pending_requests_first() -> None:
             conn = backend.connections()[0]
             before = answer(backend, b'{"cmd": "stats"}')["result"]["requests"]
             request = Request.GET_FEATURES
-            conn.pending.append((Handled(request, Header(request, 1, 0), None, b"", True), 0.0, 0.0))
+            handled = Handled(request, Header(request, 1, 0), None, b"", True)
+            conn.pending.append((handled, 0.0, 0.0))
             after = answer(backend, b'{"cmd": "stats"}')["result"]["requests"]
             assert after == before + 1
             assert conn.pending == []
