@@ -1012,7 +1012,7 @@ class Mapper:
         self._fds_held += held
         self._fd_counts[key_id] = held
         if not hugetlb:
-            os.close(fd)  # libvhost-user closes the fd right after mmap
+            _close_quietly(fd)  # libvhost-user closes the fd right after mmap
         return mapping
 
     def _probe_and_refuse(self, fd: int, diag: _Diagnosis, *, cache: bool = True) -> Backing:

@@ -4,9 +4,9 @@ Each read is one ``recvmsg`` with room for file descriptors (SCM_RIGHTS), receiv
 ``MSG_CMSG_CLOEXEC`` so no fd of QEMU's leaks into a child we start. We try the syscall first
 and only wait for readability (through trio) when it says EAGAIN: one syscall per message on the
 hot path instead of a scheduler round trip. With a linger, the syscall itself waits briefly in
-the kernel for the next message (see :class:`FdStream`); tools/bench measured the three ways at
-about 1.3x, 1.27x and 0.95x of libvhost-user's ADD_MEM_REG round trip (trio wait per message,
-syscall first, syscall first with a linger).
+the kernel for the next message (see :class:`FdStream`). A minimal Python back-end in
+tools/bench's harness measured 1.27x libvhost-user's ADD_MEM_REG round trip trying the syscall
+first and waiting through trio, and 0.95x with the linger.
 
 We never read past the end of the message in hand: the session says how many bytes complete it
 (:attr:`Session.bytes_wanted`): the 12-byte header first, then exactly its payload, the way
