@@ -84,10 +84,11 @@ MAPPABLE_KINDS: Final = frozenset({"memfd", "memfd-hugetlb", "hugetlbfs", "tmpfs
 HUGETLB_KINDS: Final = frozenset({"memfd-hugetlb", "hugetlbfs"})
 
 _U64: Final = 1 << 64
+#: Proven backings a Mapper remembers at most (QEMU uses one memfd or file per backend).
+_PROVEN_MAX: Final = 4096
 _MAP_FLAGS: Final = mmap.MAP_SHARED | MAP_NORESERVE
 _MAP_PROT: Final = mmap.PROT_READ | mmap.PROT_WRITE
 _PAGESIZE: Final = mmap.PAGESIZE
-_MIB: Final = 1 << 20
 
 # --- libc through ctypes -------------------------------------------------------------------------
 
@@ -263,38 +264,26 @@ class Backing:
         return data
 
 
-#: (st_dev, st_ino, st_size) -> Backing of regular files mapped read-write before (Mapper._map).
-_PROVEN: dict[tuple[int, int, int], Backing] = {}
-#: (st_dev, st_ino) -> (/proc/self/fd target, fstatfs f_type) of regular files seen.
-_FILE_FACTS: dict[tuple[int, int], tuple[str, int | None]] = {}
-_FILE_FACTS_MAX = 4096
-
-
-def probe_backing(fd: int) -> Backing:
+def probe_backing(fd: int, st: os.stat_result | None = None) -> Backing:
     """Find out what ``fd`` is: kind, page size, identity, size, seals, access mode.
 
     Hugetlbfs is detected like QEMU's ``qemu_fd_getpagesize`` and libvhost-user's
     ``get_fd_hugepagesize``: ``fstatfs`` ``f_type == HUGETLBFS_MAGIC``, page size ``f_bsize``.
+    Every call looks afresh (the Mapper remembers proven backings itself).
+
+    Args:
+        st: ``os.fstat(fd)`` if the caller has just made it.
 
     Raises:
         OSError: the fd is not open (EBADF).
     """
-    st = os.fstat(fd)
-    # What a file is does not change while it lives: QEMU sends the same memfd with every
-    # ADD_MEM_REG, so its name and filesystem are looked up once per (device, inode).
-    known = _FILE_FACTS.get((st.st_dev, st.st_ino)) if stat.S_ISREG(st.st_mode) else None
-    if known is None:
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            target = "?"
-        magic = _fstatfs_type(fd)
-        if stat.S_ISREG(st.st_mode):
-            if len(_FILE_FACTS) >= _FILE_FACTS_MAX:
-                _FILE_FACTS.clear()
-            _FILE_FACTS[(st.st_dev, st.st_ino)] = (target, magic)
-    else:
-        target, magic = known
+    if st is None:
+        st = os.fstat(fd)
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        target = "?"
+    magic = _fstatfs_type(fd)
     try:
         accmode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
     except OSError:
@@ -851,7 +840,9 @@ class Mapper:
         # Running totals, so stats cost the same with 1 region or 509.
         self._mapped_bytes = 0
         self._fds_held = 0
-        self._fd_counts: dict[int, int] = {}
+        #: (st_dev, st_ino, st_size) -> Backing of a regular file this Mapper has mapped
+        #: read-write: the next region of the same file skips the probe (see _map).
+        self._proven: dict[tuple[int, int, int], Backing] = {}
         self._mem_fd: int | None = None
         self._closed = False
 
@@ -926,9 +917,9 @@ class Mapper:
                            "pass the fd received with the message (SCM_RIGHTS), still open",
                            errno=err.errno) from err
         key = (st.st_dev, st.st_ino, st.st_size)
-        backing = _PROVEN.get(key) if stat.S_ISREG(st.st_mode) else None
+        backing = self._proven.get(key) if stat.S_ISREG(st.st_mode) else None
         if backing is None:
-            backing = self._probe_and_refuse(fd, diag)
+            backing = self._probe_and_refuse(fd, diag, st)
         diag.set_backing(backing)
 
         # -- numbers (the wire format makes each a u64 already) --
@@ -967,8 +958,8 @@ class Mapper:
         except OSError as err:
             # Probe afresh: a read-only fd, a write seal or a pipe fails here with EACCES,
             # EPERM or ENODEV, and the words should say which (not rely on the cache).
+            self._proven.pop(key, None)
             backing = self._probe_and_refuse(fd, diag, cache=False)
-            diag.set_backing(backing)
             layout = {"fd_offset": fd_offset, "remainder": remainder, "length": length,
                       "page_size": page}
             diag.details.update(layout)
@@ -1005,17 +996,17 @@ class Mapper:
         except BaseException:
             mm.close()
             raise
-        key_id = id(mapping)
         held = 2 if hugetlb else 1
-        self._live[key_id] = mapping
+        self._live[id(mapping)] = mapping
         self._mapped_bytes += length
         self._fds_held += held
-        self._fd_counts[key_id] = held
         if not hugetlb:
             _close_quietly(fd)  # libvhost-user closes the fd right after mmap
         return mapping
 
-    def _probe_and_refuse(self, fd: int, diag: _Diagnosis, *, cache: bool = True) -> Backing:
+    def _probe_and_refuse(
+        self, fd: int, diag: _Diagnosis, st: os.stat_result | None = None, *, cache: bool = True
+    ) -> Backing:
         """Probe ``fd`` in full and refuse what can never be mapped read-write and shared.
 
         A regular file that passes is remembered by (device, inode, size): the next region of
@@ -1025,7 +1016,7 @@ class Mapper:
         """
         fail = diag.fail
         try:
-            backing = probe_backing(fd)
+            backing = probe_backing(fd, st)
         except OSError as err:
             raise fail("bad-fd", f"cannot inspect fd {fd}: {err.strerror}",
                        "pass the fd received with the message (SCM_RIGHTS), still open",
@@ -1050,10 +1041,10 @@ class Mapper:
                        "would refuse with EPERM",
                        "do not seal guest memory against writes (F_SEAL_WRITE / "
                        "F_SEAL_FUTURE_WRITE); QEMU's own seal=on only adds GROW/SHRINK")
-        if cache and backing.kind in MAPPABLE_KINDS:
-            if len(_PROVEN) >= _FILE_FACTS_MAX:
-                _PROVEN.clear()
-            _PROVEN[(backing.st_dev, backing.st_ino, backing.st_size)] = backing
+        if cache:
+            if len(self._proven) >= _PROVEN_MAX:
+                self._proven.clear()
+            self._proven[(backing.st_dev, backing.st_ino, backing.st_size)] = backing
         return backing
 
     @staticmethod
@@ -1163,7 +1154,7 @@ class Mapper:
     def _forget(self, mapping: Mapping) -> None:
         if self._live.pop(id(mapping), None) is not None:
             self._mapped_bytes -= mapping.length
-            self._fds_held -= self._fd_counts.pop(id(mapping))
+            self._fds_held -= 2 if mapping.backing.hugetlb else 1
 
     def _proc_mem_fd(self) -> int:
         # One /proc/self/mem fd per Mapper, opened on first peek. It stays bound to this

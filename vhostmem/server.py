@@ -309,12 +309,17 @@ class Backend:
                 }
             )
             return
+        try:
+            stream = FdStream(sock, self.config.linger)
+        except OSError as err:
+            sock.close()
+            log.error("cannot set up the connection on %s: %s", socket_name, err)
+            return
         session = Session(self.config.session, self.host, self.faults)
         conn = Connection(number, socket_name, session, peer, time.time(), log)
         if self.net is not None:
             conn.datapath = self.net.attach(session, socket_name=socket_name, conn=number, log=log)
         self.sockets[socket_name] = conn
-        stream = FdStream(sock, self.config.linger)
         log.info(
             "front-end connected on %s (pid %s, uid %s)",
             socket_name,
@@ -348,23 +353,28 @@ class Backend:
             reason = f"internal error: {err!r}"
             log.exception("internal error; closing this connection only")
         finally:
-            # Nothing here awaits, so cancellation cannot cut the release short.
-            self.flush(conn)
+            # Nothing here awaits, so cancellation cannot cut the release short. Release
+            # first: booking writes files and may fail, and must not keep mappings or fds.
             if conn.datapath is not None:
                 conn.datapath.close()  # rings stop before their memory is unmapped
             gone = session.close()
             stream.close()
             self.sockets[socket_name] = None
             log.info("released %d region(s); %s", len(gone), reason)
-            self.record(
-                {
-                    "event": "disconnect",
-                    "socket": socket_name,
-                    "conn": number,
-                    "reason": reason,
-                    "released": len(gone),
-                }
-            )
+            try:
+                self.flush(conn)  # booking reads only the numbers of what was released
+                self.history.close_batch(socket=socket_name, conn=number)
+                self.record(
+                    {
+                        "event": "disconnect",
+                        "socket": socket_name,
+                        "conn": number,
+                        "reason": reason,
+                        "released": len(gone),
+                    }
+                )
+            except Exception:  # the connection is gone either way; the server goes on
+                log.exception("could not book the end of the connection")
 
     async def _loop(self, conn: Connection, stream: FdStream) -> None:
         session = conn.session

@@ -42,7 +42,7 @@ import enum
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, final
+from typing import Any, NoReturn, Protocol, final
 
 from protocol import (
     FDS_ALLOWED,
@@ -411,7 +411,7 @@ class Session:
                 code: int = request  # a Request is its code; the tables below are keyed by int
                 next_state = self._allowed.get(code)
                 if next_state is None:
-                    next_state = self._check_state(request)  # raises with the reason
+                    self._refuse_in_state(request)
                 low, high = _FDS.get(code, _NO_FDS)
                 if not low <= nfds <= high or request in _FDS_FROM_PAYLOAD:
                     self._check_fds(request, payload, fds)
@@ -481,7 +481,9 @@ class Session:
                 disconnect=True,
             )
         err = LocalProtocolError(f"injected failure ({fault.spec}); the request was not handled")
-        return self._failure(header, payload, err, nfds, fault=fault, ack=fault.ack or 1)
+        return self._failure(
+            header, payload, err, nfds, fault=fault, ack=fault.ack or 1, kind="injected"
+        )
 
     def _failure(
         self,
@@ -492,13 +494,15 @@ class Session:
         *,
         fault: Fault | None = None,
         ack: int = 1,
+        kind: str | None = None,
     ) -> Handled:
         request = header.request
-        kind = {
-            StateError: "state",
-            DecodeError: "decode",
-            LocalProtocolError: "protocol",
-        }.get(type(err), getattr(err, "kind", "error"))
+        if kind is None:
+            kind = {
+                StateError: "state",
+                DecodeError: "decode",
+                LocalProtocolError: "protocol",
+            }.get(type(err), getattr(err, "kind", "error"))
         details = getattr(err, "details", None)
         reply = b""
         if request in HAS_OWN_REPLY:
@@ -519,8 +523,8 @@ class Session:
             payload=payload,
             reply=reply,
             ok=False,
-            error=f"{_name(request)}: {text}",
-            error_kind="injected" if fault is not None and fault.ack is not None else str(kind),
+            error=f"{name}: {text}",
+            error_kind=str(kind),
             nfds=nfds,
             details=details,
             injected=fault.spec if fault else None,
@@ -538,17 +542,17 @@ class Session:
                 f"header flags 0x{header.flags:x} have the REPLY bit set on a request"
             )
 
-    def _check_state(self, request: Request | int) -> SessionState:
+    def _refuse_in_state(self, request: Request | int) -> NoReturn:
+        """Say why ``request`` is not in the current state's transitions."""
         if not isinstance(request, Request):
             raise LocalProtocolError(f"unknown request code {int(request)}")
-        allowed = TRANSITIONS.get(self.state, {})
-        if request not in allowed:
-            raise StateError(
-                f"{request.name} is not allowed before SET_OWNER",
-                self.state.value,
-                "SET_OWNER first",
-            )
-        return allowed[request]
+        if self.state is SessionState.AWAIT_OWNER:
+            raise StateError("is not allowed before SET_OWNER", self.state.value, "SET_OWNER first")
+        raise StateError(
+            "came again: the session already has an owner",
+            self.state.value,
+            "one SET_OWNER per connection",
+        )
 
     def _check_fds(self, request: Request | int, payload: Payload | None, fds: list[int]) -> None:
         low, high = FDS_ALLOWED.get(request, (0, 0)) if isinstance(request, Request) else (0, 0)

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import array
 import errno
+import math
 import os
 import socket
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import final
 
@@ -31,24 +30,12 @@ import trio
 
 from vhostmem.errors import RemoteProtocolError
 
-__all__ = ["MAX_FDS_PER_READ", "FdStream", "Peer", "close_on_error", "peer_credentials"]
+__all__ = ["MAX_FDS_PER_READ", "FdStream", "Peer", "peer_credentials"]
 
 #: SET_MEM_TABLE carries at most 8 fds; leave room for a hostile front-end's extras so they are
 #: received (and then closed) rather than cut off with MSG_CTRUNC.
 MAX_FDS_PER_READ = 253  # SCM_MAX_FD in the kernel
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_READ * array.array("i").itemsize)
-
-
-@contextmanager
-def close_on_error(fds: list[int]) -> Iterator[None]:
-    """Close ``fds`` if the block raises; on success the block took ownership."""
-    try:
-        yield
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        fds.clear()
-        raise
 
 
 def _unpack_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -78,21 +65,16 @@ class FdStream:
         if linger > 0:
             # A blocking fd whose reads time out; every send passes MSG_DONTWAIT instead.
             sock.setblocking(True)
-            seconds = int(linger)
-            micros = round((linger - seconds) * 1e6) or (0 if seconds else 1)
+            seconds, micros = divmod(max(1, math.ceil(linger * 1e6)), 1_000_000)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                             struct.pack("ll", seconds, micros))
         else:
             sock.setblocking(False)
         self.sock = sock
-        self.linger = linger
         # One task owns a connection and sends its replies in order; a second concurrent sender
         # would interleave bytes, so catch it (trio's ConflictDetector idea) instead of paying
         # for a lock on every reply.
         self._sending = False
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
 
     def try_receive(self, max_bytes: int) -> tuple[bytes, list[int]] | None:
         """One ``recvmsg`` of up to ``max_bytes``: ``None`` when nothing came within the linger.
@@ -128,22 +110,6 @@ class FdStream:
     async def wait_readable(self) -> None:
         """Wait (through trio) until the front-end has sent something."""
         await trio.lowlevel.wait_readable(self.sock)
-
-    async def receive(self, max_bytes: int) -> tuple[bytes, list[int]]:
-        """Read up to ``max_bytes`` (at least one) and the fds that came with them.
-
-        Returns:
-            ``(b"", [])`` at end of stream.
-
-        Raises:
-            RemoteProtocolError: the kernel cut off fds (MSG_CTRUNC) or the socket failed.
-        """
-        while True:
-            got = self.try_receive(max_bytes)
-            if got is not None:
-                await trio.lowlevel.checkpoint_if_cancelled()
-                return got
-            await trio.lowlevel.wait_readable(self.sock)
 
     def send_now(self, data: bytes) -> int:
         """Send what the socket takes right now, without waiting; returns the bytes sent.

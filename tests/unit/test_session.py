@@ -457,3 +457,35 @@ def test_ring_start_checks_translation() -> None:
     assert ev.ok and any("desc ring at front-end address 0x1000" in n for n in ev.notes)
     ev = rem(s, host, 0, GiB, 0x7F0000000000)
     assert ev.ok and any("running vring 0" in n for n in ev.notes)
+
+
+def test_refusals_say_why_in_each_state() -> None:
+    host = FakeHost()
+    s = Session(SessionConfig(), host)
+    [ev] = feed(s, host, encode_request(Request.SET_VRING_NUM, VringState(0, 256)))
+    assert ev.error_kind == "state"
+    assert ev.error == (
+        "SET_VRING_NUM: is not allowed before SET_OWNER (state await-owner; needs SET_OWNER first)"
+    )
+    session, host = qemu_session()
+    [ev] = feed(session, host, encode_request(Request.SET_OWNER, need_reply=True))
+    assert not ev.ok and ev.error_kind == "state"
+    assert ev.error == (
+        "SET_OWNER: came again: the session already has an owner "
+        "(state owned; needs one SET_OWNER per connection)"
+    )
+    assert u64(ev.reply) == 1
+
+
+def test_injected_errno_on_a_request_that_maps_nothing_is_marked_injected() -> None:
+    from vhostmem.faults import FaultPlan, parse_fault
+
+    session, host = qemu_session()
+    faults = FaultPlan()
+    faults.add(parse_fault("SET_VRING_NUM:nth=1:errno=ENOMEM"))
+    session.faults = faults
+    msg = encode_request(Request.SET_VRING_NUM, VringState(0, 256), need_reply=True)
+    [ev] = feed(session, host, msg)
+    assert not ev.ok and ev.error_kind == "injected"
+    assert ev.injected == "SET_VRING_NUM:nth=1:errno=ENOMEM"
+    assert u64(ev.reply) == 1
