@@ -13,6 +13,7 @@ from protocol.codec import (
     encode_reply,
     encode_request,
     encode_u64_reply,
+    fd_bounds,
     payload_kind,
     reply_payload_kind,
 )
@@ -34,6 +35,7 @@ from protocol.codes import (
     ProtocolFeature,
     Request,
     VirtioFeature,
+    request_name,
 )
 from protocol.errors import DecodeError, EncodeError, ProtocolError
 from protocol.model import (
@@ -81,12 +83,14 @@ __all__ = [
     "ProtocolFeature",
     "Request",
     "VirtioFeature",
+    "request_name",
     "VringAddress",
     "VringFile",
     "VringState",
     "decode_header",
     "decode_message",
     "decode_payload",
+    "fd_bounds",
     "decode_reply_payload",
     "encode_reply",
     "encode_request",

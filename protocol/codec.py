@@ -21,6 +21,7 @@ import construct as c
 
 from protocol import structs
 from protocol.codes import (
+    FDS_ALLOWED,
     HEADER_SIZE,
     MAX_CONFIG_SIZE,
     MAX_PAYLOAD_SIZE,
@@ -33,6 +34,7 @@ from protocol.codes import (
     HeaderFlags,
     PayloadKind,
     Request,
+    request_name,
 )
 from protocol.errors import DecodeError, EncodeError
 from protocol.model import (
@@ -52,6 +54,7 @@ from protocol.model import (
 
 __all__ = [
     "decode_header",
+    "fd_bounds",
     "decode_message",
     "decode_payload",
     "decode_reply_payload",
@@ -78,7 +81,6 @@ _REGION_UNPACK_FROM = structs.MEMORY_REGION_FLAT.unpack_from
 _MEM_REG_UNPACK = structs.MEM_REG_MSG_FLAT.unpack
 _VRING_STATE_UNPACK = structs.VRING_STATE_FLAT.unpack
 _VRING_ADDR_UNPACK = structs.VRING_ADDR_FLAT.unpack
-_U64 = structs.U64_COMPILED
 _REGION_SIZE: Final = structs.MEMORY_REGION_SIZE
 _TABLE_HEAD_SIZE: Final = structs.MEMORY_TABLE_HEADER_SIZE
 _TABLE_MAX_SIZE: Final = _TABLE_HEAD_SIZE + MEMORY_BASELINE_NREGIONS * _REGION_SIZE
@@ -91,11 +93,13 @@ _REQUEST_KIND: Final[dict[int, PayloadKind]] = {int(r): k for r, k in REQUEST_PA
 _REPLY_KIND: Final[dict[int, PayloadKind]] = {int(r): k for r, k in REPLY_PAYLOAD.items()}
 
 
+_FD_BOUNDS: Final[dict[int, tuple[int, int]]] = {int(r): b for r, b in FDS_ALLOWED.items()}
+_NO_FDS: Final = (0, 0)
+
 _T = TypeVar("_T")
 
 
-def _name(request: Request | int) -> str:
-    return request.name if isinstance(request, Request) else f"request {request}"
+_name = request_name
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,6 +123,21 @@ def decode_header(data: BytesLike) -> Header:
         raise DecodeError(f"header must be {HEADER_SIZE} bytes, got {len(data)}", raw=bytes(data))
     code, flags, size = _HEADER_UNPACK(data)
     return Header(_REQUESTS.get(code, code), flags, size)
+
+
+def fd_bounds(request: Request | int, payload: Payload | None) -> tuple[int, int]:
+    """How many fds (SCM_RIGHTS) a decoded request may carry: ``(at least, at most)``.
+
+    ``FDS_ALLOWED`` per request, narrowed by the payload: a vring file with NOFD set carries
+    none and one without carries one; SET_MEM_TABLE carries exactly one per region.
+    """
+    if isinstance(payload, VringFile):
+        n = 0 if payload.nofd else 1
+        return n, n
+    if isinstance(payload, MemoryTable):
+        n = len(payload.regions)
+        return n, n
+    return _FD_BOUNDS.get(request, _NO_FDS)
 
 
 def payload_kind(request: Request | int) -> PayloadKind:

@@ -28,6 +28,7 @@ __all__ = [
     "ProtocolFeature",
     "Request",
     "VirtioFeature",
+    "request_name",
 ]
 
 
@@ -260,6 +261,11 @@ REPLY_FLAGS: Final = HeaderFlags.VERSION | HeaderFlags.REPLY
 #: once the payload is decoded. REM_MEM_REG MAY carry one that must be closed unused (QEMU
 #: 5.1-7.0 sent it). The kick/call/err fd is absent when the NOFD bit is set. SET_LOG_BASE
 #: carries one only with LOG_SHMFD.
+def request_name(request: Request | int) -> str:
+    """The protocol name of a request code, or ``UNKNOWN(n)`` for a code vhost-user lacks."""
+    return request.name if isinstance(request, Request) else f"UNKNOWN({int(request)})"
+
+
 FDS_ALLOWED: Final[dict[Request, tuple[int, int]]] = {request: (0, 0) for request in Request} | {
     Request.ADD_MEM_REG: (1, 1),
     Request.SET_MEM_TABLE: (0, MEMORY_BASELINE_NREGIONS),

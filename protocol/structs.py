@@ -156,12 +156,8 @@ MEM_REG_MSG_COMPILED: Final[c.Construct[Any, Any]] = MEM_REG_MSG.compile()
 VRING_STATE_COMPILED: Final[c.Construct[Any, Any]] = VRING_STATE.compile()
 VRING_ADDR_COMPILED: Final[c.Construct[Any, Any]] = VRING_ADDR.compile()
 
-#: ``U64`` without construct's per-call machinery, for the u64-reply fast path: a
-#: ``struct.Struct`` made from the definition's own format string, not a second definition.
-pack_u64: Final[Callable[[int], bytes]] = struct.Struct(c.Int64ul.fmtstr).pack
 #: What ``pack_u64`` raises for a value that is not a u64.
 PackError: Final = struct.error
-
 
 
 def flat_format(definition: c.Construct[Any, Any]) -> struct.Struct:
@@ -196,6 +192,8 @@ def _flat(node: c.Construct[Any, Any]) -> str:
 #: Flat twins of the fixed-size hot definitions (see ``flat_format``).
 HEADER_FLAT: Final = flat_format(HEADER)
 U64_FLAT: Final = flat_format(U64)
+#: ``U64`` without construct's per-call machinery, for the u64-reply fast path.
+pack_u64: Final[Callable[[int], bytes]] = U64_FLAT.pack
 MEMORY_REGION_FLAT: Final = flat_format(MEMORY_REGION)
 MEM_REG_MSG_FLAT: Final = flat_format(MEM_REG_MSG)
 VRING_STATE_FLAT: Final = flat_format(VRING_STATE)

@@ -478,64 +478,24 @@ def build_ctl_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_Render = Callable[[dict[str, Any]], str]
-
-
-def _renderer(name: str) -> _Render:
-    from vhostmem import report
-
-    render: _Render = getattr(report, name)
-    return render
-
-
-def render_regions(doc: dict[str, Any]) -> str:
-    return _renderer("render_regions")(doc)
-
-
-def render_map(doc: dict[str, Any]) -> str:
-    return _renderer("render_map")(doc)
-
-
-def render_events(doc: dict[str, Any]) -> str:
-    return _renderer("render_events")(doc)
-
-
-def render_stats(doc: dict[str, Any]) -> str:
-    return _renderer("render_stats")(doc)
-
-
-def render_peek(doc: dict[str, Any]) -> str:
-    return _renderer("render_peek")(doc)
-
-
-def render_faults(doc: dict[str, Any]) -> str:
-    return _renderer("render_faults")(doc)
-
-
-def render_diagnose(doc: dict[str, Any]) -> str:
-    return _renderer("render_diagnose")(doc)
-
-
-def render_merged(doc: dict[str, Any]) -> str:
-    return _renderer("render_merged")(doc)
-
-
-_CTL: dict[str, tuple[str, _Render, Callable[[argparse.Namespace], dict[str, Any]]]] = {
-    "regions": ("regions", render_regions, lambda a: _regions_args(a)),
-    "map": ("regions", render_map, lambda a: {}),
-    "events": ("events", render_events, lambda a: {"limit": a.limit}),
-    "stats": ("stats", render_stats, lambda a: {}),
+#: vhostmem-ctl command -> (control command, renderer in vhostmem.report, request arguments).
+#: Renderers are named, not imported: report loads only when a command prints.
+_CTL: dict[str, tuple[str, str, Callable[[argparse.Namespace], dict[str, Any]]]] = {
+    "regions": ("regions", "render_regions", lambda a: _regions_args(a)),
+    "map": ("regions", "render_map", lambda a: {}),
+    "events": ("events", "render_events", lambda a: {"limit": a.limit}),
+    "stats": ("stats", "render_stats", lambda a: {}),
     "peek": (
         "peek",
-        render_peek,
+        "render_peek",
         lambda a: {"gpa": a.gpa, "len": a.len} | ({"socket": a.socket} if a.socket else {}),
     ),
     "inject": (
         "inject",
-        render_faults,
+        "render_faults",
         lambda a: ({"spec": a.spec} if a.spec else {}) | ({"clear": True} if a.clear else {}),
     ),
-    "diagnose": ("diagnose", render_diagnose, lambda a: {}),
+    "diagnose": ("diagnose", "render_diagnose", lambda a: {}),
 }
 
 
@@ -643,12 +603,15 @@ def ctl_main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "check":
         return _check(args)
-    cmd, render, make_args = _CTL[args.command]
+    cmd, render_name, make_args = _CTL[args.command]
     if args.command == "regions" and args.merged:
-        render = render_merged
+        render_name = "render_merged"
     from qemu.qmp import QMPError
 
+    from vhostmem import report
     from vhostmem.control import ControlClient, ControlError
+
+    render: Callable[[dict[str, Any]], str] = getattr(report, render_name)
 
     try:
         request = make_args(args)

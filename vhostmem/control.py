@@ -138,12 +138,9 @@ def _cmd_events(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     return {"version": DOC_VERSION, "events": events}
 
 
-def _count(path: str) -> int:
+def _open_fds() -> int:
     try:
-        if os.path.isdir(path):
-            return len(os.listdir(path))
-        with open(path, encoding="ascii", errors="replace") as f:
-            return sum(1 for _ in f)
+        return len(os.listdir("/proc/self/fd"))
     except OSError:
         return -1
 
@@ -175,7 +172,7 @@ def _cmd_stats(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
         "mapped_bytes": mapper.mapped_bytes,
         "maps": mapper.maps,
         "mapping_fds": mapper.fds_held,
-        "process_fds": _count("/proc/self/fd"),
+        "process_fds": _open_fds(),
         "process_maps": process_map_count(),
         "process_shared_maps": _shared_maps(),
         "rlimit_nofile": [soft, hard],
@@ -230,15 +227,14 @@ def _peek_in(table: Any, gpa: int, length: int) -> dict[str, Any]:
             )
         take = min(end, region.gpa_end) - at
         peek = region.handle.peek(at - region.gpa, take)
+        out += peek.data()
         for chunk in peek.chunks:
-            data = chunk.data if chunk.data is not None else bytes(chunk.length)
-            out += data
             chunks.append(
                 {
                     "gpa": region.gpa + chunk.offset,
                     "len": chunk.length,
                     "state": chunk.state,
-                    **({"error": chunk.error} if getattr(chunk, "error", None) else {}),
+                    **({"error": chunk.error} if chunk.error else {}),
                 }
             )
         at += take
@@ -290,7 +286,7 @@ def _cmd_diagnose(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     ]
     return {
         "version": DOC_VERSION,
-        "rlimit_nofile": {"soft": soft, "hard": hard, "open": _count("/proc/self/fd")},
+        "rlimit_nofile": {"soft": soft, "hard": hard, "open": _open_fds()},
         "max_map_count": max_map_count(),
         "process_maps": process_map_count(),
         "max_mapped": backend.config.max_mapped,
@@ -318,11 +314,6 @@ COMMANDS: dict[str, _Command] = {
     "diagnose": _cmd_diagnose,
     "check": _cmd_check,
 }
-
-
-def register(name: str, command: _Command) -> None:
-    """Add a control command (used by later layers: check, inject, diagnose)."""
-    COMMANDS[name] = command
 
 
 def answer(backend: Backend, line: bytes) -> dict[str, Any]:

@@ -4,14 +4,15 @@ Every error carries the data a reply, an event-log line or a person needs, not j
 
     VhostMemError
      ├── LocalProtocolError    we were asked to do something the protocol does not allow here
-     ├── RemoteProtocolError   the front-end broke the protocol (raised at Session.receive boundary)
+     ├── RemoteProtocolError   the front-end broke framing: the connection must close
      ├── StateError            a request that is illegal in the session's current state
      ├── MappingError          mmap of a region failed or was refused; the text is the diagnosis
      └── TableError            the region table refused a change (overlap, slot limit,
                                unknown region)
 
-``LocalProtocolError`` is raised inside the session and turned into ``RemoteProtocolError`` at the
-``receive``/``next_event`` boundary, the strategy h11 describes in ``_util.py``.
+Inside the session, ``LocalProtocolError``, ``StateError``, ``TableError`` and ``MappingError``
+become a failed ``Handled`` (a failure ack, the connection stays); only broken framing or a
+session that has ended raises ``RemoteProtocolError`` out of ``receive_data``/``next_event``.
 """
 
 from __future__ import annotations
@@ -25,11 +26,7 @@ class VhostMemError(Exception):
 
 @final
 class LocalProtocolError(VhostMemError):
-    """A request that cannot be honoured; ``fatal`` means the byte stream is no longer trusted."""
-
-    def __init__(self, msg: str, *, fatal: bool = False) -> None:
-        super().__init__(msg)
-        self.fatal = fatal
+    """A request that cannot be honoured (answered with a failure; the connection stays)."""
 
 
 @final

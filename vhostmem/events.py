@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, final
 
-from protocol import MemoryTable, MemRegMsg
+from protocol import MemoryTable, MemRegMsg, request_name
 
 if TYPE_CHECKING:
     from protocol import Header, Payload, Request
@@ -103,8 +103,7 @@ class Handled:
     @property
     def name(self) -> str:
         """The request's protocol name, or ``UNKNOWN(n)``."""
-        name = getattr(self.request, "name", None)
-        return name if isinstance(name, str) else f"UNKNOWN({int(self.request)})"
+        return request_name(self.request)
 
 
 def _wire_json(region: Any) -> dict[str, int]:

@@ -96,20 +96,17 @@ def _parse_errno(text: str) -> int:
     return value
 
 
-def parse_fault(spec: str, known_requests: frozenset[str] | None = None) -> Fault:
+def parse_fault(spec: str) -> Fault:
     """Parse one SPEC.
 
     Args:
         spec: e.g. ``ADD_MEM_REG:nth=2:errno=ENOMEM``.
-        known_requests: request names that may be named (default: every protocol request).
 
     Raises:
         FaultSpecError: naming the part that is wrong.
     """
     request, *parts = spec.strip().split(":")
-    if known_requests is None:
-        known_requests = request_names()
-    if request != "*" and request not in known_requests:
+    if request != "*" and request not in request_names():
         raise FaultSpecError(f"{spec}: unknown request {request!r} (e.g. ADD_MEM_REG, or *)")
     fault = Fault(spec=spec.strip(), request=request)
     every = False

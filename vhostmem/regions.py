@@ -26,10 +26,9 @@ unmaps or closes anything itself.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from itertools import pairwise
 from collections.abc import Iterable, Iterator, Mapping
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any, final
 
 from vhostmem.errors import TableError
@@ -45,7 +44,6 @@ __all__ = [
 ]
 
 U64_LIMIT = 1 << 64
-_NOTHING: frozenset[int] = frozenset()
 
 
 def describe(gpa: int, size: int, uaddr: int | None = None, mmap_offset: int | None = None) -> str:
@@ -131,6 +129,11 @@ class Region:
         return doc
 
 
+def _numbers_fit(gpa: int, size: int, uaddr: int, mmap_offset: int) -> bool:
+    """Not empty, and no address space wraps past 2**64 (what validate_numbers words)."""
+    return bool(size) and max(gpa, uaddr, mmap_offset) + size <= U64_LIMIT
+
+
 def validate_numbers(gpa: int, size: int, uaddr: int, mmap_offset: int) -> None:
     """Refuse regions that are empty or wrap past 2**64 in any of their three address spaces."""
     if size == 0:
@@ -182,20 +185,11 @@ class RegionTable:
 
     # -- checks ---------------------------------------------------------------------------
 
-    def check_add(
-        self, gpa: int, size: int, uaddr: int, mmap_offset: int, *, ignore: Iterable[Region] = ()
-    ) -> None:
-        """Raise :class:`TableError` if a region with these numbers could not be added.
-
-        Args:
-            ignore: regions to pretend are gone (a SET_MEM_TABLE replaces them).
-        """
-        if not size or gpa + size > U64_LIMIT or uaddr + size > U64_LIMIT or (
-            mmap_offset + size > U64_LIMIT
-        ):
+    def check_add(self, gpa: int, size: int, uaddr: int, mmap_offset: int) -> None:
+        """Raise :class:`TableError` if a region with these numbers could not be added."""
+        if not _numbers_fit(gpa, size, uaddr, mmap_offset):
             validate_numbers(gpa, size, uaddr, mmap_offset)
-        skip = {id(r) for r in ignore} if ignore else _NOTHING
-        used = len(self._by_gpa) - len(skip)
+        used = len(self._by_gpa)
         if used >= self.max_slots:
             raise TableError(
                 f"no free memory slot for {describe(gpa, size, uaddr, mmap_offset)}: all "
@@ -204,7 +198,7 @@ class RegionTable:
                 kind="slot-limit",
                 details={"max_slots": self.max_slots, "used": used},
             )
-        other = self._overlap(self._by_gpa, self._gpa_starts, gpa, size, "gpa", skip)
+        other = self._overlap(self._by_gpa, self._gpa_starts, gpa, size, "gpa")
         if other is not None:
             raise TableError(
                 f"region {describe(gpa, size, uaddr, mmap_offset)} overlaps the guest physical "
@@ -212,7 +206,7 @@ class RegionTable:
                 kind="overlap-gpa",
                 details={"other": other.as_json()},
             )
-        other = self._overlap(self._by_uaddr, self._uaddr_starts, uaddr, size, "uaddr", skip)
+        other = self._overlap(self._by_uaddr, self._uaddr_starts, uaddr, size, "uaddr")
         if other is not None:
             raise TableError(
                 f"region {describe(gpa, size, uaddr, mmap_offset)} overlaps the front-end address "
@@ -228,25 +222,24 @@ class RegionTable:
         Two sorts and a scan find any problem; only then are the entries added one by one to a
         scratch table, whose refusal names the regions the way :meth:`check_add` does.
         """
-        ok = len(entries) <= self.max_slots
-        if ok:
-            for gpa, size, uaddr, mmap_offset in entries:
-                if not size or max(gpa, uaddr, mmap_offset) + size > U64_LIMIT:
-                    ok = False
-                    break
-        if ok:
-            for index in (0, 2):
-                ordered = sorted(entries, key=lambda e: e[index])
-                for before, after in pairwise(ordered):
-                    if before[index] + before[1] > after[index]:
-                        ok = False
-                        break
-        if ok:
+        if self._table_fits(entries):
             return
         scratch = RegionTable(self.max_slots)
         for gpa, size, uaddr, mmap_offset in entries:
             scratch.add(Region(gpa, size, uaddr, mmap_offset))
         raise AssertionError(f"check_table found a problem scratch.add did not: {entries}")
+
+    def _table_fits(self, entries: list[tuple[int, int, int, int]]) -> bool:
+        if len(entries) > self.max_slots:
+            return False
+        if not all(_numbers_fit(*entry) for entry in entries):
+            return False
+        for index in (0, 2):  # gpa, then uaddr: sorted neighbours must not overlap
+            ordered = sorted(entries, key=lambda e: e[index])
+            for before, after in pairwise(ordered):
+                if before[index] + before[1] > after[index]:
+                    return False
+        return True
 
     def replace(self, regions: Iterable[Region]) -> tuple[Region, ...]:
         """Make ``regions`` the whole table (checked by :meth:`check_table`); returns the old."""
@@ -266,21 +259,14 @@ class RegionTable:
         start: int,
         size: int,
         attr: str,
-        skip: AbstractSet[int],
     ) -> Region | None:
-        # Only the neighbours around the insertion point can overlap, but ignored regions may sit
-        # in between, so walk outwards past them.
-        end = start + size
-        i = bisect_left(starts, end)
-        while i > 0:
-            i -= 1
+        # Regions do not overlap each other, so only the last one starting before our end can
+        # reach into us.
+        i = bisect_left(starts, start + size) - 1
+        if i >= 0:
             candidate = ordered[i]
-            if id(candidate) in skip:
-                continue
-            c_start = getattr(candidate, attr)
-            if c_start + candidate.size > start:
+            if getattr(candidate, attr) + candidate.size > start:
                 return candidate
-            return None
         return None
 
     # -- changes --------------------------------------------------------------------------
@@ -354,39 +340,6 @@ class RegionTable:
             if uaddr < region.uaddr_end:
                 return region
         return None
-
-    def translate_gpa(self, gpa: int, length: int = 1) -> tuple[Region, int]:
-        """Region and offset inside it for ``[gpa, gpa + length)``, which must not leave it.
-
-        Raises:
-            TableError: ``kind="hole"`` naming the nearest regions, or ``kind="crosses-end"``.
-        """
-        region = self.lookup_gpa(gpa)
-        if region is None:
-            raise TableError(
-                f"guest physical address 0x{gpa:x} is in no region ({self.neighbours(gpa)})",
-                kind="hole",
-                details={"gpa": gpa},
-            )
-        offset = gpa - region.gpa
-        if offset + length > region.size:
-            raise TableError(
-                f"range 0x{gpa:x}+0x{length:x} runs past the end of region {region.describe()}",
-                kind="crosses-end",
-                details={"gpa": gpa, "length": length, "region": region.as_json()},
-            )
-        return region, offset
-
-    def translate_uaddr(self, uaddr: int, length: int = 1) -> tuple[Region, int]:
-        """Region and offset for a front-end address range (ring addresses)."""
-        region = self.lookup_uaddr(uaddr)
-        if region is None or uaddr - region.uaddr + length > region.size:
-            raise TableError(
-                f"front-end address 0x{uaddr:x} (+0x{length:x}) is in no region",
-                kind="hole",
-                details={"uaddr": uaddr, "length": length},
-            )
-        return region, uaddr - region.uaddr
 
     def neighbours(self, gpa: int) -> str:
         """Words naming the regions just below and above ``gpa``, for error messages."""

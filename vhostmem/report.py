@@ -23,10 +23,6 @@ __all__ = [
 ]
 
 
-def _size(n: int) -> str:
-    return human_size(n)
-
-
 def render_regions(doc: dict[str, Any]) -> str:
     """The region table, grouped by socket."""
     lines: list[str] = []
@@ -52,11 +48,11 @@ def render_regions(doc: dict[str, Any]) -> str:
             backing = r.get("backing", "?")
             page = r.get("page_size")
             if page:
-                backing += f" ({_size(page)} pages)"
+                backing += f" ({human_size(page)} pages)"
             if r.get("file"):
                 backing += f" {r['file']}"
             lines.append(
-                f"  0x{r['gpa']:016x} 0x{end:016x} {_size(r['size']):>10} "
+                f"  0x{r['gpa']:016x} 0x{end:016x} {human_size(r['size']):>10} "
                 f"0x{r['uaddr']:016x} {hex(r['mmap_offset']):>14}  {backing}"
             )
     return "\n".join(lines) if lines else "no sockets"
@@ -82,17 +78,17 @@ def render_map(doc: dict[str, Any], width: int = 64) -> str:
             for col in range(first, min(last, width - 1) + 1):
                 bar[col] = letters[i % len(letters)]
         out.append(
-            f"  0x0 |{''.join(bar)}| 0x{top:x}  (one column = {_size(max(1, top // width))})"
+            f"  0x0 |{''.join(bar)}| 0x{top:x}  (one column = {human_size(max(1, top // width))})"
         )
         cursor = 0
         for i, r in enumerate(regions):
             if r["gpa"] > cursor:
                 out.append(
-                    f"      0x{cursor:012x}-0x{r['gpa'] - 1:012x}  hole {_size(r['gpa'] - cursor):>10}"
+                    f"      0x{cursor:012x}-0x{r['gpa'] - 1:012x}  hole {human_size(r['gpa'] - cursor):>10}"
                 )
             out.append(
                 f"   {letters[i % len(letters)]}  0x{r['gpa']:012x}-0x{r['gpa'] + r['size'] - 1:012x}"
-                f"  region {_size(r['size']):>8}  {r.get('backing', '?')} "
+                f"  region {human_size(r['size']):>8}  {r.get('backing', '?')} "
                 f"mmap_offset {hex(r['mmap_offset'])}"
             )
             cursor = r["gpa"] + r["size"]
@@ -112,7 +108,7 @@ def render_events(doc: dict[str, Any]) -> str:
         region = ev.get("region")
         if region:
             text += (
-                f" gpa=0x{region['gpa']:x} size={_size(region['size'])}"
+                f" gpa=0x{region['gpa']:x} size={human_size(region['size'])}"
                 f" mmap_offset=0x{region['mmap_offset']:x}"
             )
         if "regions" in ev:
@@ -135,7 +131,7 @@ def render_stats(doc: dict[str, Any]) -> str:
         if key in ("version", "vrings"):
             continue
         if key == "mapped_bytes":
-            value = f"{value} ({_size(value)})"
+            value = f"{value} ({human_size(value)})"
         elif key == "uptime":
             value = f"{value:.1f} s"
         elif isinstance(value, (dict, list)):  # tap and data-path counters (--tap)
@@ -188,12 +184,12 @@ def render_diagnose(doc: dict[str, Any]) -> str:
         f"open files      {nofile['open']} of RLIMIT_NOFILE {nofile['soft']} (hard {nofile['hard']}); "
         f"{doc['mapping_fds']} held for mappings (one per region, two for hugetlb)",
         f"memory maps     {doc['process_maps']} of vm.max_map_count {doc['max_map_count']}",
-        f"mapped          {_size(doc['mapped_bytes'])} in {doc['maps']} region(s)"
-        + (f" of --max-mapped {_size(doc['max_mapped'])}" if doc.get("max_mapped") else ""),
+        f"mapped          {human_size(doc['mapped_bytes'])} in {doc['maps']} region(s)"
+        + (f" of --max-mapped {human_size(doc['max_mapped'])}" if doc.get("max_mapped") else ""),
     ]
     for pool in doc["hugepages"]:
         lines.append(
-            f"huge pages {_size(pool['page_size']):>7}  total {pool['total']}, free {pool['free']}, "
+            f"huge pages {human_size(pool['page_size']):>7}  total {pool['total']}, free {pool['free']}, "
             f"reserved {pool['resv']}, surplus {pool['surplus']}"
         )
     if not doc["hugepages"]:
@@ -219,7 +215,7 @@ def render_merged(doc: dict[str, Any]) -> str:
             end = g["gpa"] + g["size"] - 1
             parts = len(g["parts"])
             lines.append(
-                f"  0x{g['gpa']:016x}-0x{end:016x} {_size(g['size']):>10}  "
+                f"  0x{g['gpa']:016x}-0x{end:016x} {human_size(g['size']):>10}  "
                 f"{parts} region{'s' if parts != 1 else ''}"
             )
             if g["boundary_after"]:

@@ -37,7 +37,7 @@ from vhostmem.faults import FaultPlan, parse_fault
 from vhostmem.mapping import Mapper, Mapping
 from vhostmem.regions import Region
 from vhostmem.session import Session, SessionConfig
-from vhostmem.sockets import BoundSockets, open_sockets, remove_our_socket
+from vhostmem.sockets import BoundSockets, open_sockets
 from vhostmem.tap import TapConfig, open_tap
 from vhostmem.transport import FdStream, Peer, peer_credentials
 
@@ -165,7 +165,6 @@ class Connection:
     socket_name: str
     session: Session
     peer: Peer | None
-    since: float
     log: logging.Logger
     datapath: NetAttachment | None = None
     #: Acknowledged requests not yet booked: (handled, arrived, replied) in monotonic seconds.
@@ -189,8 +188,6 @@ class Backend:
         self.counters = {"connections": 0, "requests": 0, "errors": 0, "replies": 0}
         self.started = time.time()
         self._numbers = 0
-        self.created_paths: list[str] = []
-        self.listening = trio.Event()
         self.faults = FaultPlan()
         self.history = History()
         self.net: NetDevice | None = None
@@ -316,7 +313,7 @@ class Backend:
             log.error("cannot set up the connection on %s: %s", socket_name, err)
             return
         session = Session(self.config.session, self.host, self.faults)
-        conn = Connection(number, socket_name, session, peer, time.time(), log)
+        conn = Connection(number, socket_name, session, peer, log)
         if self.net is not None:
             conn.datapath = self.net.attach(session, socket_name=socket_name, conn=number, log=log)
         self.sockets[socket_name] = conn
@@ -523,7 +520,7 @@ class Backend:
         return [(c, r) for c in self.connections() for r in c.session.table]
 
     def cleanup(self) -> None:
-        """Release everything: sessions, event log, socket files we created."""
+        """Release everything: sessions, the data path, mappings, the event log."""
         for conn in self.connections():
             conn.session.close()
         if self.net is not None:
@@ -532,9 +529,6 @@ class Backend:
         self.mapper.close()
         if self.event_log is not None:
             self.event_log.close()
-        for path in self.created_paths:
-            remove_our_socket(path)
-        self.created_paths.clear()
 
 
 async def run(
@@ -555,8 +549,6 @@ async def run(
     try:
         if bound is None:
             bound = open_sockets(config.sockets, config.fds, config.control, config.socket_mode)
-        backend.created_paths.extend(bound.created)
-        bound.created.clear()  # the backend removes them now
         if config.tap is not None:
             backend.net = NetDevice(open_tap(config.tap), backend.record)
         async with trio.open_nursery() as nursery:
@@ -578,7 +570,6 @@ async def run(
                 ", ".join(name for _, name in bound.listeners) or "(client mode)",
                 config.control,
             )
-            backend.listening.set()
             task_status.started(backend)
     finally:
         if bound is not None:

@@ -45,12 +45,12 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol, final
 
 from protocol import (
-    FDS_ALLOWED,
     HAS_OWN_REPLY,
     HEADER_SIZE,
     MAX_PAYLOAD_SIZE,
     DecodeError,
     Header,
+    HeaderFlags,
     MemoryRegion,
     MemoryTable,
     MemRegMsg,
@@ -65,6 +65,8 @@ from protocol import (
     decode_payload,
     encode_reply,
     encode_u64_reply,
+    fd_bounds,
+    request_name,
 )
 from vhostmem.errors import (
     LocalProtocolError,
@@ -76,6 +78,7 @@ from vhostmem.errors import (
 from vhostmem.events import NEED_DATA, Handled, NeedData, TableChange
 from vhostmem.faults import Fault, FaultPlan
 from vhostmem.regions import Region, RegionTable, describe
+from vhostmem.virtqueue import MAX_QUEUE_SIZE
 
 __all__ = ["TRANSITIONS", "Host", "Session", "SessionConfig", "SessionState"]
 
@@ -160,20 +163,12 @@ _FEATURE_BITS = {feature: int(feature) for feature in ProtocolFeature}
 _ENDED = frozenset({SessionState.ERROR, SessionState.CLOSED})
 # Header flags checked per request as plain ints: version (bits 0-1) must be 1, REPLY (bit 2)
 # must be clear; anything else goes to _check_header for the words.
-_HEADER_CHECK_MASK = 0x7
-_VERSION_1 = 0x1
-_NEED_REPLY = 0x8
-_FDS: dict[int, tuple[int, int]] = {int(r): bounds for r, bounds in FDS_ALLOWED.items()}
-_NO_FDS = (0, 0)
-#: Requests whose payload says how many fds they take (NOFD bit, number of regions).
-_FDS_FROM_PAYLOAD = frozenset(
-    {Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR, Request.SET_MEM_TABLE}
-)
+_HEADER_CHECK_MASK = int(HeaderFlags.VERSION_MASK | HeaderFlags.REPLY)
+_VERSION_1 = int(HeaderFlags.VERSION)
+_NEED_REPLY = int(HeaderFlags.NEED_REPLY)
 #: The success acks, encoded once.
 _ACKS: dict[int, bytes] = {int(r): encode_u64_reply(r, 0) for r in Request}
 
-#: Largest split-ring size the virtio spec allows.
-_MAX_QUEUE_SIZE = 32768
 
 
 @final
@@ -332,10 +327,6 @@ class Session:
         """Bytes received but not yet handled (a partial message)."""
         return len(self._buffer)
 
-    @property
-    def negotiated_mem_slots(self) -> bool:
-        return bool(self.acked_protocol_features & _CONFIGURE_MEM_SLOTS)
-
     # -- the loop ----------------------------------------------------------------------------
 
     def next_event(self) -> Handled | NeedData:
@@ -412,9 +403,9 @@ class Session:
                 next_state = self._allowed.get(code)
                 if next_state is None:
                     self._refuse_in_state(request)
-                low, high = _FDS.get(code, _NO_FDS)
-                if not low <= nfds <= high or request in _FDS_FROM_PAYLOAD:
-                    self._check_fds(request, payload, fds)
+                low, high = fd_bounds(request, payload)
+                if not low <= nfds <= high:
+                    self._refuse_fds(low, high, nfds, payload)
                 # looked up outside the handler's own errors (trio-websocket's KeyError pitfall)
                 handler = _HANDLER_BY_CODE.get(code)
                 if handler is None:
@@ -440,7 +431,7 @@ class Session:
             self._set_state(next_state)
         reply, change, notes = result
         if not reply and header.flags & _NEED_REPLY and self.negotiated_reply_ack:
-            reply = _ACKS.get(int(request)) or encode_u64_reply(request, 0)
+            reply = _ACKS[code]  # only known requests with a handler get here
         if fault is None:
             return Handled(request, header, payload, reply, True, None, None, change, notes, nfds)
         return Handled(
@@ -554,18 +545,12 @@ class Session:
             "one SET_OWNER per connection",
         )
 
-    def _check_fds(self, request: Request | int, payload: Payload | None, fds: list[int]) -> None:
-        low, high = FDS_ALLOWED.get(request, (0, 0)) if isinstance(request, Request) else (0, 0)
-        if isinstance(payload, VringFile):
-            low = high = 0 if payload.nofd else 1
-        if isinstance(payload, MemoryTable):
-            low = high = len(payload.regions)
-        if not low <= len(fds) <= high:
-            want = f"{low}" if low == high else f"{low} to {high}"
-            raise LocalProtocolError(
-                f"came with {len(fds)} file descriptor(s); it takes {want}"
-                + (" (NOFD bit set)" if isinstance(payload, VringFile) and payload.nofd else "")
-            )
+    def _refuse_fds(self, low: int, high: int, nfds: int, payload: Payload | None) -> NoReturn:
+        want = f"{low}" if low == high else f"{low} to {high}"
+        raise LocalProtocolError(
+            f"came with {nfds} file descriptor(s); it takes {want}"
+            + (" (NOFD bit set)" if isinstance(payload, VringFile) and payload.nofd else "")
+        )
 
     # -- feature negotiation ----------------------------------------------------------------
 
@@ -678,7 +663,7 @@ class Session:
         )
         region = self._map(Request.ADD_MEM_REG, wire, fds.pop())
         table.insert(region)
-        notes = self._ring_notes_after_change() if self._rings_started else ()
+        notes = self._ring_notes_after_change()
         return b"", TableChange((), (region,), ()), notes
 
     def _rem_mem_reg(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
@@ -704,17 +689,10 @@ class Session:
                     "uaddr": wire.userspace_addr,
                 },
             )
-        notes = self._rings_in(region) if self._rings_started else ()
+        notes = self._rings_in(region)
         self.table.remove(region)
         self.host.unmap_region(region.handle)
         return b"", TableChange((region,), (), ()), notes
-
-    @property
-    def _rings_started(self) -> bool:
-        for vring in self.vrings:
-            if vring.started:
-                return True
-        return False
 
     def _set_mem_table(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
         assert isinstance(payload, MemoryTable)
@@ -780,9 +758,9 @@ class Session:
     def _set_vring_num(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
         assert isinstance(payload, VringState)
         vring = self._vring(payload.index)
-        if not 0 < payload.num <= _MAX_QUEUE_SIZE:
+        if not 0 < payload.num <= MAX_QUEUE_SIZE:
             raise LocalProtocolError(
-                f"vring {payload.index} size {payload.num} is not in 1..{_MAX_QUEUE_SIZE}"
+                f"vring {payload.index} size {payload.num} is not in 1..{MAX_QUEUE_SIZE}"
             )
         vring.num = payload.num
         return b"", None, ()
@@ -907,8 +885,7 @@ def _u64(payload: Payload) -> int:
     return payload
 
 
-def _name(request: Request | int) -> str:
-    return request.name if isinstance(request, Request) else f"UNKNOWN({int(request)})"
+_name = request_name
 
 
 _HANDLERS = {
