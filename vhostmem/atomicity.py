@@ -74,7 +74,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, final
 
-from vhostmem.regions import Region, human_size, describe
+from protocol import Request
+from vhostmem.regions import Region, describe, human_size
 
 __all__ = [
     "ADD_MEM_REG",
@@ -92,9 +93,9 @@ __all__ = [
     "render_report",
 ]
 
-SET_MEM_TABLE: Final = "SET_MEM_TABLE"
-ADD_MEM_REG: Final = "ADD_MEM_REG"
-REM_MEM_REG: Final = "REM_MEM_REG"
+SET_MEM_TABLE: Final = Request.SET_MEM_TABLE.name
+ADD_MEM_REG: Final = Request.ADD_MEM_REG.name
+REM_MEM_REG: Final = Request.REM_MEM_REG.name
 _TABLE_REQUESTS: Final = (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG)
 
 #: Seconds between our reply and the next request within which the request belongs to the batch.
@@ -344,13 +345,6 @@ class _Removal:
 
 
 @final
-@dataclass(frozen=True, slots=True)
-class _Addition:
-    ref: RegionRef
-    seq: int
-
-
-@final
 class _Batch:
     """One open or closed batch: what it removed of the table it started from, what it added."""
 
@@ -370,7 +364,7 @@ class _Batch:
         # Only regions live when the batch started land here: within a batch every REM comes
         # before every ADD, so nothing removed can have been added by the same batch.
         self.removed: list[_Removal] = []
-        self.added: list[_Addition] = []
+        self.added: list[RegionRef] = []
         self.reported: list[Range] = []
 
     def remove(
@@ -384,7 +378,7 @@ class _Batch:
     ) -> list[Violation]:
         """Register added regions; return the violations they complete (one per connected group
         of removed regions they re-cover)."""
-        new = [_Addition(ref, seq) for ref in refs]
+        new = list(refs)
         self.added.extend(new)
         # Which removed regions does each new region re-cover, in parts not reported yet?
         pieces: dict[int, list[Range]] = {}
@@ -398,7 +392,7 @@ class _Batch:
         for addition in new:
             group: list[int] = []
             for xi, removal in enumerate(self.removed):
-                hit = _overlap(removal.ref, addition.ref)
+                hit = _overlap(removal.ref, addition)
                 if hit is None:
                     continue
                 fresh = _subtract([hit], self.reported)
@@ -430,7 +424,7 @@ class _Batch:
         # Every region of the batch over these ranges, not just this request's: a split that
         # arrives as two ADDs is only recognisable with the first ADD in view.
         adds = sorted(
-            {a.ref for a in self.added if any(_overlap(x, a.ref) for x in xs)}, key=lambda r: r.gpa
+            {a for a in self.added if any(_overlap(x, a) for x in xs)}, key=lambda r: r.gpa
         )
         ranges = _union(p for i in members for p in pieces[i])
         self.reported = _union([*self.reported, *ranges])
@@ -479,7 +473,7 @@ class _Batch:
 
     def summary(self) -> BatchSummary:
         gone = [(r.ref.gpa, r.ref.end) for r in self.removed]
-        came = [(a.ref.gpa, a.ref.end) for a in self.added]
+        came = [(a.gpa, a.end) for a in self.added]
         return BatchSummary(
             number=self.number,
             socket=self.socket,
@@ -840,15 +834,16 @@ class History:
         return "plug" if came else "unplug" if gone else "unchanged"
 
     def close_batch(self, *, socket: str, conn: int) -> None:
-        """End the open batch of a connection (it closed); its next request starts a new one.
+        """End the open batch of a connection (it closed) and forget the connection's state.
+
+        Call it after the connection's last :meth:`record`; a request recorded for the same
+        ``(socket, conn)`` afterwards starts a new batch.
 
         Args:
             socket: the listening socket's path.
             conn: the connection number.
         """
-        state = self._conns.get((socket, conn))
-        if state is not None:
-            state.batch = None
+        self._conns.pop((socket, conn), None)
 
     def violations(self) -> list[Violation]:
         """Every violation, oldest first."""

@@ -21,8 +21,9 @@ Rules that keep guest memory safe while the table changes:
 2. After every await a task checks that it is still wanted (``stopped``, ring started and
    enabled) before its next step: a cancelled task that trio had already rescheduled does not
    process one more chain after GET_VRING_BASE answered.
-3. ``vring.base`` (the session's answer to GET_VRING_BASE) is updated after every chain, and no
-   chain is in flight across an await, so the answer is always where the ring stopped.
+3. ``vring.base`` (the session's answer to GET_VRING_BASE) is brought up to date within every
+   step (after each RX frame, at the end of a TX step), and no chain is in flight across an
+   await, so the answer is always where the ring stopped.
 4. A ring error (a descriptor in no region or crossing into a hole, a corrupt ring) stops that
    ring, signals its err eventfd and records an event naming the GPA and the nearest regions;
    it is not restarted until the front-end restarts the ring. Nothing a ring does can raise out
@@ -65,8 +66,6 @@ if TYPE_CHECKING:
     from vhostmem.events import Handled
 
 __all__ = ["NetAttachment", "NetDevice", "RegionMemory", "TapLike"]
-
-logger = logging.getLogger(__name__)
 
 #: Chains (TX) or frames (RX) per step before a checkpoint.
 _BUDGET = 64
@@ -171,21 +170,15 @@ class RegionMemory:
             self.counters[region].bytes += n
             at += n
 
-    def uaddr_to_gpa(self, uaddr: int, length: int, what: str) -> int:
+    def uaddr_to_gpa(self, uaddr: int, length: int) -> int | None:
         """The GPA of a ring given by front-end address (SET_VRING_ADDR carries QEMU's).
 
-        Raises:
-            GuestMemoryError: the range is not inside one region.
+        Returns:
+            ``None`` when ``[uaddr, uaddr + length)`` is not inside one region.
         """
         region = self.table.lookup_uaddr(uaddr)
         if region is None or uaddr + length > region.uaddr_end:
-            raise GuestMemoryError(
-                f"{what} at front-end address 0x{uaddr:x} (+0x{length:x}) is not inside one "
-                "region of the memory table",
-                gpa=-1,
-                kind="hole",
-                details={"uaddr": uaddr, "length": length},
-            )
+            return None
         return region.gpa + (uaddr - region.uaddr)
 
     def release(self) -> None:
@@ -239,11 +232,8 @@ class _Ring:
                 if not self.wanted():
                     return
                 self._start()
-                if self.role == "tx":
-                    await self._run_tx()
-                else:
-                    await self._run_rx()
-        except (RingError, GuestMemoryError) as err:
+                await self._run(self._tx_step if self.role == "tx" else self._rx_step)
+        except RingError as err:  # SplitQueue turns every GuestMemoryError into one
             att.ring_failed(self, err)
         except Exception as err:  # a bug of ours stops this ring only
             att.log.exception("%s: internal error; ring stopped", self.name)
@@ -259,24 +249,33 @@ class _Ring:
                 os.close(self.kick)
                 self.kick = None
 
+    def _ring_gpa(self, uaddr: int, length: int, what: str) -> int:
+        gpa = self.att.mem.uaddr_to_gpa(uaddr, length)
+        if gpa is None:
+            raise RingError(
+                f"{self.name}: {what} at front-end address 0x{uaddr:x} (+0x{length:x}) is not "
+                "inside one region of the memory table",
+                kind="layout",
+                details={"uaddr": uaddr, "length": length},
+            )
+        return gpa
+
     def _start(self) -> None:
         vring = self.vring
         addr = vring.addr
         assert addr is not None
         mem = self.att.mem
         desc_size, avail_size, used_size = RingLayout.sizes(vring.num)
+        layout = RingLayout(
+            vring.num,
+            self._ring_gpa(addr.desc_user_addr, desc_size, "descriptor table"),
+            self._ring_gpa(addr.avail_user_addr, avail_size, "available ring"),
+            self._ring_gpa(addr.used_user_addr, used_size, "used ring"),
+        )
         try:
-            layout = RingLayout(
-                vring.num,
-                mem.uaddr_to_gpa(addr.desc_user_addr, desc_size, "descriptor table"),
-                mem.uaddr_to_gpa(addr.avail_user_addr, avail_size, "available ring"),
-                mem.uaddr_to_gpa(addr.used_user_addr, used_size, "used ring"),
-            )
             self.queue = SplitQueue(
                 mem, layout, last_avail_idx=vring.base, event_idx=self.event_idx, name=self.name
             )
-        except GuestMemoryError as err:
-            raise RingError(f"{self.name}: {err}", kind="layout", details=err.details) from err
         finally:
             mem.release()
         self.att.log.info(
@@ -311,11 +310,11 @@ class _Ring:
         self.att.count("kicks")
 
     async def _wait_tap(self) -> None:
+        # trio allows one reader per fd. The RX ring this one replaced no longer waits on the
+        # TAP: stop() cancels its scope, and trio drops a cancelled wait at once, before sync
+        # starts this ring (test_rx_ring_restarted_while_waiting_on_the_tap).
         with trio.move_on_after(self.att.device.poll_interval) as scope:
-            try:
-                await trio.lowlevel.wait_readable(self.att.device.tap.fd)
-            except trio.BusyResourceError:  # a stopped RX task still unwinding
-                await trio.sleep(0.01)
+            await trio.lowlevel.wait_readable(self.att.device.tap.fd)
         if scope.cancelled_caught:
             self.att.count("poll_wakeups")
 
@@ -341,10 +340,10 @@ class _Ring:
             except BlockingIOError:  # counter saturated: the driver is being told anyway
                 pass
 
-    async def _run_tx(self) -> None:
+    async def _run(self, step: Callable[[], _Wait]) -> None:
         while self.wanted():
             try:
-                wait = self._tx_step()
+                wait = step()
             finally:
                 self.att.mem.release()
             await self._next(wait)
@@ -360,11 +359,10 @@ class _Ring:
             while len(done) < _BUDGET:
                 chain = queue.pop()
                 if chain is None:
-                    queue.arm_kicks()
-                    if queue.available():
-                        continue
-                    wait = _Wait.KICK
-                    break
+                    if queue.empty_after_arming():
+                        wait = _Wait.KICK
+                        break
+                    continue
                 try:
                     frame = tx_frame(
                         queue, chain, max_frame=MAX_FRAME, header_size=self.header_size
@@ -384,7 +382,6 @@ class _Ring:
                         att.count("tx_packets")
                         att.count("tx_bytes", len(frame))
                 done.append((chain.head, 0))
-                self.vring.base = queue.last_avail_idx
         finally:
             if done:
                 queue.push(done)
@@ -392,14 +389,6 @@ class _Ring:
         if done:
             self._signal()
         return wait
-
-    async def _run_rx(self) -> None:
-        while self.wanted():
-            try:
-                wait = self._rx_step()
-            finally:
-                self.att.mem.release()
-            await self._next(wait)
 
     def _rx_step(self) -> _Wait:
         queue = self.queue
@@ -410,11 +399,9 @@ class _Ring:
         wait = _Wait.MORE
         while delivered < _BUDGET:
             if self.pending is None:
-                if not queue.available():
-                    queue.arm_kicks()
-                    if not queue.available():
-                        wait = _Wait.KICK
-                        break
+                if not queue.available() and queue.empty_after_arming():
+                    wait = _Wait.KICK
+                    break
                 try:
                     frame = os.read(fd, MAX_FRAME + 1)
                 except BlockingIOError:
@@ -446,9 +433,8 @@ class _Ring:
                     f"{self.name}: a {len(self.pending)}-byte frame fits no posted buffer",
                 )
                 self.pending = None
-            else:
-                queue.arm_kicks()
-                if queue.available():
+            else:  # NO_BUFFERS: too few posted; retry only if the driver posted more
+                if not queue.empty_after_arming():
                     continue
                 wait = _Wait.KICK
                 break
@@ -530,12 +516,12 @@ class NetAttachment:
 
     # -- the shell's hook --
 
-    def sync(self, handled: Handled | None = None) -> None:
+    def sync(self, handled: Handled) -> None:
         """Start and stop rings to match the session; call after every handled request.
 
         Must run before the shell awaits anything after ``next_event`` (module rule 2).
         """
-        if handled is not None and handled.change is not None:
+        if handled.change is not None:
             for region in handled.change.removed:
                 counter = self.region_counters.pop(region, None)
                 if counter is not None:
@@ -603,7 +589,7 @@ class NetAttachment:
             "base": ring.vring.base,
         }
         gpa = getattr(err, "gpa", None)
-        if isinstance(gpa, int) and gpa >= 0:
+        if isinstance(gpa, int):
             doc["gpa"] = gpa
         details = getattr(err, "details", None)
         if details:

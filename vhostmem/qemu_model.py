@@ -32,8 +32,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, final
 
-from vhostmem.atomicity import DEFAULT_BATCH_GAP, History
-from vhostmem.regions import human_size, describe
+from vhostmem.atomicity import ADD_MEM_REG, REM_MEM_REG, History
+from vhostmem.regions import human_size
 
 __all__ = [
     "DEFAULT_BOOT_RAM",
@@ -134,10 +134,6 @@ class ModelRegion:
     def key(self) -> tuple[int, int, int]:
         """What QEMU's ``reg_equal`` compares: (gpa, uaddr, size), never the offset."""
         return (self.gpa, self.uaddr, self.size)
-
-    def describe(self) -> str:
-        """The region's numbers in the project's one wording, plus the memory region."""
-        return f"{describe(self.gpa, self.size, self.uaddr, self.mmap_offset)} mr={self.mr}"
 
     def wire(self, kind: str) -> dict[str, int]:
         """The region fields as QEMU puts them in the message.
@@ -412,13 +408,12 @@ def explain(
                 rec = history.record(
                     socket="model",
                     conn=0,
-                    request="ADD_MEM_REG" if kind == "add" else "REM_MEM_REG",
+                    request=ADD_MEM_REG if kind == "add" else REM_MEM_REG,
                     ok=True,
                     removed=[region] if kind == "rem" else [],
                     added=[region] if kind == "add" else [],
                     arrived=when,
                     replied=when,
-                    batch_gap=DEFAULT_BATCH_GAP,
                 )
                 violation = rec.violation
                 messages.append(
@@ -460,7 +455,7 @@ def explain(
 
 
 def _message_line(m: Mapping[str, Any]) -> str:
-    verb = "ADD" if m["request"] == "ADD_MEM_REG" else "REM"
+    verb = "ADD" if m["request"] == ADD_MEM_REG else "REM"
     text = f"{verb} 0x{m['gpa']:x}-0x{m['gpa'] + m['size'] - 1:x} {human_size(m['size'])}"
     if m["violation"]:
         text += f"  !! {m['classification']}"

@@ -37,16 +37,16 @@ RX writes one with no offloads and ``num_buffers`` = the chains used (1 without 
 Notifications follow libvhost-user ``vu_queue_notify``/``vring_notify`` and QEMU's
 ``virtio_should_notify``: without EVENT_IDX the driver's ``VRING_AVAIL_F_NO_INTERRUPT`` decides;
 with it, ``vring_need_event(used_event, new, old)``. We never set ``VRING_USED_F_NO_NOTIFY``, and
-with EVENT_IDX :meth:`SplitQueue.arm_kicks` publishes ``avail_event = last_avail_idx`` so the
-driver kicks for the next buffer; the shell re-checks the ring after arming (the driver may have
-added a buffer just before it saw the new ``avail_event``).
+with EVENT_IDX :meth:`SplitQueue.arm_kicks` publishes ``avail_event`` = the ``avail.idx`` last
+seen so the driver kicks for its next buffer; :meth:`SplitQueue.empty_after_arming` arms and then
+looks again (the driver may have added a buffer just before it saw the new ``avail_event``).
 """
 
 from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, final
 
 from protocol import VirtioFeature
@@ -416,13 +416,33 @@ class SplitQueue:
         )
 
     def arm_kicks(self) -> None:
-        """Ask the driver to kick for the next buffer (EVENT_IDX: ``avail_event``)."""
+        """Ask the driver to kick for its next buffer (EVENT_IDX: ``avail_event``).
+
+        ``avail_event`` is the ``avail.idx`` last seen (libvhost-user
+        ``vu_queue_set_notification``): that is ``last_avail_idx`` when the ring is empty, and
+        past chains seen but not taken (too few RX buffers for a frame) when it is not.
+        """
         if self.event_idx:
             self._write(
                 self.layout.used + 4 + 8 * self.num,
-                _U16.pack(self.last_avail_idx),
+                _U16.pack(self._shadow_avail_idx),
                 "used.avail_event",
             )
+
+    def empty_after_arming(self) -> bool:
+        """Arm kicks (:meth:`arm_kicks`), then look at ``avail.idx`` again.
+
+        Returns:
+            ``True`` when the driver made nothing available beyond what was last seen: wait for
+            its kick. ``False`` when it added chains just before it saw the new ``avail_event``.
+
+        Raises:
+            RingError: ``avail.idx`` ran more than ``num`` ahead, or the ring is in no region.
+        """
+        seen = self._shadow_avail_idx
+        self.arm_kicks()
+        self.available()
+        return self._shadow_avail_idx == seen
 
     # -- used side --
 
@@ -479,8 +499,7 @@ def tx_frame(
         PacketError: shorter than the header, or a frame longer than ``max_frame``.
         RingError: a buffer is in no region.
     """
-    readable = [b for b in chain.buffers if not b.writable and b.length]
-    total = sum(b.length for b in readable)
+    total = chain.readable
     if total < header_size:
         raise PacketError(
             f"{queue.name}: chain at head {chain.head} has {total} readable bytes, less than "
@@ -493,6 +512,7 @@ def tx_frame(
             f"frame, above the {max_frame}-byte limit",
             kind="too-long",
         )
+    readable = [b for b in chain.buffers if not b.writable and b.length]
     parts = [
         queue._read(b.gpa, b.length, f"buffer of chain {chain.head} (descriptor {i})")
         for i, b in enumerate(readable)
@@ -517,7 +537,6 @@ class RxDelivery:
 
     result: RxResult
     chains: int = 0
-    done: list[tuple[int, int]] = field(default_factory=list)
 
 
 def rx_deliver(
@@ -562,4 +581,4 @@ def rx_deliver(
             offset += n
         done.append((chain.head, offset - start))
     queue.push(done)
-    return RxDelivery(RxResult.DELIVERED, len(chains), done)
+    return RxDelivery(RxResult.DELIVERED, len(chains))

@@ -24,10 +24,12 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
-from protocol import Request, VirtioFeature, VringState, decode_reply_payload
+from protocol import Header, Request, VirtioFeature, VringState, decode_reply_payload
 from vhostmem.control import answer
 from vhostmem.datapath import NetDevice
+from vhostmem.events import Handled
 from vhostmem.server import Backend, ServerConfig
 from vhostmem.session import SessionConfig
 from vhostmem.testing.frontend import FakeFrontend, make_memfd
@@ -384,6 +386,27 @@ async def test_buffer_crossing_into_a_hole() -> None:
         assert await r.vring_base(0) == 0
 
 
+async def test_ring_outside_the_table_is_a_layout_error() -> None:
+    async with rig() as r:
+        _, size, uaddr_c = REGIONS["C"]
+        desc = uaddr_c + size - 0x100  # 64 descriptors need 0x400 bytes: past the end of C
+        await in_thread(
+            r.fe.start_ring,
+            1,
+            desc,
+            gpa_to_uaddr(TX_LAYOUT.avail),
+            gpa_to_uaddr(TX_LAYOUT.used),
+            TX_LAYOUT.num,
+        )
+        [event] = await wait_for(lambda: r.events("ring-error"), "a ring-error event")
+        assert event["vring"] == 1 and event["error_kind"] == "layout" and "gpa" not in event
+        assert event["details"] == {"uaddr": desc, "length": 0x400}
+        assert event["error"] == (
+            f"vring 1 (tx): descriptor table at front-end address 0x{desc:x} (+0x400) is not "
+            "inside one region of the memory table"
+        )
+
+
 async def test_rem_mem_reg_while_rings_run() -> None:
     async with rig() as r:
         gpa_c = REGIONS["C"][0]
@@ -430,6 +453,56 @@ async def test_disable_stops_and_enable_resumes() -> None:
         await in_thread(r.fe.ack, Request.SET_VRING_ENABLE, VringState(1, 1))
         r.kick_ring(1)
         assert await wait_for(r.tap.frames, "the frame after enable") == [b"a" * 40]
+
+
+async def test_rx_ring_restarted_while_waiting_on_the_tap() -> None:
+    """The new RX ring waits on the TAP fd at once, while the one it replaced is unwinding."""
+    async with rig() as r:
+        for i in range(4):
+            r.rx.post([(0x40000 + 0x1000 * i, 2048, True)])
+        r.kick_ring(0)
+        att = r.att
+        att.device.poll_interval = 10.0  # from the next wait on: no poll wakeups in this test
+        await trio.sleep(0.1)
+        await trio.testing.wait_all_tasks_blocked()  # the RX ring waits on the TAP
+        wakeups = att.counters["poll_wakeups"]
+        old = att.rings[0]
+        vring = att.session.vrings[0]
+        state = VringState(0, 0)
+        handled = Handled(
+            Request.SET_VRING_ENABLE, Header(Request.SET_VRING_ENABLE, 1, 8), state, b"", True
+        )
+        # disable and enable handled back to back, no await between (as the linger allows)
+        vring.enabled = False
+        att.sync(handled)
+        vring.enabled = True
+        att.sync(handled)
+        new = att.rings[0]
+        assert new is not old and not old.finished
+        await trio.testing.wait_all_tasks_blocked()
+        assert old.finished and not new.finished
+        r.tap.peer.send(b"\x05" * 80)
+        assert len(await wait_for(r.rx.used, "a frame through the new ring")) == 1
+        assert r.events("ring-error") == [] and att.counters["poll_wakeups"] == wakeups
+
+
+async def test_rx_frame_waits_for_enough_mergeable_buffers() -> None:
+    """Too few buffers posted for a frame: the ring waits for a kick (it used to spin)."""
+    async with rig() as r:
+        r.att.device.poll_interval = 10.0
+        await trio.sleep(0.1)  # the rings' current waits end; the next ones wait 10 s
+        wakeups = r.att.counters["poll_wakeups"]
+        first = r.rx.post([(0x40000, 1024, True)])
+        r.kick_ring(0)
+        frame = bytes(range(250)) * 6  # 1500 bytes: header + frame need two 1 KiB buffers
+        r.tap.peer.send(frame)
+        await trio.sleep(0.1)
+        assert r.rx.used() == [] and r.rx.avail_event() == 1  # kick me for the next buffer
+        second = r.rx.post([(0x41000, 1024, True)])
+        r.kick_ring(0)
+        used = await wait_for(r.rx.used, "the frame in two buffers")
+        assert used == [(first, 1024), (second, NET_HDR_SIZE + len(frame) - 1024)]
+        assert r.att.counters["poll_wakeups"] == wakeups  # woken by the kick, not the poll
 
 
 # -- without --tap -----------------------------------------------------------------------------

@@ -525,6 +525,28 @@ def test_arm_kicks_publishes_avail_event_only_with_event_idx() -> None:
     assert driver.avail_event() == 0
 
 
+def test_empty_after_arming_sees_a_buffer_added_before_the_driver_saw_avail_event() -> None:
+    _, driver, queue = ring(event_idx=True)
+    assert queue.pop() is None
+    assert queue.empty_after_arming() and driver.avail_event() == 0
+    driver.post([(BUF, 100, True)])  # the driver posted before it read avail_event
+    assert not queue.empty_after_arming()
+    assert queue.pop() is not None and queue.empty_after_arming()
+
+
+def test_too_few_rx_buffers_arm_kicks_past_the_ones_already_posted() -> None:
+    """A mergeable frame waits for more buffers: only a new one is news, and it is kicked."""
+    _, driver, queue = ring(event_idx=True)
+    driver.post([(BUF, 40, True)])
+    assert rx_deliver(queue, b"x" * 60, mergeable=True).result is RxResult.NO_BUFFERS
+    assert queue.empty_after_arming()  # the one posted chain is not news: wait for a kick
+    assert driver.avail_event() == 1  # so the driver kicks for the next buffer
+    assert need_event(driver.avail_event(), 2, 1)
+    driver.post([(BUF + 0x100, 40, True)])
+    assert not queue.empty_after_arming()
+    assert rx_deliver(queue, b"x" * 60, mergeable=True).result is RxResult.DELIVERED
+
+
 def test_header_layout() -> None:
     assert NET_HDR_SIZE == 12
     assert build_net_header(3) == bytes(10) + b"\x03\x00"
