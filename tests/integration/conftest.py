@@ -8,14 +8,18 @@ Each guest is started and stopped by pid by the fixture that made it; vhostmem p
 from __future__ import annotations
 
 import contextlib
-import time
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from vhostmem.testing.backend import RunningBackend
+from vhostmem.testing.guest import GuestImageError, find_image
 from vhostmem.testing.qemu import Guest, GuestConfig, PrerequisiteError, find_qemu
+
+HERE = Path(__file__).resolve().parent
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -24,20 +28,31 @@ NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The hook sees every item of the session, not only ours: mark the tests under this
+    # directory (whatever the checkout's own path contains).
     for item in items:
-        if "integration" in str(item.path):
+        if item.path.resolve().is_relative_to(HERE):
             item.add_marker(pytest.mark.qemu)
+
+
+def require_root(doing: str, how: str) -> None:
+    """Fail (never skip) with what needs root and how to do it by hand."""
+    if os.geteuid() != 0:
+        pytest.fail(f"{doing} needs root (euid {os.geteuid()}): run the integration tests as "
+                    f"root, or {how}")
 
 
 @pytest.fixture(scope="session")
 def qemu_ready() -> None:
     """QEMU >= 8.2 and the guest image exist, or the test fails saying how to get them."""
     try:
-        _, version = find_qemu()
+        find_qemu()  # raises for a QEMU older than 8.2 or without dynamic-memslots too
     except PrerequisiteError as err:
         pytest.fail(f"{err}\nrun tools/setup-host (the README's test command does)")
-    if version < (8, 2, 0):
-        pytest.fail(f"QEMU {version} is older than 8.2 (no dynamic-memslots): run tools/setup-host")
+    try:
+        find_image()
+    except GuestImageError as err:
+        pytest.fail(str(err))  # names the command that builds or rebuilds the image
 
 
 @contextlib.contextmanager
@@ -49,6 +64,8 @@ def hugepages(pages: int) -> Iterator[None]:
         free = int(f.read())
     wanted = before + max(0, pages - free)
     if wanted != before:
+        require_root(f"reserving {wanted - before} more 2 MiB huge pages",
+                     f"echo {wanted} > {NR_HUGEPAGES} first (see hugepages/README.md)")
         with open(NR_HUGEPAGES, "w") as f:
             f.write(str(wanted))
         with open(NR_HUGEPAGES) as f:
@@ -63,23 +80,13 @@ def hugepages(pages: int) -> Iterator[None]:
     try:
         yield
     finally:
-        with open(NR_HUGEPAGES, "w") as f:
-            f.write(str(before))
+        if wanted != before:  # nothing to give back otherwise (and no root needed)
+            with open(NR_HUGEPAGES, "w") as f:
+                f.write(str(before))
 
 
 def started_by_factory(factory: Callable[..., RunningBackend]) -> list[RunningBackend]:
     return list(getattr(factory, "started", []))
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
 
 
 class Rig:
@@ -100,8 +107,8 @@ class Rig:
 
     def wait_table_matches_qemu(self, timeout: float = 15.0) -> list[tuple[int, int, int]]:
         want = self.qemu_memslots()
-        wait_until(lambda: self.memslot_regions() == want, timeout,
-                   f"vhostmem's table to equal QEMU's memslots {want}")
+        self.backend.wait_for(lambda: self.memslot_regions() == want, timeout,
+                              f"vhostmem's table to equal QEMU's memslots {want}")
         return want
 
 

@@ -7,12 +7,11 @@ Ground truth is QEMU itself: its memslot aliases (HMP ``info mtree``), its virti
 from __future__ import annotations
 
 import subprocess
-from collections import Counter
 from pathlib import Path
 
 from vhostmem.testing.backend import start_backend
 
-from .conftest import BOOT_RAM, GiB, MiB, Rig, hugepages, wait_until
+from .conftest import BOOT_RAM, GiB, MiB, Rig, hugepages, require_root
 
 
 def nonzero_gpas(rig: Rig, start: int, stop: int, step: int, want: int, length: int = 64) -> list[int]:
@@ -106,6 +105,7 @@ def test_hugetlb_memfd_backends(make_rig) -> None:  # type: ignore[no-untyped-de
 def test_hugetlbfs_file_backends(make_rig, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     mount = tmp_path / "hugetlbfs"
     mount.mkdir()
+    require_root("mounting hugetlbfs", "deselect this test with -k 'not hugetlbfs_file'")
     subprocess.run(["mount", "-t", "hugetlbfs", "none", str(mount)], check=True)
     try:
         with hugepages(256 + 512 + 32):
@@ -137,7 +137,7 @@ def test_legacy_set_mem_table(make_rig) -> None:  # type: ignore[no-untyped-def]
     base = rig.guest.virtio_mem()["memaddr"]
     # QEMU allows 8 regions without CONFIGURE_MEM_SLOTS, so virtio-mem uses ONE memslot for the
     # whole 4 GiB device (hw/mem/memory-device.c memory_device_memslot_decision_limit).
-    wait_until(lambda: len(rig.backend.regions()) == 2, 15, "the virtio-mem region")
+    rig.backend.wait_for(lambda: len(rig.backend.regions()) == 2, 15, "the virtio-mem region")
     regions = sorted(rig.backend.regions(), key=lambda r: r["gpa"])
     assert (regions[1]["gpa"], regions[1]["size"]) == (base, 4 * GiB)
     assert regions[0]["address"] == boot["address"]  # unchanged region kept its mapping
@@ -146,7 +146,7 @@ def test_legacy_set_mem_table(make_rig) -> None:  # type: ignore[no-untyped-def]
     assert tables[1]["kept"] == 1 and tables[1]["added"] == 1
     assert not [e for e in rig.backend.memory_events() if e["request"] != "SET_MEM_TABLE"]
     rig.guest.plug(0, 60)
-    wait_until(lambda: len(rig.backend.regions()) == 1, 15, "the device region to go")
+    rig.backend.wait_for(lambda: len(rig.backend.regions()) == 1, 15, "the device region to go")
     assert rig.backend.regions()[0]["address"] == boot["address"]
 
 
@@ -156,7 +156,7 @@ def test_max_slots_8_falls_back_to_one_memslot(make_rig) -> None:  # type: ignor
     rig = make_rig(vhostmem_args=("--max-slots", "8"))
     rig.guest.plug(GiB, 60)
     base = rig.guest.virtio_mem()["memaddr"]
-    wait_until(lambda: rig.memslot_regions(), 15, "the virtio-mem region")
+    rig.backend.wait_for(lambda: rig.memslot_regions(), 15, "the virtio-mem region")
     assert rig.memslot_regions() == [(base, 4 * GiB, 0)]
     assert [r for r, _, _ in memory_requests(rig)] == ["ADD_MEM_REG", "ADD_MEM_REG"]
 
@@ -167,7 +167,8 @@ def test_qemu_killed_mid_plug_releases_everything(make_rig) -> None:  # type: ig
     idle = backend.stats()
     baseline_fds = idle["process_fds"] - idle["mapping_fds"]
     rig.guest.qmp("qom-set", path="/machine/peripheral/vm0", property="requested-size", value=3 * GiB)
-    wait_until(lambda: any(r[1] != 0 for r in memory_requests(rig)), 30, "the first memslot ADD_MEM_REG")
+    rig.backend.wait_for(lambda: any(r[1] != 0 for r in memory_requests(rig)), 30,
+                         "the first memslot ADD_MEM_REG")
     rig.guest.kill_hard()
     plugged_at_kill = [g for _, g, _ in memory_requests(rig) if g != 0]
     backend.wait_for(lambda: [e for e in backend.log_lines() if e.get("event") == "disconnect"], 15, "the disconnect")
@@ -199,10 +200,10 @@ def test_system_reset_follows_qemu(make_rig) -> None:  # type: ignore[no-untyped
     [memslot] = rig.wait_table_matches_qemu()
     rig.guest.system_reset()
     # virtio-mem unplugs everything on a system reset (virtio_mem_system_reset_hold) ...
-    wait_until(lambda: rig.memslot_regions() == [], 30, "the memslot to be removed")
+    rig.backend.wait_for(lambda: rig.memslot_regions() == [], 30, "the memslot to be removed")
     # ... and requested-size is still 1 GiB, so the rebooted guest's driver plugs it again.
     rig.guest.wait_ready(60)
-    wait_until(lambda: rig.memslot_regions() == [memslot], 60, "the memslot to come back")
+    rig.backend.wait_for(lambda: rig.memslot_regions() == [memslot], 60, "the memslot to come back")
     assert rig.qemu_memslots() == [memslot]
     requests = [r for r, g, _ in memory_requests(rig) if g != 0]
     assert requests == ["ADD_MEM_REG", "REM_MEM_REG", "ADD_MEM_REG"]

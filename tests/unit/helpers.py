@@ -1,11 +1,18 @@
-"""Shared helpers for unit tests: a fake host for the sans-IO session and leak counters."""
+"""Shared helpers for unit tests: a fake host for the sans-IO session, leak counters, and the
+trio helpers the shell tests share (a blocking call in a thread, polling with a deadline)."""
 
 from __future__ import annotations
 
+import fcntl
+import gc
 import itertools
 import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+import trio
 
 from protocol import MemoryRegion
 from vhostmem.errors import MappingError
@@ -25,6 +32,49 @@ def shared_maps() -> list[str]:
     """Shared mappings (guest memory is always MAP_SHARED); thread stacks come and go, these
     must not."""
     return [line for line in map_lines() if line.split()[1][3] == "s"]
+
+
+def live_fds() -> set[int]:
+    """``open_fds()`` without the fd that listing /proc/self/fd itself used."""
+    live = set()
+    for fd in open_fds():
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            continue
+        live.add(fd)
+    return live
+
+
+def baseline() -> tuple[set[int], list[str]]:
+    """fds and shared maps before a test; objects earlier tests dropped are collected first
+    (their sockets would otherwise close in the middle of ours)."""
+    gc.collect()
+    return live_fds(), shared_maps()
+
+
+@asynccontextmanager
+async def no_leaks() -> AsyncIterator[None]:
+    """The block leaves the process's fds and shared maps as it found them."""
+    fds, maps = baseline()
+    yield
+    assert live_fds() == fds, "fds leaked"
+    assert shared_maps() == maps, "shared mappings leaked"
+
+
+async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking call (the fake front-end) in a worker thread."""
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+async def wait_until(predicate: Callable[[], Any], what: str, seconds: float = 10) -> Any:
+    """Poll what other tasks and threads change; fail naming ``what``."""
+    deadline = trio.current_time() + seconds
+    while not (value := predicate()):
+        if trio.current_time() > deadline:
+            raise AssertionError(f"timed out after {seconds:g} s waiting for {what}")
+        await trio.sleep(0.01)
+    return value
 
 
 @dataclass

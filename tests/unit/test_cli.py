@@ -52,10 +52,12 @@ def test_usage_errors() -> None:
     with pytest.raises(SystemExit) as exc:
         main([])
     assert exc.value.code == 2
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         main(["--fd", "3"])  # --fd needs --control
-    with pytest.raises(SystemExit):
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
         main(["--socket", "/tmp/x.sock", "--inject", "ADD_MEM_REG:nth=0:ack=1"])
+    assert exc.value.code == 2
 
 
 def test_ctl_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,15 +22,11 @@ from vhostmem.faults import FaultPlan, FaultSpecError, parse_fault
 from vhostmem.server import Backend, ServerConfig
 from vhostmem.testing.frontend import FakeFrontend, make_memfd
 
-from .helpers import open_fds, shared_maps
+from .helpers import in_thread, open_fds, shared_maps
 
 MiB = 1 << 20
 KiB = 1 << 10
 NR = "/proc/sys/vm/nr_hugepages"
-
-
-async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    return await trio.to_thread.run_sync(fn, *args)
 
 
 @contextmanager

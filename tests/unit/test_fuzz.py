@@ -30,9 +30,9 @@ Failing examples print their corpus lines (``note``), so saving one is a copy an
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +76,7 @@ from vhostmem.server import ShellHost
 from vhostmem.session import Session, SessionConfig, SessionState
 from vhostmem.testing.frontend import make_memfd
 
-from .helpers import FakeHost, open_fds, shared_maps
+from .helpers import FakeHost, live_fds, open_fds, shared_maps
 
 MiB = 1 << 20
 U64 = 1 << 64
@@ -426,18 +426,6 @@ def cases(draw: st.DrawFn, *, with_faults: bool = False) -> Case:
 # running a case against a host
 
 
-def live_fds() -> set[int]:
-    """``open_fds()`` without the fd that listing /proc/self/fd itself used."""
-    live = set()
-    for fd in open_fds():
-        try:
-            fcntl.fcntl(fd, fcntl.F_GETFD)
-        except OSError:
-            continue
-        live.add(fd)
-    return live
-
-
 def session_fds(session: Session) -> set[int]:
     """The fds the session owns: vring slots and fds waiting for their message."""
     held = {fd for v in session.vrings for fd in (v.kick, v.call, v.err) if fd is not None}
@@ -641,7 +629,11 @@ CODES = st.one_of(st.sampled_from(list(Request)), st.integers(0, 2**32 - 1))
 def test_decode_header_only_decode_error(data: bytes) -> None:
     if len(data) == HEADER_SIZE:
         header = decode_header(data)
-        assert isinstance(header, Header) and 0 <= header.size < 2**32
+        assert isinstance(header, Header)
+        # every byte decoded into its field: the three u32s pack back to the same 12 bytes
+        assert struct.pack("<III", int(header.request), header.flags, header.size) == data
+        known = {int(r) for r in Request}
+        assert isinstance(header.request, Request) == (int(header.request) in known)
     else:
         with pytest.raises(DecodeError):
             decode_header(data)
@@ -654,7 +646,13 @@ def test_decode_payload_only_decode_error(code: Request | int, payload: bytes) -
         try:
             decode(code, payload)
         except DecodeError as err:
-            assert isinstance(str(err), str) and err.raw == payload
+            assert err.raw == payload
+            # "<the request>: <what is wrong>", then the raw bytes
+            named, colon, why = err.msg.partition(": ")
+            assert colon and why.strip(), err.msg
+            assert (code.name if isinstance(code, Request) else str(code)) in named, err.msg
+            assert str(err).startswith(err.msg)
+            assert f"(raw {len(payload)} bytes: {payload[:64].hex()})" in str(err)
 
 
 @fuzz_settings(400)
@@ -683,7 +681,13 @@ PAYLOADS: st.SearchStrategy[tuple[Request, Payload]] = st.one_of(
     st.tuples(st.just(Request.SET_FEATURES), st.integers(0, U64 - 1)),
     st.tuples(
         st.just(Request.SET_VRING_ADDR),
-        st.builds(VringAddress, *(st.integers(0, U64 - 1) for _ in range(6))),
+        # index and flags are u32 on the wire, the four addresses u64
+        st.builds(
+            VringAddress,
+            st.integers(0, 2**32 - 1),
+            st.integers(0, 2**32 - 1),
+            *(st.integers(0, U64 - 1) for _ in range(4)),
+        ),
     ),
 )
 
@@ -692,10 +696,7 @@ PAYLOADS: st.SearchStrategy[tuple[Request, Payload]] = st.one_of(
 @given(PAYLOADS, st.booleans())
 def test_valid_payloads_round_trip(item: tuple[Request, Payload], need_reply: bool) -> None:
     request, payload = item
-    try:
-        data = encode_request(request, payload, need_reply=need_reply)
-    except EncodeError:
-        return  # a field out of its range (e.g. VringAddress index above u32)
+    data = encode_request(request, payload, need_reply=need_reply)  # every field in range
     header, decoded = decode_message(data)
     assert header.request is request and header.need_reply == need_reply
     assert decoded == payload
@@ -720,15 +721,45 @@ BAD_INTS = st.one_of(st.integers(-(2**65), 2**65), st.sampled_from([-1, U64, 2**
     st.one_of(st.none(), BAD_INTS),
 )
 def test_encoders_only_encode_error(item: tuple[Request, Payload], flags: int | None) -> None:
+    """Out-of-range values are refused with EncodeError (nothing else); in-range ones encode
+    and decode back to themselves."""
     request, payload = item
-    try:
-        encode_request(request, payload, flags=flags)
-    except EncodeError:
-        pass
-    try:
-        encode_reply(request, payload)
-    except EncodeError:
-        pass
+    payload_fits = payload_in_range(payload)
+    flags_fit = flags is None or 0 <= flags < 2**32
+    if payload_fits and flags_fit:
+        data = encode_request(request, payload, flags=flags)
+        header, decoded = decode_message(data)
+        assert header.request is request and decoded == payload
+        if flags is not None:
+            assert header.flags == flags
+    else:
+        with pytest.raises(EncodeError):
+            encode_request(request, payload, flags=flags)
+    if payload_fits:
+        reply = encode_reply(request, payload)
+        assert decode_header(reply[:HEADER_SIZE]).flags == 0x5
+        assert len(reply) == len(encode_request(request, payload))  # the same payload bytes
+        assert reply[HEADER_SIZE:] == encode_request(request, payload)[HEADER_SIZE:]
+    else:
+        with pytest.raises(EncodeError):
+            encode_reply(request, payload)
+
+
+def payload_in_range(payload: Payload) -> bool:
+    """Whether every field of the payloads ``test_encoders_only_encode_error`` draws fits."""
+    def u(bits: int, *values: int) -> bool:
+        return all(0 <= v < 1 << bits for v in values)
+
+    match payload:
+        case MemRegMsg(region=r):
+            return u(64, r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+        case VringState(index=index, num=num):
+            return u(32, index, num)
+        case VringFile(index=index):
+            return 0 <= index <= 0xFF  # bits 0-7; bit 8 is NOFD
+        case int():
+            return u(64, payload)
+    raise AssertionError(f"no range rule for {payload!r}")
 
 
 # -- the regression corpus ----------------------------------------------------------------------

@@ -60,28 +60,55 @@ def _type_only(tree: ast.Module) -> set[int]:
     return skip
 
 
-def imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), str(path))
+def is_module(name: str) -> bool:
+    """``name`` is a module or package of this checkout."""
+    base = ROOT.joinpath(*name.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def resolve_relative(importer: str, is_package: bool, level: int, module: str | None,
+                     names: list[str]) -> set[str]:
+    """The absolute modules ``from <level dots><module> import <names>`` in ``importer`` means.
+
+    ``from . import x`` imports the submodule ``x`` when there is one, else a name of the
+    package itself.
+    """
+    package = importer.split(".") if is_package else importer.split(".")[:-1]
+    if level - 1 >= len(package):
+        raise AssertionError(f"{importer}: relative import beyond the top-level package")
+    base = package[: len(package) - (level - 1)]
+    target = ".".join([*base, module] if module else base)
+    subs = {f"{target}.{n}" for n in names if n != "*" and is_module(f"{target}.{n}")}
+    return subs if subs and len(subs) == len(names) else {target} | subs
+
+
+def imports_of(source: str, me: str, is_package: bool, filename: str = "<source>") -> set[str]:
+    """Absolute names of the modules ``source`` (module ``me``) imports at run time."""
+    tree = ast.parse(source, filename)
     skip = _type_only(tree)
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(tree):
         if id(node) in skip:
             continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            assert node.module is not None  # "from import x" is not Python
             found.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            found |= resolve_relative(me, is_package, node.level, node.module,
+                                      [alias.name for alias in node.names])
     return found
 
 
-SOURCES = sorted(p for pkg in ("protocol", "vhostmem") for p in (ROOT / pkg).rglob("*.py"))
+def imports(path: Path) -> set[str]:
+    return imports_of(path.read_text(), module_name(path), path.name == "__init__.py", str(path))
 
 
-@pytest.mark.parametrize("path", SOURCES, ids=lambda p: module_name(p))
-def test_imports_point_down(path: Path) -> None:
-    me = module_name(path)
+def check_imports(me: str, targets: set[str]) -> None:
+    """Every import of ``me`` points down (or sideways), and the pure core stays pure."""
     my_layer = layer_of(me)
-    for target in imports(path):
+    for target in targets:
         top = target.split(".")[0]
         if top not in ("protocol", "vhostmem"):
             if any(me == p or me.startswith(p + ".") for p in PURE):
@@ -92,3 +119,36 @@ def test_imports_point_down(path: Path) -> None:
         assert layer_of(target) <= my_layer, f"{me} (layer {my_layer}) imports {target} (layer {layer_of(target)})"
         if me.startswith("protocol"):
             assert top == "protocol", f"protocol must not import {target}"
+
+
+SOURCES = sorted(p for pkg in ("protocol", "vhostmem") for p in (ROOT / pkg).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: module_name(p))
+def test_imports_point_down(path: Path) -> None:
+    check_imports(module_name(path), imports(path))
+
+
+def test_relative_imports_are_resolved() -> None:
+    # the package's own module and submodules, one and two levels up
+    assert resolve_relative("vhostmem.server", False, 1, "errors", ["MappingError"]) == {
+        "vhostmem.errors"}
+    assert resolve_relative("vhostmem.server", False, 1, None, ["session"]) == {
+        "vhostmem.session"}
+    assert resolve_relative("vhostmem.testing.plugin", False, 2, "server", ["run"]) == {
+        "vhostmem.server"}
+    assert resolve_relative("vhostmem.testing", True, 1, "backend", ["start_backend"]) == {
+        "vhostmem.testing.backend"}
+    assert resolve_relative("vhostmem", True, 1, None, ["__version__"]) == {"vhostmem"}
+    with pytest.raises(AssertionError, match="beyond the top-level package"):
+        resolve_relative("protocol.codec", False, 2, None, ["x"])
+
+
+def test_a_relative_import_that_points_up_is_caught() -> None:
+    source = "from .server import run\nfrom . import errors\n"
+    found = imports_of(source, "vhostmem.regions", is_package=False)
+    assert found == {"vhostmem.server", "vhostmem.errors"}
+    with pytest.raises(AssertionError, match=r"vhostmem.regions \(layer 2\) imports vhostmem.server"):
+        check_imports("vhostmem.regions", found)
+    check_imports("vhostmem.regions", imports_of("from . import errors\n", "vhostmem.regions",
+                                                 is_package=False))

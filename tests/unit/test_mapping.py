@@ -1,7 +1,8 @@
 """vhostmem.mapping on real memfds, files and huge pages (root: the hugetlb tests reserve pages).
 
-Every test checks it leaves no fd and no mapping behind. The hugetlb tests fail, never skip,
-when huge pages cannot be reserved.
+Every test checks it leaves no fd and no shared mapping behind (the autouse fixture
+``leaves_nothing_behind``). The hugetlb tests fail, never skip, when huge pages cannot be
+reserved.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import gc
 import mmap
 import os
 import socket
@@ -27,6 +29,8 @@ from vhostmem.mapping import (
     probe_backing,
     raise_nofile_limit,
 )
+
+from .helpers import map_lines, open_fds, shared_maps
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -47,17 +51,8 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
 def fd_count() -> int:
     return len(open_fds())
-
-
-def map_lines() -> list[str]:
-    with open("/proc/self/maps") as f:
-        return f.read().splitlines()
 
 
 def file_map_lines() -> set[str]:
@@ -105,6 +100,18 @@ def memfd(size: int, name: str = "t", flags: int = 0) -> int:
 
 def pattern(n: int, seed: int = 7) -> bytes:
     return bytes((i * 31 + seed) & 0xFF for i in range(n))
+
+
+@pytest.fixture(autouse=True)
+def leaves_nothing_behind() -> Iterator[None]:
+    """Every test: the process's fds and shared maps after it are those before it (set up
+    before, and checked after, every other fixture of the test, ``mapper`` included)."""
+    gc.collect()
+    fds_before, maps_before = open_fds(), shared_maps()
+    yield
+    gc.collect()
+    assert open_fds() == fds_before, "fds leaked"
+    assert shared_maps() == maps_before, "shared mappings leaked"
 
 
 @pytest.fixture

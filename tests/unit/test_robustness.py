@@ -13,8 +13,6 @@ front-end runs through ``trio.to_thread.run_sync``; processes we start are stopp
 
 from __future__ import annotations
 
-import fcntl
-import gc
 import json
 import logging
 import os
@@ -26,7 +24,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,36 +54,13 @@ from vhostmem.sockets import SocketError, bind_unix_socket
 from vhostmem.testing.backend import start_backend
 from vhostmem.testing.frontend import QEMU_PROTOCOL_FEATURES, FakeFrontend, make_memfd
 
-from .helpers import open_fds, shared_maps
+from .helpers import baseline, in_thread, live_fds, no_leaks, shared_maps, wait_until
 
 MiB = 1 << 20
 GiB = 1 << 30
 U64 = 1 << 64
 REPO = Path(__file__).resolve().parents[2]
 UADDR = 0x7F00_0000_0000
-
-
-async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    return await trio.to_thread.run_sync(fn, *args)
-
-
-def baseline() -> tuple[set[int], list[str]]:
-    """fds and shared maps before a test; objects earlier tests dropped are collected first
-    (their sockets would otherwise close in the middle of ours)."""
-    gc.collect()
-    return live_fds(), shared_maps()
-
-
-def live_fds() -> set[int]:
-    """``open_fds()`` without the fd that listing /proc/self/fd itself used."""
-    live = set()
-    for fd in open_fds():
-        try:
-            fcntl.fcntl(fd, fcntl.F_GETFD)
-        except OSError:
-            continue
-        live.add(fd)
-    return live
 
 
 # -- a back-end with two QEMU-like connections over socketpairs ---------------------------------
@@ -113,16 +88,6 @@ async def start_pair(backend: Backend, nursery: trio.Nursery, name: str) -> Fake
     return FakeFrontend(theirs, timeout=10)
 
 
-async def wait_until(predicate: Callable[[], Any], what: str, seconds: float = 10) -> Any:
-    """Poll what other tasks and threads change; fail naming ``what``."""
-    deadline = trio.current_time() + seconds
-    while not (value := predicate()):
-        if trio.current_time() > deadline:
-            raise AssertionError(f"timed out after {seconds:g} s waiting for {what}")
-        await trio.sleep(0.01)
-    return value
-
-
 @asynccontextmanager
 async def wired(session: SessionConfig | None = None, **config: Any) -> AsyncIterator[Wire]:
     """Connections "a" and "b", both after QEMU's handshake (REPLY_ACK, CONFIGURE_MEM_SLOTS)."""
@@ -143,14 +108,6 @@ async def wired(session: SessionConfig | None = None, **config: Any) -> AsyncIte
     finally:
         backend.cleanup()
     assert backend.mapper.stats.maps == 0
-
-
-@asynccontextmanager
-async def no_leaks() -> AsyncIterator[None]:
-    fds, maps = baseline()
-    yield
-    assert live_fds() == fds, "fds leaked"
-    assert shared_maps() == maps, "shared mappings leaked"
 
 
 def memfds(n: int, size: int = 16 * MiB) -> list[int]:
@@ -669,6 +626,8 @@ CAPTURE_CONFIG = textwrap.dedent(
         parts = [*args, *getattr(fn, "args", ()), *getattr(fn, "keywords", {}).values()]
         [config] = [p for p in parts if isinstance(p, ServerConfig)]
         print(json.dumps({"send_timeout": config.send_timeout,
+                          "batch_gap": config.batch_gap,
+                          "linger": config.linger,
                           "allow_uids": list(config.allow_uids),
                           "socket_mode": config.socket_mode}))
 
@@ -697,6 +656,21 @@ def test_cli_send_timeout_default_is_10_s(tmp_path: Path) -> None:
     assert cli_config("--socket", str(tmp_path / "vu.sock"))["send_timeout"] == 10.0
     assert ServerConfig().send_timeout == 10.0
     assert not os.path.exists(tmp_path / "vu.sock")
+
+
+def test_cli_send_timeout_linger_and_batch_gap_reach_the_server_config(tmp_path: Path) -> None:
+    sock = str(tmp_path / "vu.sock")
+    config = cli_config(
+        "--socket", sock, "--send-timeout", "3", "--linger-ms", "5", "--batch-gap", "7"
+    )
+    assert config["send_timeout"] == 3.0
+    assert config["linger"] == 0.005  # milliseconds on the command line, seconds in the config
+    assert config["batch_gap"] == 0.007
+    # and the defaults: 1 ms linger, 20 ms batch gap, as ServerConfig's own
+    default = cli_config("--socket", sock)
+    assert (default["linger"], default["batch_gap"]) == (0.001, 0.020)
+    assert (ServerConfig().linger, ServerConfig().batch_gap) == (0.001, 0.020)
+    assert not os.path.exists(sock)
 
 
 # -- faults -------------------------------------------------------------------------------------
@@ -1052,6 +1026,8 @@ def test_allow_uid_is_repeatable_on_the_command_line(tmp_path: Path) -> None:
     ]
     assert cli_config("--socket", sock) == {
         "send_timeout": 10.0,
+        "batch_gap": 0.020,
+        "linger": 0.001,
         "allow_uids": [],
         "socket_mode": 0o600,
     }

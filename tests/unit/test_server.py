@@ -11,28 +11,23 @@ import json
 import os
 import socket
 import stat
-from collections.abc import Callable
+import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 
 from protocol import Request, VringState, encode_request
 from vhostmem.control import ControlClient, ControlError, answer
-from vhostmem.server import Backend, ServerConfig, run
+from vhostmem.server import Backend, Connection, ServerConfig, run
 from vhostmem.session import SessionConfig
 from vhostmem.sockets import SocketError, bind_unix_socket
 from vhostmem.testing.frontend import FakeFrontend, make_memfd
 
-from .helpers import map_lines, open_fds, shared_maps
+from .helpers import in_thread, map_lines, open_fds, shared_maps
 
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    return await trio.to_thread.run_sync(fn, *args)
 
 
 async def start_pair(backend: Backend, nursery: trio.Nursery, name: str = "pair") -> FakeFrontend:
@@ -43,6 +38,26 @@ async def start_pair(backend: Backend, nursery: trio.Nursery, name: str = "pair"
 
 def region_maps(address: int) -> list[str]:
     return [line for line in map_lines() if int(line.split("-")[0], 16) == address]
+
+
+def acked_but_not_booked(
+    backend: Backend, conn: Connection, adds: int, seconds: float = 2.0
+) -> None:
+    """In the front-end's thread, right after the acks: wait until ``conn.pending`` holds the
+    ``adds`` acknowledged ADD_MEM_REGs (the ack goes out just before the request joins
+    ``pending``, so poll), then check that none of them is booked yet."""
+    deadline = time.monotonic() + seconds
+    while True:
+        pending = [h for h, _, _ in list(conn.pending) if h.request is Request.ADD_MEM_REG]
+        if len(pending) >= adds:
+            break
+        assert time.monotonic() < deadline, (
+            f"{len(pending)} of {adds} acked ADD_MEM_REGs in pending after {seconds:g} s"
+        )
+        time.sleep(0.001)
+    assert len(pending) == adds, pending
+    booked = [e for e in list(backend.events) if e.get("request") == "ADD_MEM_REG"]
+    assert booked == [], f"booked before the front-end went quiet: {booked}"
 
 
 async def test_add_rem_maps_and_releases_everything() -> None:
@@ -231,11 +246,14 @@ async def test_run_serves_queues_second_frontend_and_cleans_up(tmp_path: Path) -
 
 
 async def test_quiet_successes_are_booked_later_but_in_order_and_before_control_answers() -> None:
-    backend = Backend(ServerConfig(linger=0.001))
+    # A 0.25 s linger: after each ack the connection's task waits that long in the kernel for
+    # the next request before it books, long enough to see the acked requests unbooked.
+    backend = Backend(ServerConfig(linger=0.25))
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             fe = await start_pair(backend, nursery)
             await in_thread(fe.handshake)
+            conn = backend.connections()[0]
             memfd = make_memfd(16 * MiB)
 
             def burst() -> list[int]:
@@ -243,6 +261,8 @@ async def test_quiet_successes_are_booked_later_but_in_order_and_before_control_
                     fe.add_region(i * 4 * MiB, 4 * MiB, 0x10000000 + i * 4 * MiB, i * 4 * MiB, memfd)
                     for i in range(3)
                 ]
+                assert acks == [0, 0, 0]
+                acked_but_not_booked(backend, conn, 3)
                 # a failure right behind the quiet successes: GPA overlap with region 0
                 acks.append(fe.add_region(0, 4 * MiB, 0x20000000, 0, memfd))
                 return acks
@@ -263,7 +283,7 @@ async def test_quiet_successes_are_booked_later_but_in_order_and_before_control_
             assert check["ok"], check
             assert check["result"]["counts"]["requests"] == 4
             assert check["result"]["counts"]["failed"] == 1
-            conn = backend.connections()[0]
+            assert backend.connections()[0] is conn
             assert conn.pending == []
             os.close(memfd)
             fe.close()
@@ -273,13 +293,21 @@ async def test_quiet_successes_are_booked_later_but_in_order_and_before_control_
 
 
 async def test_booking_happens_when_the_front_end_goes_quiet() -> None:
-    backend = Backend(ServerConfig(linger=0.001))
+    backend = Backend(ServerConfig(linger=0.25))
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             fe = await start_pair(backend, nursery)
             await in_thread(fe.handshake)
+            conn = backend.connections()[0]
             memfd = make_memfd(4 * MiB)
-            assert await in_thread(fe.add_region, 0, 4 * MiB, 0x10000000, 0, memfd) == 0
+
+            def add_one() -> int:
+                ack = fe.add_region(0, 4 * MiB, 0x10000000, 0, memfd)
+                if ack == 0:
+                    acked_but_not_booked(backend, conn, 1)  # deferred while the read lingers
+                return ack
+
+            assert await in_thread(add_one) == 0
             os.close(memfd)
             # No control request: the connection's own task books it once reads time out.
             while not any(e.get("request") == "ADD_MEM_REG" for e in backend.events):
@@ -311,7 +339,7 @@ async def test_control_socket_answers_while_a_front_end_lingers(
                 start = trio.current_time()
                 result = await in_thread(client.call, "stats")
                 assert result["connections_live"] == 1
-                assert trio.current_time() - start < 1.0 + linger
+                assert trio.current_time() - start < 0.2 + linger
             fe.close()
             while backend.connections():
                 await trio.sleep(0.01)

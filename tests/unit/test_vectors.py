@@ -160,6 +160,8 @@ def test_get_vring_base_carries_a_vring_state(name: str) -> None:
 @pytest.mark.parametrize("name", [LEGACY, MEMSLOTS])
 def test_get_requests_carry_nothing(name: str) -> None:
     for request in (Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.SET_OWNER):
-        for header, payload, _ in messages(name, request):
+        found = messages(name, request)
+        assert found, f"{name} has no {request.name} from QEMU"
+        for header, payload, _ in found:
             assert header.size == 0
             assert payload is None
