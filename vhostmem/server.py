@@ -190,6 +190,7 @@ class Backend:
         self._numbers = 0
         self.faults = FaultPlan()
         self.history = History()
+        self._event_log_failing = False
         self.net: NetDevice | None = None
         for spec in config.inject:
             self.faults.add(parse_fault(spec))
@@ -197,11 +198,26 @@ class Backend:
     # -- events ----------------------------------------------------------------------------
 
     def record(self, doc: dict[str, Any]) -> None:
-        """Keep an event for ``vhostmem-ctl events`` and append it to the event log."""
+        """Keep an event for ``vhostmem-ctl events`` and append it to the event log.
+
+        An event log that cannot be written (a full disk) costs no connection: the failure is
+        logged once, the events stay in memory, and writing resumes when it works again.
+        """
         doc.setdefault("ts", time.time())
         self.events.append(doc)
         if self.event_log is not None:
-            self.event_log.write(doc)
+            try:
+                self.event_log.write(doc)
+            except OSError as err:
+                if not self._event_log_failing:
+                    logger.error(
+                        "cannot write the event log (%s); events stay in memory "
+                        "(vhostmem-ctl events) until it can be written again",
+                        err,
+                    )
+                self._event_log_failing = True
+            else:
+                self._event_log_failing = False
 
     def _record_handled(
         self, conn: Connection, handled: Handled, arrived: float, replied: float
