@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 
-# Plain ints: IntFlag arithmetic costs about a microsecond per operation, and every message
+# Plain ints: IntFlag arithmetic costs about 0.7 us per operation (timeit), and every message
 # asks these.
 _NEED_REPLY: Final = int(HeaderFlags.NEED_REPLY)
 _REPLY: Final = int(HeaderFlags.REPLY)

@@ -8,7 +8,9 @@ Padding is named and never validated (``c.Padding`` parses any bytes, builds zer
 libvhost-user ignore it too.
 
 The hot definitions also exist compiled (``*_COMPILED``, construct's ``.compile()``), which
-parses about five times faster but fails with a bare ``struct.error`` and no path.
+parses about three times faster (MEM_REG_MSG: 6.2 us against 19.7 us, timeit, Python 3.11) but
+fails with a bare ``struct.error`` and no path. The flat twins (``*_FLAT``, ``flat_format``) go
+further: one ``struct`` call, about 0.1 us.
 ``PAYLOAD_STRUCTS`` maps each ``PayloadKind`` to the struct ``codec`` uses. Containers built here
 never leave ``protocol``: ``codec`` turns them into ``model`` dataclasses.
 """

@@ -21,8 +21,9 @@ from vhostmem.faults import FaultSpecError, parse_fault
 if TYPE_CHECKING:
     from vhostmem.sockets import BoundSockets
 
-# The back-end binds its sockets before importing trio, construct and the rest (about 0.3 s of
-# imports), so QEMU can connect within milliseconds of launch; the rest is imported in main().
+# The back-end binds its sockets before importing trio, construct and the rest (about 0.2 s of
+# imports, python -X importtime), so the socket accepts before they load (tools/bench's launch
+# row: 84-134 ms from exec, most of it the interpreter's own start); the rest loads in main().
 
 __all__ = ["ctl_main", "main", "parse_size"]
 
@@ -231,9 +232,9 @@ Then, in another terminal:
         metavar="MS",
         help="after each message, wait up to MS in the kernel for the front-end's next one "
         "before handing the connection back to the event loop (default 1; the kernel rounds "
-        "up to its tick, 4 ms at HZ=250). QEMU sends memory updates as a ping-pong, and this "
-        "saves about 9 us per message; meanwhile other sockets and the control socket wait. "
-        "0 turns it off (many busy front-ends in one vhostmem)",
+        "up to its tick, 4 ms at HZ=250): a read that finds the next request already there "
+        "skips a trip through the event loop; meanwhile other sockets and the control socket "
+        "wait. 0 turns it off (many busy front-ends in one vhostmem)",
     )
     out = parser.add_argument_group("what to record")
     out.add_argument(

@@ -31,7 +31,8 @@ NEED_DATA = NeedData()
 
 
 # Not frozen: one of each is built per memory request on the path QEMU waits on, and a frozen
-# dataclass costs about a microsecond more per construction (object.__setattr__ per field).
+# dataclass costs more per construction (object.__setattr__ per field: 0.7 us against 0.5 us
+# for four fields, 2.0 us against 0.5 us for eleven, timeit, Python 3.11).
 # Nothing mutates them after construction.
 
 

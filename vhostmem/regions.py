@@ -66,7 +66,8 @@ def human_size(size: int) -> str:
 
 
 # Not frozen: one is built per mapped region on the path QEMU waits on, and a frozen dataclass
-# costs about a microsecond more per construction. Nothing assigns to a Region after it is made.
+# costs more per construction (see vhostmem.events). Nothing assigns to a Region after it is
+# made.
 @final
 @dataclass(slots=True, eq=False)
 class Region:

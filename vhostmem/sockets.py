@@ -1,6 +1,6 @@
 """Creating and removing the Unix sockets vhostmem listens on. Stdlib only, so the command line
-can bind its sockets before importing the rest (the socket accepts within milliseconds of
-launch; the kernel queues QEMU's connection until the server loop runs).
+can bind its sockets before importing the rest (the kernel queues QEMU's connection until the
+server loop runs; tools/bench's launch row times exec to accepting).
 """
 
 from __future__ import annotations

@@ -4,9 +4,7 @@ Each read is one ``recvmsg`` with room for file descriptors (SCM_RIGHTS), receiv
 ``MSG_CMSG_CLOEXEC`` so no fd of QEMU's leaks into a child we start. We try the syscall first
 and only wait for readability (through trio) when it says EAGAIN: one syscall per message on the
 hot path instead of a scheduler round trip. With a linger, the syscall itself waits briefly in
-the kernel for the next message (see :class:`FdStream`). A minimal Python back-end in
-tools/bench's harness measured 1.27x libvhost-user's ADD_MEM_REG round trip trying the syscall
-first and waiting through trio, and 0.95x with the linger.
+the kernel for the next message (see :class:`FdStream`).
 
 We never read past the end of the message in hand: the session says how many bytes complete it
 (:attr:`Session.bytes_wanted`): the 12-byte header first, then exactly its payload, the way
@@ -56,9 +54,10 @@ class FdStream:
         linger: seconds a read may wait in the kernel for the front-end's next message before
             it gives up with "nothing yet" (``SO_RCVTIMEO``, rounded up to the kernel tick);
             0 makes every read non-blocking. QEMU sends memory updates as a ping-pong (a
-            request, our ack, the next request), and waiting in the kernel for the next one
-            costs one syscall where a trio wait costs about 9 us more per message
-            (tools/bench). While a read lingers, the process's other tasks wait too.
+            request, our ack, the next request); waiting in the kernel for the next one costs
+            one syscall where a trip through trio costs more (tools/bench --floor against
+            --floor --vhostmem-arg=--linger-ms=0: 9-10 us per round trip). While a read
+            lingers, the process's other tasks wait too.
     """
 
     def __init__(self, sock: socket.socket, linger: float = 0.0) -> None:
