@@ -54,13 +54,13 @@ from protocol.model import (
 
 __all__ = [
     "decode_header",
-    "fd_bounds",
     "decode_message",
     "decode_payload",
     "decode_reply_payload",
     "encode_reply",
     "encode_request",
     "encode_u64_reply",
+    "fd_bounds",
     "payload_kind",
     "reply_payload_kind",
 ]
