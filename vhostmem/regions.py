@@ -110,9 +110,9 @@ class Region:
         return (self.gpa, self.uaddr, self.size)
 
     @property
-    def identity(self) -> tuple[int, int, int, int, tuple[int, int] | None]:
+    def identity(self) -> Identity:
         """What makes a SET_MEM_TABLE entry 'unchanged': numbers and backing file."""
-        return (self.gpa, self.size, self.uaddr, self.mmap_offset, self.file_id)
+        return identity(self.gpa, self.size, self.uaddr, self.mmap_offset, self.file_id)
 
     def describe(self) -> str:
         """The region's numbers in the project's one wording."""
@@ -133,6 +133,16 @@ class Region:
 def _numbers_fit(gpa: int, size: int, uaddr: int, mmap_offset: int) -> bool:
     """Not empty, and no address space wraps past 2**64 (what validate_numbers words)."""
     return bool(size) and max(gpa, uaddr, mmap_offset) + size <= U64_LIMIT
+
+
+Identity = tuple[int, int, int, int, tuple[int, int] | None]
+
+
+def identity(
+    gpa: int, size: int, uaddr: int, mmap_offset: int, file_id: tuple[int, int] | None
+) -> Identity:
+    """A region's identity (:attr:`Region.identity`) from its numbers and backing file."""
+    return (gpa, size, uaddr, mmap_offset, file_id)
 
 
 def validate_numbers(gpa: int, size: int, uaddr: int, mmap_offset: int) -> None:
@@ -294,6 +304,18 @@ class RegionTable:
             if region.key == (gpa, uaddr, size):
                 return region
         return None
+
+    def find_or_refuse(self, gpa: int, uaddr: int, size: int) -> Region:
+        """:meth:`find`, or :class:`TableError` ``not-found`` naming the nearest regions."""
+        region = self.find(gpa, uaddr, size)
+        if region is None:
+            raise TableError(
+                f"no region matches {describe(gpa, size, uaddr)} (REM_MEM_REG matches gpa, "
+                f"uaddr and size; {self.neighbours(gpa)})",
+                kind="not-found",
+                details={"gpa": gpa, "size": size, "uaddr": uaddr},
+            )
+        return region
 
     def remove(self, region: Region) -> None:
         """Take a region out of the table (it must be in it)."""

@@ -418,33 +418,24 @@ class Backend:
                 assert isinstance(handled, Handled)
                 if conn.datapath is not None:
                     conn.datapath.sync(handled)  # before any await: rings follow the request
-                reply = handled.reply
-                if handled.ok and not handled.notes and not handled.injected:
-                    # The common case: ack now, book later (when the front-end goes quiet or
-                    # every _FLUSH_EVERY requests), so the event log and the atomicity
+                quiet_success = handled.ok and not handled.notes and not handled.injected
+                if not quiet_success:
+                    if handled.disconnect:
+                        self._book_now(conn, handled, arrived)
+                        raise InjectedDisconnect(handled.error or "injected disconnect")
+                    if handled.delay:
+                        await trio.sleep(handled.delay)
+                if handled.reply:
+                    await self._reply(conn, stream, handled, arrived)
+                if quiet_success:
+                    # The common case: acked now, booked later (when the front-end goes quiet
+                    # or every _FLUSH_EVERY requests), so the event log and the atomicity
                     # history never cost the front-end's round trip.
-                    if reply:
-                        sent = stream.send_now(reply)
-                        if sent < len(reply):
-                            self.flush(conn)
-                            await self._send_rest(conn, stream, handled, reply[sent:], arrived)
                     conn.pending.append((handled, arrived, time.monotonic()))
                     if len(conn.pending) >= _FLUSH_EVERY:
                         self.flush(conn)
                 else:
-                    self.flush(conn)  # keep the log in order
-                    if handled.disconnect:
-                        self._record_handled(conn, handled, arrived, time.monotonic())
-                        raise InjectedDisconnect(handled.error or "injected disconnect")
-                    if handled.delay:
-                        await trio.sleep(handled.delay)
-                    if reply:
-                        sent = stream.send_now(reply)
-                        if sent < len(reply):
-                            await self._send_rest(conn, stream, handled, reply[sent:], arrived)
-                    self._record_handled(conn, handled, arrived, time.monotonic())
-                if reply:
-                    self.counters["replies"] += 1
+                    self._book_now(conn, handled, arrived)
                 handled = session.next_event() if session.buffered else quiet
             unyielded += 1
             if unyielded >= _YIELD_EVERY:
@@ -468,18 +459,27 @@ class Backend:
         for conn in self.connections():
             self.flush(conn)
 
-    async def _send_rest(
-        self, conn: Connection, stream: FdStream, handled: Handled, rest: bytes, arrived: float
+    def _book_now(self, conn: Connection, handled: Handled, arrived: float) -> None:
+        """Book ``handled`` at once, after whatever the connection left for later (in order)."""
+        self.flush(conn)
+        self._record_handled(conn, handled, arrived, time.monotonic())
+
+    async def _reply(
+        self, conn: Connection, stream: FdStream, handled: Handled, arrived: float
     ) -> None:
-        """The front-end's socket buffer is full: wait for room, but not forever."""
-        with trio.move_on_after(self.config.send_timeout) as scope:
-            await stream.send_all(rest)
-        if scope.cancelled_caught:
-            self._record_handled(conn, handled, arrived, time.monotonic())
-            raise StalledFrontEnd(
-                f"the front-end has not read its replies for "
-                f"{self.config.send_timeout:g} s (socket buffer full); dropping it"
-            )
+        """Send ``handled.reply``: at once if the socket takes it, else wait, but not forever."""
+        reply = handled.reply
+        sent = stream.send_now(reply)
+        if sent < len(reply):
+            with trio.move_on_after(self.config.send_timeout) as scope:
+                await stream.send_all(reply[sent:])
+            if scope.cancelled_caught:
+                self._book_now(conn, handled, arrived)
+                raise StalledFrontEnd(
+                    f"the front-end has not read its replies for "
+                    f"{self.config.send_timeout:g} s (socket buffer full); dropping it"
+                )
+        self.counters["replies"] += 1
 
     async def serve_listener(self, listener: socket.socket, name: str) -> None:
         """Accept front-ends on one socket, one at a time."""

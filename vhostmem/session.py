@@ -77,7 +77,7 @@ from vhostmem.errors import (
 )
 from vhostmem.events import NEED_DATA, Handled, NeedData, TableChange
 from vhostmem.faults import Fault, FaultPlan
-from vhostmem.regions import Region, RegionTable, describe
+from vhostmem.regions import Region, RegionTable, identity
 from vhostmem.virtqueue import MAX_QUEUE_SIZE
 
 __all__ = ["TRANSITIONS", "Host", "Session", "SessionConfig", "SessionState"]
@@ -645,8 +645,9 @@ class Session:
             self._seq,
         )
 
-    def _map(self, request: Request, region: MemoryRegion, fd: int) -> Region:
-        file_id = self.host.file_id(fd)
+    def _map(
+        self, request: Request, region: MemoryRegion, fd: int, file_id: tuple[int, int] | None
+    ) -> Region:
         handle, info = self.host.map_region(request.name, region, fd, self._fail_errno)
         return self._new_region(region, handle, info, file_id)
 
@@ -658,10 +659,9 @@ class Session:
         assert isinstance(payload, MemRegMsg)
         wire = payload.region
         table = self.table
-        table.check_add(
-            wire.guest_phys_addr, wire.memory_size, wire.userspace_addr, wire.mmap_offset
-        )
-        region = self._map(Request.ADD_MEM_REG, wire, fds.pop())
+        table.check_add(*_numbers(wire))
+        fd = fds.pop()
+        region = self._map(Request.ADD_MEM_REG, wire, fd, self.host.file_id(fd))
         table.insert(region)
         notes = self._ring_notes_after_change()
         return b"", TableChange((), (region,), ()), notes
@@ -677,18 +677,9 @@ class Session:
         while fds:
             self.host.close_fd(fds.pop())
         wire = payload.region
-        region = self.table.find(wire.guest_phys_addr, wire.userspace_addr, wire.memory_size)
-        if region is None:
-            raise TableError(
-                f"no region matches {describe(wire.guest_phys_addr, wire.memory_size, wire.userspace_addr)}"
-                f" (REM_MEM_REG matches gpa, uaddr and size; {self.table.neighbours(wire.guest_phys_addr)})",
-                kind="not-found",
-                details={
-                    "gpa": wire.guest_phys_addr,
-                    "size": wire.memory_size,
-                    "uaddr": wire.userspace_addr,
-                },
-            )
+        region = self.table.find_or_refuse(
+            wire.guest_phys_addr, wire.userspace_addr, wire.memory_size
+        )
         notes = self._rings_in(region)
         self.table.remove(region)
         self.host.unmap_region(region.handle)
@@ -699,37 +690,26 @@ class Session:
         wanted = payload.regions
         # Validate the new table on its own first: nothing is mapped until it is consistent.
         # The resulting table must fit in max_slots: refuse before anything is mapped.
-        self.table.check_table(
-            [
-                (wire.guest_phys_addr, wire.memory_size, wire.userspace_addr, wire.mmap_offset)
-                for wire in wanted
-            ]
-        )
+        self.table.check_table([_numbers(wire) for wire in wanted])
         current = {region.identity: region for region in self.table}
         kept: list[Region] = []
         added: list[Region] = []
         try:
-            for wire, fd in zip(wanted, list(fds), strict=True):
-                fds.remove(fd)
+            for wire in wanted:  # fd i belongs to region i (the count was checked)
+                fd = fds.pop(0)  # from here on ours: closed, kept or mapped below
                 file_id = self.host.file_id(fd)
-                identity = (
-                    wire.guest_phys_addr,
-                    wire.memory_size,
-                    wire.userspace_addr,
-                    wire.mmap_offset,
-                    file_id,
+                same = (
+                    current.pop(identity(*_numbers(wire), file_id), None)
+                    if file_id is not None
+                    else None
                 )
-                same = current.pop(identity, None) if file_id is not None else None
                 if same is not None:
                     # Unchanged region: keep its mapping, as DPDK's vhost_memory_changed and
                     # libvhost-user's "regions that did not change" shortcut intend.
                     self.host.close_fd(fd)
                     kept.append(same)
                     continue
-                handle, info = self.host.map_region(
-                    Request.SET_MEM_TABLE.name, wire, fd, self._fail_errno
-                )
-                added.append(self._new_region(wire, handle, info, file_id))
+                added.append(self._map(Request.SET_MEM_TABLE, wire, fd, file_id))
         except BaseException:
             for region in added:
                 self.host.unmap_region(region.handle)
@@ -878,6 +858,11 @@ class Session:
 
 
 _Result = tuple[bytes, TableChange | None, tuple[str, ...]]
+
+
+def _numbers(wire: MemoryRegion) -> tuple[int, int, int, int]:
+    """A wire region's (gpa, size, uaddr, mmap_offset), the order the table takes them in."""
+    return (wire.guest_phys_addr, wire.memory_size, wire.userspace_addr, wire.mmap_offset)
 
 
 def _u64(payload: Payload) -> int:
