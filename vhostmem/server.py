@@ -425,8 +425,12 @@ class Backend:
                         raise InjectedDisconnect(handled.error or "injected disconnect")
                     if handled.delay:
                         await trio.sleep(handled.delay)
-                if handled.reply:
-                    await self._reply(conn, stream, handled, arrived)
+                reply = handled.reply
+                if reply:
+                    sent = stream.send_now(reply)  # no coroutine on the path QEMU waits on
+                    if sent < len(reply):
+                        await self._send_rest(conn, stream, handled, reply[sent:], arrived)
+                    self.counters["replies"] += 1
                 if quiet_success:
                     # The common case: acked now, booked later (when the front-end goes quiet
                     # or every _FLUSH_EVERY requests), so the event log and the atomicity
@@ -464,22 +468,18 @@ class Backend:
         self.flush(conn)
         self._record_handled(conn, handled, arrived, time.monotonic())
 
-    async def _reply(
-        self, conn: Connection, stream: FdStream, handled: Handled, arrived: float
+    async def _send_rest(
+        self, conn: Connection, stream: FdStream, handled: Handled, rest: bytes, arrived: float
     ) -> None:
-        """Send ``handled.reply``: at once if the socket takes it, else wait, but not forever."""
-        reply = handled.reply
-        sent = stream.send_now(reply)
-        if sent < len(reply):
-            with trio.move_on_after(self.config.send_timeout) as scope:
-                await stream.send_all(reply[sent:])
-            if scope.cancelled_caught:
-                self._book_now(conn, handled, arrived)
-                raise StalledFrontEnd(
-                    f"the front-end has not read its replies for "
-                    f"{self.config.send_timeout:g} s (socket buffer full); dropping it"
-                )
-        self.counters["replies"] += 1
+        """The front-end's socket buffer is full: wait for room, but not forever."""
+        with trio.move_on_after(self.config.send_timeout) as scope:
+            await stream.send_all(rest)
+        if scope.cancelled_caught:
+            self._book_now(conn, handled, arrived)
+            raise StalledFrontEnd(
+                f"the front-end has not read its replies for "
+                f"{self.config.send_timeout:g} s (socket buffer full); dropping it"
+            )
 
     async def serve_listener(self, listener: socket.socket, name: str) -> None:
         """Accept front-ends on one socket, one at a time."""
