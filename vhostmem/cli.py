@@ -228,13 +228,13 @@ Then, in another terminal:
     where.add_argument(
         "--linger-ms",
         type=float,
-        default=1.0,
+        default=0.0,
         metavar="MS",
         help="after each message, wait up to MS in the kernel for the front-end's next one "
-        "before handing the connection back to the event loop (default 1; the kernel rounds "
-        "up to its tick, 4 ms at HZ=250): a read that finds the next request already there "
-        "skips a trip through the event loop; meanwhile other sockets and the control socket "
-        "wait. 0 turns it off (many busy front-ends in one vhostmem)",
+        "before handing the connection back to the event loop (default 0: never; the kernel "
+        "rounds up to its tick, 4 ms at HZ=250). Saves a trip through the event loop per "
+        "request for a single front-end, but while a read waits every other socket, the "
+        "control socket and --tap traffic wait too (tools/bench row '2nd front-end')",
     )
     out = parser.add_argument_group("what to record")
     out.add_argument(

@@ -8,9 +8,10 @@ task (trio's ``serve_listeners`` documents that a handler exception would crash 
 The shell loop is the sans-IO one (h11's ``examples/trio-server.py``): read what the session
 wants, ``receive_data``, drain ``next_event``, send each reply, record each event. Recording
 (vhostmem's log, the event log, the atomicity history) of a request that succeeded quietly waits
-until the front-end goes quiet, at most 64 requests (:meth:`Backend.flush`), so QEMU's round
-trip pays only for the mapping and the ack; failures, notes and injected faults are recorded at
-once, in order, and the control socket books everything before it answers.
+until the front-end has paused (``book_after``; the wait goes through trio, so nothing else
+waits), at most 64 requests (:meth:`Backend.flush`), so QEMU's round trip pays only for the
+mapping and the ack; failures, notes and injected faults are recorded at once, in order, and the
+control socket books everything before it answers.
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ class ServerConfig:
         tap: bridge queue pair 0 to this TAP device (``--tap``); ``None``: no traffic.
         linger: seconds a connection's read waits in the kernel for the next request before
             handing back to trio (``--linger-ms``; see :class:`~vhostmem.transport.FdStream`).
+            0 (the default): reads never block, so one quiet front-end never holds up the
+            others, the control socket or the data path.
+        book_after: seconds a front-end must stay silent before the requests acked since it
+            last paused are booked (log, event log, history); the wait goes through trio, so
+            other tasks run meanwhile. A request that arrives sooner is served first.
     """
 
     sockets: tuple[str, ...] = ()
@@ -102,7 +108,8 @@ class ServerConfig:
     merge: bool = True
     batch_gap: float = 0.020
     tap: TapConfig | None = None
-    linger: float = 0.001
+    linger: float = 0.0
+    book_after: float = 0.001
 
 
 @final
@@ -396,8 +403,14 @@ class Backend:
         while True:
             got = stream.try_receive(session.bytes_wanted)
             if got is None:
-                # The front-end is quiet: now the bookkeeping its requests did not wait for.
                 if conn.pending:
+                    # Book only once the front-end has paused: in a burst (QEMU plugging
+                    # memslot after memslot) its next request is already on its way, and
+                    # booking now would make it wait. A lingering read has paused already.
+                    if not self.config.linger:
+                        with trio.move_on_after(self.config.book_after):
+                            await stream.wait_readable()
+                            continue
                     self.flush(conn)
                 await stream.wait_readable()
                 continue

@@ -53,11 +53,12 @@ class FdStream:
         sock: a connected ``AF_UNIX``/``SOCK_STREAM`` socket; the stream owns it.
         linger: seconds a read may wait in the kernel for the front-end's next message before
             it gives up with "nothing yet" (``SO_RCVTIMEO``, rounded up to the kernel tick);
-            0 makes every read non-blocking. QEMU sends memory updates as a ping-pong (a
-            request, our ack, the next request); waiting in the kernel for the next one costs
-            one syscall where a trip through trio costs more (tools/bench --floor against
-            --floor --vhostmem-arg=--linger-ms=0: 9-10 us per round trip). While a read
-            lingers, the process's other tasks wait too.
+            0 (vhostmem's default) makes every read non-blocking. QEMU sends memory updates as
+            a ping-pong (a request, our ack, the next request); waiting in the kernel for the
+            next one costs one syscall where a trip through trio costs more (tools/bench
+            --floor against --floor --vhostmem-arg=--linger-ms=0: 9-10 us per round trip). While
+            a read lingers, the process's other tasks wait too: another front-end's request
+            waits for the kernel tick (about 8 ms in tools/bench's "2nd front-end" row).
     """
 
     def __init__(self, sock: socket.socket, linger: float = 0.0) -> None:

@@ -628,6 +628,7 @@ CAPTURE_CONFIG = textwrap.dedent(
         print(json.dumps({"send_timeout": config.send_timeout,
                           "batch_gap": config.batch_gap,
                           "linger": config.linger,
+                          "book_after": config.book_after,
                           "allow_uids": list(config.allow_uids),
                           "socket_mode": config.socket_mode}))
 
@@ -666,10 +667,15 @@ def test_cli_send_timeout_linger_and_batch_gap_reach_the_server_config(tmp_path:
     assert config["send_timeout"] == 3.0
     assert config["linger"] == 0.005  # milliseconds on the command line, seconds in the config
     assert config["batch_gap"] == 0.007
-    # and the defaults: 1 ms linger, 20 ms batch gap, as ServerConfig's own
+    # and the defaults, as ServerConfig's own: no linger (a read that waits in the kernel holds
+    # up every other front-end), booking after 1 ms of silence, 20 ms batch gap
     default = cli_config("--socket", sock)
-    assert (default["linger"], default["batch_gap"]) == (0.001, 0.020)
-    assert (ServerConfig().linger, ServerConfig().batch_gap) == (0.001, 0.020)
+    assert (default["linger"], default["book_after"], default["batch_gap"]) == (0.0, 0.001, 0.020)
+    assert (ServerConfig().linger, ServerConfig().book_after, ServerConfig().batch_gap) == (
+        0.0,
+        0.001,
+        0.020,
+    )
     assert not os.path.exists(sock)
 
 
@@ -1027,7 +1033,8 @@ def test_allow_uid_is_repeatable_on_the_command_line(tmp_path: Path) -> None:
     assert cli_config("--socket", sock) == {
         "send_timeout": 10.0,
         "batch_gap": 0.020,
-        "linger": 0.001,
+        "linger": 0.0,
+        "book_after": 0.001,
         "allow_uids": [],
         "socket_mode": 0o600,
     }

@@ -319,6 +319,48 @@ async def test_booking_happens_when_the_front_end_goes_quiet() -> None:
     backend.cleanup()
 
 
+async def test_without_a_linger_booking_waits_for_a_pause_and_nobody_else_waits() -> None:
+    # The default: reads never block. Acked requests are booked only after the front-end has
+    # been silent for book_after (0.25 s here, to see it), and that wait goes through trio:
+    # a second front-end is answered at once meanwhile.
+    backend = Backend(ServerConfig(book_after=0.25))
+    assert backend.config.linger == 0.0
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            first = await start_pair(backend, nursery, "a")
+            second = await start_pair(backend, nursery, "b")
+            await in_thread(first.handshake)
+            await in_thread(second.handshake)
+            conn = next(c for c in backend.connections() if c.socket_name == "a")
+            memfd = make_memfd(8 * MiB)
+
+            def burst_then_other_front_end() -> float:
+                for i in range(2):
+                    assert first.add_region(i * 4 * MiB, 4 * MiB, 0x10000000 + i * 4 * MiB,
+                                            i * 4 * MiB, memfd) == 0
+                acked_but_not_booked(backend, conn, 2)
+                start = time.monotonic()
+                assert second.call(Request.GET_FEATURES) is not None
+                took = time.monotonic() - start
+                acked_but_not_booked(backend, conn, 2, seconds=0.0)  # still inside the 0.25 s
+                return took
+
+            start = trio.current_time()
+            took = await in_thread(burst_then_other_front_end)
+            assert took < 0.2, f"the second front-end waited {took:.3f} s"
+            while any(h for h, _, _ in conn.pending):
+                await trio.sleep(0.005)
+            assert trio.current_time() - start >= 0.25  # booked after the pause, not before
+            booked = [e for e in backend.events if e.get("request") == "ADD_MEM_REG"]
+            assert [e["region"]["gpa"] for e in booked] == [0, 4 * MiB]
+            os.close(memfd)
+            first.close()
+            second.close()
+            while backend.connections():
+                await trio.sleep(0.01)
+    backend.cleanup()
+
+
 @pytest.mark.parametrize("linger", [0.0, 0.001, 0.25])
 async def test_control_socket_answers_while_a_front_end_lingers(
     linger: float, tmp_path: Path
