@@ -698,40 +698,45 @@ class Mapping:
         self._verify_unmapped()
 
     def _verify_unmapped(self) -> None:
-        # mmap.close() ignores munmap's result (CPython 3.11 mmapmodule.c), and munmap of a
-        # hugetlb VMA with a length that is not a multiple of the huge page size fails with
-        # EINVAL, leaving the mapping in place silently. We never pass such a length, but we
-        # verify instead of trusting it. Other mappings are unmapped whole, so munmap has no
-        # VMA to split and nothing to refuse (munmap(2)): they skip the check, which would
-        # cost every REM_MEM_REG a syscall.
+        # mmap.close() ignores munmap's result (CPython 3.11 mmapmodule.c), and munmap can fail:
+        # EINVAL for a hugetlb VMA and a length that is not a multiple of the huge page size (we
+        # never pass one), ENOMEM when the unmap splits a VMA and the process is at
+        # vm.max_map_count. Splits are common: the kernel merges adjacent mappings of one file
+        # with contiguous offsets into one VMA, so one region's unmap may cut a VMA in two. So
+        # we verify every unmap instead of trusting it:
         # 1. mincore on the first page fails with ENOMEM once nothing is mapped there: done,
         #    one syscall, no parsing.
         # 2. If something is mapped there, it may be ours (munmap failed) or a new mapping some
-        #    other thread got at the freed address. /proc/self/maps tells which: same start,
-        #    same inode as our backing means ours. Only then do we munmap it ourselves through
-        #    ctypes with a huge-page-aligned length. An unconditional ctypes munmap after
-        #    mmap.close() would be wrong: it could tear down someone else's new mapping.
-        if not self.backing.hugetlb:
-            return
+        #    other thread got at the freed address. /proc/self/maps tells which: a VMA of our
+        #    backing's inode covering our first page is ours (it starts lower when it was merged
+        #    with a neighbour). Only then do we munmap our range ourselves through ctypes, with
+        #    a page-aligned length. An unconditional ctypes munmap after mmap.close() would be
+        #    wrong: it could tear down someone else's new mapping.
         try:
             _mincore(self.map_base, _PAGESIZE)
         except OSError:
             return
         vma = _vma_at(self.map_base)
-        if vma is None or vma[0] != self.map_base or vma[2] != self.backing.st_ino:
+        if vma is None or vma[2] != self.backing.st_ino:
             return
         span = _align_up(self.length, self.backing.page_size)
+        end = self.map_base + span
         if _libc.munmap(self.map_base, span) == 0:
-            self.warnings += (f"mmap.close() left {self.map_base:#x}-{vma[1]:#x} mapped "
+            self.warnings += (f"mmap.close() left {self.map_base:#x}-{end:#x} mapped "
                               f"(munmap failed silently); unmapped {span:#x} bytes with munmap",)
             return
         err = ctypes.get_errno()
+        cause = "Fix: report this as a vhostmem bug with these numbers."
+        if err == errno_mod.ENOMEM:
+            cause = (f"The unmap splits a mapping and this process has {process_map_count()} "
+                     f"mappings of vm.max_map_count {max_map_count()}. Fix: raise "
+                     f"vm.max_map_count (sysctl) or map fewer regions.")
         raise MappingError(
             f"munmap failed for {_region_text(self.request, self.gpa, self.size, self.mmap_offset)}"
-            f": backing {self.backing.describe()}; map {self.map_base:#x}-{vma[1]:#x} is still "
-            f"there after mmap.close(); munmap({self.map_base:#x}, {span:#x}) -> "
+            f": backing {self.backing.describe()}; {self.map_base:#x}-{end:#x} is still mapped "
+            f"after mmap.close(); munmap({self.map_base:#x}, {span:#x}) -> "
             f"{errno_mod.errorcode.get(err, '?')} ({os.strerror(err)}). The mapping leaks until "
-            f"the process exits. Fix: report this as a vhostmem bug with these numbers.",
+            f"the process exits. {cause}",
             errno=err, kind="munmap-failed", details=self._details(),
         )
 

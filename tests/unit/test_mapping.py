@@ -278,6 +278,33 @@ def test_close_catches_a_munmap_that_mmap_close_ignored(mapper: Mapper) -> None:
     assert any("munmap failed silently" in w for w in m.warnings)
 
 
+def test_close_catches_a_munmap_left_inside_a_merged_mapping(mapper: Mapper) -> None:
+    # The kernel merges adjacent mappings of one file with contiguous offsets into one VMA, so
+    # a regular memfd region's unmap can split a VMA, and a split can fail (ENOMEM at
+    # vm.max_map_count) while mmap.close() says nothing. Build such a leftover by hand: the
+    # region is the upper half of one 16 KiB VMA, and its own mm is a decoy that close()
+    # unmaps instead. close() must notice the region still mapped and unmap just that half.
+    fd = memfd(16384)
+    whole = mmap.mmap(fd, 16384, flags=mmap.MAP_SHARED)
+    anchor = ctypes.c_char.from_buffer(whole)
+    low = ctypes.addressof(anchor)
+    del anchor
+    decoy_fd = memfd(4096)
+    decoy = mmap.mmap(decoy_fd, 4096, flags=mmap.MAP_SHARED)
+    os.close(decoy_fd)
+    base = low + 8192
+    m = Mapping(mapper=mapper, mm=decoy, map_base=base, kept_fd=None, request="REM_MEM_REG",
+                gpa=0x8000, size=8192, mmap_offset=8192, fd_offset=8192, length=8192,
+                backing=probe_backing(fd), warnings=())
+    assert len(maps_overlapping(low, low + 16384)) == 1  # one VMA covers both halves
+    m.close()
+    assert maps_overlapping(base, base + 8192) == []
+    assert any("munmap failed silently" in w for w in m.warnings)
+    assert len(maps_overlapping(low, base)) == 1  # the neighbour half is left alone
+    whole.close()
+    os.close(fd)
+
+
 # --- refusals ------------------------------------------------------------------------------------
 
 Case = Callable[[Path, list[int]], tuple[int, dict[str, Any], str]]
