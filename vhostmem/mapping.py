@@ -39,7 +39,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Any, Final, Literal, final
+from typing import Any, Final, Literal, NoReturn, final
 
 from vhostmem.errors import MappingError
 from vhostmem.regions import describe, human_size
@@ -690,8 +690,8 @@ class Mapping:
                 errno=errno_mod.EBUSY, kind="views-in-use", details=self._details(),
             ) from err
         self._mm = None
+        self._mapper._forget(self)  # while fds_held still counts what it held
         self._closed = True
-        self._mapper._forget(self)
         if self._kept_fd is not None:
             _close_quietly(self._kept_fd)
             self._kept_fd = None
@@ -935,9 +935,9 @@ class Mapper:
 
         # -- layout (libvhost-user _vu_add_mem_reg) --
         page = backing.page_size
-        fd_offset = mmap_offset - mmap_offset % page
+        fd_offset = _align_down(mmap_offset, page)
         remainder = mmap_offset - fd_offset
-        length = -(-(remainder + size) // page) * page
+        length = _align_up(remainder + size, page)
         if self.max_mapped is not None and self._mapped_bytes + length > self.max_mapped:
             stats = self.stats
             raise fail("max-mapped",
@@ -1001,10 +1001,9 @@ class Mapper:
         except BaseException:
             mm.close()
             raise
-        held = 2 if hugetlb else 1
         self._live[id(mapping)] = mapping
         self._mapped_bytes += length
-        self._fds_held += held
+        self._fds_held += mapping.fds_held
         if not hugetlb:
             _close_quietly(fd)  # libvhost-user closes the fd right after mmap
         return mapping
@@ -1055,7 +1054,8 @@ class Mapper:
     @staticmethod
     def _refuse_numbers(
         diag: _Diagnosis, backing: Backing, gpa: int, size: int, mmap_offset: int
-    ) -> None:
+    ) -> NoReturn:
+        """Word why ``_map``'s one-line numbers check refused; called only when it did."""
         fail = diag.fail
         for name, value in (("gpa", gpa), ("size", size), ("mmap_offset", mmap_offset)):
             if not 0 <= value < _U64:
@@ -1084,6 +1084,8 @@ class Mapper:
                        "make the memory backend at least mmap_offset + size bytes (size=), and "
                        "check nothing truncated the file",
                        st_size=backing.st_size, end=end)
+        raise AssertionError(f"_map refused numbers that _refuse_numbers accepts: gpa "
+                             f"{gpa:#x} size {size:#x} mmap_offset {mmap_offset:#x}")
 
     def _diagnose(
         self,
@@ -1159,7 +1161,7 @@ class Mapper:
     def _forget(self, mapping: Mapping) -> None:
         if self._live.pop(id(mapping), None) is not None:
             self._mapped_bytes -= mapping.length
-            self._fds_held -= 2 if mapping.backing.hugetlb else 1
+            self._fds_held -= mapping.fds_held
 
     def _proc_mem_fd(self) -> int:
         # One /proc/self/mem fd per Mapper, opened on first peek. It stays bound to this
