@@ -398,11 +398,11 @@ class Backend:
 
     async def _loop(self, conn: Connection, stream: FdStream) -> None:
         session = conn.session
-        quiet = NEED_DATA
-        unyielded = 0
+        unyielded = 0  # messages handled since the task last let others run
         while True:
             got = stream.try_receive(session.bytes_wanted)
             if got is None:
+                unyielded = 0  # waiting below lets the other tasks run
                 if conn.pending:
                     # Book only once the front-end has paused: in a burst (QEMU plugging
                     # memslot after memslot) its next request is already on its way, and
@@ -426,34 +426,35 @@ class Backend:
                 return
             arrived = time.monotonic()  # the batch gap runs from our last reply to this
             session.receive_data(data, fds)
+            # We read no more than bytes_wanted, so a read completes at most one message.
             handled = session.next_event()
-            while handled is not quiet:
-                assert isinstance(handled, Handled)
-                if conn.datapath is not None:
-                    conn.datapath.sync(handled)  # before any await: rings follow the request
-                quiet_success = handled.ok and not handled.notes and not handled.injected
-                if not quiet_success:
-                    if handled.disconnect:
-                        self._book_now(conn, handled, arrived)
-                        raise InjectedDisconnect(handled.error or "injected disconnect")
-                    if handled.delay:
-                        await trio.sleep(handled.delay)
-                reply = handled.reply
-                if reply:
-                    sent = stream.send_now(reply)  # no coroutine on the path QEMU waits on
-                    if sent < len(reply):
-                        await self._send_rest(conn, stream, handled, reply[sent:], arrived)
-                    self.counters["replies"] += 1
-                if quiet_success:
-                    # The common case: acked now, booked later (when the front-end goes quiet
-                    # or every _FLUSH_EVERY requests), so the event log and the atomicity
-                    # history never cost the front-end's round trip.
-                    conn.pending.append((handled, arrived, time.monotonic()))
-                    if len(conn.pending) >= _FLUSH_EVERY:
-                        self.flush(conn)
-                else:
+            if handled is NEED_DATA:
+                continue
+            assert isinstance(handled, Handled)
+            if conn.datapath is not None:
+                conn.datapath.sync(handled)  # before any await: rings follow the request
+            quiet_success = handled.ok and not handled.notes and not handled.injected
+            if not quiet_success:
+                if handled.disconnect:
                     self._book_now(conn, handled, arrived)
-                handled = session.next_event() if session.buffered else quiet
+                    raise InjectedDisconnect(handled.error or "injected disconnect")
+                if handled.delay:
+                    await trio.sleep(handled.delay)
+            reply = handled.reply
+            if reply:
+                sent = stream.send_now(reply)  # no coroutine on the path QEMU waits on
+                if sent < len(reply):
+                    await self._send_rest(conn, stream, handled, reply[sent:], arrived)
+                self.counters["replies"] += 1
+            if quiet_success:
+                # The common case: acked now, booked later (when the front-end pauses or every
+                # _FLUSH_EVERY requests), so the event log and the atomicity history never
+                # cost the front-end's round trip.
+                conn.pending.append((handled, arrived, time.monotonic()))
+                if len(conn.pending) >= _FLUSH_EVERY:
+                    self.flush(conn)
+            else:
+                self._book_now(conn, handled, arrived)
             unyielded += 1
             if unyielded >= _YIELD_EVERY:
                 # A front-end that never pauses must not keep the other tasks (control socket,
