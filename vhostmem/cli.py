@@ -232,9 +232,10 @@ Then, in another terminal:
         metavar="MS",
         help="after each message, wait up to MS in the kernel for the front-end's next one "
         "before handing the connection back to the event loop (default 0: never; the kernel "
-        "rounds up to its tick, 4 ms at HZ=250). Saves a trip through the event loop per "
-        "request for a single front-end, but while a read waits every other socket, the "
-        "control socket and --tap traffic wait too (tools/bench row '2nd front-end')",
+        "waits in whole ticks and one more: 1 ms waited 8 ms at HZ=250). Saves a trip "
+        "through the event loop per request for a single front-end, but while a read waits "
+        "every other socket, the control socket and --tap traffic wait too (tools/bench row "
+        "'GET_FEATURES, 2nd front-end')",
     )
     out = parser.add_argument_group("what to record")
     out.add_argument(

@@ -52,12 +52,12 @@ class FdStream:
     Args:
         sock: a connected ``AF_UNIX``/``SOCK_STREAM`` socket; the stream owns it.
         linger: seconds a read may wait in the kernel for the front-end's next message before
-            it gives up with "nothing yet" (``SO_RCVTIMEO``, rounded up to the kernel tick);
-            0 (vhostmem's default) makes every read non-blocking. QEMU sends memory updates as
-            a ping-pong (a request, our ack, the next request); waiting in the kernel for the
-            next one costs one syscall where a trip through trio costs more (tools/bench
-            --floor against --floor --vhostmem-arg=--linger-ms=0: 9-10 us per round trip). While
-            a read lingers, the process's other tasks wait too: another front-end's request
+            it gives up with "nothing yet" (``SO_RCVTIMEO``, in whole kernel ticks plus one:
+            1 ms and 4 ms both waited 8 ms at HZ=250); 0 (vhostmem's default) makes every
+            read non-blocking. QEMU sends memory updates as a ping-pong (a request, our ack,
+            the next request); waiting in the kernel for the next one costs one syscall where
+            a trip through trio costs more (tools/bench --floor against --floor
+            --vhostmem-arg=--linger-ms=0: 9-10 us per round trip). While a read lingers, the process's other tasks wait too: another front-end's request
             waits until that read times out (7979 us with --linger-ms=1 in tools/bench's
             "GET_FEATURES, 2nd front-end" row).
     """
