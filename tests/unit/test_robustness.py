@@ -24,9 +24,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,60 +52,22 @@ from vhostmem.sockets import SocketError, bind_unix_socket
 from vhostmem.testing.backend import start_backend
 from vhostmem.testing.frontend import QEMU_PROTOCOL_FEATURES, FakeFrontend, make_memfd
 
-from .helpers import baseline, in_thread, live_fds, no_leaks, shared_maps, wait_until
+from .helpers import (
+    Wire,
+    baseline,
+    in_thread,
+    live_fds,
+    no_leaks,
+    shared_maps,
+    wait_until,
+    wired,
+)
 
 MiB = 1 << 20
 GiB = 1 << 30
 U64 = 1 << 64
 REPO = Path(__file__).resolve().parents[2]
 UADDR = 0x7F00_0000_0000
-
-
-# -- a back-end with two QEMU-like connections over socketpairs ---------------------------------
-
-
-@dataclass
-class Wire:
-    backend: Backend
-    a: FakeFrontend
-    b: FakeFrontend
-
-    @property
-    def conn_a(self) -> Any:
-        conn = self.backend.sockets.get("a")
-        assert conn is not None, "connection a was closed"
-        return conn
-
-    def table(self) -> list[tuple[int, int, int, int]]:
-        return [(r.gpa, r.size, r.uaddr, r.mmap_offset) for r in self.conn_a.session.table]
-
-
-async def start_pair(backend: Backend, nursery: trio.Nursery, name: str) -> FakeFrontend:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    nursery.start_soon(backend.serve_connection, ours, name)
-    return FakeFrontend(theirs, timeout=10)
-
-
-@asynccontextmanager
-async def wired(session: SessionConfig | None = None, **config: Any) -> AsyncIterator[Wire]:
-    """Connections "a" and "b", both after QEMU's handshake (REPLY_ACK, CONFIGURE_MEM_SLOTS)."""
-    backend = Backend(ServerConfig(session=session or SessionConfig(), **config))
-    try:
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                a = await start_pair(backend, nursery, "a")
-                b = await start_pair(backend, nursery, "b")
-                await in_thread(a.handshake)
-                await in_thread(b.handshake)
-                assert a.reply_ack and b.reply_ack
-                yield Wire(backend, a, b)
-                a.close()
-                b.close()
-                await wait_until(lambda: not backend.connections(), "both connections to end")
-                nursery.cancel_scope.cancel()
-    finally:
-        backend.cleanup()
-    assert backend.mapper.stats.maps == 0
 
 
 def memfds(n: int, size: int = 16 * MiB) -> list[int]:
