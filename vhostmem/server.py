@@ -205,6 +205,15 @@ class Backend:
     # -- events ----------------------------------------------------------------------------
 
     def record(self, doc: dict[str, Any]) -> None:
+        """Book an event now (connect, disconnect, a refusal, a ring error).
+
+        Every connection's acknowledged requests are booked first: they happened earlier, and
+        the events stay in time order across connections.
+        """
+        self.flush_all()
+        self._keep(doc)
+
+    def _keep(self, doc: dict[str, Any]) -> None:
         """Keep an event for ``vhostmem-ctl events`` and append it to the event log.
 
         An event log that cannot be written (a full disk) costs no connection: the failure is
@@ -304,7 +313,7 @@ class Backend:
             # Non-memory requests are logged only when they fail or need a note; they keep the
             # "request" key so a reader can grep them, but live beside the memory lines.
             doc["kind"] = "request"
-        self.record(doc)
+        self._keep(doc)
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -478,8 +487,8 @@ class Backend:
             self.flush(conn)
 
     def _book_now(self, conn: Connection, handled: Handled, arrived: float) -> None:
-        """Book ``handled`` at once, after whatever the connection left for later (in order)."""
-        self.flush(conn)
+        """Book ``handled`` at once, after what every connection left for later (in order)."""
+        self.flush_all()
         self._record_handled(conn, handled, arrived, time.monotonic())
 
     async def _send_rest(

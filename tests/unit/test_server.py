@@ -318,6 +318,30 @@ async def test_booking_happens_when_the_front_end_goes_quiet() -> None:
     backend.cleanup()
 
 
+async def test_events_stay_in_time_order_across_connections() -> None:
+    # a's quiet success waits for its booking; b's failure is booked at once. Everything
+    # acknowledged before the failure, on every connection, is booked before it.
+    async with wired(book_after=1.0) as w:
+        memfd = make_memfd(16 * MiB)
+
+        def requests() -> None:
+            assert w.a.add_region(0, 4 * MiB, 0x10000000, 0, memfd) == 0
+            assert w.b.add_region(8 * MiB, 4 * MiB, 0x20000000, 8 * MiB, memfd) == 0
+            # the same GPA again: overlap, refused, booked now
+            assert w.b.add_region(8 * MiB, 4 * MiB, 0x30000000, 8 * MiB, memfd) != 0
+
+        await in_thread(requests)
+        events = [e for e in w.backend.events if e.get("request") == "ADD_MEM_REG"]
+        assert [(e["socket"], e["result"]) for e in events] == [
+            ("a", "ok"),
+            ("b", "ok"),
+            ("b", "error"),
+        ]
+        stamps = [e["ts"] for e in events]
+        assert stamps == sorted(stamps)
+        os.close(memfd)
+
+
 async def test_without_a_linger_booking_waits_for_a_pause_and_nobody_else_waits() -> None:
     # The default: reads never block. Acked requests are booked only after the front-end has
     # been silent for book_after (1 s here, to see it even on a busy machine), and that wait
