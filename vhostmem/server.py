@@ -482,9 +482,18 @@ class Backend:
             self._record_handled(conn, handled, arrived, replied)
 
     def flush_all(self) -> None:
-        """Book every connection's deferred requests (before the control socket answers)."""
+        """Book every connection's deferred requests, in the order they were replied to.
+
+        Runs before the control socket answers and before an event booked now.
+        """
+        merged: list[tuple[float, Connection, Handled, float]] = []
         for conn in self.connections():
-            self.flush(conn)
+            # Swap first, as flush does: recording may log, and nothing is booked twice.
+            pending, conn.pending = conn.pending, []
+            merged += [(replied, conn, handled, arrived) for handled, arrived, replied in pending]
+        merged.sort(key=lambda entry: entry[0])  # stable: one connection's stay in their order
+        for replied, conn, handled, arrived in merged:
+            self._record_handled(conn, handled, arrived, replied)
 
     def _book_now(self, conn: Connection, handled: Handled, arrived: float) -> None:
         """Book ``handled`` at once, after what every connection left for later (in order)."""
