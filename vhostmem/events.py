@@ -31,8 +31,9 @@ NEED_DATA = NeedData()
 
 
 # Not frozen: one of each is built per memory request on the path QEMU waits on, and a frozen
-# dataclass costs more per construction (object.__setattr__ per field: 0.7 us against 0.5 us
-# for four fields, 2.0 us against 0.5 us for eleven, timeit, Python 3.11).
+# dataclass costs more per construction (object.__setattr__ per field). Measured with timeit on
+# Python 3.11.7, as the session builds them: Handled (14 fields, 13 given) 0.26 us against
+# 1.8 us frozen, TableChange 0.15 us against 0.50 us, Region (8 fields) 0.23 us against 1.1 us.
 # Nothing mutates them after construction.
 
 
