@@ -19,6 +19,10 @@ from protocol.codec import (
 )
 from protocol.codes import (
     FDS_ALLOWED,
+    FLAG_NEED_REPLY,
+    FLAG_REPLY,
+    FLAG_VERSION,
+    FLAG_VERSION_MASK,
     HAS_OWN_REPLY,
     HEADER_SIZE,
     MAX_CONFIG_SIZE,
@@ -55,6 +59,10 @@ from protocol.model import (
 
 __all__ = [
     "FDS_ALLOWED",
+    "FLAG_NEED_REPLY",
+    "FLAG_REPLY",
+    "FLAG_VERSION",
+    "FLAG_VERSION_MASK",
     "HAS_OWN_REPLY",
     "HEADER_SIZE",
     "MAX_CONFIG_SIZE",

@@ -88,18 +88,10 @@ _CONFIG_HEAD_SIZE: Final = structs.CONFIG_HEADER_SIZE
 _SIZES: Final = structs.PAYLOAD_SIZES
 _STRUCTS: Final = structs.PAYLOAD_STRUCTS
 _VRING_FILE_MASK: Final = VRING_IDX_MASK | VRING_NOFD_MASK
-# Keyed by int so that unknown codes can be looked up too (a Request hashes as its value).
-_REQUEST_KIND: Final[dict[int, PayloadKind]] = {int(r): k for r, k in REQUEST_PAYLOAD.items()}
-_REPLY_KIND: Final[dict[int, PayloadKind]] = {int(r): k for r, k in REPLY_PAYLOAD.items()}
-
-
-_FD_BOUNDS: Final[dict[int, tuple[int, int]]] = {int(r): b for r, b in FDS_ALLOWED.items()}
+_RAW: Final = PayloadKind.RAW
 _NO_FDS: Final = (0, 0)
 
 _T = TypeVar("_T")
-
-
-_name = request_name
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,7 +129,10 @@ def fd_bounds(request: Request | int, payload: Payload | None) -> tuple[int, int
     if isinstance(payload, MemoryTable):
         n = len(payload.regions)
         return n, n
-    return _FD_BOUNDS.get(request, _NO_FDS)
+    # The Request-keyed tables take an unknown plain-int code as it is (a Request hashes and
+    # compares as its value): it misses. Looking a Request up in them is also faster than in an
+    # int-keyed copy, where the key is found by value instead of identity.
+    return FDS_ALLOWED.get(request, _NO_FDS)  # type: ignore[arg-type]
 
 
 def payload_kind(request: Request | int) -> PayloadKind:
@@ -146,12 +141,12 @@ def payload_kind(request: Request | int) -> PayloadKind:
     Unknown codes and requests vhostmem does not decode (IOTLB, crypto, shared objects) are
     ``PayloadKind.RAW``.
     """
-    return _REQUEST_KIND.get(request, PayloadKind.RAW)
+    return REQUEST_PAYLOAD.get(request, _RAW)  # type: ignore[arg-type]
 
 
 def reply_payload_kind(request: Request | int) -> PayloadKind:
     """Name the payload the back-end's reply to ``request`` carries (mostly the REPLY_ACK u64)."""
-    return _REPLY_KIND.get(request, PayloadKind.RAW)
+    return REPLY_PAYLOAD.get(request, _RAW)  # type: ignore[arg-type]
 
 
 def decode_payload(request: Request | int, payload: BytesLike) -> Payload:
@@ -192,7 +187,7 @@ def decode_message(data: BytesLike) -> tuple[Header, Payload]:
     header = decode_header(data[:HEADER_SIZE])
     if len(data) - HEADER_SIZE != header.size:
         raise DecodeError(
-            f"{_name(header.request)}: header says {header.size} payload bytes, "
+            f"{request_name(header.request)}: header says {header.size} payload bytes, "
             f"message has {len(data) - HEADER_SIZE}",
             raw=bytes(data),
         )
@@ -203,13 +198,13 @@ def _decode(request: Request | int, payload: BytesLike, kind: PayloadKind) -> Pa
     size = len(payload)
     if size > MAX_PAYLOAD_SIZE:
         raise DecodeError(
-            f"{_name(request)}: payload of {size} bytes exceeds {MAX_PAYLOAD_SIZE}",
+            f"{request_name(request)}: payload of {size} bytes exceeds {MAX_PAYLOAD_SIZE}",
             raw=bytes(payload),
         )
     expected = _SIZES.get(kind)
     if expected is not None and size != expected:
         raise DecodeError(
-            f"{_name(request)}: {kind} payload must be {expected} bytes, got {size}",
+            f"{request_name(request)}: {kind} payload must be {expected} bytes, got {size}",
             raw=bytes(payload),
         )
     try:
@@ -220,7 +215,7 @@ def _decode(request: Request | int, payload: BytesLike, kind: PayloadKind) -> Pa
         else:
             path = _failing_path(structs.PAYLOAD_DEFINITIONS[kind].parse, payload)
         raise DecodeError(
-            f"{_name(request)}: bad {kind} payload: {err}", raw=bytes(payload), path=path
+            f"{request_name(request)}: bad {kind} payload: {err}", raw=bytes(payload), path=path
         ) from err
 
 
@@ -254,14 +249,14 @@ def _decode_memory_table(request: Request | int, payload: BytesLike) -> MemoryTa
     body = size - _TABLE_HEAD_SIZE
     if body < 0 or body % _REGION_SIZE or size > _TABLE_MAX_SIZE:
         raise DecodeError(
-            f"{_name(request)}: memory table size must be {_TABLE_HEAD_SIZE} + "
+            f"{request_name(request)}: memory table size must be {_TABLE_HEAD_SIZE} + "
             f"{_REGION_SIZE} * n with n <= {MEMORY_BASELINE_NREGIONS}, got {size}",
             raw=bytes(payload),
         )
     nregions = _TABLE_HEAD_UNPACK_FROM(payload, 0)[0]
     if nregions != body // _REGION_SIZE:
         raise DecodeError(
-            f"{_name(request)}: nregions {nregions} disagrees with the {size}-byte payload "
+            f"{request_name(request)}: nregions {nregions} disagrees with the {size}-byte payload "
             f"({body // _REGION_SIZE} regions)",
             raw=bytes(payload),
         )
@@ -291,7 +286,7 @@ def _decode_vring_file(request: Request | int, payload: BytesLike) -> VringFile:
     value: int = _U64_UNPACK(payload)[0]
     if value & ~_VRING_FILE_MASK:
         raise DecodeError(
-            f"{_name(request)}: vring file u64 {value:#x} has bits outside index and NOFD",
+            f"{request_name(request)}: vring file u64 {value:#x} has bits outside index and NOFD",
             raw=bytes(payload),
         )
     return VringFile(value & VRING_IDX_MASK, bool(value & VRING_NOFD_MASK))
@@ -306,7 +301,7 @@ def _decode_config(request: Request | int, payload: BytesLike) -> Config:
     size = len(payload)
     if size < _CONFIG_HEAD_SIZE:
         raise DecodeError(
-            f"{_name(request)}: config payload must be at least {_CONFIG_HEAD_SIZE} bytes, "
+            f"{request_name(request)}: config payload must be at least {_CONFIG_HEAD_SIZE} bytes, "
             f"got {size}",
             raw=bytes(payload),
         )
@@ -314,7 +309,7 @@ def _decode_config(request: Request | int, payload: BytesLike) -> Config:
     region_size = p["size"]
     if region_size > MAX_CONFIG_SIZE or _CONFIG_HEAD_SIZE + region_size != size:
         raise DecodeError(
-            f"{_name(request)}: config size {region_size} must be <= {MAX_CONFIG_SIZE} and "
+            f"{request_name(request)}: config size {region_size} must be <= {MAX_CONFIG_SIZE} and "
             f"match the {size}-byte payload",
             raw=bytes(payload),
         )
@@ -450,7 +445,7 @@ def encode_request(
     if not isinstance(payload, bytes) and not (kind is PayloadKind.RAW and payload is None):
         got = _kind_of(payload)
         if got is not kind:
-            raise EncodeError(f"{_name(request)} carries a {kind} payload, not {got}")
+            raise EncodeError(f"{request_name(request)} carries a {kind} payload, not {got}")
     if flags is None:
         flags = HeaderFlags.VERSION | (HeaderFlags.NEED_REPLY if need_reply else 0)
     return _encode(request, flags, _encode_payload(payload))

@@ -12,6 +12,10 @@ from typing import Final
 
 __all__ = [
     "FDS_ALLOWED",
+    "FLAG_NEED_REPLY",
+    "FLAG_REPLY",
+    "FLAG_VERSION",
+    "FLAG_VERSION_MASK",
     "HAS_OWN_REPLY",
     "HEADER_SIZE",
     "MAX_CONFIG_SIZE",
@@ -157,6 +161,18 @@ class HeaderFlags(IntFlag):
     NEED_REPLY = 0x8
 
 
+# The HeaderFlags bits as plain ints, for the tests every message makes: IntFlag arithmetic
+# costs about 0.8 us per operation against 0.02 us for ints (timeit, Python 3.11.7).
+#: ``HeaderFlags.VERSION``: version 1.
+FLAG_VERSION: Final = int(HeaderFlags.VERSION)
+#: ``HeaderFlags.VERSION_MASK``: the version field, bits 0-1.
+FLAG_VERSION_MASK: Final = int(HeaderFlags.VERSION_MASK)
+#: ``HeaderFlags.REPLY``.
+FLAG_REPLY: Final = int(HeaderFlags.REPLY)
+#: ``HeaderFlags.NEED_REPLY``.
+FLAG_NEED_REPLY: Final = int(HeaderFlags.NEED_REPLY)
+
+
 class ProtocolFeature(IntFlag):
     """Protocol feature masks ``1 << bit`` (rst *Protocol features*); 10.0.2 has bits 0-19."""
 
@@ -256,16 +272,18 @@ VRING_NOFD_MASK: Final = 0x100
 #: fails with -EPROTO on anything else, NEED_REPLY echoed back included.
 REPLY_FLAGS: Final = HeaderFlags.VERSION | HeaderFlags.REPLY
 
-#: (min, max) SCM_RIGHTS fds each request may carry (rst, list of messages with fds; facts
-#: §1.3/§1.7). SET_MEM_TABLE must carry exactly ``nregions`` fds, which the session checks
-#: once the payload is decoded. REM_MEM_REG MAY carry one that must be closed unused (QEMU
-#: 5.1-7.0 sent it). The kick/call/err fd is absent when the NOFD bit is set. SET_LOG_BASE
-#: carries one only with LOG_SHMFD.
+
 def request_name(request: Request | int) -> str:
     """The protocol name of a request code, or ``UNKNOWN(n)`` for a code vhost-user lacks."""
     return request.name if isinstance(request, Request) else f"UNKNOWN({int(request)})"
 
 
+#: (min, max) SCM_RIGHTS fds each request may carry (rst, list of messages with fds; facts
+#: §1.3/§1.7). SET_MEM_TABLE must carry exactly ``nregions`` fds, which
+#: :func:`protocol.codec.fd_bounds` derives from the decoded payload. REM_MEM_REG MAY carry
+#: one that must be closed unused (QEMU 5.1-7.0 sent it). The kick/call/err fd is absent when
+#: the NOFD bit is set. SET_LOG_BASE carries one only with LOG_SHMFD. Keyed by ``Request``;
+#: looking up an unknown plain-int code simply misses (a Request hashes as its value).
 FDS_ALLOWED: Final[dict[Request, tuple[int, int]]] = {request: (0, 0) for request in Request} | {
     Request.ADD_MEM_REG: (1, 1),
     Request.SET_MEM_TABLE: (0, MEMORY_BASELINE_NREGIONS),

@@ -74,7 +74,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, final
 
-from protocol import Request
 from vhostmem.regions import Region, describe, human_size
 
 __all__ = [
@@ -93,9 +92,11 @@ __all__ = [
     "render_report",
 ]
 
-SET_MEM_TABLE: Final = Request.SET_MEM_TABLE.name
-ADD_MEM_REG: Final = Request.ADD_MEM_REG.name
-REM_MEM_REG: Final = Request.REM_MEM_REG.name
+# The request names as literals: importing protocol would pull construct into every reader of
+# a history (``vhostmem-ctl check``). tests/unit/test_atomicity.py holds them to Request.X.name.
+SET_MEM_TABLE: Final = "SET_MEM_TABLE"
+ADD_MEM_REG: Final = "ADD_MEM_REG"
+REM_MEM_REG: Final = "REM_MEM_REG"
 _TABLE_REQUESTS: Final = (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG)
 
 #: Seconds between our reply and the next request within which the request belongs to the batch.
@@ -730,7 +731,7 @@ class History:
             removed: regions taken out of the table (TableChange.removed).
             added: regions put in (TableChange.added).
             kept: regions a SET_MEM_TABLE left unchanged (TableChange.kept).
-            requested: the regions as the request named them (TableChange.requested).
+            requested: the regions as the request named them (Handled.requested).
             arrived: monotonic seconds when the request arrived.
             replied: monotonic seconds when we replied to it.
             batch_gap: ``T``: the longest gap from the previous reply to this arrival that still

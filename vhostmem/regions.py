@@ -130,11 +130,6 @@ class Region:
         return doc
 
 
-def _numbers_fit(gpa: int, size: int, uaddr: int, mmap_offset: int) -> bool:
-    """Not empty, and no address space wraps past 2**64 (what validate_numbers words)."""
-    return bool(size) and max(gpa, uaddr, mmap_offset) + size <= U64_LIMIT
-
-
 Identity = tuple[int, int, int, int, tuple[int, int] | None]
 
 
@@ -147,6 +142,8 @@ def identity(
 
 def validate_numbers(gpa: int, size: int, uaddr: int, mmap_offset: int) -> None:
     """Refuse regions that are empty or wrap past 2**64 in any of their three address spaces."""
+    if size and max(gpa, uaddr, mmap_offset) + size <= U64_LIMIT:
+        return  # the common case, in one test; the rest only words the refusal
     if size == 0:
         raise TableError(
             f"region {describe(gpa, size, uaddr, mmap_offset)} has size 0",
@@ -198,8 +195,7 @@ class RegionTable:
 
     def check_add(self, gpa: int, size: int, uaddr: int, mmap_offset: int) -> None:
         """Raise :class:`TableError` if a region with these numbers could not be added."""
-        if not _numbers_fit(gpa, size, uaddr, mmap_offset):
-            validate_numbers(gpa, size, uaddr, mmap_offset)
+        validate_numbers(gpa, size, uaddr, mmap_offset)
         used = len(self._by_gpa)
         if used >= self.max_slots:
             raise TableError(
@@ -243,8 +239,11 @@ class RegionTable:
     def _table_fits(self, entries: list[tuple[int, int, int, int]]) -> bool:
         if len(entries) > self.max_slots:
             return False
-        if not all(_numbers_fit(*entry) for entry in entries):
-            return False
+        try:
+            for entry in entries:
+                validate_numbers(*entry)
+        except TableError:
+            return False  # check_table lets the scratch table say it, in entry order
         for index in (0, 2):  # gpa, then uaddr: sorted neighbours must not overlap
             ordered = sorted(entries, key=lambda e: e[index])
             for before, after in pairwise(ordered):
@@ -252,16 +251,14 @@ class RegionTable:
                     return False
         return True
 
-    def replace(self, regions: Iterable[Region]) -> tuple[Region, ...]:
-        """Make ``regions`` the whole table (checked by :meth:`check_table`); returns the old."""
-        gone = self.clear()
+    def replace(self, regions: Iterable[Region]) -> None:
+        """Make ``regions`` the whole table (checked by :meth:`check_table`)."""
         by_gpa = sorted(regions, key=lambda r: r.gpa)
         self._by_gpa[:] = by_gpa
         self._gpa_starts[:] = [r.gpa for r in by_gpa]
         by_uaddr = sorted(by_gpa, key=lambda r: r.uaddr)
         self._by_uaddr[:] = by_uaddr
         self._uaddr_starts[:] = [r.uaddr for r in by_uaddr]
-        return gone
 
     @staticmethod
     def _overlap(

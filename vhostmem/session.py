@@ -45,12 +45,15 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol, final
 
 from protocol import (
+    FLAG_NEED_REPLY,
+    FLAG_REPLY,
+    FLAG_VERSION,
+    FLAG_VERSION_MASK,
     HAS_OWN_REPLY,
     HEADER_SIZE,
     MAX_PAYLOAD_SIZE,
     DecodeError,
     Header,
-    HeaderFlags,
     MemoryRegion,
     MemoryTable,
     MemRegMsg,
@@ -147,28 +150,19 @@ TRANSITIONS: dict[SessionState, dict[Request, SessionState]] = {
     },
 }
 
-#: TRANSITIONS keyed by plain request code, for the lookup every request makes.
-_ALLOWED: dict[SessionState, dict[int, SessionState]] = {
-    state: {int(r): after for r, after in table.items()} for state, table in TRANSITIONS.items()
-}
-
 #: Requests that map memory: the only ones an injected errno can fail in the mapping step.
 _MAPPING_REQUESTS = frozenset({Request.SET_MEM_TABLE, Request.ADD_MEM_REG})
 
 # Plain-int copies of the feature bits tested per request (IntFlag arithmetic is slow).
 _REPLY_ACK = int(ProtocolFeature.REPLY_ACK)
 _CONFIGURE_MEM_SLOTS = int(ProtocolFeature.CONFIGURE_MEM_SLOTS)
-_FEATURE_BITS = {feature: int(feature) for feature in ProtocolFeature}
 
 _ENDED = frozenset({SessionState.ERROR, SessionState.CLOSED})
-# Header flags checked per request as plain ints: version (bits 0-1) must be 1, REPLY (bit 2)
-# must be clear; anything else goes to _check_header for the words.
-_HEADER_CHECK_MASK = int(HeaderFlags.VERSION_MASK | HeaderFlags.REPLY)
-_VERSION_1 = int(HeaderFlags.VERSION)
-_NEED_REPLY = int(HeaderFlags.NEED_REPLY)
+# Header flags checked per request: version (bits 0-1) must be 1, REPLY (bit 2) must be clear;
+# anything else goes to _check_header for the words.
+_HEADER_CHECK_MASK = FLAG_VERSION_MASK | FLAG_REPLY
 #: The success acks, encoded once.
-_ACKS: dict[int, bytes] = {int(r): encode_u64_reply(r, 0) for r in Request}
-
+_ACKS: dict[Request, bytes] = {r: encode_u64_reply(r, 0) for r in Request}
 
 
 @final
@@ -274,7 +268,7 @@ class Session:
         # The offer never changes; IntFlag arithmetic in SessionConfig.features is slow.
         self._features_reply = encode_u64_reply(Request.GET_FEATURES, config.features)
         #: TRANSITIONS of the current state, looked up once per state change, not per request.
-        self._allowed = _ALLOWED[self.state]
+        self._allowed = TRANSITIONS[self.state]
         self.table = RegionTable(config.max_slots)
         self.vrings = [Vring(i) for i in range(config.vrings)]
         self.acked_features = 0
@@ -345,13 +339,11 @@ class Session:
         have = len(buffer)
         if have < HEADER_SIZE:
             return NEED_DATA
-        header = self._header
-        if header is None:
-            header = self._header = decode_header(bytes(buffer[:HEADER_SIZE]))
+        header = self._header_in_hand()
         size = header.size
         if size > MAX_PAYLOAD_SIZE:
             self._fail_framing(
-                f"{_name(header.request)} header announces a {size}-byte payload; no "
+                f"{request_name(header.request)} header announces a {size}-byte payload; no "
                 f"request is larger than {MAX_PAYLOAD_SIZE} bytes, so the stream cannot be "
                 "trusted any more"
             )
@@ -392,26 +384,26 @@ class Session:
         fault: Fault | None = None
         try:
             try:
-                if header.flags & _HEADER_CHECK_MASK != _VERSION_1:
+                if header.flags & _HEADER_CHECK_MASK != FLAG_VERSION:
                     self._check_header(header)
                 payload = decode_payload(request, raw)
                 if self.faults:
-                    fault = self.faults.match(_name(request))
+                    fault = self.faults.match(request_name(request))
                     if fault is not None and (fault.disconnect or fault.ack is not None):
                         return self._injected(header, payload, fds, fault)
-                code: int = request  # a Request is its code; the tables below are keyed by int
-                next_state = self._allowed.get(code)
+                # An unknown plain-int code misses in the Request-keyed tables (see fd_bounds).
+                next_state = self._allowed.get(request)  # type: ignore[arg-type]
                 if next_state is None:
                     self._refuse_in_state(request)
                 low, high = fd_bounds(request, payload)
                 if not low <= nfds <= high:
                     self._refuse_fds(low, high, nfds, payload)
                 # looked up outside the handler's own errors (trio-websocket's KeyError pitfall)
-                handler = _HANDLER_BY_CODE.get(code)
+                handler = _HANDLERS.get(request)  # type: ignore[arg-type]
                 if handler is None:
                     raise LocalProtocolError(
-                        f"{_name(request)} is not implemented by vhostmem (no feature that would "
-                        "allow it was offered)"
+                        f"{request_name(request)} is not implemented by vhostmem (no feature that "
+                        "would allow it was offered)"
                     )
                 if fault is not None:
                     self._fail_errno = fault.errno
@@ -430,26 +422,28 @@ class Session:
         if next_state is not self.state:
             self._set_state(next_state)
         reply, change, notes = result
-        if not reply and header.flags & _NEED_REPLY and self.negotiated_reply_ack:
-            reply = _ACKS[code]  # only known requests with a handler get here
-        if fault is None:
-            return Handled(request, header, payload, reply, True, None, None, change, notes, nfds)
+        if not reply and header.flags & FLAG_NEED_REPLY and self.negotiated_reply_ack:
+            reply = _ACKS[request]  # type: ignore[index]  # only known requests get here
+        # Positional: keywords cost more per call, and every request builds one.
         return Handled(
-            request=request,
-            header=header,
-            payload=payload,
-            reply=reply,
-            ok=True,
-            change=change,
-            notes=notes,
-            nfds=nfds,
-            injected=fault.spec,
-            delay=fault.delay,
+            request,
+            header,
+            payload,
+            reply,
+            True,
+            None,
+            None,
+            change,
+            notes,
+            nfds,
+            None,
+            None if fault is None else fault.spec,
+            0.0 if fault is None else fault.delay,
         )
 
     def _set_state(self, state: SessionState) -> None:
         self.state = state
-        self._allowed = _ALLOWED.get(state, {})
+        self._allowed = TRANSITIONS.get(state, {})
 
     def _injected(
         self, header: Header, payload: Payload | None, fds: list[int], fault: Fault
@@ -465,7 +459,7 @@ class Session:
                 payload=payload,
                 reply=b"",
                 ok=False,
-                error=f"{_name(header.request)}: injected disconnect ({fault.spec})",
+                error=f"{request_name(header.request)}: injected disconnect ({fault.spec})",
                 error_kind="injected",
                 nfds=nfds,
                 injected=fault.spec,
@@ -505,7 +499,7 @@ class Session:
         text = str(err)
         if isinstance(err, StateError):
             text = f"{text} (state {err.state}; needs {err.required})"
-        name = _name(request)
+        name = request_name(request)
         if text.startswith(name):  # the mapping layer names the request itself
             text = text[len(name) :].lstrip(": ")
         return Handled(
@@ -616,13 +610,14 @@ class Session:
     def _get_status(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
         return encode_u64_reply(header.request, self.status), None, ()
 
-    def _require_protocol_feature(self, feature: ProtocolFeature, request: Request) -> None:
-        if not self.acked_protocol_features & _FEATURE_BITS[feature]:
-            raise StateError(
-                f"{request.name} needs protocol feature {feature.name}, which was not negotiated",
-                self.state.value,
-                f"{feature.name} in SET_PROTOCOL_FEATURES",
-            )
+    def _refuse_protocol_feature(self, feature: ProtocolFeature, request: Request) -> NoReturn:
+        """Say that ``request`` needs ``feature``; the caller made the bit test (inline, since
+        ADD/REM_MEM_REG are the hot path and a method call per request costs more)."""
+        raise StateError(
+            f"{request.name} needs protocol feature {feature.name}, which was not negotiated",
+            self.state.value,
+            f"{feature.name} in SET_PROTOCOL_FEATURES",
+        )
 
     # -- memory table -------------------------------------------------------------------------
 
@@ -653,9 +648,7 @@ class Session:
 
     def _add_mem_reg(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
         if not self.acked_protocol_features & _CONFIGURE_MEM_SLOTS:
-            self._require_protocol_feature(
-                ProtocolFeature.CONFIGURE_MEM_SLOTS, Request.ADD_MEM_REG
-            )
+            self._refuse_protocol_feature(ProtocolFeature.CONFIGURE_MEM_SLOTS, Request.ADD_MEM_REG)
         assert isinstance(payload, MemRegMsg)
         wire = payload.region
         table = self.table
@@ -668,9 +661,7 @@ class Session:
 
     def _rem_mem_reg(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
         if not self.acked_protocol_features & _CONFIGURE_MEM_SLOTS:
-            self._require_protocol_feature(
-                ProtocolFeature.CONFIGURE_MEM_SLOTS, Request.REM_MEM_REG
-            )
+            self._refuse_protocol_feature(ProtocolFeature.CONFIGURE_MEM_SLOTS, Request.REM_MEM_REG)
         assert isinstance(payload, MemRegMsg)
         # vhost-user.rst: "If a file descriptor is passed, the back-end MUST close it without
         # using it otherwise." QEMU 5.1-7.0 sent one.
@@ -870,10 +861,7 @@ def _u64(payload: Payload) -> int:
     return payload
 
 
-_name = request_name
-
-
-_HANDLERS = {
+_HANDLERS: dict[Request, Callable[[Session, Header, Payload, list[int]], _Result]] = {
     Request.GET_FEATURES: Session._get_features,
     Request.SET_FEATURES: Session._set_features,
     Request.GET_PROTOCOL_FEATURES: Session._get_protocol_features,
@@ -896,8 +884,4 @@ _HANDLERS = {
     Request.SET_VRING_KICK: Session._set_vring_fd,
     Request.SET_VRING_CALL: Session._set_vring_fd,
     Request.SET_VRING_ERR: Session._set_vring_fd,
-}
-
-_HANDLER_BY_CODE: dict[int, Callable[[Session, Header, Payload, list[int]], _Result]] = {
-    int(request): handler for request, handler in _HANDLERS.items()
 }

@@ -418,9 +418,12 @@ class SplitQueue:
     def arm_kicks(self) -> None:
         """Ask the driver to kick for its next buffer (EVENT_IDX: ``avail_event``).
 
-        ``avail_event`` is the ``avail.idx`` last seen (libvhost-user
-        ``vu_queue_set_notification``): that is ``last_avail_idx`` when the ring is empty, and
-        past chains seen but not taken (too few RX buffers for a frame) when it is not.
+        ``avail_event`` is the ``avail.idx`` last seen, not re-read (Linux
+        ``drivers/vhost/vhost.c`` ``vhost_enable_notify`` publishes its cached ``vq->avail_idx``
+        and only then reads ``avail.idx`` again, as :meth:`empty_after_arming` does; libvhost-user
+        ``vu_queue_set_notification`` instead re-reads ``avail.idx`` and publishes that): it is
+        ``last_avail_idx`` when the ring is empty, and past chains seen but not taken (too few
+        RX buffers for a frame) when it is not.
         """
         if self.event_idx:
             self._write(
@@ -499,7 +502,8 @@ def tx_frame(
         PacketError: shorter than the header, or a frame longer than ``max_frame``.
         RingError: a buffer is in no region.
     """
-    total = chain.readable
+    readable = [b for b in chain.buffers if not b.writable and b.length]
+    total = sum(b.length for b in readable)
     if total < header_size:
         raise PacketError(
             f"{queue.name}: chain at head {chain.head} has {total} readable bytes, less than "
@@ -512,7 +516,6 @@ def tx_frame(
             f"frame, above the {max_frame}-byte limit",
             kind="too-long",
         )
-    readable = [b for b in chain.buffers if not b.writable and b.length]
     parts = [
         queue._read(b.gpa, b.length, f"buffer of chain {chain.head} (descriptor {i})")
         for i, b in enumerate(readable)

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocol import Request
 from vhostmem.atomicity import (
     ADD_MEM_REG,
     DEFAULT_BATCH_GAP,
@@ -359,6 +360,13 @@ def test_unknown_request_name() -> None:
         History().record(
             socket="s", conn=0, request="SET_VRING_ADDR", ok=True, arrived=0.0, replied=0.0
         )
+
+
+def test_request_names_are_the_protocol_names() -> None:
+    """atomicity spells the names as literals (it must not import protocol); they must agree."""
+    assert SET_MEM_TABLE == Request.SET_MEM_TABLE.name
+    assert ADD_MEM_REG == Request.ADD_MEM_REG.name
+    assert REM_MEM_REG == Request.REM_MEM_REG.name
 
 
 def test_report_and_text() -> None:

@@ -149,6 +149,25 @@ def test_fds_allowed() -> None:
     assert FDS_ALLOWED[Request.SET_VRING_ENABLE] == (0, 0)
 
 
+def test_fd_bounds_take_plain_codes() -> None:
+    """The Request-keyed tables answer a plain int code as its Request, and unknown ones miss."""
+    assert protocol.fd_bounds(37, None) == FDS_ALLOWED[Request.ADD_MEM_REG] == (1, 1)
+    assert protocol.fd_bounds(38, None) == (0, 1)
+    assert protocol.fd_bounds(99, None) == (0, 0)
+
+
+def test_plain_header_flags() -> None:
+    """The plain-int flag bits the per-message tests use agree with HeaderFlags."""
+    pairs = [
+        (protocol.FLAG_VERSION, HeaderFlags.VERSION),
+        (protocol.FLAG_VERSION_MASK, HeaderFlags.VERSION_MASK),
+        (protocol.FLAG_REPLY, HeaderFlags.REPLY),
+        (protocol.FLAG_NEED_REPLY, HeaderFlags.NEED_REPLY),
+    ]
+    for plain, flag in pairs:
+        assert type(plain) is int and plain == flag.value
+
+
 def test_has_own_reply() -> None:
     assert Request.GET_FEATURES in HAS_OWN_REPLY
     assert Request.GET_VRING_BASE in HAS_OWN_REPLY

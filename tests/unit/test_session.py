@@ -247,6 +247,15 @@ def test_unknown_request_with_and_without_need_reply() -> None:
     assert ev.ok
 
 
+def test_known_request_without_handler_is_refused_with_an_ack() -> None:
+    s, host = qemu_session()
+    [ev] = feed(s, host, encode_request(Request.SEND_RARP, 0, need_reply=True))
+    assert not ev.ok and u64(ev.reply) == 1 and "not implemented" in (ev.error or "")
+    assert (ev.error or "").startswith("SEND_RARP: ")
+    [ev] = feed(s, host, encode_request(Request.GET_FEATURES))
+    assert ev.ok
+
+
 def test_wrong_version_and_reply_flag_answered() -> None:
     s, host = qemu_session()
     [ev] = feed(s, host, encode_request(Request.SET_VRING_NUM, VringState(0, 8), flags=0x8 | 0x2))
