@@ -113,6 +113,18 @@ def _fstatfs_type(fd: int) -> int | None:
     return int(ctypes.c_ulong.from_buffer(buf, 0).value) & 0xFFFFFFFF
 
 
+# mincore's one-byte answer for a single page; only the trio thread unmaps, so one buffer does.
+_ONE_PAGE_VEC: Final = ctypes.create_string_buffer(1)
+
+
+def _page_mapped(address: int) -> bool:
+    """Whether the page at ``address`` is mapped: mincore fails with ENOMEM where nothing is.
+
+    One ctypes call and no exception, since every unmap asks it.
+    """
+    return bool(_libc.mincore(address, _PAGESIZE, _ONE_PAGE_VEC) == 0)
+
+
 def _mincore(address: int, length: int) -> bytes:
     """One byte per base page of ``[address, address + length)``; bit 0 set = resident.
 
@@ -712,9 +724,7 @@ class Mapping:
         #    with a neighbour). Only then do we munmap our range ourselves through ctypes, with
         #    a page-aligned length. An unconditional ctypes munmap after mmap.close() would be
         #    wrong: it could tear down someone else's new mapping.
-        try:
-            _mincore(self.map_base, _PAGESIZE)
-        except OSError:
+        if not _page_mapped(self.map_base):
             return
         vma = _vma_at(self.map_base)
         if vma is None or vma[2] != self.backing.st_ino:
