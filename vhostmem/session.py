@@ -778,15 +778,17 @@ class Session:
         )
         notes = self._ring_notes_after_change()
         if still:
-            notes += (f"an earlier SET_MEM_TABLE left mapped, and still: {_stuck_text(still)}",)
+            notes += (
+                f"still mapped after an earlier failed unmap: {_stuck_text(still, 'earlier')}",
+            )
         if stuck:
             # The new table is in force (every new region is mapped and translates), yet the
             # request did not do all it asks: memory the front-end dropped is still mapped here,
             # so its pages stay allocated. vhost-user.rst (REPLY_ACK): the back-end replies
             # "zero on success or non-zero on failure", so it is a failure ack. QEMU logs it
-            # ("vhost_set_mem_table failed", hw/virtio/vhost.c vhost_commit) and goes on with
-            # its new table, so the two sides stay in step; the error and the event say which
-            # regions stayed mapped and why.
+            # ("vhost_set_mem_table failed", hw/virtio/vhost.c vhost_commit; reference/
+            # vhost-user-facts.md 1.8) and goes on with its new table, so the two sides stay in
+            # step; the error and the event say which regions stayed mapped and why.
             raise _Incomplete(
                 MappingError(
                     f"the new table is in force, but {_stuck_text(stuck)}; the next "
