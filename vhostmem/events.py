@@ -43,7 +43,9 @@ class TableChange:
     """How one memory-table request changed the region table.
 
     Attributes:
-        removed: regions taken out (their mappings are already released).
+        removed: regions taken out (their mappings released, except those whose unmap failed:
+            :attr:`~vhostmem.regions.Region.unmap_failed` set, still in
+            :attr:`~vhostmem.regions.RegionTable.unreleased`).
         added: regions put in (mapped).
         kept: for SET_MEM_TABLE, regions that stayed mapped because they were unchanged.
     """

@@ -474,6 +474,7 @@ class Mapping:
         "_mapper",
         "_mm",
         "_prune_at",
+        "_still_mapped",
         "_views",
         "address",
         "backing",
@@ -510,6 +511,7 @@ class Mapping:
         self._views: list[memoryview] = []
         self._prune_at = 64
         self._closed = False
+        self._still_mapped = False  # the last close() found munmap refused: close() tries again
         self.request = request
         self.gpa = gpa
         self.size = size
@@ -680,9 +682,12 @@ class Mapping:
             MappingError: ``views-in-use`` when a view derived from one we handed out (a slice
                 of it) is still alive, so unmapping would leave it pointing at nothing; the
                 mapping stays open and close() can be called again. ``munmap-failed`` when the
-                kernel refused to unmap (the region is still mapped and is reported, not hidden).
+                kernel refused to unmap (the region is still mapped and is reported, not hidden);
+                calling close() again tries the munmap again.
         """
         if self._closed:
+            if self._still_mapped:
+                self._verify_unmapped()
             return
         mm = self._mm
         assert mm is not None
@@ -724,6 +729,7 @@ class Mapping:
         #    with a neighbour). Only then do we munmap our range ourselves through ctypes, with
         #    a page-aligned length. An unconditional ctypes munmap after mmap.close() would be
         #    wrong: it could tear down someone else's new mapping.
+        self._still_mapped = False
         if not _page_mapped(self.map_base):
             return
         vma = _vma_at(self.map_base)
@@ -741,6 +747,7 @@ class Mapping:
             cause = (f"The unmap splits a mapping and this process has {process_map_count()} "
                      f"mappings of vm.max_map_count {max_map_count()}. Fix: raise "
                      f"vm.max_map_count (sysctl) or map fewer regions.")
+        self._still_mapped = True
         raise MappingError(
             f"munmap failed for {_region_text(self.request, self.gpa, self.size, self.mmap_offset)}"
             f": backing {self.backing.describe()}; {self.map_base:#x}-{end:#x} is still mapped "

@@ -66,8 +66,8 @@ def human_size(size: int) -> str:
 
 
 # Not frozen: one is built per mapped region on the path QEMU waits on, and a frozen dataclass
-# costs more per construction (see vhostmem.events). Nothing assigns to a Region after it is
-# made.
+# costs more per construction (see vhostmem.events). The only assignment after construction is
+# the session's to ``unmap_failed``.
 @final
 @dataclass(slots=True, eq=False)
 class Region:
@@ -83,6 +83,10 @@ class Region:
         info: what the shell reports about the backing (kind, page size, ...), for people.
         handle: the shell's mapping object; opaque here.
         seq: insertion number within the session, for ordering in reports.
+        unmap_failed: why the last attempt to unmap the region failed (the diagnosis), while
+            it stays mapped; ``None`` otherwise. A region with it set is still in the process's
+            address space, so the table keeps it (:attr:`RegionTable.unreleased` when the
+            front-end has dropped it already).
     """
 
     gpa: int
@@ -93,6 +97,7 @@ class Region:
     info: Mapping[str, Any] = field(default_factory=dict)
     handle: Any = None
     seq: int = 0
+    unmap_failed: str | None = None
 
     @property
     def gpa_end(self) -> int:
@@ -127,6 +132,8 @@ class Region:
             "mmap_offset": self.mmap_offset,
         }
         doc.update(self.info)
+        if self.unmap_failed is not None:
+            doc["unmap_failed"] = self.unmap_failed
         return doc
 
 
@@ -174,6 +181,7 @@ class RegionTable:
         self._gpa_starts: list[int] = []
         self._by_uaddr: list[Region] = []
         self._uaddr_starts: list[int] = []
+        self._unreleased: list[Region] = []
 
     def __len__(self) -> int:
         return len(self._by_gpa)
@@ -185,6 +193,24 @@ class RegionTable:
     def regions(self) -> tuple[Region, ...]:
         """All regions, by GPA."""
         return tuple(self._by_gpa)
+
+    @property
+    def unreleased(self) -> tuple[Region, ...]:
+        """Regions the front-end's table no longer has whose unmap failed: still mapped, each
+        marked (:attr:`Region.unmap_failed`). They take no part in translation, overlap or slot
+        checks (the front-end may already reuse their addresses), only in :attr:`mapped`."""
+        return tuple(self._unreleased)
+
+    @property
+    def mapped(self) -> tuple[Region, ...]:
+        """Every region still mapped: the table and :attr:`unreleased`, by GPA."""
+        if not self._unreleased:
+            return tuple(self._by_gpa)
+        return tuple(sorted(self._by_gpa + self._unreleased, key=lambda r: (r.gpa, r.seq)))
+
+    def set_unreleased(self, regions: Iterable[Region]) -> None:
+        """Make ``regions`` the whole of :attr:`unreleased`."""
+        self._unreleased[:] = regions
 
     @property
     def free_slots(self) -> int:
@@ -333,8 +359,10 @@ class RegionTable:
         raise KeyError(region.describe())
 
     def clear(self) -> tuple[Region, ...]:
-        """Empty the table and return what was in it (the shell unmaps them)."""
-        gone = tuple(self._by_gpa)
+        """Empty the table and return what was in it, :attr:`unreleased` last (the shell
+        unmaps them)."""
+        gone = tuple(self._by_gpa) + tuple(self._unreleased)
+        self._unreleased.clear()
         self._by_gpa.clear()
         self._gpa_starts.clear()
         self._by_uaddr.clear()

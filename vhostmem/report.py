@@ -55,6 +55,8 @@ def render_regions(doc: dict[str, Any]) -> str:
                 f"  0x{r['gpa']:016x} 0x{end:016x} {human_size(r['size']):>10} "
                 f"0x{r['uaddr']:016x} {hex(r['mmap_offset']):>14}  {backing}"
             )
+            if r.get("unmap_failed"):
+                lines.append(f"    UNMAP FAILED, still mapped: {r['unmap_failed']}")
     return "\n".join(lines) if lines else "no sockets"
 
 

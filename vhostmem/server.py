@@ -389,7 +389,15 @@ class Backend:
             gone = session.close()
             stream.close()
             self.sockets[socket_name] = None
-            log.info("released %d region(s); %s", len(gone), reason)
+            # A region whose unmap failed stays mapped until the process exits: say which.
+            stuck = [region for region in gone if region.unmap_failed is not None]
+            log.info("released %d region(s); %s", len(gone) - len(stuck), reason)
+            for region in stuck:
+                log.error(
+                    "region %s stays mapped after the connection ended: %s",
+                    region.describe(),
+                    region.unmap_failed,
+                )
             try:
                 self.flush(conn)  # booking reads only the numbers of what was released
                 self.history.close_batch(socket=socket_name, conn=number)
@@ -399,7 +407,8 @@ class Backend:
                         "socket": socket_name,
                         "conn": number,
                         "reason": reason,
-                        "released": len(gone),
+                        "released": len(gone) - len(stuck),
+                        "unmap_failed": [region.as_json() for region in stuck],
                     }
                 )
             except Exception:  # the connection is gone either way; the server goes on
@@ -565,7 +574,7 @@ class Backend:
         return [c for c in self.sockets.values() if c is not None]
 
     def regions(self) -> list[tuple[Connection, Region]]:
-        return [(c, r) for c in self.connections() for r in c.session.table]
+        return [(c, r) for c in self.connections() for r in c.session.table.mapped]
 
     def cleanup(self) -> None:
         """Release everything: sessions, the data path, mappings, the event log."""

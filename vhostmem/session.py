@@ -32,8 +32,14 @@ REPLY_ACK is negotiated, gets a u64: 0 for success, 1 for failure.
 
 Memory-table semantics (DESIGN.md section 4): a failed ADD_MEM_REG leaves nothing mapped and
 nothing in the table; a failed REM_MEM_REG leaves the region; SET_MEM_TABLE replaces the table by
-difference and is all-or-nothing; the table survives RESET_DEVICE and ring stop/start and is
-dropped only by :meth:`Session.close`.
+difference, mapping every new region before it unmaps an old one, and is all-or-nothing until
+the old regions are unmapped; the table survives RESET_DEVICE and ring stop/start and is dropped
+only by :meth:`Session.close`.
+
+The table tells the truth about what is mapped: an unmap that fails (the kernel's munmap, or a
+view still in use) leaves its region in the table, marked with the reason
+(:attr:`~vhostmem.regions.Region.unmap_failed`), and is tried again by the next REM_MEM_REG of
+that region, the next SET_MEM_TABLE or :meth:`Session.close`.
 """
 
 from __future__ import annotations
@@ -80,7 +86,7 @@ from vhostmem.errors import (
 )
 from vhostmem.events import NEED_DATA, Handled, NeedData, TableChange
 from vhostmem.faults import Fault, FaultPlan
-from vhostmem.regions import Region, RegionTable, identity
+from vhostmem.regions import Identity, Region, RegionTable, identity
 from vhostmem.virtqueue import MAX_QUEUE_SIZE
 
 __all__ = ["TRANSITIONS", "Host", "Session", "SessionConfig", "SessionState"]
@@ -105,7 +111,12 @@ class Host(Protocol):
         """
 
     def unmap_region(self, handle: Any) -> None:
-        """Release a mapping made by :meth:`map_region`."""
+        """Release a mapping made by :meth:`map_region`.
+
+        Raises:
+            MappingError: the mapping is still there (the kernel refused munmap, or a view of
+                it is in use); calling again with the same handle tries again.
+        """
 
     def close_fd(self, fd: int) -> None:
         """Close a file descriptor the session owns."""
@@ -415,6 +426,16 @@ class Session:
                 for fd in fds:
                     self.host.close_fd(fd)
                 raise
+        except _Incomplete as done:
+            return self._failure(
+                header,
+                payload,
+                done.error,
+                nfds,
+                fault=fault,
+                change=done.change,
+                notes=done.notes,
+            )
         except (LocalProtocolError, StateError, DecodeError, TableError, MappingError) as err:
             return self._failure(header, payload, err, nfds, fault=fault)
         finally:
@@ -480,6 +501,8 @@ class Session:
         fault: Fault | None = None,
         ack: int = 1,
         kind: str | None = None,
+        change: TableChange | None = None,
+        notes: tuple[str, ...] = (),
     ) -> Handled:
         request = header.request
         if kind is None:
@@ -510,6 +533,8 @@ class Session:
             ok=False,
             error=f"{name}: {text}",
             error_kind=str(kind),
+            change=change,
+            notes=notes,
             nfds=nfds,
             details=details,
             injected=fault.spec if fault else None,
@@ -672,8 +697,22 @@ class Session:
             wire.guest_phys_addr, wire.userspace_addr, wire.memory_size
         )
         notes = self._rings_in(region)
+        # Unmap first: a region whose unmap fails stays mapped, so it stays in the table, marked,
+        # and the request fails (DESIGN.md section 4: "a failed REM leaves the region"). QEMU
+        # keeps it in its shadow table too and sends REM_MEM_REG for it again with its next
+        # change (hw/virtio/vhost-user.c send_remove_regions deletes a shadow entry only after a
+        # zero ack), which retries the unmap here.
+        err = self._unmap(region)
+        if err is not None:
+            raise MappingError(
+                f"the unmap of region {region.describe()} failed, so the region stays mapped and "
+                f"stays in the table, marked unmap_failed; a REM_MEM_REG of the same region tries "
+                f"the unmap again. Cause: {err}",
+                errno=err.errno,
+                kind=err.kind,
+                details={"unmap_failed": [region.as_json()]},
+            )
         self.table.remove(region)
-        self.host.unmap_region(region.handle)
         return b"", TableChange((region,), (), ()), notes
 
     def _set_mem_table(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
@@ -682,7 +721,15 @@ class Session:
         # Validate the new table on its own first: nothing is mapped until it is consistent.
         # The resulting table must fit in max_slots: refuse before anything is mapped.
         self.table.check_table([_numbers(wire) for wire in wanted])
-        current = {region.identity: region for region in self.table}
+        current: dict[Identity, Region] = {}
+        # A region an earlier unmap left mapped cannot be kept: its mapping may be half torn
+        # down (Mapping.close released it before munmap failed). It goes, with another try.
+        doomed: list[Region] = []
+        for region in self.table:
+            if region.unmap_failed is None:
+                current[region.identity] = region
+            else:
+                doomed.append(region)
         kept: list[Region] = []
         added: list[Region] = []
         try:
@@ -701,20 +748,68 @@ class Session:
                     kept.append(same)
                     continue
                 added.append(self._map(Request.SET_MEM_TABLE, wire, fd, file_id))
-        except BaseException:
-            for region in added:
-                self.host.unmap_region(region.handle)
-            raise
-        removed = tuple(current.values())
+        except BaseException as err:
+            # All or nothing: the old table is untouched; what this request mapped goes again.
+            stuck = [region for region in added if self._unmap(region) is not None]
+            if not stuck:
+                raise
+            self.table.set_unreleased(self.table.unreleased + tuple(stuck))
+            if not isinstance(err, (MappingError, TableError)):
+                raise
+            raise MappingError(
+                f"{err}; undoing it, {_stuck_text(stuck, 'new')}",
+                errno=getattr(err, "errno", None),
+                kind=err.kind,
+                details={**err.details, "unmap_failed": [r.as_json() for r in stuck]},
+            ) from err
+        removed = tuple(current.values()) + tuple(doomed)
+        earlier = self.table.unreleased  # left mapped by an earlier SET_MEM_TABLE: try again
         self.table.replace(kept + added)  # checked above as a whole
-        for region in removed:
-            self.host.unmap_region(region.handle)
+        # Every old region is tried, whatever happens to the others; those that stay mapped stay
+        # in the table (RegionTable.unreleased, marked), so the table equals what is mapped.
+        failures = [(region, self._unmap(region)) for region in removed]
+        stuck = [region for region, err in failures if err is not None]
+        still = [region for region in earlier if self._unmap(region) is not None]
+        self.table.set_unreleased(still + stuck)
         change = TableChange(
             removed=removed,
             added=tuple(added),
             kept=tuple(kept),
         )
-        return b"", change, self._ring_notes_after_change()
+        notes = self._ring_notes_after_change()
+        if still:
+            notes += (
+                f"still mapped after an earlier failed unmap: {_stuck_text(still, 'earlier')}",
+            )
+        if stuck:
+            # The new table is in force (every new region is mapped and translates), yet the
+            # request did not do all it asks: memory the front-end dropped is still mapped here,
+            # so its pages stay allocated. vhost-user.rst (REPLY_ACK): the back-end replies
+            # "zero on success or non-zero on failure", so it is a failure ack. QEMU logs it
+            # ("vhost_set_mem_table failed", hw/virtio/vhost.c vhost_commit; reference/
+            # vhost-user-facts.md 1.8) and goes on with its new table, so the two sides stay in
+            # step; the error and the event say which regions stayed mapped and why.
+            raise _Incomplete(
+                MappingError(
+                    f"the new table is in force, but {_stuck_text(stuck)}; the next "
+                    "SET_MEM_TABLE or the end of the connection tries again",
+                    kind=next(err.kind for _, err in failures if err is not None),
+                    details={"unmap_failed": [region.as_json() for region in stuck]},
+                ),
+                change,
+                notes,
+            )
+        return b"", change, notes
+
+    def _unmap(self, region: Region) -> MappingError | None:
+        """Unmap ``region``; on failure mark it (:attr:`Region.unmap_failed`) and return why."""
+        try:
+            self.host.unmap_region(region.handle)
+        except MappingError as err:
+            region.unmap_failed = str(err)
+            return err
+        region.unmap_failed = None
+        return None
 
     # -- vrings -------------------------------------------------------------------------------
 
@@ -826,14 +921,15 @@ class Session:
         """Release every mapping and fd the session holds; idempotent.
 
         Returns:
-            The regions that were in the table (already unmapped).
+            The regions that were in the table (:attr:`RegionTable.unreleased` included), each
+            unmapped, or still mapped with :attr:`Region.unmap_failed` saying why.
         """
         if self.state is SessionState.CLOSED:
             return ()
         self._set_state(SessionState.CLOSED)
         gone = self.table.clear()
         for region in gone:
-            self.host.unmap_region(region.handle)
+            self._unmap(region)  # each one tried; a failure is marked on it, nothing skipped
         for vring in self.vrings:
             for slot in ("kick", "call", "err"):
                 fd = getattr(vring, slot)
@@ -849,6 +945,24 @@ class Session:
 
 
 _Result = tuple[bytes, TableChange | None, tuple[str, ...]]
+
+
+class _Incomplete(Exception):
+    """A handler changed the table yet failed: the failure reply carries the change."""
+
+    def __init__(self, error: MappingError, change: TableChange, notes: tuple[str, ...]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.change = change
+        self.notes = notes
+
+
+def _stuck_text(regions: list[Region], which: str = "old") -> str:
+    """Words for regions whose unmap failed: how many, each region, then its reason."""
+    parts = [
+        f"region {region.describe()} stays mapped: {region.unmap_failed}" for region in regions
+    ]
+    return f"{len(regions)} {which} region(s) could not be unmapped ({'; '.join(parts)})"
 
 
 def _numbers(wire: MemoryRegion) -> tuple[int, int, int, int]:

@@ -144,6 +144,9 @@ class FakeHost:
     mapped: dict[int, MemoryRegion] = field(default_factory=dict)
     file_ids: dict[int, tuple[int, int]] = field(default_factory=dict)
     fail_map: set[int] = field(default_factory=set)  # fail the n-th map call (1-based)
+    # unmaps of the mapping at this gpa fail with this reason (munmap refused) until removed
+    fail_unmap: dict[int, str] = field(default_factory=dict)
+    unmaps_tried: list[int] = field(default_factory=list)  # gpa of every unmap attempted
     maps_done: int = 0
     _numbers: Any = field(default_factory=lambda: itertools.count(1000))
     _handles: Any = field(default_factory=lambda: itertools.count(1))
@@ -168,6 +171,12 @@ class FakeHost:
         return handle, {"backing": "fake"}
 
     def unmap_region(self, handle: Any) -> None:
+        gpa = self.mapped[handle].guest_phys_addr
+        self.unmaps_tried.append(gpa)
+        if gpa in self.fail_unmap:
+            raise MappingError(
+                f"munmap failed for gpa=0x{gpa:x}: {self.fail_unmap[gpa]}", kind="munmap-failed"
+            )
         del self.mapped[handle]
 
     def close_fd(self, fd: int) -> None:

@@ -46,6 +46,14 @@ _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_long]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+PAGE = mmap.PAGESIZE
+PROT_NONE = 0
+MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -303,6 +311,82 @@ def test_close_catches_a_munmap_left_inside_a_merged_mapping(mapper: Mapper) -> 
     assert len(maps_overlapping(low, base)) == 1  # the neighbour half is left alone
     whole.close()
     os.close(fd)
+
+
+def _reserve(length: int) -> int:
+    """A private anonymous PROT_NONE reservation of ``length`` bytes (nothing is committed)."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mapping_mod.MAP_NORESERVE
+    got = _libc.mmap(None, length, PROT_NONE, flags, -1, 0)
+    assert got not in (None, MAP_FAILED), os.strerror(ctypes.get_errno())
+    return int(got)
+
+
+def _mm_whose_close_fails() -> tuple[mmap.mmap, int]:
+    """A stdlib mmap whose close() leaves it mapped and the mapping count unchanged: a hugetlb
+    map of 1 MiB, whose munmap the kernel refuses (EINVAL: not a whole huge page) and
+    mmap.close() ignores. Returns it and its address (munmap a whole huge page there after)."""
+    fd = memfd(HPAGE, "huge", os.MFD_HUGETLB)
+    mm = mmap.mmap(fd, 1 * MiB, flags=mmap.MAP_SHARED | mapping_mod.MAP_NORESERVE)
+    os.close(fd)
+    anchor = ctypes.c_char.from_buffer(mm)
+    base = ctypes.addressof(anchor)
+    del anchor
+    return mm, base
+
+
+def _fill_to_max_map_count() -> tuple[int, int]:
+    """Split a PROT_NONE reservation page by page (mprotect) until the kernel says ENOMEM: the
+    process then has exactly vm.max_map_count mappings (mm/vma.c __split_vma refuses at the
+    limit), and any munmap that would split a VMA in three fails with ENOMEM. Returns the
+    reservation (address, length) for munmap."""
+    limit = max_map_count()
+    assert limit is not None
+    length = (limit + 64) * PAGE
+    filler = _reserve(length)
+    for page in range(0, limit + 64, 2):
+        if _libc.mprotect(filler + page * PAGE, PAGE, mmap.PROT_READ) != 0:
+            assert ctypes.get_errno() == errno.ENOMEM, os.strerror(ctypes.get_errno())
+            return filler, length
+    _libc.munmap(filler, length)
+    pytest.fail(f"{limit + 64} pages split without reaching vm.max_map_count {limit}")
+
+
+def test_close_that_the_kernel_refused_unmaps_on_the_next_close(mapper: Mapper) -> None:
+    # A region inside one VMA (the kernel merges adjacent mappings of one file) at
+    # vm.max_map_count: its munmap would split the VMA in three, and the kernel refuses (ENOMEM).
+    # close() must say so and keep the region mapped, and a later close() must try again, which
+    # works once the process has fewer mappings.
+    fd = memfd(3 * PAGE)
+    whole = mmap.mmap(fd, 3 * PAGE, flags=mmap.MAP_SHARED)  # one VMA; the region is its middle
+    anchor = ctypes.c_char.from_buffer(whole)
+    base = ctypes.addressof(anchor) + PAGE
+    del anchor
+    decoy, decoy_base = _mm_whose_close_fails()  # so m.close() leaves the count at the limit
+    m = Mapping(mapper=mapper, mm=decoy, map_base=base, kept_fd=None, request="ADD_MEM_REG",
+                gpa=0x8000, size=PAGE, mmap_offset=PAGE, fd_offset=PAGE, length=PAGE,
+                backing=probe_backing(fd), warnings=())
+    gc.disable()  # no arena freed while the count sits at the limit
+    filler, length = _fill_to_max_map_count()
+    try:
+        with pytest.raises(MappingError) as info:
+            m.close()
+    finally:
+        _libc.munmap(filler, length)
+        gc.enable()
+    try:
+        err = info.value
+        assert err.kind == "munmap-failed" and err.errno == errno.ENOMEM, str(err)
+        assert "ENOMEM" in str(err) and "vm.max_map_count" in str(err) and "gpa=0x8000" in str(err)
+        assert maps_overlapping(base, base + PAGE) != [], "the refused region must stay mapped"
+        m.close()  # the process is below the limit again: this close unmaps the region
+        assert maps_overlapping(base, base + PAGE) == []
+        assert len(maps_overlapping(base - PAGE, base)) == 1  # the neighbours are left alone
+        assert len(maps_overlapping(base + PAGE, base + 2 * PAGE)) == 1
+        m.close()  # idempotent once unmapped
+    finally:
+        whole.close()
+        os.close(fd)
+        assert _libc.munmap(decoy_base, HPAGE) == 0
 
 
 # --- refusals ------------------------------------------------------------------------------------

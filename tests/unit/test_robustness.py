@@ -46,6 +46,7 @@ from protocol import (
     encode_request,
 )
 from vhostmem.control import ControlClient, ControlError, answer
+from vhostmem.report import render_regions
 from vhostmem.server import Backend, ServerConfig, run
 from vhostmem.session import SessionConfig
 from vhostmem.sockets import SocketError, bind_unix_socket
@@ -57,6 +58,7 @@ from .helpers import (
     baseline,
     in_thread,
     live_fds,
+    map_lines,
     no_leaks,
     shared_maps,
     wait_until,
@@ -68,6 +70,15 @@ GiB = 1 << 30
 U64 = 1 << 64
 REPO = Path(__file__).resolve().parents[2]
 UADDR = 0x7F00_0000_0000
+
+
+def maps_at(address: int) -> bool:
+    """Whether anything is mapped at ``address`` (/proc/self/maps)."""
+    for line in map_lines():
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if lo <= address < hi:
+            return True
+    return False
 
 
 def memfds(n: int, size: int = 16 * MiB) -> list[int]:
@@ -377,6 +388,102 @@ async def test_rem_of_an_unknown_region() -> None:
         assert event["error_kind"] == "not-found" and "0x400000" in event["error"]
         assert w.table() == before and w.backend.mapper.stats.maps == 1
         await still_up(w)
+
+
+# -- an unmap the mapping refuses: the table keeps the region, marked ---------------------------
+#
+# A view of a region's memory still in use (a slice of one Mapping.view handed out) makes
+# Mapping.close refuse to unmap (views-in-use): a real refusal through the real shell, which
+# ends when the view is released. (A refused munmap at vm.max_map_count: test_mapping.py.)
+
+
+def held_view(w: Wire, gpa: int) -> memoryview:
+    """A slice of a view of the region at ``gpa``: Mapping.close cannot unmap while it lives."""
+    region = w.conn_a.session.table.lookup_gpa(gpa)
+    assert region is not None
+    return region.handle.view(0, 64)[8:16]  # type: ignore[no-any-return]
+
+
+def regions_doc(backend: Backend) -> dict[str, Any]:
+    reply = answer(backend, b'{"cmd": "regions"}')
+    assert reply["ok"], reply
+    return reply["result"]  # type: ignore[no-any-return]
+
+
+async def test_rem_whose_unmap_is_refused_keeps_the_region_and_a_retry_unmaps_it() -> None:
+    async with no_leaks(), wired() as w:
+        [fd] = memfds(1)
+        assert await in_thread(w.a.add_region, 0, 2 * MiB, UADDR, 0, fd) == 0
+        os.close(fd)
+        view = held_view(w, 0)
+        assert await in_thread(w.a.rem_region, 0, 2 * MiB, UADDR) == 1
+        event = error_event(w, "REM_MEM_REG")
+        assert event["error_kind"] == "views-in-use"
+        assert "the unmap of region gpa=0x0 size=0x200000 (2 MiB)" in event["error"]
+        assert "memoryview" in event["error"] and "stays in the table" in event["error"]
+        assert [r["gpa"] for r in event["details"]["unmap_failed"]] == [0]
+        [region] = regions_doc(w.backend)["regions"]  # still mapped, so still listed, marked
+        assert region["gpa"] == 0 and "memoryview" in region["unmap_failed"]
+        text = render_regions(regions_doc(w.backend))
+        assert "UNMAP FAILED, still mapped: " in text and "memoryview" in text
+        assert w.backend.mapper.stats.maps == 1
+        view.release()
+        assert await in_thread(w.a.rem_region, 0, 2 * MiB, UADDR) == 0  # QEMU's next REM
+        assert w.table() == [] and w.backend.mapper.stats.maps == 0
+        assert regions_doc(w.backend)["regions"] == []
+        await still_up(w)
+
+
+async def test_set_mem_table_unmaps_every_old_region_and_names_the_one_left_mapped() -> None:
+    async with no_leaks(), wired() as w:
+        fds = memfds(4)
+        old = [(i * 4 * MiB, 2 * MiB, UADDR + i * 4 * MiB, 0, fds[i]) for i in range(3)]
+        assert await in_thread(w.a.set_mem_table, old) == 0
+        view = held_view(w, 4 * MiB)  # the middle one of the three
+        addresses = {r.gpa: r.info["address"] for r in w.conn_a.session.table}
+        new = [(64 * MiB, 2 * MiB, UADDR + 64 * MiB, 0, fds[3])]
+        assert await in_thread(w.a.set_mem_table, new) == 1
+        event = error_event(w, "SET_MEM_TABLE")
+        assert event["error_kind"] == "views-in-use" and event["removed"] == 3
+        assert [r["gpa"] for r in event["details"]["unmap_failed"]] == [4 * MiB]
+        assert "1 old region(s) could not be unmapped (region gpa=0x400000 " in event["error"]
+        assert "gpa=0x0 " not in event["error"] and "gpa=0x800000 " not in event["error"]
+        for gpa in (0, 8 * MiB):  # tried and gone, although the middle one failed
+            assert not maps_at(addresses[gpa])
+        assert maps_at(addresses[4 * MiB])
+        listed = [(r["gpa"], "unmap_failed" in r) for r in regions_doc(w.backend)["regions"]]
+        assert listed == [(4 * MiB, True), (64 * MiB, False)]
+        view.release()
+        assert await in_thread(w.a.set_mem_table, new) == 0  # the next one tries it again
+        close_all(fds)
+        assert not maps_at(addresses[4 * MiB])
+        assert [r["gpa"] for r in regions_doc(w.backend)["regions"]] == [64 * MiB]
+
+
+async def test_disconnect_reports_a_region_left_mapped(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="vhostmem")
+    async with no_leaks(), wired() as w:
+        fds = memfds(2)
+        for i, fd in enumerate(fds):
+            gpa = i * 4 * MiB
+            assert await in_thread(w.a.add_region, gpa, 2 * MiB, UADDR + gpa, 0, fd) == 0
+        close_all(fds)
+        view = held_view(w, 4 * MiB)
+        region = w.conn_a.session.table.lookup_gpa(4 * MiB)
+        w.a.close()
+        await wait_until(lambda: w.backend.sockets.get("a") is None, "connection a to end")
+        [event] = [e for e in w.backend.events if e.get("event") == "disconnect"]
+        assert event["released"] == 1
+        [stuck] = event["unmap_failed"]
+        assert stuck["gpa"] == 4 * MiB and "memoryview" in stuck["unmap_failed"]
+        assert any(
+            "region gpa=0x400000 size=0x200000" in r.getMessage()
+            and "stays mapped after the connection ended" in r.getMessage()
+            for r in caplog.records
+        )
+        assert w.backend.mapper.stats.maps == 1  # the one left mapped, nothing else
+        view.release()
+        region.handle.close()  # nothing else would: the session is gone
 
 
 async def test_vring_index_out_of_range() -> None:

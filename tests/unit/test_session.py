@@ -498,3 +498,108 @@ def test_injected_errno_on_a_request_that_maps_nothing_is_marked_injected() -> N
     assert not ev.ok and ev.error_kind == "injected"
     assert ev.injected == "SET_VRING_NUM:nth=1:errno=ENOMEM"
     assert u64(ev.reply) == 1
+
+
+# -- the table tells the truth when an unmap fails ---------------------------------------------
+
+
+def test_rem_whose_unmap_fails_keeps_the_region_marked_and_a_retry_unmaps_it() -> None:
+    s, host = qemu_session()
+    assert add(s, host, 0x100000000, GiB, 0x7F0000000000).ok
+    host.fail_unmap[0x100000000] = "ENOMEM (vm.max_map_count)"
+    ev = rem(s, host, 0x100000000, GiB, 0x7F0000000000)
+    assert not ev.ok and u64(ev.reply) == 1 and ev.error_kind == "munmap-failed"
+    assert ev.error is not None
+    assert ev.error.startswith("REM_MEM_REG: the unmap of region gpa=0x100000000 size=0x40000000")
+    assert "ENOMEM (vm.max_map_count)" in ev.error and "stays in the table" in ev.error
+    [region] = s.table.regions  # still mapped, so still in the table, marked
+    assert region.unmap_failed is not None and "ENOMEM (vm.max_map_count)" in region.unmap_failed
+    assert region.as_json()["unmap_failed"] == region.unmap_failed
+    assert ev.details == {"unmap_failed": [region.as_json()]}
+    assert len(host.mapped) == 1 and ev.change is None
+    # QEMU sends the REM again with its next change: it retries the unmap, which now works.
+    del host.fail_unmap[0x100000000]
+    ev = rem(s, host, 0x100000000, GiB, 0x7F0000000000)
+    assert ev.ok and u64(ev.reply) == 0 and len(s.table) == 0 and host.mapped == {}
+    assert host.unmaps_tried == [0x100000000, 0x100000000]
+    assert "unmap_failed" not in region.as_json()
+
+
+def _set_table(s: Session, host: FakeHost, *regions: tuple[int, int, int, int]) -> Handled:
+    table = MemoryTable(tuple(MemoryRegion(*r) for r in regions))
+    s.receive_data(encode_request(Request.SET_MEM_TABLE, table, need_reply=True),
+                   [host.new_fd((1, r[0])) for r in regions])
+    [ev] = drain(s)
+    return ev
+
+
+def test_set_mem_table_reports_exactly_the_old_region_left_mapped_and_unmaps_the_rest() -> None:
+    s, host = qemu_session(mem_slots=False)
+    old = [(i * GiB, GiB, 0x7F0000000000 + i * GiB, 0) for i in range(3)]
+    new = (8 * GiB, GiB, 0x7E0000000000, 0)
+    assert _set_table(s, host, *old).ok
+    host.fail_unmap[GiB] = "EINVAL (hugetlb length)"
+    ev = _set_table(s, host, new)
+    assert not ev.ok and u64(ev.reply) == 1 and ev.error_kind == "munmap-failed"
+    # every removed region was tried, the middle one failed, the other two are gone
+    assert sorted(host.unmaps_tried) == [0, GiB, 2 * GiB]
+    assert sorted(r.guest_phys_addr for r in host.mapped.values()) == [GiB, 8 * GiB]
+    assert ev.error is not None and "1 old region(s) could not be unmapped" in ev.error
+    assert "region gpa=0x40000000 size=0x40000000" in ev.error
+    assert "EINVAL (hugetlb length)" in ev.error
+    assert "gpa=0x0 " not in ev.error and "gpa=0x80000000" not in ev.error
+    assert ev.details is not None and [r["gpa"] for r in ev.details["unmap_failed"]] == [GiB]
+    assert "EINVAL (hugetlb length)" in ev.details["unmap_failed"][0]["unmap_failed"]
+    # the change happened (the new table is in force) and is reported with the failure
+    assert ev.change is not None and [r.gpa for r in ev.change.added] == [8 * GiB]
+    assert sorted(r.gpa for r in ev.change.removed) == [0, GiB, 2 * GiB]
+    # the table equals what is mapped: the new region translates, the stuck one is kept, marked
+    assert [r.gpa for r in s.table.regions] == [8 * GiB]
+    [stuck] = s.table.unreleased
+    assert stuck.gpa == GiB and stuck.unmap_failed is not None
+    assert [r.gpa for r in s.table.mapped] == [GiB, 8 * GiB]
+    assert s.table.lookup_gpa(GiB) is None
+    # the next SET_MEM_TABLE tries it again; once it works the table is clean
+    del host.fail_unmap[GiB]
+    ev = _set_table(s, host, new)
+    assert ev.ok and s.table.unreleased == ()
+    assert [r.guest_phys_addr for r in host.mapped.values()] == [8 * GiB]
+    s.close()
+    assert host.mapped == {} and host.open == set()
+
+
+def test_set_mem_table_new_region_may_overlap_an_old_one_left_mapped() -> None:
+    s, host = qemu_session(mem_slots=False)
+    assert _set_table(s, host, (0, GiB, 0x7F0000000000, 0)).ok
+    host.fail_unmap[0] = "ENOMEM"
+    ev = _set_table(s, host, (0, 2 * GiB, 0x7E0000000000, 0))  # replaces it, overlapping
+    assert not ev.ok and [(r.gpa, r.size) for r in s.table.regions] == [(0, 2 * GiB)]
+    assert [(r.gpa, r.size) for r in s.table.unreleased] == [(0, GiB)]
+    assert s.table.lookup_gpa(0x1000) is s.table.regions[0]  # translation uses the new table
+    ev = _set_table(s, host, (0, 2 * GiB, 0x7E0000000000, 0))  # kept; the old one fails again
+    assert ev.ok and any("still mapped after an earlier failed unmap: 1 earlier" in n for n in ev.notes)
+    assert len(s.table.unreleased) == 1
+
+
+def test_set_mem_table_rollback_whose_unmap_fails_keeps_the_new_region_marked() -> None:
+    s, host = qemu_session(mem_slots=False)
+    host.fail_map = {2}
+    host.fail_unmap[0] = "ENOMEM"
+    ev = _set_table(s, host, (0, GiB, 0x7F0000000000, 0), (GiB, GiB, 0x7E0000000000, 0))
+    assert not ev.ok and u64(ev.reply) == 1 and len(s.table) == 0
+    assert ev.error is not None and "undoing it, 1 new region(s) could not be unmapped" in ev.error
+    assert [r.gpa for r in s.table.unreleased] == [0] and len(host.mapped) == 1
+    assert host.open == set()
+
+
+def test_close_tries_every_region_and_reports_those_left_mapped() -> None:
+    s, host = qemu_session()
+    for i in range(3):
+        assert add(s, host, i * GiB, GiB, 0x7F0000000000 + i * GiB).ok
+    feed(s, host, encode_request(Request.SET_VRING_CALL, VringFile(0, False)), 1)
+    host.fail_unmap[GiB] = "ENOMEM"
+    gone = s.close()
+    assert sorted(host.unmaps_tried) == [0, GiB, 2 * GiB]
+    assert [(r.gpa, r.unmap_failed is not None) for r in gone] == [
+        (0, False), (GiB, True), (2 * GiB, False)]
+    assert host.open == set()  # the vring's fd was closed although an unmap failed
