@@ -42,7 +42,7 @@ from types import TracebackType
 from typing import Any, Final, Literal, NoReturn, final
 
 from vhostmem.errors import MappingError
-from vhostmem.regions import describe, human_size
+from vhostmem.regions import human_size
 
 __all__ = [
     "MAP_NORESERVE",
@@ -149,8 +149,18 @@ def _align_up(value: int, align: int) -> int:
     return _align_down(value + align - 1, align)
 
 
-def _region_text(request: str, gpa: int, size: int, mmap_offset: int) -> str:
-    return f"{request} {describe(gpa, size, mmap_offset=mmap_offset)}"
+def _region_text(
+    request: str, gpa: int, size: int, mmap_offset: int, uaddr: int | None = None
+) -> str:
+    """The request and the region: GPA start-end (inclusive), size, front-end address, offset.
+
+    ``uaddr`` is None only for a Mapper used directly, without a front-end.
+    """
+    span = f"0x{gpa:x}-0x{gpa + size - 1:x}" if size > 0 else f"0x{gpa:x} (empty)"
+    text = f"{request} gpa={span} size=0x{size:x} ({human_size(size)})"
+    if uaddr is not None:
+        text += f" uaddr=0x{uaddr:x}"
+    return text + f" mmap_offset=0x{mmap_offset:x}"
 
 
 def _read_int(path: str) -> int | None:
@@ -459,6 +469,7 @@ class Mapping:
 
     Attributes:
         gpa, size, mmap_offset: the region as the front-end sent it.
+        uaddr: the region's address in the front-end (None when no front-end gave one).
         fd_offset: file offset passed to mmap (``ALIGN_DOWN(mmap_offset, page_size)``).
         remainder: ``mmap_offset - fd_offset``, where the region starts inside the map.
         length: bytes mapped (``ALIGN_UP(remainder + size, page_size)``).
@@ -485,6 +496,7 @@ class Mapping:
         "remainder",
         "request",
         "size",
+        "uaddr",
         "warnings",
     )
 
@@ -503,6 +515,7 @@ class Mapping:
         length: int,
         backing: Backing,
         warnings: tuple[str, ...],
+        uaddr: int | None = None,
     ) -> None:
         self._mapper = mapper
         self._mm: mmap.mmap | None = mm
@@ -514,6 +527,7 @@ class Mapping:
         self.gpa = gpa
         self.size = size
         self.mmap_offset = mmap_offset
+        self.uaddr = uaddr
         self.fd_offset = fd_offset
         self.remainder = mmap_offset - fd_offset
         self.length = length
@@ -534,16 +548,22 @@ class Mapping:
             return 0
         return 1 + (self._kept_fd is not None)
 
+    @property
+    def text(self) -> str:
+        """The request and the region in the words every message uses."""
+        return _region_text(self.request, self.gpa, self.size, self.mmap_offset, self.uaddr)
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"at {self.address:#x}"
-        return (f"<Mapping {_region_text(self.request, self.gpa, self.size, self.mmap_offset)}"
+        return (f"<Mapping {self.text}"
                 f" {self.backing.kind} {state}>")
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for JSON: the region, the map, the backing."""
         return {
-            "gpa": self.gpa, "size": self.size, "mmap_offset": self.mmap_offset,
-            "fd_offset": self.fd_offset, "remainder": self.remainder, "length": self.length,
+            "gpa": self.gpa, "size": self.size, "uaddr": self.uaddr,
+            "mmap_offset": self.mmap_offset, "fd_offset": self.fd_offset,
+            "remainder": self.remainder, "length": self.length,
             "map_base": self.map_base, "address": self.address, "fds_held": self.fds_held,
             "closed": self._closed, "backing": self.backing.as_dict(),
             "warnings": list(self.warnings),
@@ -696,7 +716,7 @@ class Mapping:
             mm.close()
         except BufferError as err:
             raise MappingError(
-                f"cannot unmap {_region_text(self.request, self.gpa, self.size, self.mmap_offset)}"
+                f"cannot unmap {self.text}"
                 f" ({self.backing.kind}): a memoryview derived from Mapping.view() is still in use"
                 f" ({err}). Fix: release derived views (memoryview.release()) before closing.",
                 errno=errno_mod.EBUSY, kind="views-in-use", details=self._details(),
@@ -742,7 +762,7 @@ class Mapping:
                      f"mappings of vm.max_map_count {max_map_count()}. Fix: raise "
                      f"vm.max_map_count (sysctl) or map fewer regions.")
         raise MappingError(
-            f"munmap failed for {_region_text(self.request, self.gpa, self.size, self.mmap_offset)}"
+            f"munmap failed for {self.text}"
             f": backing {self.backing.describe()}; {self.map_base:#x}-{end:#x} is still mapped "
             f"after mmap.close(); munmap({self.map_base:#x}, {span:#x}) -> "
             f"{errno_mod.errorcode.get(err, '?')} ({os.strerror(err)}). The mapping leaks until "
@@ -809,11 +829,13 @@ class _Diagnosis:
 
     # Everything is worked out only when a failure is built: a successful map() (the hot path,
     # QEMU waits for its ack) pays for none of the text.
-    __slots__ = ("backing", "details", "fd", "gpa", "mmap_offset", "request", "size")
+    __slots__ = ("backing", "details", "fd", "gpa", "mmap_offset", "request", "size", "uaddr")
 
-    def __init__(self, request: str, gpa: int, size: int, mmap_offset: int, fd: int) -> None:
-        self.request, self.gpa, self.size, self.mmap_offset, self.fd = (
-            request, gpa, size, mmap_offset, fd)
+    def __init__(
+        self, request: str, gpa: int, size: int, mmap_offset: int, fd: int, uaddr: int | None
+    ) -> None:
+        self.request, self.gpa, self.size, self.mmap_offset, self.fd, self.uaddr = (
+            request, gpa, size, mmap_offset, fd, uaddr)
         self.backing: Backing | None = None
         self.details: dict[str, Any] = {}
 
@@ -822,9 +844,9 @@ class _Diagnosis:
 
     def fail(self, kind: str, what: str, fix: str, *, errno: int | None = None,
              **numbers: Any) -> MappingError:
-        region = _region_text(self.request, self.gpa, self.size, self.mmap_offset)
+        region = _region_text(self.request, self.gpa, self.size, self.mmap_offset, self.uaddr)
         details: dict[str, Any] = {
-            "request": self.request, "gpa": self.gpa, "size": self.size,
+            "request": self.request, "gpa": self.gpa, "size": self.size, "uaddr": self.uaddr,
             "mmap_offset": self.mmap_offset, "fd": self.fd,
         }
         if self.backing is None:
@@ -883,6 +905,7 @@ class Mapper:
         request: str = "ADD_MEM_REG",
         fail_errno: int | None = None,
         st: os.stat_result | None = None,
+        uaddr: int | None = None,
     ) -> Mapping:
         """Map one region. ``fd`` is consumed: closed on success and on failure.
 
@@ -895,6 +918,7 @@ class Mapper:
             fail_errno: fault injection: the mmap step raises ``OSError(fail_errno)`` as if the
                 kernel had refused, so the whole diagnosis path runs.
             st: ``os.fstat(fd)`` if the caller has just made it (saves a syscall).
+            uaddr: the region's address in the front-end, for messages (None: not known).
 
         Returns:
             The live Mapping.
@@ -903,7 +927,7 @@ class Mapper:
             MappingError: refused up front or refused by the kernel; ``str()`` is the diagnosis.
         """
         try:
-            return self._map(fd, gpa, size, mmap_offset, request, fail_errno, st)
+            return self._map(fd, gpa, size, mmap_offset, request, fail_errno, st, uaddr)
         except MappingError as err:
             if err.kind != "bad-fd":  # a number that is not open may already be someone else's
                 _close_quietly(fd)
@@ -914,9 +938,9 @@ class Mapper:
 
     def _map(
         self, fd: int, gpa: int, size: int, mmap_offset: int, request: str,
-        fail_errno: int | None, st: os.stat_result | None = None,
+        fail_errno: int | None, st: os.stat_result | None = None, uaddr: int | None = None,
     ) -> Mapping:
-        diag = _Diagnosis(request, gpa, size, mmap_offset, fd)
+        diag = _Diagnosis(request, gpa, size, mmap_offset, fd, uaddr)
         fail = diag.fail
         if self._closed:
             raise fail("closed", "the Mapper is closed", "map regions before Mapper.close()")
@@ -1006,7 +1030,7 @@ class Mapper:
             mapping = Mapping(
                 mapper=self, mm=mm, map_base=map_base, kept_fd=kept_fd, request=request,
                 gpa=gpa, size=size, mmap_offset=mmap_offset, fd_offset=fd_offset,
-                length=length, backing=backing, warnings=warnings,
+                length=length, backing=backing, warnings=warnings, uaddr=uaddr,
             )
         except BaseException:
             mm.close()
@@ -1107,12 +1131,31 @@ class Mapper:
         *,
         injected: bool,
     ) -> MappingError:
+        """Word an mmap failure: what the kernel said (or that the errno was injected), the
+        numbers that bear on that errno, and the fix.
+
+        Rule: the words never name a cause the numbers rule out. An injected errno did not
+        come from the kernel (mmap was not called), so the message says so, shows the numbers
+        as context only, and its fix is to remove the rule.
+        """
         fail = diag.fail
         code = err.errno or 0
         name = errno_mod.errorcode.get(code, str(code))
-        said = f"mmap failed: {name} ({os.strerror(code)})" + (" [injected fault]" if injected
-                                                               else "")
+        reported = f"{name} ({os.strerror(code)})"
+        if injected:
+            said = (f"mmap was not called: a fault rule (errno={name}) made it fail as if the "
+                    f"kernel had returned {reported} [injected fault]")
+        else:
+            said = f"mmap failed: the kernel returned {reported}"
         numbers: dict[str, Any] = {"injected": injected, "errno_name": name}
+
+        def result(kind: str, text: str, fix: str, **more: Any) -> MappingError:
+            if injected:
+                fix = (f"nothing to change in the set-up: this {name} was injected; remove the "
+                       f"rule (vhostmem-ctl inject --clear) to map normally. Were the kernel to "
+                       f"return it: {fix}")
+            return fail(kind, text, fix, errno=code, **numbers, **more, **layout)
+
         if code == errno_mod.ENOMEM:
             limit = max_map_count()
             current = process_map_count()
@@ -1137,25 +1180,35 @@ class Mapper:
             if backing.hugetlb:
                 fix += ("; for hugetlb, reserve pages: echo N > /proc/sys/vm/nr_hugepages "
                         "(MAP_NORESERVE takes them on first touch)")
-            return fail("enomem", "; ".join(parts), fix, errno=code, **numbers,
-                        **layout)
+            return result("enomem", "; ".join(parts), fix)
         if code == errno_mod.EINVAL and backing.hugetlb:
             page = backing.page_size
-            text = (f"{said}; hugetlbfs needs the file offset and length to be multiples of the "
-                    f"huge page size {page:#x} ({human_size(page)}): fd_offset {layout['fd_offset']:#x}"
-                    f" mod page = {layout['fd_offset'] % page:#x}, length {layout['length']:#x}"
-                    f" mod page = {layout['length'] % page:#x}")
-            return fail("einval", text, "check the page size of the backend (hugetlbsize=) "
-                        "matches the mount; report the numbers if they are aligned",
-                        errno=code, **numbers, **layout)
+            fd_offset, length = layout["fd_offset"], layout["length"]
+            off_mod, len_mod = fd_offset % page, length % page
+            rule = (f"hugetlbfs needs the file offset and the length to be multiples of the huge "
+                    f"page size {page:#x} ({human_size(page)})")
+            if off_mod or len_mod:
+                wrong = [f"{what} {value:#x} is not (mod page = {rest:#x})"
+                         for what, value, rest in (("fd_offset", fd_offset, off_mod),
+                                                   ("length", length, len_mod)) if rest]
+                text = f"{said}; {layout_text}; {rule}: {', '.join(wrong)}"
+                fix = ("check the page size of the backend (hugetlbsize=) matches the mount; "
+                       "report these numbers as a vhostmem bug (it aligns both)")
+            else:
+                text = (f"{said}; {layout_text}; fd_offset {fd_offset:#x} and length "
+                        f"{length:#x} are both multiples of the huge page size {page:#x} "
+                        f"({human_size(page)}), so alignment is not the cause")
+                fix = ("check that the backend's hugetlbsize= matches the page size of the file "
+                       "(st_blksize); otherwise report these numbers as a vhostmem bug")
+            return result("einval", text, fix)
         if code in (errno_mod.EMFILE, errno_mod.ENFILE):
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             open_fds = len(os.listdir("/proc/self/fd"))
-            text = (f"{said}; stdlib mmap duplicates the fd per region: {open_fds} fds open, "
-                    f"RLIMIT_NOFILE soft {soft} hard {hard}")
+            text = (f"{said}; {layout_text}; stdlib mmap duplicates the fd per region: "
+                    f"{open_fds} fds open, RLIMIT_NOFILE soft {soft} hard {hard}")
             numbers.update(open_fds=open_fds, nofile_soft=soft, nofile_hard=hard)
-            return fail(name.lower(), text, "raise the fd limit (raise_nofile_limit(), "
-                        "ulimit -n)", errno=code, **numbers, **layout)
+            return result(name.lower(), text, "raise the fd limit (raise_nofile_limit(), "
+                          "ulimit -n)")
         hints = {
             errno_mod.EACCES: "the fd must be opened O_RDWR on a filesystem that allows shared "
                               "writable mappings",
@@ -1164,9 +1217,8 @@ class Mapper:
             errno_mod.ENODEV: "the filesystem does not support mmap: use memfd, tmpfs or "
                               "hugetlbfs",
         }
-        return fail(name.lower(), f"{said}; {layout_text}",
-                    hints.get(code, "see mmap(2) for this errno; the numbers are above"),
-                    errno=code, **numbers, **layout)
+        return result(name.lower(), f"{said}; {layout_text}",
+                      hints.get(code, "see mmap(2) for this errno; the numbers are above"))
 
     def _forget(self, mapping: Mapping) -> None:
         if self._live.pop(id(mapping), None) is not None:

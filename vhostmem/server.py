@@ -133,6 +133,7 @@ class ShellHost:
             request=request,
             fail_errno=fail_errno,
             st=known[1] if known is not None and known[0] == fd else None,
+            uaddr=region.userspace_addr,
         )
         backing = mapping.backing
         info: dict[str, Any] = {

@@ -98,7 +98,10 @@ async def test_failure_class(tmp_path: Path, name: str, make_fd: Callable[[Path]
             assert ack != 0
             err = last_error(backend)
             assert err["request"] == "ADD_MEM_REG"
-            for word in ["gpa=0x100000000", "ADD_MEM_REG", *words]:
+            # the request, the GPA start and end, the size, the front-end address, the offset
+            region = (f"ADD_MEM_REG: gpa=0x100000000-0x{0x100000000 + size - 1:x} size=0x{size:x} "
+                      "(4 MiB) uaddr=0x7f0000000000 mmap_offset=0x0: ")
+            for word in [region, "Backing: ", "Fix: ", *words]:
                 assert word in err["error"], (word, err["error"])
             # the connection stays up and the next region maps
             good = make_memfd(MiB)

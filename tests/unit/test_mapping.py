@@ -421,10 +421,32 @@ def test_injected_enomem_shows_max_map_count(mapper: Mapper) -> None:
     assert f"/proc/sys/vm/max_map_count {max_map_count()}" in text
     assert "mappings (/proc/self/maps lines)" in text
     assert "this Mapper maps 0 regions" in text
-    assert "[injected fault]" in text
-    assert "gpa=0x100000000 size=0x200000 (2 MiB)" in text and "Backing: memfd" in text
+    assert "[injected fault]" in text and "mmap was not called" in text
+    assert "this ENOMEM was injected; remove the rule (vhostmem-ctl inject --clear)" in text
+    assert "gpa=0x100000000-0x1001fffff size=0x200000 (2 MiB)" in text
+    assert "Backing: memfd" in text
     assert err.details["max_map_count"] == max_map_count()
     assert open_fds() == fds_before
+
+
+def test_kernel_mmap_failure_names_region_uaddr_errno_backing_and_fix(mapper: Mapper) -> None:
+    # A real refusal by the kernel: sysfs attributes have no mmap (kernfs_fop_mmap: ENODEV).
+    # The file is only opened, never written.
+    fd = os.open(POOL + "nr_hugepages", os.O_RDWR | os.O_CLOEXEC)
+    with pytest.raises(MappingError) as info:
+        mapper.map(fd, gpa=0x1_4000_0000, size=0x1000, mmap_offset=0, request="SET_MEM_TABLE",
+                   uaddr=0x7F12_3400_0000)
+    err = info.value
+    text = str(err)
+    assert (err.kind, err.errno) == ("enodev", errno.ENODEV)
+    assert text.startswith("SET_MEM_TABLE gpa=0x140000000-0x140000fff size=0x1000 (4 KiB) "
+                           "uaddr=0x7f1234000000 mmap_offset=0x0: ")
+    assert "mmap failed: the kernel returned ENODEV (No such device)" in text
+    assert "fd_offset 0x0, remainder 0x0, length 0x1000 (4 KiB), page 0x1000" in text
+    assert f"Backing: file '{POOL}nr_hugepages' (page 4 KiB" in text
+    assert "Fix: the filesystem does not support mmap" in text
+    assert "injected" not in text
+    assert err.details["uaddr"] == 0x7F12_3400_0000
 
 
 def test_injected_other_errno_names_it(mapper: Mapper) -> None:
@@ -624,14 +646,25 @@ def test_hugetlb_page_past_eof_is_a_fault_not_a_crash(hugepages: int) -> None:
     os.close(check)
 
 
-def test_hugetlb_injected_einval_gives_alignment_numbers(hugepages: int) -> None:
+def test_hugetlb_injected_einval_says_injected_and_does_not_blame_aligned_numbers(
+    hugepages: int,
+) -> None:
+    # The layout is aligned (vhostmem aligns it), so alignment cannot be the cause: the words
+    # must say the errno was injected and that the numbers are multiples of the page.
     with Mapper() as mapper, pytest.raises(MappingError) as info:
         mapper.map(memfd(2 * HPAGE, "huge", os.MFD_HUGETLB), gpa=0x1000_0000, size=HPAGE,
-                   mmap_offset=0x1000, fail_errno=errno.EINVAL)
+                   mmap_offset=0x1000, fail_errno=errno.EINVAL, uaddr=0x7F00_0000_1000)
     text = str(info.value)
-    assert info.value.kind == "einval"
-    assert "huge page size 0x200000 (2 MiB)" in text and "fd_offset 0x0 mod page = 0x0" in text
-    assert "length 0x400000 mod page = 0x0" in text and "Backing: memfd-hugetlb" in text
+    assert info.value.kind == "einval" and info.value.details["injected"] is True
+    assert text.startswith("ADD_MEM_REG gpa=0x10000000-0x101fffff size=0x200000 (2 MiB) "
+                           "uaddr=0x7f0000001000 mmap_offset=0x1000: mmap was not called: a "
+                           "fault rule (errno=EINVAL) made it fail as if the kernel had returned "
+                           "EINVAL (Invalid argument) [injected fault]; ")
+    assert ("fd_offset 0x0 and length 0x400000 are both multiples of the huge page size "
+            "0x200000 (2 MiB), so alignment is not the cause") in text
+    assert "mod page" not in text and "misalign" not in text and "is not (" not in text
+    assert "Backing: memfd-hugetlb" in text and "(page 2 MiB" in text
+    assert "Fix: nothing to change in the set-up: this EINVAL was injected" in text
 
 
 def test_hugetlb_injected_enomem_shows_the_pool(hugepages: int) -> None:
