@@ -37,7 +37,7 @@ import resource
 import stat
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from types import TracebackType
 from typing import Any, Final, Literal, NoReturn, final
 
@@ -54,6 +54,7 @@ __all__ = [
     "Peek",
     "PeekChunk",
     "PeekResult",
+    "Shortfall",
     "hugetlb_pool",
     "max_map_count",
     "probe_backing",
@@ -860,6 +861,99 @@ class _Diagnosis:
         )
 
 
+# --- huge page shortfalls ------------------------------------------------------------------------
+
+
+def _pool_size_arg(page_size: int) -> str:
+    """The ``--size`` argument of hugepages/setup.sh for a page size: ``2M``, ``1G``."""
+    return f"{page_size >> 30}G" if page_size >= 1 << 30 else f"{page_size >> 20}M"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Shortfall:
+    """A hugetlb region the huge page pool cannot back in full (see ``Mapper.shortfalls``).
+
+    Counts are in huge pages of ``page_size``. ``file_pages`` covers the file's live regions
+    counted once (their mapped ranges merged); ``held`` is what the file already has allocated
+    (``st_blocks``); ``free`` includes ``resv`` (the kernel counts reserved pages as free);
+    ``other_missing`` is what other hugetlb files of the same page size mapped by this process
+    still lack. ``short = (file_pages - min(held, file_pages)) + other_missing - free`` > 0.
+    """
+
+    request: str
+    gpa: int
+    size: int
+    uaddr: int | None
+    mmap_offset: int
+    kind: str
+    file: str
+    page_size: int
+    region_pages: int
+    file_regions: int
+    file_pages: int
+    held: int
+    free: int
+    resv: int
+    total: int
+    other_missing: int
+    short: int
+    #: The live mapping this is about (not part of the JSON).
+    mapping: Mapping = field(repr=False, compare=False)
+
+    def text(self) -> str:
+        """The warning in words: the region, the numbers, who gets SIGBUS, the fix."""
+        page = human_size(self.page_size)
+        region = _region_text(self.request, self.gpa, self.size, self.mmap_offset, self.uaddr)
+        missing = self.file_pages - min(self.held, self.file_pages)
+        parts = [f"{region}: huge page shortfall: the region spans {self.region_pages} pages "
+                 f"of {page} ({self.kind} {self.file!r})"]
+        if self.file_regions > 1:
+            parts.append(f"its file has {self.file_regions} regions mapped here, "
+                         f"{self.file_pages} pages counted once")
+        parts.append(f"the file holds {self.held} pages (allocated)")
+        parts.append(f"the {page} pool has {self.free} free pages, {self.resv} of them reserved "
+                     f"(of {self.total} in all)")
+        if self.other_missing:
+            parts.append(f"other hugetlb files of {page} pages mapped here still lack "
+                         f"{self.other_missing} pages")
+        wanted = self.total + self.short
+        return (
+            "; ".join(parts)
+            + f": {missing + self.other_missing} pages still to allocate, {self.short} pages "
+            f"short if every page is touched. Served anyway: mapped with MAP_NORESERVE and "
+            f"nothing populated, so nothing fails now; whoever first touches a page the pool "
+            f"cannot supply gets SIGBUS: QEMU (the guest's accesses run in QEMU's vCPU "
+            f"threads, so the guest dies with QEMU), or vhostmem when --tap writes a guest "
+            f"buffer there; vhostmem's peek does not touch such pages (it reads holes with "
+            f"pread and reports faults). Fix: reserve {self.short} more pages of {page}: echo "
+            f"{wanted} > /sys/kernel/mm/hugepages/hugepages-{self.page_size // 1024}kB/"
+            f"nr_hugepages (or hugepages/setup.sh --size {_pool_size_arg(self.page_size)} "
+            f"--pages {wanted}), or give the memory backend fewer pages"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for JSON, with the text."""
+        doc = {name: getattr(self, name) for name in _SHORTFALL_FIELDS}
+        doc["text"] = self.text()
+        return doc
+
+
+_SHORTFALL_FIELDS: Final = tuple(f.name for f in fields(Shortfall) if f.name != "mapping")
+
+
+def _pages_in(ranges: list[tuple[int, int]], page: int) -> int:
+    """Huge pages covered by the union of ``[start, end)`` byte ranges (page-aligned)."""
+    total = 0
+    reach = -1
+    for start, end in sorted(ranges):
+        start = max(start, reach)
+        if end > start:
+            total += end - start
+            reach = end
+    return total // page
+
+
 # --- the mapper ---------------------------------------------------------------------------------
 
 
@@ -921,7 +1015,8 @@ class Mapper:
             uaddr: the region's address in the front-end, for messages (None: not known).
 
         Returns:
-            The live Mapping.
+            The live Mapping. For hugetlb, ``Mapping.warnings`` holds the huge page shortfall
+            (see ``Mapper.shortfalls``) when the pool cannot back the whole region.
 
         Raises:
             MappingError: refused up front or refused by the kernel; ``str()`` is the diagnosis.
@@ -1040,6 +1135,10 @@ class Mapper:
         self._fds_held += mapping.fds_held
         if not hugetlb:
             _close_quietly(fd)  # libvhost-user closes the fd right after mmap
+        else:
+            short = self._shortfalls(mapping)
+            if short:
+                mapping.warnings += (short[0].text(),)
         return mapping
 
     def _probe_and_refuse(
@@ -1219,6 +1318,64 @@ class Mapper:
         }
         return result(name.lower(), f"{said}; {layout_text}",
                       hints.get(code, "see mmap(2) for this errno; the numbers are above"))
+
+    def shortfalls(self) -> list[Shortfall]:
+        """The live hugetlb regions the huge page pool cannot back in full now.
+
+        Rule: a file's pages that are not allocated yet come from the pool of its page size
+        when first touched (MAP_NORESERVE reserves nothing). Per page size, every live
+        hugetlb file counts once: the pages its live regions span (merged), less the pages it
+        already holds (``st_blocks``, counted as inside those regions, so the shortfall is
+        never overstated), summed over the files and compared with ``free_hugepages``. Reserved
+        pages are counted in free: a reservation is made for a mapping of one file (QEMU's own
+        hugetlb backend with the default reserve=on), so a file QEMU reserved for is not short;
+        another file's reservation still shows as free here.
+        """
+        return self._shortfalls(None)
+
+    def _shortfalls(self, only: Mapping | None) -> list[Shortfall]:
+        # (page size, st_dev, st_ino) -> the file's live mappings
+        files: dict[tuple[int, int, int], list[Mapping]] = {}
+        for m in self._live.values():
+            b = m.backing
+            if b.hugetlb and (only is None or b.page_size == only.backing.page_size):
+                files.setdefault((b.page_size, b.st_dev, b.st_ino), []).append(m)
+        # page size -> [(mappings, pages spanned, pages held)]
+        sizes: dict[int, list[tuple[list[Mapping], int, int]]] = {}
+        for (page, _, _), maps in files.items():
+            fd = next((m._kept_fd for m in maps if m._kept_fd is not None), None)
+            if fd is None:
+                continue
+            try:
+                held = os.fstat(fd).st_blocks * 512 // page
+            except OSError:
+                continue
+            spanned = _pages_in([(m.fd_offset, m.fd_offset + m.length) for m in maps], page)
+            sizes.setdefault(page, []).append((maps, spanned, held))
+        found: list[Shortfall] = []
+        for page, per_file in sizes.items():
+            pool = hugetlb_pool(page)
+            if pool is None:
+                continue
+            lacking = [spanned - min(held, spanned) for _, spanned, held in per_file]
+            short = sum(lacking) - pool["free"]
+            if short <= 0:
+                continue
+            for (maps, spanned, held), lack in zip(per_file, lacking, strict=True):
+                if lack == 0:
+                    continue
+                for m in maps:
+                    if only is not None and m is not only:
+                        continue
+                    found.append(Shortfall(
+                        request=m.request, gpa=m.gpa, size=m.size, uaddr=m.uaddr,
+                        mmap_offset=m.mmap_offset, kind=m.backing.kind, file=m.backing.target,
+                        page_size=page, region_pages=m.length // page, file_regions=len(maps),
+                        file_pages=spanned, held=held, free=pool["free"], resv=pool["resv"],
+                        total=pool["total"], other_missing=sum(lacking) - lack, short=short,
+                        mapping=m,
+                    ))
+        return found
 
     def _forget(self, mapping: Mapping) -> None:
         if self._live.pop(id(mapping), None) is not None:

@@ -673,3 +673,61 @@ def test_hugetlb_injected_enomem_shows_the_pool(hugepages: int) -> None:
                    fail_errno=errno.ENOMEM)
     assert f"hugetlb pool 2048kB: free {pool()}" in str(info.value)
     assert info.value.details["hugetlb_pool"]["free"] == pool()
+
+
+def _touch_first_page(fd: int) -> None:
+    """Allocate the file's first huge page by writing through a mapping of our own."""
+    with mmap.mmap(fd, HPAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+        mm[0] = 1
+
+
+def test_hugetlb_region_beyond_free_pool_warns_with_the_numbers(hugepages: int) -> None:
+    # Rule (Mapper.shortfalls): pages a file's live regions span, counted once, less the pages
+    # the file holds, against free_hugepages. Nothing fails at map time (MAP_NORESERVE); the
+    # words must say so, with the numbers read from sysfs.
+    with Mapper() as mapper:
+        small = memfd(2 * HPAGE, "small", os.MFD_HUGETLB)
+        fits = mapper.map(small, gpa=0, size=2 * HPAGE, mmap_offset=0, uaddr=0x7F00_0000_0000)
+        assert fits.warnings == () and mapper.shortfalls() == []
+        fits.close()
+
+        pages = pool() + 3  # one page allocated below, so the pool lacks 3 for the rest
+        fd = memfd(pages * HPAGE, "big", os.MFD_HUGETLB)
+        _touch_first_page(fd)
+        second = os.dup(fd)
+        gpa, uaddr = 0x1_0000_0000, 0x7F10_0000_0000
+        m = mapper.map(fd, gpa=gpa, size=pages * HPAGE, mmap_offset=0, uaddr=uaddr)
+        free, resv, total = pool(), pool("resv_hugepages"), pool("nr_hugepages")
+        short = pages - 1 - free
+        assert short == 3
+        [warning] = m.warnings
+        end = gpa + pages * HPAGE - 1
+        assert warning.startswith(
+            f"ADD_MEM_REG gpa=0x{gpa:x}-0x{end:x} size=0x{pages * HPAGE:x} "
+            f"({pages * 2} MiB) uaddr=0x{uaddr:x} mmap_offset=0x0: huge page shortfall: the "
+            f"region spans {pages} pages of 2 MiB (memfd-hugetlb '/memfd:big (deleted)'); the "
+            f"file holds 1 pages (allocated); the 2 MiB pool has {free} free pages, {resv} of "
+            f"them reserved (of {total} in all): {pages - 1} pages still to allocate, {short} "
+            f"pages short if every page is touched. Served anyway:")
+        assert "SIGBUS: QEMU (the guest's accesses run in QEMU's vCPU threads" in warning
+        assert "vhostmem when --tap writes a guest buffer there" in warning
+        assert "vhostmem's peek does not touch such pages" in warning
+        assert (f"Fix: reserve {short} more pages of 2 MiB: echo {total + short} > "
+                f"{POOL}nr_hugepages") in warning
+        [found] = mapper.shortfalls()
+        assert (found.mapping, found.region_pages, found.held, found.free, found.short) == (
+            m, pages, 1, free, short)
+
+        # A second region of the same file (its last two pages): the file counts once, so
+        # the shortfall stays 3, and both regions are listed.
+        tail = mapper.map(second, gpa=0x2_0000_0000, size=2 * HPAGE,
+                          mmap_offset=(pages - 2) * HPAGE, request="SET_MEM_TABLE")
+        [tail_warning] = tail.warnings
+        assert (f"its file has 2 regions mapped here, {pages} pages counted once; the file "
+                f"holds 1 pages") in tail_warning
+        assert f"{short} pages short if every page is touched" in tail_warning
+        assert [(s.gpa, s.file_regions, s.short) for s in mapper.shortfalls()] == [
+            (gpa, 2, short), (0x2_0000_0000, 2, short)]
+        m.close()
+        assert [(s.gpa, s.region_pages, s.short) for s in mapper.shortfalls()] == []
+        tail.close()
