@@ -1287,7 +1287,7 @@ class Mapper:
             rule = (f"hugetlbfs needs the file offset and the length to be multiples of the huge "
                     f"page size {page:#x} ({human_size(page)})")
             if off_mod or len_mod:
-                wrong = [f"{what} {value:#x} is not (mod page = {rest:#x})"
+                wrong = [f"{what} {value:#x} is not a multiple (mod page = {rest:#x})"
                          for what, value, rest in (("fd_offset", fd_offset, off_mod),
                                                    ("length", length, len_mod)) if rest]
                 text = f"{said}; {layout_text}; {rule}: {', '.join(wrong)}"
