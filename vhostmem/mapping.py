@@ -878,7 +878,8 @@ class Shortfall:
     counted once (their mapped ranges merged); ``held`` is what the file already has allocated
     (``st_blocks``); ``free`` includes ``resv`` (the kernel counts reserved pages as free);
     ``other_missing`` is what other hugetlb files of the same page size mapped by this process
-    still lack. ``short = (file_pages - min(held, file_pages)) + other_missing - free`` > 0.
+    still lack. ``short = (file_pages - min(held, file_pages)) + other_missing - free`` > 0:
+    the pages of this page size missing for the regions mapped here if every page is touched.
     """
 
     request: str
@@ -1326,10 +1327,13 @@ class Mapper:
         when first touched (MAP_NORESERVE reserves nothing). Per page size, every live
         hugetlb file counts once: the pages its live regions span (merged), less the pages it
         already holds (``st_blocks``, counted as inside those regions, so the shortfall is
-        never overstated), summed over the files and compared with ``free_hugepages``. Reserved
-        pages are counted in free: a reservation is made for a mapping of one file (QEMU's own
-        hugetlb backend with the default reserve=on), so a file QEMU reserved for is not short;
-        another file's reservation still shows as free here.
+        never overstated), summed over the files: when the sum exceeds ``free_hugepages``, that
+        many pages are missing for certain. Reserved pages are counted in free and belong to
+        the file whose mapping reserved them (QEMU's own hugetlb backend with the default
+        reserve=on reserves its whole file). Which file will lack pages depends on who touches
+        first, so every file that needs more than the reserved pages (pages it must take from
+        the unreserved part of the pool) is listed; a file whose missing pages may all be
+        reserved for it (no more than ``resv_hugepages``) is not.
         """
         return self._shortfalls(None)
 
@@ -1362,7 +1366,7 @@ class Mapper:
             if short <= 0:
                 continue
             for (maps, spanned, held), lack in zip(per_file, lacking, strict=True):
-                if lack == 0:
+                if lack <= pool["resv"]:  # may all be reserved for it: not counted as short
                     continue
                 for m in maps:
                     if only is not None and m is not only:
