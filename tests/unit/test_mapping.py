@@ -731,3 +731,33 @@ def test_hugetlb_region_beyond_free_pool_warns_with_the_numbers(hugepages: int) 
         m.close()
         assert [(s.gpa, s.region_pages, s.short) for s in mapper.shortfalls()] == []
         tail.close()
+
+
+def test_hugetlb_file_covered_by_its_reservation_is_not_short(hugepages: int) -> None:
+    # A mapping without MAP_NORESERVE (QEMU's hugetlb backend with reserve=on) reserves the
+    # file's pages; they stay counted in free_hugepages. That file is covered; a second file
+    # (reserve=off) that needs more than the rest of the pool is the one listed.
+    with Mapper() as mapper:
+        reserved_pages = 4
+        boot = memfd(reserved_pages * HPAGE, "boot", os.MFD_HUGETLB)
+        with mmap.mmap(boot, reserved_pages * HPAGE, mmap.MAP_SHARED,
+                       mmap.PROT_READ | mmap.PROT_WRITE):
+            assert pool("resv_hugepages") >= reserved_pages
+            covered = mapper.map(os.dup(boot), gpa=0, size=reserved_pages * HPAGE,
+                                 mmap_offset=0)
+            assert covered.warnings == ()
+            pages = pool() - reserved_pages + 2  # 2 more than the unreserved free pages
+            vmem = memfd(pages * HPAGE, "vmem", os.MFD_HUGETLB)
+            m = mapper.map(vmem, gpa=0x1_0000_0000, size=pages * HPAGE, mmap_offset=0)
+            free, resv = pool(), pool("resv_hugepages")
+            [found] = mapper.shortfalls()
+            assert found.mapping is m and found.other_missing == reserved_pages
+            assert (found.region_pages, found.held, found.free, found.resv) == (
+                pages, 0, free, resv)
+            assert found.short == pages + reserved_pages - free == 2
+            [warning] = m.warnings
+            assert ("other hugetlb files of 2 MiB pages mapped here still lack 4 pages: "
+                    f"{pages + 4} pages still to allocate, 2 pages short") in warning
+            m.close()
+            covered.close()
+        os.close(boot)
