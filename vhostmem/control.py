@@ -284,6 +284,16 @@ def _cmd_diagnose(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
         }
         for name, conn in backend.sockets.items()
     ]
+    # The hugetlb regions the pool cannot back in full now, with the socket that mapped each.
+    owners = {id(region.handle): conn for conn, region in backend.regions()}
+    shortfalls = []
+    for short in backend.mapper.shortfalls():
+        owner = owners.get(id(short.mapping))
+        shortfalls.append({
+            "socket": None if owner is None else owner.socket_name,
+            "conn": None if owner is None else owner.number,
+            **short.as_dict(),
+        })
     return {
         "version": DOC_VERSION,
         "rlimit_nofile": {"soft": soft, "hard": hard, "open": _open_fds()},
@@ -296,6 +306,7 @@ def _cmd_diagnose(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
         "hugepages": pools,
         "slots": slots,
         "faults": [f.as_json() for f in backend.faults.faults],
+        "shortfalls": shortfalls,
     }
 
 

@@ -37,12 +37,12 @@ import resource
 import stat
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from types import TracebackType
 from typing import Any, Final, Literal, NoReturn, final
 
 from vhostmem.errors import MappingError
-from vhostmem.regions import describe, human_size
+from vhostmem.regions import human_size
 
 __all__ = [
     "MAP_NORESERVE",
@@ -54,6 +54,7 @@ __all__ = [
     "Peek",
     "PeekChunk",
     "PeekResult",
+    "Shortfall",
     "hugetlb_pool",
     "max_map_count",
     "probe_backing",
@@ -149,8 +150,18 @@ def _align_up(value: int, align: int) -> int:
     return _align_down(value + align - 1, align)
 
 
-def _region_text(request: str, gpa: int, size: int, mmap_offset: int) -> str:
-    return f"{request} {describe(gpa, size, mmap_offset=mmap_offset)}"
+def _region_text(
+    request: str, gpa: int, size: int, mmap_offset: int, uaddr: int | None = None
+) -> str:
+    """The request and the region: GPA start-end (inclusive), size, front-end address, offset.
+
+    ``uaddr`` is None only for a Mapper used directly, without a front-end.
+    """
+    span = f"0x{gpa:x}-0x{gpa + size - 1:x}" if size > 0 else f"0x{gpa:x} (empty)"
+    text = f"{request} gpa={span} size=0x{size:x} ({human_size(size)})"
+    if uaddr is not None:
+        text += f" uaddr=0x{uaddr:x}"
+    return text + f" mmap_offset=0x{mmap_offset:x}"
 
 
 def _read_int(path: str) -> int | None:
@@ -459,6 +470,7 @@ class Mapping:
 
     Attributes:
         gpa, size, mmap_offset: the region as the front-end sent it.
+        uaddr: the region's address in the front-end (None when no front-end gave one).
         fd_offset: file offset passed to mmap (``ALIGN_DOWN(mmap_offset, page_size)``).
         remainder: ``mmap_offset - fd_offset``, where the region starts inside the map.
         length: bytes mapped (``ALIGN_UP(remainder + size, page_size)``).
@@ -486,6 +498,7 @@ class Mapping:
         "remainder",
         "request",
         "size",
+        "uaddr",
         "warnings",
     )
 
@@ -504,6 +517,7 @@ class Mapping:
         length: int,
         backing: Backing,
         warnings: tuple[str, ...],
+        uaddr: int | None = None,
     ) -> None:
         self._mapper = mapper
         self._mm: mmap.mmap | None = mm
@@ -516,6 +530,7 @@ class Mapping:
         self.gpa = gpa
         self.size = size
         self.mmap_offset = mmap_offset
+        self.uaddr = uaddr
         self.fd_offset = fd_offset
         self.remainder = mmap_offset - fd_offset
         self.length = length
@@ -536,16 +551,22 @@ class Mapping:
             return 0
         return 1 + (self._kept_fd is not None)
 
+    @property
+    def text(self) -> str:
+        """The request and the region in the words every message uses."""
+        return _region_text(self.request, self.gpa, self.size, self.mmap_offset, self.uaddr)
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"at {self.address:#x}"
-        return (f"<Mapping {_region_text(self.request, self.gpa, self.size, self.mmap_offset)}"
+        return (f"<Mapping {self.text}"
                 f" {self.backing.kind} {state}>")
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for JSON: the region, the map, the backing."""
         return {
-            "gpa": self.gpa, "size": self.size, "mmap_offset": self.mmap_offset,
-            "fd_offset": self.fd_offset, "remainder": self.remainder, "length": self.length,
+            "gpa": self.gpa, "size": self.size, "uaddr": self.uaddr,
+            "mmap_offset": self.mmap_offset, "fd_offset": self.fd_offset,
+            "remainder": self.remainder, "length": self.length,
             "map_base": self.map_base, "address": self.address, "fds_held": self.fds_held,
             "closed": self._closed, "backing": self.backing.as_dict(),
             "warnings": list(self.warnings),
@@ -701,7 +722,7 @@ class Mapping:
             mm.close()
         except BufferError as err:
             raise MappingError(
-                f"cannot unmap {_region_text(self.request, self.gpa, self.size, self.mmap_offset)}"
+                f"cannot unmap {self.text}"
                 f" ({self.backing.kind}): a memoryview derived from Mapping.view() is still in use"
                 f" ({err}). Fix: release derived views (memoryview.release()) before closing.",
                 errno=errno_mod.EBUSY, kind="views-in-use", details=self._details(),
@@ -749,7 +770,7 @@ class Mapping:
                      f"vm.max_map_count (sysctl) or map fewer regions.")
         self._still_mapped = True
         raise MappingError(
-            f"munmap failed for {_region_text(self.request, self.gpa, self.size, self.mmap_offset)}"
+            f"munmap failed for {self.text}"
             f": backing {self.backing.describe()}; {self.map_base:#x}-{end:#x} is still mapped "
             f"after mmap.close(); munmap({self.map_base:#x}, {span:#x}) -> "
             f"{errno_mod.errorcode.get(err, '?')} ({os.strerror(err)}). The mapping leaks until "
@@ -816,11 +837,13 @@ class _Diagnosis:
 
     # Everything is worked out only when a failure is built: a successful map() (the hot path,
     # QEMU waits for its ack) pays for none of the text.
-    __slots__ = ("backing", "details", "fd", "gpa", "mmap_offset", "request", "size")
+    __slots__ = ("backing", "details", "fd", "gpa", "mmap_offset", "request", "size", "uaddr")
 
-    def __init__(self, request: str, gpa: int, size: int, mmap_offset: int, fd: int) -> None:
-        self.request, self.gpa, self.size, self.mmap_offset, self.fd = (
-            request, gpa, size, mmap_offset, fd)
+    def __init__(
+        self, request: str, gpa: int, size: int, mmap_offset: int, fd: int, uaddr: int | None
+    ) -> None:
+        self.request, self.gpa, self.size, self.mmap_offset, self.fd, self.uaddr = (
+            request, gpa, size, mmap_offset, fd, uaddr)
         self.backing: Backing | None = None
         self.details: dict[str, Any] = {}
 
@@ -829,9 +852,9 @@ class _Diagnosis:
 
     def fail(self, kind: str, what: str, fix: str, *, errno: int | None = None,
              **numbers: Any) -> MappingError:
-        region = _region_text(self.request, self.gpa, self.size, self.mmap_offset)
+        region = _region_text(self.request, self.gpa, self.size, self.mmap_offset, self.uaddr)
         details: dict[str, Any] = {
-            "request": self.request, "gpa": self.gpa, "size": self.size,
+            "request": self.request, "gpa": self.gpa, "size": self.size, "uaddr": self.uaddr,
             "mmap_offset": self.mmap_offset, "fd": self.fd,
         }
         if self.backing is None:
@@ -843,6 +866,100 @@ class _Diagnosis:
             f"{region}: {what}. Backing: {backing_text}. Fix: {fix}",
             errno=errno, kind=kind, details={**details, **self.details, **numbers},
         )
+
+
+# --- huge page shortfalls ------------------------------------------------------------------------
+
+
+def _pool_size_arg(page_size: int) -> str:
+    """The ``--size`` argument of hugepages/setup.sh for a page size: ``2M``, ``1G``."""
+    return f"{page_size >> 30}G" if page_size >= 1 << 30 else f"{page_size >> 20}M"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Shortfall:
+    """A hugetlb region the huge page pool cannot back in full (see ``Mapper.shortfalls``).
+
+    Counts are in huge pages of ``page_size``. ``file_pages`` covers the file's live regions
+    counted once (their mapped ranges merged); ``held`` is what the file already has allocated
+    (``st_blocks``); ``free`` includes ``resv`` (the kernel counts reserved pages as free);
+    ``other_missing`` is what other hugetlb files of the same page size mapped by this process
+    still lack. ``short = (file_pages - min(held, file_pages)) + other_missing - free`` > 0:
+    the pages of this page size missing for the regions mapped here if every page is touched.
+    """
+
+    request: str
+    gpa: int
+    size: int
+    uaddr: int | None
+    mmap_offset: int
+    kind: str
+    file: str
+    page_size: int
+    region_pages: int
+    file_regions: int
+    file_pages: int
+    held: int
+    free: int
+    resv: int
+    total: int
+    other_missing: int
+    short: int
+    #: The live mapping this is about (not part of the JSON).
+    mapping: Mapping = field(repr=False, compare=False)
+
+    def text(self) -> str:
+        """The warning in words: the region, the numbers, who gets SIGBUS, the fix."""
+        page = human_size(self.page_size)
+        region = _region_text(self.request, self.gpa, self.size, self.mmap_offset, self.uaddr)
+        missing = self.file_pages - min(self.held, self.file_pages)
+        parts = [f"{region}: huge page shortfall: the region spans {self.region_pages} pages "
+                 f"of {page} ({self.kind} {self.file!r})"]
+        if self.file_regions > 1:
+            parts.append(f"its file has {self.file_regions} regions mapped here, "
+                         f"{self.file_pages} pages counted once")
+        parts.append(f"the file holds {self.held} pages (allocated)")
+        parts.append(f"the {page} pool has {self.free} free pages, {self.resv} of them reserved "
+                     f"(of {self.total} in all)")
+        if self.other_missing:
+            parts.append(f"other hugetlb files of {page} pages mapped here still lack "
+                         f"{self.other_missing} pages")
+        wanted = self.total + self.short
+        return (
+            "; ".join(parts)
+            + f": {missing + self.other_missing} pages still to allocate, {self.short} pages "
+            f"short if every page is touched. Served anyway: mapped with MAP_NORESERVE and "
+            f"nothing populated, so nothing fails now; whoever first touches a page the pool "
+            f"cannot supply gets SIGBUS: QEMU (the guest's accesses run in QEMU's vCPU "
+            f"threads, so the guest dies with QEMU), or vhostmem when --tap writes a guest "
+            f"buffer there; vhostmem's peek does not touch such pages (it reads holes with "
+            f"pread and reports faults). Fix: reserve {self.short} more pages of {page}: echo "
+            f"{wanted} > /sys/kernel/mm/hugepages/hugepages-{self.page_size // 1024}kB/"
+            f"nr_hugepages (or hugepages/setup.sh --size {_pool_size_arg(self.page_size)} "
+            f"--pages {wanted}), or give the memory backend fewer pages"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for JSON, with the text."""
+        doc = {name: getattr(self, name) for name in _SHORTFALL_FIELDS}
+        doc["text"] = self.text()
+        return doc
+
+
+_SHORTFALL_FIELDS: Final = tuple(f.name for f in fields(Shortfall) if f.name != "mapping")
+
+
+def _pages_in(ranges: list[tuple[int, int]], page: int) -> int:
+    """Huge pages covered by the union of ``[start, end)`` byte ranges (page-aligned)."""
+    total = 0
+    reach = -1
+    for start, end in sorted(ranges):
+        start = max(start, reach)
+        if end > start:
+            total += end - start
+            reach = end
+    return total // page
 
 
 # --- the mapper ---------------------------------------------------------------------------------
@@ -890,6 +1007,7 @@ class Mapper:
         request: str = "ADD_MEM_REG",
         fail_errno: int | None = None,
         st: os.stat_result | None = None,
+        uaddr: int | None = None,
     ) -> Mapping:
         """Map one region. ``fd`` is consumed: closed on success and on failure.
 
@@ -902,15 +1020,17 @@ class Mapper:
             fail_errno: fault injection: the mmap step raises ``OSError(fail_errno)`` as if the
                 kernel had refused, so the whole diagnosis path runs.
             st: ``os.fstat(fd)`` if the caller has just made it (saves a syscall).
+            uaddr: the region's address in the front-end, for messages (None: not known).
 
         Returns:
-            The live Mapping.
+            The live Mapping. For hugetlb, ``Mapping.warnings`` holds the huge page shortfall
+            (see ``Mapper.shortfalls``) when the pool cannot back the whole region.
 
         Raises:
             MappingError: refused up front or refused by the kernel; ``str()`` is the diagnosis.
         """
         try:
-            return self._map(fd, gpa, size, mmap_offset, request, fail_errno, st)
+            return self._map(fd, gpa, size, mmap_offset, request, fail_errno, st, uaddr)
         except MappingError as err:
             if err.kind != "bad-fd":  # a number that is not open may already be someone else's
                 _close_quietly(fd)
@@ -921,9 +1041,9 @@ class Mapper:
 
     def _map(
         self, fd: int, gpa: int, size: int, mmap_offset: int, request: str,
-        fail_errno: int | None, st: os.stat_result | None = None,
+        fail_errno: int | None, st: os.stat_result | None = None, uaddr: int | None = None,
     ) -> Mapping:
-        diag = _Diagnosis(request, gpa, size, mmap_offset, fd)
+        diag = _Diagnosis(request, gpa, size, mmap_offset, fd, uaddr)
         fail = diag.fail
         if self._closed:
             raise fail("closed", "the Mapper is closed", "map regions before Mapper.close()")
@@ -1013,7 +1133,7 @@ class Mapper:
             mapping = Mapping(
                 mapper=self, mm=mm, map_base=map_base, kept_fd=kept_fd, request=request,
                 gpa=gpa, size=size, mmap_offset=mmap_offset, fd_offset=fd_offset,
-                length=length, backing=backing, warnings=warnings,
+                length=length, backing=backing, warnings=warnings, uaddr=uaddr,
             )
         except BaseException:
             mm.close()
@@ -1023,6 +1143,10 @@ class Mapper:
         self._fds_held += mapping.fds_held
         if not hugetlb:
             _close_quietly(fd)  # libvhost-user closes the fd right after mmap
+        else:
+            short = self._shortfalls(mapping)
+            if short:
+                mapping.warnings += (short[0].text(),)
         return mapping
 
     def _probe_and_refuse(
@@ -1114,12 +1238,31 @@ class Mapper:
         *,
         injected: bool,
     ) -> MappingError:
+        """Word an mmap failure: what the kernel said (or that the errno was injected), the
+        numbers that bear on that errno, and the fix.
+
+        Rule: the words never name a cause the numbers rule out. An injected errno did not
+        come from the kernel (mmap was not called), so the message says so, shows the numbers
+        as context only, and its fix is to remove the rule.
+        """
         fail = diag.fail
         code = err.errno or 0
         name = errno_mod.errorcode.get(code, str(code))
-        said = f"mmap failed: {name} ({os.strerror(code)})" + (" [injected fault]" if injected
-                                                               else "")
+        reported = f"{name} ({os.strerror(code)})"
+        if injected:
+            said = (f"mmap was not called: a fault rule (errno={name}) made it fail as if the "
+                    f"kernel had returned {reported} [injected fault]")
+        else:
+            said = f"mmap failed: the kernel returned {reported}"
         numbers: dict[str, Any] = {"injected": injected, "errno_name": name}
+
+        def result(kind: str, text: str, fix: str, **more: Any) -> MappingError:
+            if injected:
+                fix = (f"nothing to change in the set-up: this {name} was injected; remove the "
+                       f"rule (vhostmem-ctl inject --clear) to map normally. Were the kernel to "
+                       f"return it: {fix}")
+            return fail(kind, text, fix, errno=code, **numbers, **more, **layout)
+
         if code == errno_mod.ENOMEM:
             limit = max_map_count()
             current = process_map_count()
@@ -1144,25 +1287,35 @@ class Mapper:
             if backing.hugetlb:
                 fix += ("; for hugetlb, reserve pages: echo N > /proc/sys/vm/nr_hugepages "
                         "(MAP_NORESERVE takes them on first touch)")
-            return fail("enomem", "; ".join(parts), fix, errno=code, **numbers,
-                        **layout)
+            return result("enomem", "; ".join(parts), fix)
         if code == errno_mod.EINVAL and backing.hugetlb:
             page = backing.page_size
-            text = (f"{said}; hugetlbfs needs the file offset and length to be multiples of the "
-                    f"huge page size {page:#x} ({human_size(page)}): fd_offset {layout['fd_offset']:#x}"
-                    f" mod page = {layout['fd_offset'] % page:#x}, length {layout['length']:#x}"
-                    f" mod page = {layout['length'] % page:#x}")
-            return fail("einval", text, "check the page size of the backend (hugetlbsize=) "
-                        "matches the mount; report the numbers if they are aligned",
-                        errno=code, **numbers, **layout)
+            fd_offset, length = layout["fd_offset"], layout["length"]
+            off_mod, len_mod = fd_offset % page, length % page
+            rule = (f"hugetlbfs needs the file offset and the length to be multiples of the huge "
+                    f"page size {page:#x} ({human_size(page)})")
+            if off_mod or len_mod:
+                wrong = [f"{what} {value:#x} is not a multiple (mod page = {rest:#x})"
+                         for what, value, rest in (("fd_offset", fd_offset, off_mod),
+                                                   ("length", length, len_mod)) if rest]
+                text = f"{said}; {layout_text}; {rule}: {', '.join(wrong)}"
+                fix = ("check the page size of the backend (hugetlbsize=) matches the mount; "
+                       "report these numbers as a vhostmem bug (it aligns both)")
+            else:
+                text = (f"{said}; {layout_text}; fd_offset {fd_offset:#x} and length "
+                        f"{length:#x} are both multiples of the huge page size {page:#x} "
+                        f"({human_size(page)}), so alignment is not the cause")
+                fix = ("check that the backend's hugetlbsize= matches the page size of the file "
+                       "(st_blksize); otherwise report these numbers as a vhostmem bug")
+            return result("einval", text, fix)
         if code in (errno_mod.EMFILE, errno_mod.ENFILE):
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             open_fds = len(os.listdir("/proc/self/fd"))
-            text = (f"{said}; stdlib mmap duplicates the fd per region: {open_fds} fds open, "
-                    f"RLIMIT_NOFILE soft {soft} hard {hard}")
+            text = (f"{said}; {layout_text}; stdlib mmap duplicates the fd per region: "
+                    f"{open_fds} fds open, RLIMIT_NOFILE soft {soft} hard {hard}")
             numbers.update(open_fds=open_fds, nofile_soft=soft, nofile_hard=hard)
-            return fail(name.lower(), text, "raise the fd limit (raise_nofile_limit(), "
-                        "ulimit -n)", errno=code, **numbers, **layout)
+            return result(name.lower(), text, "raise the fd limit (raise_nofile_limit(), "
+                          "ulimit -n)")
         hints = {
             errno_mod.EACCES: "the fd must be opened O_RDWR on a filesystem that allows shared "
                               "writable mappings",
@@ -1171,9 +1324,69 @@ class Mapper:
             errno_mod.ENODEV: "the filesystem does not support mmap: use memfd, tmpfs or "
                               "hugetlbfs",
         }
-        return fail(name.lower(), f"{said}; {layout_text}",
-                    hints.get(code, "see mmap(2) for this errno; the numbers are above"),
-                    errno=code, **numbers, **layout)
+        return result(name.lower(), f"{said}; {layout_text}",
+                      hints.get(code, "see mmap(2) for this errno; the numbers are above"))
+
+    def shortfalls(self) -> list[Shortfall]:
+        """The live hugetlb regions the huge page pool cannot back in full now.
+
+        Rule: a file's pages that are not allocated yet come from the pool of its page size
+        when first touched (MAP_NORESERVE reserves nothing). Per page size, every live
+        hugetlb file counts once: the pages its live regions span (merged), less the pages it
+        already holds (``st_blocks``, counted as inside those regions, so the shortfall is
+        never overstated), summed over the files: when the sum exceeds ``free_hugepages``, that
+        many pages are missing for certain. Reserved pages are counted in free and belong to
+        the file whose mapping reserved them (QEMU's own hugetlb backend with the default
+        reserve=on reserves its whole file). Which file will lack pages depends on who touches
+        first, so every file that needs more than the reserved pages (pages it must take from
+        the unreserved part of the pool) is listed; a file whose missing pages may all be
+        reserved for it (no more than ``resv_hugepages``) is not.
+        """
+        return self._shortfalls(None)
+
+    def _shortfalls(self, only: Mapping | None) -> list[Shortfall]:
+        # (page size, st_dev, st_ino) -> the file's live mappings
+        files: dict[tuple[int, int, int], list[Mapping]] = {}
+        for m in self._live.values():
+            b = m.backing
+            if b.hugetlb and (only is None or b.page_size == only.backing.page_size):
+                files.setdefault((b.page_size, b.st_dev, b.st_ino), []).append(m)
+        # page size -> [(mappings, pages spanned, pages held)]
+        sizes: dict[int, list[tuple[list[Mapping], int, int]]] = {}
+        for (page, _, _), maps in files.items():
+            fd = next((m._kept_fd for m in maps if m._kept_fd is not None), None)
+            if fd is None:
+                continue
+            try:
+                held = os.fstat(fd).st_blocks * 512 // page
+            except OSError:
+                continue
+            spanned = _pages_in([(m.fd_offset, m.fd_offset + m.length) for m in maps], page)
+            sizes.setdefault(page, []).append((maps, spanned, held))
+        found: list[Shortfall] = []
+        for page, per_file in sizes.items():
+            pool = hugetlb_pool(page)
+            if pool is None:
+                continue
+            lacking = [spanned - min(held, spanned) for _, spanned, held in per_file]
+            short = sum(lacking) - pool["free"]
+            if short <= 0:
+                continue
+            for (maps, spanned, held), lack in zip(per_file, lacking, strict=True):
+                if lack <= pool["resv"]:  # may all be reserved for it: not counted as short
+                    continue
+                for m in maps:
+                    if only is not None and m is not only:
+                        continue
+                    found.append(Shortfall(
+                        request=m.request, gpa=m.gpa, size=m.size, uaddr=m.uaddr,
+                        mmap_offset=m.mmap_offset, kind=m.backing.kind, file=m.backing.target,
+                        page_size=page, region_pages=m.length // page, file_regions=len(maps),
+                        file_pages=spanned, held=held, free=pool["free"], resv=pool["resv"],
+                        total=pool["total"], other_missing=sum(lacking) - lack, short=short,
+                        mapping=m,
+                    ))
+        return found
 
     def _forget(self, mapping: Mapping) -> None:
         if self._live.pop(id(mapping), None) is not None:

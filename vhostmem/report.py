@@ -202,6 +202,20 @@ def render_diagnose(doc: dict[str, Any]) -> str:
         )
     if doc["faults"]:
         lines.append("fault rules     " + "; ".join(f["spec"] for f in doc["faults"]))
+    shortfalls = doc.get("shortfalls", [])
+    if shortfalls:
+        lines.append(f"huge page shortfall: {len(shortfalls)} region(s) the pool cannot back "
+                     "in full (SIGBUS when touched)")
+        for s in shortfalls:
+            end = s["gpa"] + s["size"] - 1
+            lines.append(
+                f"  {s['socket'] or '?'} 0x{s['gpa']:x}-0x{end:x} {human_size(s['size'])}: "
+                f"{s['region_pages']} pages of {human_size(s['page_size'])}, file holds "
+                f"{s['held']}, pool free {s['free']} (reserved {s['resv']}), {s['short']} short"
+            )
+            lines.append(f"    {s['text']}")
+    else:
+        lines.append("huge page shortfall: none (every hugetlb region can be backed)")
     return "\n".join(lines)
 
 

@@ -120,6 +120,9 @@ class ShellHost:
         self.mapper = mapper
         # The session asks file_id(fd) right before map_region(fd): one fstat answers both.
         self._stat: tuple[int, os.stat_result] | None = None
+        #: Warnings of the mappings made for the request being handled (a huge page
+        #: shortfall, a failed madvise): the server moves them into its Handled's notes.
+        self.notes: list[str] = []
 
     def map_region(
         self, request: str, region: MemoryRegion, fd: int, fail_errno: int | None = None
@@ -133,7 +136,10 @@ class ShellHost:
             request=request,
             fail_errno=fail_errno,
             st=known[1] if known is not None and known[0] == fd else None,
+            uaddr=region.userspace_addr,
         )
+        if mapping.warnings:
+            self.notes.extend(mapping.warnings)
         backing = mapping.backing
         info: dict[str, Any] = {
             "backing": backing.kind,
@@ -234,6 +240,16 @@ class Backend:
                 self._event_log_failing = True
             else:
                 self._event_log_failing = False
+
+    def _take_map_notes(self, handled: Handled) -> None:
+        """Move the warnings of the request's mappings into its notes (log and event log).
+
+        A failed request mapped nothing that stays (SET_MEM_TABLE unmaps what it mapped), so
+        its mappings' warnings are dropped.
+        """
+        if handled.ok:
+            handled.notes = (*handled.notes, *self.host.notes)
+        self.host.notes.clear()
 
     def _record_handled(
         self, conn: Connection, handled: Handled, arrived: float, replied: float
@@ -449,6 +465,8 @@ class Backend:
             if handled is NEED_DATA:
                 continue
             assert isinstance(handled, Handled)
+            if self.host.notes:
+                self._take_map_notes(handled)
             if conn.datapath is not None:
                 conn.datapath.sync(handled)  # before any await: rings follow the request
             quiet_success = handled.ok and not handled.notes and not handled.injected

@@ -6,12 +6,16 @@ Ground truth is QEMU itself: its memslot aliases (HMP ``info mtree``), its virti
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from vhostmem.testing.backend import start_backend
 
-from .conftest import BOOT_RAM, GiB, MiB, Rig, hugepages, require_root
+from .conftest import BOOT_RAM, NR_HUGEPAGES, GiB, MiB, Rig, hugepages, require_root
+
+POOL_2M = "/sys/kernel/mm/hugepages/hugepages-2048kB/"
 
 
 def nonzero_gpas(rig: Rig, start: int, stop: int, step: int, want: int, length: int = 64) -> list[int]:
@@ -116,6 +120,71 @@ def test_hugetlbfs_file_backends(make_rig, tmp_path: Path) -> None:  # type: ign
             rig.guest.close()
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def pool_2m(name: str) -> int:
+    return int(Path(POOL_2M, name).read_text())
+
+
+@contextlib.contextmanager
+def free_huge_pages(pages: int) -> Iterator[None]:
+    """Set the 2 MiB pool so that ``pages`` are free; put nr_hugepages back after."""
+    require_root("sizing the huge page pool", f"echo N > {NR_HUGEPAGES} so {pages} are free")
+    before = int(Path(NR_HUGEPAGES).read_text())
+    wanted = before + pages - pool_2m("free_hugepages")
+    Path(NR_HUGEPAGES).write_text(str(wanted))
+    try:
+        # Another process may change the pool meanwhile: near enough is enough, the test
+        # reads every number it compares from sysfs.
+        if not pages <= pool_2m("free_hugepages") < pages + 64:
+            raise AssertionError(f"could not make {pages} 2 MiB pages free (nr_hugepages "
+                                 f"{pool_2m('nr_hugepages')}, free {pool_2m('free_hugepages')})")
+        yield
+    finally:
+        Path(NR_HUGEPAGES).write_text(str(before))
+
+
+def test_hugetlb_memslot_beyond_free_pool_is_served_with_a_shortfall_note(  # type: ignore[no-untyped-def]
+    make_rig,
+) -> None:
+    # Boot RAM (256 pages, reserved by QEMU) plus 64 spare pages; a plugged virtio-mem memslot
+    # (reserve=off) spans 512 pages. vhostmem must ack it and say the pool is short; the guest
+    # is plugged only 64 MiB (32 pages), so it can never touch a page the pool lacks.
+    with free_huge_pages(BOOT_RAM // (2 * MiB) + 64):
+        rig = make_rig(hugetlb=True)
+        rig.guest.plug(64 * MiB, 60)
+        [(gpa, size, _)] = rig.wait_table_matches_qemu()
+        assert size == GiB
+        [add] = rig.backend.wait_for(
+            lambda: [e for e in rig.backend.memory_events()
+                     if e["request"] == "ADD_MEM_REG" and e["region"]["gpa"] == gpa],
+            15, "the memslot's ADD_MEM_REG event line")
+        assert add["result"] == "ok"
+        [note] = add["notes"]
+        uaddr = add["region"]["uaddr"]
+        assert note.startswith(
+            f"ADD_MEM_REG gpa=0x{gpa:x}-0x{gpa + size - 1:x} size=0x{size:x} (1 GiB) "
+            f"uaddr=0x{uaddr:x} mmap_offset=0x{add['region']['mmap_offset']:x}: huge page "
+            f"shortfall: the region spans 512 pages of 2 MiB (memfd-hugetlb '"), note
+        assert "pages short if every page is touched. Served anyway" in note
+        assert "gets SIGBUS: QEMU" in note
+        rig.guest.stop()  # nothing allocates while the numbers are compared
+        try:
+            doc = rig.backend.client.call("diagnose")
+            free, resv = pool_2m("free_hugepages"), pool_2m("resv_hugepages")
+        finally:
+            rig.guest.cont()
+        [short] = [s for s in doc["shortfalls"] if s["gpa"] == gpa]
+        assert (short["size"], short["uaddr"], short["region_pages"]) == (size, uaddr, 512)
+        assert (short["free"], short["resv"]) == (free, resv)
+        # The boot RAM file lacks exactly the pages QEMU reserved for it, which are counted in
+        # free: what is short is the memslot's unallocated pages beyond the spare 64.
+        assert short["short"] == 512 - short["held"] + short["other_missing"] - free > 0
+        assert [s["gpa"] for s in doc["shortfalls"]] == [gpa]  # boot RAM is covered
+        rig.guest.plug(0, 60)
+        rig.backend.wait_for(lambda: not rig.backend.client.call("diagnose")["shortfalls"],
+                             15, "no shortfall once the memslot is unplugged")
+        rig.guest.close()
 
 
 def test_dimm_hot_add(make_rig) -> None:  # type: ignore[no-untyped-def]

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import mmap
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,10 +21,11 @@ import trio
 
 from vhostmem.control import answer
 from vhostmem.faults import FaultPlan, FaultSpecError, parse_fault
+from vhostmem.report import render_diagnose
 from vhostmem.server import Backend, ServerConfig
 from vhostmem.testing.frontend import FakeFrontend, make_memfd
 
-from .helpers import in_thread, open_fds, shared_maps
+from .helpers import in_thread, open_fds, shared_maps, wait_until
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -98,7 +101,10 @@ async def test_failure_class(tmp_path: Path, name: str, make_fd: Callable[[Path]
             assert ack != 0
             err = last_error(backend)
             assert err["request"] == "ADD_MEM_REG"
-            for word in ["gpa=0x100000000", "ADD_MEM_REG", *words]:
+            # the request, the GPA start and end, the size, the front-end address, the offset
+            region = (f"ADD_MEM_REG: gpa=0x100000000-0x{0x100000000 + size - 1:x} size=0x{size:x} "
+                      "(4 MiB) uaddr=0x7f0000000000 mmap_offset=0x0: ")
+            for word in [region, "Backing: ", "Fix: ", *words]:
                 assert word in err["error"], (word, err["error"])
             # the connection stays up and the next region maps
             good = make_memfd(MiB)
@@ -139,6 +145,91 @@ async def test_hugetlb_odd_offsets_map_peek_and_unmap(offset: int) -> None:
                     await trio.sleep(0.01)
         backend.cleanup()
         assert open_fds() == fds_before and shared_maps() == maps_before
+
+
+POOL_2M = "/sys/kernel/mm/hugepages/hugepages-2048kB/"
+HPAGE = 2 * MiB
+
+
+def pool_2m(name: str) -> int:
+    return int(Path(POOL_2M, name).read_text())
+
+
+@contextmanager
+def hugetlbfs_mount(where: Path) -> Iterator[Path]:
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", str(where)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount hugetlbfs on {where} (needs root): {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+async def test_hugetlb_shortfall_is_said_in_log_event_log_and_diagnose(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A file on a hugetlbfs mount larger than the free pool: the region is served (ack 0), and
+    # the shortfall is said with the numbers from sysfs, in the log, the event log and diagnose.
+    caplog.set_level(logging.WARNING, logger="vhostmem")
+    events_path = tmp_path / "events.jsonl"
+    with hugetlbfs_mount(tmp_path / "huge") as mount, huge_pages(2):
+        fds_before, maps_before = open_fds(), shared_maps()
+        pages = pool_2m("free_hugepages") + 2
+        path = mount / "guest-ram"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.ftruncate(fd, pages * HPAGE)
+        gpa, size, uaddr = 0x1_0000_0000, pages * HPAGE, 0x7F00_0000_0000
+        backend = Backend(ServerConfig(event_log=str(events_path)))
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                fe = await session_with(backend, nursery)
+                assert await in_thread(fe.add_region, gpa, size, uaddr, 0, fd) == 0
+                os.close(fd)
+                free, resv = pool_2m("free_hugepages"), pool_2m("resv_hugepages")
+                total = pool_2m("nr_hugepages")
+                head = (f"ADD_MEM_REG gpa=0x{gpa:x}-0x{gpa + size - 1:x} size=0x{size:x} "
+                        f"({2 * pages} MiB) uaddr=0x{uaddr:x} mmap_offset=0x0: huge page "
+                        f"shortfall: the region spans {pages} pages of 2 MiB (hugetlbfs "
+                        f"'{path}'); the file holds 0 pages (allocated); the 2 MiB pool has "
+                        f"{free} free pages, {resv} of them reserved (of {total} in all): "
+                        f"{pages} pages still to allocate, {pages - free} pages short if every "
+                        "page is touched. Served anyway:")
+                # the event line
+                backend.flush_all()
+                [line] = [e for e in backend.events if e.get("request") == "ADD_MEM_REG"]
+                assert line["result"] == "ok" and line.get("notes"), line
+                [note] = line["notes"]
+                assert note.startswith(head) and "SIGBUS" in note
+                # diagnose lists the region, with the socket that mapped it
+                doc = answer(backend, json.dumps({"cmd": "diagnose", "args": {}}).encode())
+                [short] = doc["result"]["shortfalls"]
+                assert (short["socket"], short["gpa"], short["size"], short["uaddr"]) == (
+                    "test", gpa, size, uaddr)
+                assert (short["region_pages"], short["held"], short["free"], short["resv"],
+                        short["short"]) == (pages, 0, free, resv, pages - free)
+                assert short["text"] == note
+                text = render_diagnose(doc["result"])
+                assert "huge page shortfall: 1 region(s) the pool cannot back in full" in text
+                assert (f"test 0x{gpa:x}-0x{gpa + size - 1:x} {2 * pages} MiB: {pages} pages "
+                        f"of 2 MiB, file holds 0, pool free {free} (reserved {resv}), "
+                        f"{pages - free} short") in text
+                # once the region is gone, nothing is short
+                assert await in_thread(fe.rem_region, gpa, size, uaddr) == 0
+                doc = answer(backend, json.dumps({"cmd": "diagnose", "args": {}}).encode())
+                assert doc["result"]["shortfalls"] == []
+                fe.close()
+                await wait_until(lambda: not backend.connections(), "the connection to end")
+        backend.cleanup()
+        os.unlink(path)
+        assert open_fds() == fds_before and shared_maps() == maps_before
+    # the log and the event log file carry the same words
+    assert [r.getMessage() for r in caplog.records if "huge page shortfall" in r.getMessage()] \
+        == [note]
+    logged = [json.loads(x) for x in events_path.read_text().splitlines()]
+    assert [x["notes"] for x in logged if "notes" in x] == [[note]]
 
 
 # -- fault injection ---------------------------------------------------------------------------

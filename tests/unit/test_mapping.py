@@ -505,10 +505,32 @@ def test_injected_enomem_shows_max_map_count(mapper: Mapper) -> None:
     assert f"/proc/sys/vm/max_map_count {max_map_count()}" in text
     assert "mappings (/proc/self/maps lines)" in text
     assert "this Mapper maps 0 regions" in text
-    assert "[injected fault]" in text
-    assert "gpa=0x100000000 size=0x200000 (2 MiB)" in text and "Backing: memfd" in text
+    assert "[injected fault]" in text and "mmap was not called" in text
+    assert "this ENOMEM was injected; remove the rule (vhostmem-ctl inject --clear)" in text
+    assert "gpa=0x100000000-0x1001fffff size=0x200000 (2 MiB)" in text
+    assert "Backing: memfd" in text
     assert err.details["max_map_count"] == max_map_count()
     assert open_fds() == fds_before
+
+
+def test_kernel_mmap_failure_names_region_uaddr_errno_backing_and_fix(mapper: Mapper) -> None:
+    # A real refusal by the kernel: sysfs attributes have no mmap (kernfs_fop_mmap: ENODEV).
+    # The file is only opened, never written.
+    fd = os.open(POOL + "nr_hugepages", os.O_RDWR | os.O_CLOEXEC)
+    with pytest.raises(MappingError) as info:
+        mapper.map(fd, gpa=0x1_4000_0000, size=0x1000, mmap_offset=0, request="SET_MEM_TABLE",
+                   uaddr=0x7F12_3400_0000)
+    err = info.value
+    text = str(err)
+    assert (err.kind, err.errno) == ("enodev", errno.ENODEV)
+    assert text.startswith("SET_MEM_TABLE gpa=0x140000000-0x140000fff size=0x1000 (4 KiB) "
+                           "uaddr=0x7f1234000000 mmap_offset=0x0: ")
+    assert "mmap failed: the kernel returned ENODEV (No such device)" in text
+    assert "fd_offset 0x0, remainder 0x0, length 0x1000 (4 KiB), page 0x1000" in text
+    assert f"Backing: file '{POOL}nr_hugepages' (page 4 KiB" in text
+    assert "Fix: the filesystem does not support mmap" in text
+    assert "injected" not in text
+    assert err.details["uaddr"] == 0x7F12_3400_0000
 
 
 def test_injected_other_errno_names_it(mapper: Mapper) -> None:
@@ -708,14 +730,25 @@ def test_hugetlb_page_past_eof_is_a_fault_not_a_crash(hugepages: int) -> None:
     os.close(check)
 
 
-def test_hugetlb_injected_einval_gives_alignment_numbers(hugepages: int) -> None:
+def test_hugetlb_injected_einval_says_injected_and_does_not_blame_aligned_numbers(
+    hugepages: int,
+) -> None:
+    # The layout is aligned (vhostmem aligns it), so alignment cannot be the cause: the words
+    # must say the errno was injected and that the numbers are multiples of the page.
     with Mapper() as mapper, pytest.raises(MappingError) as info:
         mapper.map(memfd(2 * HPAGE, "huge", os.MFD_HUGETLB), gpa=0x1000_0000, size=HPAGE,
-                   mmap_offset=0x1000, fail_errno=errno.EINVAL)
+                   mmap_offset=0x1000, fail_errno=errno.EINVAL, uaddr=0x7F00_0000_1000)
     text = str(info.value)
-    assert info.value.kind == "einval"
-    assert "huge page size 0x200000 (2 MiB)" in text and "fd_offset 0x0 mod page = 0x0" in text
-    assert "length 0x400000 mod page = 0x0" in text and "Backing: memfd-hugetlb" in text
+    assert info.value.kind == "einval" and info.value.details["injected"] is True
+    assert text.startswith("ADD_MEM_REG gpa=0x10000000-0x101fffff size=0x200000 (2 MiB) "
+                           "uaddr=0x7f0000001000 mmap_offset=0x1000: mmap was not called: a "
+                           "fault rule (errno=EINVAL) made it fail as if the kernel had returned "
+                           "EINVAL (Invalid argument) [injected fault]; ")
+    assert ("fd_offset 0x0 and length 0x400000 are both multiples of the huge page size "
+            "0x200000 (2 MiB), so alignment is not the cause") in text
+    assert "mod page" not in text and "misalign" not in text and "is not a multiple" not in text
+    assert "Backing: memfd-hugetlb" in text and "(page 2 MiB" in text
+    assert "Fix: nothing to change in the set-up: this EINVAL was injected" in text
 
 
 def test_hugetlb_injected_enomem_shows_the_pool(hugepages: int) -> None:
@@ -724,3 +757,91 @@ def test_hugetlb_injected_enomem_shows_the_pool(hugepages: int) -> None:
                    fail_errno=errno.ENOMEM)
     assert f"hugetlb pool 2048kB: free {pool()}" in str(info.value)
     assert info.value.details["hugetlb_pool"]["free"] == pool()
+
+
+def _touch_first_page(fd: int) -> None:
+    """Allocate the file's first huge page by writing through a mapping of our own."""
+    with mmap.mmap(fd, HPAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+        mm[0] = 1
+
+
+def test_hugetlb_region_beyond_free_pool_warns_with_the_numbers(hugepages: int) -> None:
+    # Rule (Mapper.shortfalls): pages a file's live regions span, counted once, less the pages
+    # the file holds, against free_hugepages. Nothing fails at map time (MAP_NORESERVE); the
+    # words must say so, with the numbers read from sysfs.
+    with Mapper() as mapper:
+        small = memfd(2 * HPAGE, "small", os.MFD_HUGETLB)
+        fits = mapper.map(small, gpa=0, size=2 * HPAGE, mmap_offset=0, uaddr=0x7F00_0000_0000)
+        assert fits.warnings == () and mapper.shortfalls() == []
+        fits.close()
+
+        pages = pool() + 3  # one page allocated below, so the pool lacks 3 for the rest
+        fd = memfd(pages * HPAGE, "big", os.MFD_HUGETLB)
+        _touch_first_page(fd)
+        second = os.dup(fd)
+        gpa, uaddr = 0x1_0000_0000, 0x7F10_0000_0000
+        m = mapper.map(fd, gpa=gpa, size=pages * HPAGE, mmap_offset=0, uaddr=uaddr)
+        free, resv, total = pool(), pool("resv_hugepages"), pool("nr_hugepages")
+        short = pages - 1 - free
+        assert short == 3
+        [warning] = m.warnings
+        end = gpa + pages * HPAGE - 1
+        assert warning.startswith(
+            f"ADD_MEM_REG gpa=0x{gpa:x}-0x{end:x} size=0x{pages * HPAGE:x} "
+            f"({pages * 2} MiB) uaddr=0x{uaddr:x} mmap_offset=0x0: huge page shortfall: the "
+            f"region spans {pages} pages of 2 MiB (memfd-hugetlb '/memfd:big (deleted)'); the "
+            f"file holds 1 pages (allocated); the 2 MiB pool has {free} free pages, {resv} of "
+            f"them reserved (of {total} in all): {pages - 1} pages still to allocate, {short} "
+            f"pages short if every page is touched. Served anyway:")
+        assert "SIGBUS: QEMU (the guest's accesses run in QEMU's vCPU threads" in warning
+        assert "vhostmem when --tap writes a guest buffer there" in warning
+        assert "vhostmem's peek does not touch such pages" in warning
+        assert (f"Fix: reserve {short} more pages of 2 MiB: echo {total + short} > "
+                f"{POOL}nr_hugepages") in warning
+        [found] = mapper.shortfalls()
+        assert (found.mapping, found.region_pages, found.held, found.free, found.short) == (
+            m, pages, 1, free, short)
+
+        # A second region of the same file (its last two pages): the file counts once, so
+        # the shortfall stays 3, and both regions are listed.
+        tail = mapper.map(second, gpa=0x2_0000_0000, size=2 * HPAGE,
+                          mmap_offset=(pages - 2) * HPAGE, request="SET_MEM_TABLE")
+        [tail_warning] = tail.warnings
+        assert (f"its file has 2 regions mapped here, {pages} pages counted once; the file "
+                f"holds 1 pages") in tail_warning
+        assert f"{short} pages short if every page is touched" in tail_warning
+        assert [(s.gpa, s.file_regions, s.short) for s in mapper.shortfalls()] == [
+            (gpa, 2, short), (0x2_0000_0000, 2, short)]
+        m.close()
+        assert [(s.gpa, s.region_pages, s.short) for s in mapper.shortfalls()] == []
+        tail.close()
+
+
+def test_hugetlb_file_covered_by_its_reservation_is_not_short(hugepages: int) -> None:
+    # A mapping without MAP_NORESERVE (QEMU's hugetlb backend with reserve=on) reserves the
+    # file's pages; they stay counted in free_hugepages. That file is covered; a second file
+    # (reserve=off) that needs more than the rest of the pool is the one listed.
+    with Mapper() as mapper:
+        reserved_pages = 4
+        boot = memfd(reserved_pages * HPAGE, "boot", os.MFD_HUGETLB)
+        with mmap.mmap(boot, reserved_pages * HPAGE, mmap.MAP_SHARED,
+                       mmap.PROT_READ | mmap.PROT_WRITE):
+            assert pool("resv_hugepages") >= reserved_pages
+            covered = mapper.map(os.dup(boot), gpa=0, size=reserved_pages * HPAGE,
+                                 mmap_offset=0)
+            assert covered.warnings == ()
+            pages = pool() - reserved_pages + 2  # 2 more than the unreserved free pages
+            vmem = memfd(pages * HPAGE, "vmem", os.MFD_HUGETLB)
+            m = mapper.map(vmem, gpa=0x1_0000_0000, size=pages * HPAGE, mmap_offset=0)
+            free, resv = pool(), pool("resv_hugepages")
+            [found] = mapper.shortfalls()
+            assert found.mapping is m and found.other_missing == reserved_pages
+            assert (found.region_pages, found.held, found.free, found.resv) == (
+                pages, 0, free, resv)
+            assert found.short == pages + reserved_pages - free == 2
+            [warning] = m.warnings
+            assert ("other hugetlb files of 2 MiB pages mapped here still lack 4 pages: "
+                    f"{pages + 4} pages still to allocate, 2 pages short") in warning
+            m.close()
+            covered.close()
+        os.close(boot)
