@@ -3,11 +3,12 @@
 Each vhost-user socket serves every front-end that connects, all at once, the way DPDK's vhost
 library serves several connections per socket (DPDK ``lib/vhost/socket.c``:
 ``vhost_user_server_new_connection`` adds every accepted fd to the socket's ``conn_list``): a
-leftover QEMU, a probe such as ``nc -U`` or a restarted QEMU never leaves the
-next one waiting unanswered in the listen backlog. Each connection runs in its own task with its
-own :class:`Session` and region table, and releases every mapping and fd of its own when it
-ends. A connection's errors stay inside its own task (trio's ``serve_listeners`` documents that a
-handler exception would crash the server).
+leftover QEMU, a probe such as ``nc -U`` or a restarted QEMU never leaves the next one waiting
+unanswered in the listen backlog. Each connection runs in its own task with its own
+:class:`Session` and region table, and releases every mapping and fd of its own when it ends. A
+connection's errors stay inside its own task (trio's ``serve_listeners`` documents that a
+handler exception would crash the server). With ``--tap`` the TAP bridges the rings of one
+connection, the first to start them; another's are refused, loudly (``vhostmem.datapath``).
 
 The shell loop is the sans-IO one (h11's ``examples/trio-server.py``): read what the session
 wants, ``receive_data``, drain ``next_event``, send each reply, record each event. Recording
@@ -352,7 +353,13 @@ class Backend:
         session = Session(self.config.session, self.host, self.faults)
         conn = Connection(number, socket_name, session, peer, log)
         if self.net is not None:
-            conn.datapath = self.net.attach(session, socket_name=socket_name, conn=number, log=log)
+            conn.datapath = self.net.attach(
+                session,
+                socket_name=socket_name,
+                conn=number,
+                log=log,
+                peer=peer.as_json() if peer else None,
+            )
         self.live.setdefault(socket_name, {})[number] = conn
         log.info(
             "front-end connected on %s (pid %s, uid %s)",
