@@ -220,17 +220,28 @@ def _cmd_peek(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     if not 0 < length <= _MAX_PEEK:
         raise ControlError(f"len must be 1..{_MAX_PEEK} bytes, got {length}")
     wanted_socket = args.get("socket")
-    conns = [c for c in backend.connections() if wanted_socket in (None, c.socket_name)]
+    # Several front-ends may share a socket, each with its own table: "conn" picks one.
+    wanted_conn = _int_arg(args, "conn") if args.get("conn") is not None else None
+    conns = [
+        c
+        for c in backend.connections()
+        if wanted_socket in (None, c.socket_name) and wanted_conn in (None, c.number)
+    ]
     if not conns:
         raise ControlError(
-            "no front-end is connected" + (f" on {wanted_socket}" if wanted_socket else "")
+            "no front-end is connected"
+            + (f" on {wanted_socket}" if wanted_socket else "")
+            + (f" as conn {wanted_conn}" if wanted_conn is not None else "")
         )
     errors = []
     for conn in conns:
         try:
-            return _peek_in(conn.session.table, gpa, length) | {"socket": conn.socket_name}
+            return _peek_in(conn.session.table, gpa, length) | {
+                "socket": conn.socket_name,
+                "conn": conn.number,
+            }
         except TableError as err:
-            errors.append(f"{conn.socket_name}: {err}")
+            errors.append(f"{conn.socket_name} conn {conn.number}: {err}")
     raise ControlError("; ".join(errors))
 
 

@@ -274,6 +274,16 @@ async def test_run_serves_two_front_ends_on_one_socket_at_once(tmp_path: Path) -
                 text = render_stats(stats)
                 for n in (conn1.number, conn2.number):
                     assert f"conn {n}, peer pid {me['pid']}" in text, text
+                # peek reads one connection's guest: "conn" picks which (GPA 0x10 in both)
+                for name, conn in (("first", conn1), ("second", conn2)):
+                    os.pwrite(memfds[name], name.encode(), 0x10)
+                    got = await in_thread(
+                        lambda n=conn.number: client.call("peek", gpa=0x10, len=6, conn=n)
+                    )
+                    assert (got["conn"], bytes.fromhex(got["hex"])) == (
+                        conn.number,
+                        name.encode().ljust(6, b"\0"),
+                    )
                 with pytest.raises(ControlError, match="unknown command"):
                     await in_thread(client.call, "nonsense")
                 for fd in memfds.values():
