@@ -28,7 +28,7 @@ from vhostmem.regions import UnmergeableRange, merged_view
 from vhostmem.transport import peer_credentials
 
 if TYPE_CHECKING:
-    from vhostmem.server import Backend
+    from vhostmem.server import Backend, Connection
 
 __all__ = ["DOC_VERSION", "ControlClient", "ControlError", "EventLog", "serve_control"]
 
@@ -77,6 +77,32 @@ def _int_arg(args: dict[str, Any], name: str, default: int | None = None) -> int
     return value
 
 
+def _sockets(backend: Backend) -> list[dict[str, Any]]:
+    """Every socket served, each with every live connection on it (several front-ends may share
+    one socket): its number, peer, slots used and regions."""
+    max_slots = backend.config.session.max_slots
+    sockets = []
+    for name, live in backend.live.items():
+        connections = [
+            {
+                "conn": conn.number,
+                "peer": conn.peer.as_json() if conn.peer else None,
+                "slots_used": len(conn.session.table),
+                "regions": [region.as_json() for region in conn.session.table.mapped],
+            }
+            for conn in live.values()
+        ]
+        sockets.append(
+            {
+                "socket": name,
+                "connected": bool(connections),
+                "max_slots": max_slots,
+                "connections": connections,
+            }
+        )
+    return sockets
+
+
 def _cmd_regions(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     regions = []
     for owner, region in backend.regions():
@@ -85,25 +111,18 @@ def _cmd_regions(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
         entry["conn"] = owner.number
         entry["peer_pid"] = owner.peer.pid if owner.peer else None
         regions.append(entry)
-    sockets = []
-    for name, live in backend.sockets.items():
-        sockets.append(
-            {
-                "socket": name,
-                "connected": live is not None,
-                "conn": live.number if live else None,
-                "peer": live.peer.as_json() if live and live.peer else None,
-                "regions": len(live.session.table) if live else 0,
-                "max_slots": backend.config.session.max_slots,
-            }
-        )
-    doc: dict[str, Any] = {"version": DOC_VERSION, "regions": regions, "sockets": sockets}
+    doc: dict[str, Any] = {
+        "version": DOC_VERSION,
+        "regions": regions,
+        "sockets": _sockets(backend),
+    }
     if args.get("merged"):
         markers = _markers(backend, args.get("markers") or [])
         doc["markers"] = [{"start": m.start, "end": m.end, "source": m.source} for m in markers]
         doc["merged"] = [
             {
                 "socket": conn.socket_name,
+                "conn": conn.number,
                 "gpa": group.gpa,
                 "size": group.size,
                 "uaddr": group.uaddr,
@@ -163,12 +182,14 @@ def _cmd_stats(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
         for vring in conn.session.vrings:
             doc = vring.as_json()
             doc["socket"] = conn.socket_name
+            doc["conn"] = conn.number
             vrings.append(doc)
     return {
         "version": DOC_VERSION,
         "uptime": time.time() - backend.started,
         "regions": len(backend.regions()),
         "connections_live": len(backend.connections()),
+        "sockets": _sockets(backend),
         "mapped_bytes": mapper.mapped_bytes,
         "maps": mapper.maps,
         "mapping_fds": mapper.fds_held,
@@ -199,17 +220,28 @@ def _cmd_peek(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     if not 0 < length <= _MAX_PEEK:
         raise ControlError(f"len must be 1..{_MAX_PEEK} bytes, got {length}")
     wanted_socket = args.get("socket")
-    conns = [c for c in backend.connections() if wanted_socket in (None, c.socket_name)]
+    # Several front-ends may share a socket, each with its own table: "conn" picks one.
+    wanted_conn = _int_arg(args, "conn") if args.get("conn") is not None else None
+    conns = [
+        c
+        for c in backend.connections()
+        if wanted_socket in (None, c.socket_name) and wanted_conn in (None, c.number)
+    ]
     if not conns:
         raise ControlError(
-            "no front-end is connected" + (f" on {wanted_socket}" if wanted_socket else "")
+            "no front-end is connected"
+            + (f" on {wanted_socket}" if wanted_socket else "")
+            + (f" as conn {wanted_conn}" if wanted_conn is not None else "")
         )
     errors = []
     for conn in conns:
         try:
-            return _peek_in(conn.session.table, gpa, length) | {"socket": conn.socket_name}
+            return _peek_in(conn.session.table, gpa, length) | {
+                "socket": conn.socket_name,
+                "conn": conn.number,
+            }
         except TableError as err:
-            errors.append(f"{conn.socket_name}: {err}")
+            errors.append(f"{conn.socket_name} conn {conn.number}: {err}")
     raise ControlError("; ".join(errors))
 
 
@@ -262,6 +294,11 @@ def _cmd_inject(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     return {"version": DOC_VERSION, "faults": [f.as_json() for f in backend.faults.faults]}
 
 
+def _or_none(conns: list[Connection]) -> list[Connection | None]:
+    """``conns``, or ``[None]`` for a socket with no live connection (its free slots show)."""
+    return [*conns] if conns else [None]
+
+
 def _cmd_diagnose(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     pools = []
@@ -275,14 +312,17 @@ def _cmd_diagnose(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
         if pool is not None:
             pools.append({"page_size": page, **pool})
     mapper = backend.mapper.stats
-    slots = [
+    max_slots = backend.config.session.max_slots
+    slots: list[dict[str, Any]] = [
         {
             "socket": name,
+            "conn": conn.number if conn else None,
             "used": len(conn.session.table) if conn else 0,
-            "free": (conn.session.table.free_slots if conn else backend.config.session.max_slots),
-            "max": backend.config.session.max_slots,
+            "free": conn.session.table.free_slots if conn else max_slots,
+            "max": max_slots,
         }
-        for name, conn in backend.sockets.items()
+        for name, live in backend.live.items()
+        for conn in _or_none(list(live.values()))  # every connection has its own slots
     ]
     # The hugetlb regions the pool cannot back in full now, with the socket that mapped each.
     owners = {id(region.handle): conn for conn, region in backend.regions()}

@@ -3,8 +3,15 @@
 Theory of operation
 -------------------
 One :class:`NetDevice` per process holds the TAP device (``vhostmem --tap``) and the nursery the
-ring tasks run in. Each front-end connection gets a :class:`NetAttachment`; the first one claims
-the TAP, later ones (another socket, while the first is connected) get no traffic and say so.
+ring tasks run in. Each front-end connection gets a :class:`NetAttachment`. A TAP carries one
+guest's frames, so it bridges the rings of one connection: the first that starts its rings
+(connecting alone claims nothing, so a probe or an idle leftover front-end holds nothing). It
+keeps the TAP until it ends. Another connection whose rings become ready meanwhile gets them
+refused: they are not started, and one ``datapath-refused`` event and one log line name both
+peers and the reason. When the holder ends, the TAP goes to the connection refused first that
+still has rings ready (a ``datapath-handover`` event), so a QEMU restarted before the old one
+died gets traffic as soon as the old one is gone.
+
 The shell calls :meth:`NetAttachment.sync` after every handled request, *before* it awaits
 anything: that is where rings start and stop as the protocol says (a ring runs while it is
 started by SET_VRING_KICK, enabled, and has an address and a size; GET_VRING_BASE and
@@ -453,7 +460,7 @@ class NetAttachment:
         socket_name: for events.
         conn: connection number, for events.
         log: the connection's logger.
-        active: whether this connection owns the TAP.
+        peer: the front-end's credentials (``{"pid", "uid", "gid"}``), for messages.
     """
 
     def __init__(
@@ -464,14 +471,18 @@ class NetAttachment:
         socket_name: str,
         conn: int,
         log: logging.Logger,
-        active: bool,
+        peer: dict[str, Any] | None = None,
     ) -> None:
         self.device = device
         self.session = session
         self.socket_name = socket_name
         self.conn = conn
+        self.peer = peer
         self.log = log.getChild("net")
-        self.active = active
+        #: This connection's rings use the TAP (it holds it).
+        self.active = False
+        #: Its rings were refused and it waits for the TAP (told once, until it gets it).
+        self.refused = False
         self.region_counters: dict[Region, RegionCounter] = {}
         self.removed = RegionCounter()
         self.mem = RegionMemory(session.table, self.region_counters)
@@ -497,11 +508,6 @@ class NetAttachment:
         )
         self._last_drop_log = 0.0
         self.closed = False
-        if not active:
-            self.log.warning(
-                "TAP %s already serves another connection; this one's rings get no traffic",
-                device.tap.name,
-            )
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
@@ -527,18 +533,32 @@ class NetAttachment:
                 if counter is not None:
                     self.removed.translations += counter.translations
                     self.removed.bytes += counter.bytes
-        if not self.active or self.closed:
+        self.sync_rings()
+
+    def _runnable(self, vring: Vring) -> bool:
+        return (
+            self.session.state is SessionState.OWNED
+            and vring.started
+            and vring.enabled
+            and vring.addr is not None
+            and vring.num > 0
+        )
+
+    def wants_tap(self) -> bool:
+        """Whether a ring of queue pair 0 is ready to run (so this connection needs the TAP)."""
+        return not self.closed and any(self._runnable(v) for v in self.session.vrings[:2])
+
+    def sync_rings(self) -> None:
+        """Start and stop rings to match the session (claiming the TAP first, if free)."""
+        if self.closed:
             return
+        if not self.active:
+            if not self.wants_tap() or not self.device.claim(self):
+                return
         session = self.session
         for vring in session.vrings[:2]:
             index = vring.index
-            runnable = (
-                session.state is SessionState.OWNED
-                and vring.started
-                and vring.enabled
-                and vring.addr is not None
-                and vring.num > 0
-            )
+            runnable = self._runnable(vring)
             key = (vring.kick, vring.addr, vring.num, session.acked_features)
             ring = self.rings.get(index)
             if ring is not None and (ring.finished or not runnable or ring.key != key):
@@ -645,6 +665,7 @@ class NetAttachment:
             "conn": self.conn,
             "tap": self.device.tap.name,
             "active": self.active,
+            "refused": self.refused,
             "mrg_rxbuf": bool(features & VirtioFeature.NET_F_MRG_RXBUF),
             "event_idx": bool(features & VirtioFeature.RING_F_EVENT_IDX),
             "rings": rings,
@@ -681,29 +702,123 @@ class NetDevice:
         self.nursery = nursery
         self.record = record
         self.poll_interval = poll_interval
+        #: The connection whose rings the TAP bridges (the first to start them).
         self.owner: NetAttachment | None = None
+        #: Connections whose rings were refused, in refusal order (they wait for the TAP).
+        self.waiting: list[NetAttachment] = []
+        self.closed = False
 
     def attach(
-        self, session: Session, *, socket_name: str, conn: int, log: logging.Logger
+        self,
+        session: Session,
+        *,
+        socket_name: str,
+        conn: int,
+        log: logging.Logger,
+        peer: dict[str, Any] | None = None,
     ) -> NetAttachment:
-        """A data path for one connection; the first live one gets the TAP."""
-        active = self.owner is None
-        att = NetAttachment(
-            self, session, socket_name=socket_name, conn=conn, log=log, active=active
+        """A data path for one connection. It holds nothing yet: the TAP goes to the first
+        connection whose rings are ready to run (:meth:`claim`), when they are."""
+        return NetAttachment(
+            self, session, socket_name=socket_name, conn=conn, log=log, peer=peer
         )
-        if active:
+
+    def claim(self, att: NetAttachment) -> bool:
+        """Give ``att`` the TAP if nobody holds it; otherwise refuse, loudly, once.
+
+        Returns:
+            whether ``att`` now holds the TAP (its rings may start).
+        """
+        owner = self.owner
+        if owner is None or owner is att:
             self.owner = att
-        return att
+            att.active = True
+            att.refused = False
+            if att in self.waiting:
+                self.waiting.remove(att)
+            return True
+        if not att.refused:
+            att.refused = True
+            self.waiting.append(att)
+            self._refuse(att, owner)
+        return False
+
+    def _refuse(self, att: NetAttachment, owner: NetAttachment) -> None:
+        reason = (
+            f"TAP {self.tap.name} already bridges the rings of conn {owner.conn} on "
+            f"{owner.socket_name} ({_who(owner.peer)}), which started its rings first; "
+            f"conn {att.conn}'s rings are not started (no traffic) until that connection ends. "
+            "A leftover or second front-end on the same TAP: stop the one that should not run"
+        )
+        att.log.warning(
+            "rings of conn %d on %s (%s) refused: %s",
+            att.conn,
+            att.socket_name,
+            _who(att.peer),
+            reason,
+        )
+        self.record(
+            {
+                "event": "datapath-refused",
+                "socket": att.socket_name,
+                "conn": att.conn,
+                "peer": att.peer,
+                "tap": self.tap.name,
+                "holder": _party(owner),
+                "reason": reason,
+            }
+        )
 
     def detach(self, att: NetAttachment) -> None:
-        if self.owner is att:
-            self.owner = None
+        """``att``'s connection ended: if it held the TAP, the first waiting connection whose
+        rings are still ready gets it."""
+        if att in self.waiting:
+            self.waiting.remove(att)
+        if self.owner is not att:
+            return
+        self.owner = None
+        if self.closed or (self.nursery is not None and self.nursery.cancel_scope.cancel_called):
+            return  # shutting down: nobody gets the TAP any more
+        for waiting in list(self.waiting):
+            if not waiting.wants_tap():
+                continue
+            self.waiting.remove(waiting)
+            waiting.refused = False
+            self.owner = waiting
+            waiting.active = True
+            waiting.log.warning(
+                "TAP %s now bridges the rings of conn %d on %s (%s): conn %d on %s (%s), "
+                "which held it, ended",
+                self.tap.name,
+                waiting.conn,
+                waiting.socket_name,
+                _who(waiting.peer),
+                att.conn,
+                att.socket_name,
+                _who(att.peer),
+            )
+            waiting.sync_rings()
+            try:
+                self.record(
+                    {
+                        "event": "datapath-handover",
+                        "socket": waiting.socket_name,
+                        "conn": waiting.conn,
+                        "peer": waiting.peer,
+                        "tap": self.tap.name,
+                        "previous": _party(att),
+                    }
+                )
+            except Exception:  # detach runs while a connection releases: that must go on
+                waiting.log.exception("could not book the TAP's handover")
+            return
 
     def as_json(self) -> dict[str, Any]:
         return {**self.tap.as_json(), "owner_conn": self.owner.conn if self.owner else None}
 
     def close(self) -> None:
         """Stop the owner's rings and release the TAP (and what was created for it)."""
+        self.closed = True
         if self.owner is not None:
             self.owner.close()
         try:
@@ -711,3 +826,13 @@ class NetDevice:
         except (RuntimeError, OSError, ValueError):  # outside trio, or already closed
             pass
         self.tap.close()
+
+
+def _who(peer: dict[str, Any] | None) -> str:
+    if peer is None:
+        return "pid ?, uid ? (SO_PEERCRED unreadable)"
+    return f"pid {peer.get('pid', '?')}, uid {peer.get('uid', '?')}"
+
+
+def _party(att: NetAttachment) -> dict[str, Any]:
+    return {"socket": att.socket_name, "conn": att.conn, "peer": att.peer}

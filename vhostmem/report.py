@@ -23,78 +23,105 @@ __all__ = [
 ]
 
 
+#: Regions ``stats`` names per connection on its line (``regions`` lists them all).
+_STATS_RANGES = 4
+
+
+def _connection_line(sock: dict[str, Any], conn: dict[str, Any]) -> str:
+    peer = conn.get("peer") or {}
+    return (
+        f"conn {conn['conn']}, peer pid {peer.get('pid', '?')} uid {peer.get('uid', '?')}: "
+        f"{conn['slots_used']} of {sock['max_slots']} slots used"
+    )
+
+
+def _socket_line(sock: dict[str, Any]) -> str:
+    live = len(sock["connections"])
+    if not live:
+        return f"{sock['socket']}: no front-end connected"
+    return f"{sock['socket']}: {live} front-end{'s' if live != 1 else ''} connected"
+
+
 def render_regions(doc: dict[str, Any]) -> str:
-    """The region table, grouped by socket."""
+    """The region table, grouped by socket, then by connection (each has its own table)."""
     lines: list[str] = []
     for sock in doc["sockets"]:
-        peer = sock.get("peer") or {}
-        state = (
-            f"conn {sock['conn']}, peer pid {peer.get('pid', '?')} uid {peer.get('uid', '?')}"
-            if sock["connected"]
-            else "no front-end connected"
-        )
-        lines.append(
-            f"{sock['socket']}: {state}; {sock['regions']} of {sock['max_slots']} slots used"
-        )
-        regions = [r for r in doc["regions"] if r["socket"] == sock["socket"]]
-        if not regions:
-            continue
-        lines.append(
-            f"  {'GPA start':>18} {'GPA end':>18} {'size':>10} {'front-end addr':>18} "
-            f"{'mmap_offset':>14}  backing"
-        )
-        for r in regions:
-            end = r["gpa"] + r["size"] - 1
-            backing = r.get("backing", "?")
-            page = r.get("page_size")
-            if page:
-                backing += f" ({human_size(page)} pages)"
-            if r.get("file"):
-                backing += f" {r['file']}"
-            lines.append(
-                f"  0x{r['gpa']:016x} 0x{end:016x} {human_size(r['size']):>10} "
-                f"0x{r['uaddr']:016x} {hex(r['mmap_offset']):>14}  {backing}"
-            )
-            if r.get("unmap_failed"):
-                lines.append(f"    UNMAP FAILED, still mapped: {r['unmap_failed']}")
+        lines.append(_socket_line(sock))
+        for conn in sock["connections"]:
+            lines.append(f"  {_connection_line(sock, conn)}")
+            if conn["regions"]:
+                lines.extend(_region_rows(conn["regions"]))
     return "\n".join(lines) if lines else "no sockets"
+
+
+def _region_rows(regions: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        f"    {'GPA start':>18} {'GPA end':>18} {'size':>10} {'front-end addr':>18} "
+        f"{'mmap_offset':>14}  backing"
+    ]
+    for r in regions:
+        end = r["gpa"] + r["size"] - 1
+        backing = r.get("backing", "?")
+        page = r.get("page_size")
+        if page:
+            backing += f" ({human_size(page)} pages)"
+        if r.get("file"):
+            backing += f" {r['file']}"
+        lines.append(
+            f"    0x{r['gpa']:016x} 0x{end:016x} {human_size(r['size']):>10} "
+            f"0x{r['uaddr']:016x} {hex(r['mmap_offset']):>14}  {backing}"
+        )
+        if r.get("unmap_failed"):
+            lines.append(f"      UNMAP FAILED, still mapped: {r['unmap_failed']}")
+    return lines
 
 
 def render_map(doc: dict[str, Any], width: int = 64) -> str:
     """A picture of the guest physical address space: regions (letters) and holes (dots)."""
     out: list[str] = []
     for sock in doc["sockets"]:
-        regions = sorted(
-            (r for r in doc["regions"] if r["socket"] == sock["socket"]), key=lambda r: r["gpa"]
-        )
-        out.append(f"{sock['socket']}:")
-        if not regions:
-            out.append("  (no regions)")
-            continue
-        top = max(r["gpa"] + r["size"] for r in regions)
-        letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-        bar = ["."] * width
-        for i, r in enumerate(regions):
-            first = r["gpa"] * width // top
-            last = max(first, (r["gpa"] + r["size"]) * width // top - 1)
-            for col in range(first, min(last, width - 1) + 1):
-                bar[col] = letters[i % len(letters)]
-        out.append(
-            f"  0x0 |{''.join(bar)}| 0x{top:x}  (one column = {human_size(max(1, top // width))})"
-        )
-        cursor = 0
-        for i, r in enumerate(regions):
-            if r["gpa"] > cursor:
-                out.append(
-                    f"      0x{cursor:012x}-0x{r['gpa'] - 1:012x}  hole {human_size(r['gpa'] - cursor):>10}"
-                )
-            out.append(
-                f"   {letters[i % len(letters)]}  0x{r['gpa']:012x}-0x{r['gpa'] + r['size'] - 1:012x}"
-                f"  region {human_size(r['size']):>8}  {r.get('backing', '?')} "
-                f"mmap_offset {hex(r['mmap_offset'])}"
-            )
-            cursor = r["gpa"] + r["size"]
+        if not sock["connections"]:
+            out.append(f"{sock['socket']}: (no front-end connected)")
+        for conn in sock["connections"]:  # each connection maps its own guest
+            out.extend(_map_picture(f"{sock['socket']} conn {conn['conn']}", conn, width))
     return "\n".join(out) if out else "no sockets"
+
+
+def _map_picture(title: str, conn: dict[str, Any], width: int) -> list[str]:
+    out = [f"{title}:"]
+    regions = sorted(conn["regions"], key=lambda r: r["gpa"])
+    if regions:
+        top = max(r["gpa"] + r["size"] for r in regions)
+        out.extend(_map_rows(regions, top, width))
+    else:
+        out.append("  (no regions)")
+    return out
+
+
+def _map_rows(regions: list[dict[str, Any]], top: int, width: int) -> list[str]:
+    out: list[str] = []
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+    bar = ["."] * width
+    for i, r in enumerate(regions):
+        first = r["gpa"] * width // top
+        last = max(first, (r["gpa"] + r["size"]) * width // top - 1)
+        for col in range(first, min(last, width - 1) + 1):
+            bar[col] = letters[i % len(letters)]
+    out.append(
+        f"  0x0 |{''.join(bar)}| 0x{top:x}  (one column = {human_size(max(1, top // width))})"
+    )
+    cursor = 0
+    for i, r in enumerate(regions):
+        if r["gpa"] > cursor:
+            hole = human_size(r["gpa"] - cursor)
+            out.append(f"      0x{cursor:012x}-0x{r['gpa'] - 1:012x}  hole {hole:>10}")
+        out.append(
+            f"   {letters[i % len(letters)]}  0x{r['gpa']:012x}-0x{r['gpa'] + r['size'] - 1:012x}"
+            f"  region {human_size(r['size']):>8}  {r.get('backing', '?')} "
+            f"mmap_offset {hex(r['mmap_offset'])}"
+        )
+        cursor = r["gpa"] + r["size"]
+    return out
 
 
 def render_events(doc: dict[str, Any]) -> str:
@@ -130,7 +157,7 @@ def render_stats(doc: dict[str, Any]) -> str:
     """Counters as ``name: value`` lines."""
     lines = []
     for key, value in doc.items():
-        if key in ("version", "vrings"):
+        if key in ("version", "vrings", "sockets"):
             continue
         if key == "mapped_bytes":
             value = f"{value} ({human_size(value)})"
@@ -139,9 +166,23 @@ def render_stats(doc: dict[str, Any]) -> str:
         elif isinstance(value, (dict, list)):  # tap and data-path counters (--tap)
             value = json.dumps(value, sort_keys=True)
         lines.append(f"{key:>18}: {value}")
+    for sock in doc.get("sockets", []):
+        lines.append(f"{'socket':>18}: {_socket_line(sock)}")
+        for conn in sock["connections"]:
+            regions = conn["regions"]
+            ranges = ", ".join(
+                f"0x{r['gpa']:x}-0x{r['gpa'] + r['size'] - 1:x} ({human_size(r['size'])})"
+                for r in regions[:_STATS_RANGES]
+            )
+            if len(regions) > _STATS_RANGES:
+                ranges += f" and {len(regions) - _STATS_RANGES} more (vhostmem-ctl regions)"
+            lines.append(
+                f"{'':>18}  {_connection_line(sock, conn)}" + (f"; {ranges}" if ranges else "")
+            )
     for ring in doc.get("vrings", []):
         lines.append(
-            f"{'vring':>18}: {ring['socket']} #{ring['index']} size {ring['num']} "
+            f"{'vring':>18}: {ring['socket']} conn {ring['conn']} #{ring['index']} "
+            f"size {ring['num']} "
             f"{'started' if ring['started'] else 'stopped'}, "
             f"{'enabled' if ring['enabled'] else 'disabled'}"
         )
@@ -198,7 +239,9 @@ def render_diagnose(doc: dict[str, Any]) -> str:
         lines.append("huge pages      none configured (/sys/kernel/mm/hugepages is empty)")
     for slot in doc["slots"]:
         lines.append(
-            f"slots           {slot['socket']}: {slot['used']} used, {slot['free']} free of {slot['max']}"
+            f"slots           {slot['socket']}"
+            + (f" conn {slot['conn']}" if slot.get("conn") is not None else "")
+            + f": {slot['used']} used, {slot['free']} free of {slot['max']}"
         )
     if doc["faults"]:
         lines.append("fault rules     " + "; ".join(f["spec"] for f in doc["faults"]))
@@ -223,21 +266,35 @@ def render_merged(doc: dict[str, Any]) -> str:
     """The merged view: adjacent regions shown as one, and what kept each boundary."""
     lines: list[str] = []
     for sock in doc["sockets"]:
-        groups = [g for g in doc.get("merged", []) if g["socket"] == sock["socket"]]
-        lines.append(
-            f"{sock['socket']}: {len(groups)} merged region(s) from {sock['regions']} received"
-        )
-        for g in groups:
-            end = g["gpa"] + g["size"] - 1
-            parts = len(g["parts"])
+        if not sock["connections"]:
+            lines.append(_socket_line(sock))
+        for conn in sock["connections"]:  # each connection has its own table
+            groups = [
+                g
+                for g in doc.get("merged", [])
+                if g["socket"] == sock["socket"] and g["conn"] == conn["conn"]
+            ]
             lines.append(
-                f"  0x{g['gpa']:016x}-0x{end:016x} {human_size(g['size']):>10}  "
-                f"{parts} region{'s' if parts != 1 else ''}"
+                f"{sock['socket']} conn {conn['conn']}: {len(groups)} merged region(s) from "
+                f"{conn['slots_used']} received"
             )
-            if g["boundary_after"]:
-                lines.append(f"      boundary kept: {g['boundary_after']}")
+            lines.extend(_merged_rows(groups))
     markers = doc.get("markers", [])
     if markers:
         lines.append("unmergeable markers:")
         lines.extend(f"  0x{m['start']:x}-0x{m['end'] - 1:x}  {m['source']}" for m in markers)
     return "\n".join(lines)
+
+
+def _merged_rows(groups: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for g in groups:
+        end = g["gpa"] + g["size"] - 1
+        parts = len(g["parts"])
+        lines.append(
+            f"  0x{g['gpa']:016x}-0x{end:016x} {human_size(g['size']):>10}  "
+            f"{parts} region{'s' if parts != 1 else ''}"
+        )
+        if g["boundary_after"]:
+            lines.append(f"      boundary kept: {g['boundary_after']}")
+    return lines

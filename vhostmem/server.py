@@ -1,9 +1,14 @@
 """The trio shell: listeners, one task per front-end connection, the control socket, signals.
 
-Each vhost-user socket serves one front-end at a time: its task accepts, runs the connection to
-the end, releases every mapping and fd, and only then accepts again, so a second front-end waits
-in the backlog (QEMU does the same with its chardev). A connection's errors stay inside its own
-task (trio's ``serve_listeners`` documents that a handler exception would crash the server).
+Each vhost-user socket serves every front-end that connects, all at once, the way DPDK's vhost
+library serves several connections per socket (DPDK ``lib/vhost/socket.c``:
+``vhost_user_server_new_connection`` adds every accepted fd to the socket's ``conn_list``): a
+leftover QEMU, a probe such as ``nc -U`` or a restarted QEMU never leaves the next one waiting
+unanswered in the listen backlog. Each connection runs in its own task with its own
+:class:`Session` and region table, and releases every mapping and fd of its own when it ends. A
+connection's errors stay inside its own task (trio's ``serve_listeners`` documents that a
+handler exception would crash the server). With ``--tap`` the TAP bridges the rings of one
+connection, the first to start them; another's are refused, loudly (``vhostmem.datapath``).
 
 The shell loop is the sans-IO one (h11's ``examples/trio-server.py``): read what the session
 wants, ``receive_data``, drain ``next_event``, send each reply, record each event. Recording
@@ -195,7 +200,8 @@ class Backend:
         self.config = config
         self.mapper = Mapper(max_mapped=config.max_mapped)
         self.host = ShellHost(self.mapper)
-        self.sockets: dict[str, Connection | None] = {}
+        #: Live connections by socket name, then by connection number (in connect order).
+        self.live: dict[str, dict[int, Connection]] = {}
         self.events: deque[dict[str, Any]] = deque(maxlen=_EVENT_HISTORY)
         self.event_log = EventLog(config.event_log) if config.event_log else None
         self.counters = {"connections": 0, "requests": 0, "errors": 0, "replies": 0}
@@ -363,8 +369,14 @@ class Backend:
         session = Session(self.config.session, self.host, self.faults)
         conn = Connection(number, socket_name, session, peer, log)
         if self.net is not None:
-            conn.datapath = self.net.attach(session, socket_name=socket_name, conn=number, log=log)
-        self.sockets[socket_name] = conn
+            conn.datapath = self.net.attach(
+                session,
+                socket_name=socket_name,
+                conn=number,
+                log=log,
+                peer=peer.as_json() if peer else None,
+            )
+        self.live.setdefault(socket_name, {})[number] = conn
         log.info(
             "front-end connected on %s (pid %s, uid %s)",
             socket_name,
@@ -404,7 +416,7 @@ class Backend:
                 conn.datapath.close()  # rings stop before their memory is unmapped
             gone = session.close()
             stream.close()
-            self.sockets[socket_name] = None
+            self.live[socket_name].pop(number, None)
             # A region whose unmap failed stays mapped until the process exits: say which.
             stuck = [region for region in gone if region.unmap_failed is not None]
             log.info("released %d region(s); %s", len(gone) - len(stuck), reason)
@@ -541,22 +553,33 @@ class Backend:
             )
 
     async def serve_listener(self, listener: socket.socket, name: str) -> None:
-        """Accept front-ends on one socket, one at a time."""
-        self.sockets.setdefault(name, None)
+        """Accept front-ends on one socket and serve each in its own task, all at once.
+
+        Nothing waits in the backlog behind a live connection (DPDK's vhost library likewise
+        serves every connection on a socket). Cancellation ends every connection of the
+        socket; each releases its own mappings and fds on the way out.
+        """
+        self.live.setdefault(name, {})
         tsock = trio.socket.from_stdlib_socket(listener)
-        while True:
-            raw, _ = await tsock.accept()
-            sock = socket.socket(fileno=raw.detach())
-            await self.serve_connection(sock, name)
+        async with trio.open_nursery() as nursery:
+            while True:
+                raw, _ = await tsock.accept()
+                # No await between accept and start_soon: the fd cannot be lost in between.
+                sock = socket.socket(fileno=raw.detach())
+                nursery.start_soon(self.serve_connection, sock, name)
 
     async def serve_connected(self, sock: socket.socket, name: str) -> None:
         """Serve an already connected socket (``--fd``) once."""
-        self.sockets.setdefault(name, None)
+        self.live.setdefault(name, {})
         await self.serve_connection(sock, name)
 
     async def serve_client(self, path: str) -> None:
-        """Connect to a front-end that listens (QEMU ``server=on``), and again after it leaves."""
-        self.sockets.setdefault(path, None)
+        """Connect to a front-end that listens (QEMU ``server=on``), and again after it leaves.
+
+        One connection per path at a time: the front-end is the listener here, and it is
+        the one that decides how many back-ends it serves.
+        """
+        self.live.setdefault(path, {})
         waited = False
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -588,8 +611,15 @@ class Backend:
 
     # -- state for the control socket -------------------------------------------------------
 
+    @property
+    def sockets(self) -> dict[str, Connection | None]:
+        """Each socket served and its oldest live connection (``None`` when none is live);
+        :attr:`live` holds every connection."""
+        return {name: next(iter(conns.values()), None) for name, conns in self.live.items()}
+
     def connections(self) -> list[Connection]:
-        return [c for c in self.sockets.values() if c is not None]
+        """Every live connection: socket by socket, each socket's in connect order."""
+        return [c for conns in self.live.values() for c in conns.values()]
 
     def regions(self) -> list[tuple[Connection, Region]]:
         return [(c, r) for c in self.connections() for r in c.session.table.mapped]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import mmap
 import os
 import socket
@@ -148,11 +149,29 @@ class Rig:
         self.rx = Driver(ram, RX_LAYOUT)
         self.tx = Driver(ram, TX_LAYOUT)
         self.kick: dict[int, int] = {}
+        self.conn: Any = None  # this front-end's connection, when others share the back-end
+        self.nursery: trio.Nursery | None = None
+        self.others: list[Rig] = []
 
     @property
     def att(self) -> Any:
+        if self.conn is not None:
+            return self.conn.datapath
         [conn] = self.backend.connections()
         return conn.datapath
+
+    async def join(self) -> Rig:
+        """Another front-end on this back-end (same socket name), with its own guest RAM and
+        regions; its rings are not started yet."""
+        assert self.nursery is not None
+        fe = await start_pair(self.backend, self.nursery)
+        other = Rig(self.backend, fe, self.tap, GuestRam())
+        self.others.append(other)
+        await in_thread(lambda: fe.handshake(features=NET_FEATURES))
+        other.conn = self.backend.connections()[-1]
+        for name, (gpa, size, uaddr) in REGIONS.items():
+            assert await in_thread(fe.add_region, gpa, size, uaddr, 0, other.ram.fds[name]) == 0
+        return other
 
     def call_fd(self, index: int) -> int:
         return self.fe.eventfds[2 * index]
@@ -214,29 +233,42 @@ def readable(fd: int) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def rig(features: int = NET_FEATURES, *, tap: Any = None) -> AsyncIterator[Rig]:
+async def rig(
+    features: int = NET_FEATURES, *, tap: Any = None, idle_before: bool = False
+) -> AsyncIterator[Rig]:
+    """The back-end with one front-end whose rings run; ``idle_before``: another front-end
+    connected first and only shook hands (a probe, an idle leftover)."""
     fds_before = open_fds()
     maps_before = shared_maps()
     backend = Backend(ServerConfig(session=SessionConfig(net=True)))
     fake = tap if tap is not None else FakeTap()
     ram = GuestRam()
+    idle: list[FakeFrontend] = []
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             backend.net = NetDevice(fake, backend.record, nursery, poll_interval=0.05)
+            if idle_before:
+                idle.append(await start_pair(backend, nursery))
+                await in_thread(lambda: idle[0].handshake(features=features))
             fe = await start_pair(backend, nursery)
             await in_thread(lambda: fe.handshake(features=features))
             for name, (gpa, size, uaddr) in REGIONS.items():
                 assert await in_thread(fe.add_region, gpa, size, uaddr, 0, ram.fds[name]) == 0
             r = Rig(backend, fe, fake, ram)
+            r.conn = backend.connections()[-1]
+            r.nursery = nursery
             await r.start_rings()
             try:
                 yield r
             finally:
-                fe.close()
-                await wait_until(lambda: not backend.connections(), "the connection to end")
+                for front_end in [fe, *idle, *(other.fe for other in r.others)]:
+                    front_end.close()
+                await wait_until(lambda: not backend.connections(), "the connections to end")
                 nursery.cancel_scope.cancel()
     backend.cleanup()
     ram.close()
+    for other in r.others:
+        other.ram.close()
     if tap is None:
         assert open_fds() == fds_before
         assert shared_maps() == maps_before
@@ -496,6 +528,33 @@ async def test_rx_frame_waits_for_enough_mergeable_buffers() -> None:
 # -- without --tap -----------------------------------------------------------------------------
 
 
+# -- several front-ends, one TAP ---------------------------------------------------------------
+
+
+async def test_the_tap_goes_to_the_first_to_start_rings_then_to_the_one_refused() -> None:
+    # Connection 1 only shook hands (a probe, an idle leftover); connection 2 started its rings
+    # and gets the TAP. Connection 3's rings are refused; when 2 leaves, 3 gets the TAP.
+    frame = b"\x02" * 6 + b"\x04" * 6 + b"\x88\xb5" + b"first" * 10
+    async with rig(idle_before=True) as r:
+        r.send_tx(frame, [(0x80000, NET_HDR_SIZE + len(frame))])
+        assert await wait_until(r.tap.frames, "the frame on the TAP") == [frame]
+        assert r.att.active and r.backend.net.owner is r.att
+        third = await r.join()
+        await third.start_rings()
+        [refused] = await wait_until(lambda: r.events("datapath-refused"), "the refusal")
+        assert (refused["conn"], refused["holder"]["conn"]) == (third.conn.number, r.conn.number)
+        assert third.att.rings == {} and not third.att.active
+        r.fe.close()
+        [handover] = await wait_until(lambda: r.events("datapath-handover"), "the handover")
+        assert handover["conn"] == third.conn.number
+        assert handover["previous"]["conn"] == r.conn.number
+        again = b"\x02" * 6 + b"\x04" * 6 + b"\x88\xb5" + b"third" * 10
+        head = third.send_tx(again, [(0x80000, NET_HDR_SIZE + len(again))])
+        assert await wait_until(r.tap.frames, "the third's frame on the TAP") == [again]
+        assert await wait_until(third.tx.used, "the third's used ring") == [(head, 0)]
+        assert len(r.events("datapath-refused")) == 1
+
+
 def test_net_features_are_offered_only_with_a_tap() -> None:
     plain = SessionConfig().features
     assert not plain & VirtioFeature.NET_F_MRG_RXBUF and not plain & VirtioFeature.RING_F_EVENT_IDX
@@ -612,3 +671,53 @@ def tap_rx_packets() -> int:
     [link] = json.loads(ip("-n", NS, "-s", "-j", "link", "show", TAPNAME))
     packets: int = link["stats64"]["rx"]["packets"]
     return packets
+
+
+async def test_real_tap_refuses_a_second_connections_rings_and_names_both_peers(
+    clean_netns: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Two front-ends on one socket, one TAP: the first started its rings first and keeps the
+    # traffic; the second's rings are not started, and one event and one log line say so,
+    # naming both peers (pid, uid) and the reason.
+    from vhostmem.tap import TapConfig, open_tap
+
+    caplog.set_level(logging.WARNING, logger="vhostmem")
+    me = {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+    tap = open_tap(TapConfig(TAPNAME, NS, "192.0.2.1/24"))
+    async with rig(tap=tap) as r:
+        second = await r.join()
+        await second.start_rings()
+        [refused] = await wait_until(lambda: r.events("datapath-refused"), "the refusal")
+        assert refused["socket"] == "pair" and refused["conn"] == second.conn.number
+        assert refused["peer"] == me and refused["tap"] == TAPNAME
+        assert refused["holder"] == {"socket": "pair", "conn": r.conn.number, "peer": me}
+        assert "started its rings first" in refused["reason"]
+        lines = [rec.getMessage() for rec in caplog.records if "refused" in rec.getMessage()]
+        assert len(lines) == 1, lines
+        who = f"pid {me['pid']}, uid {me['uid']}"
+        assert f"conn {second.conn.number} " in lines[0] and f"conn {r.conn.number} " in lines[0]
+        assert lines[0].count(who) == 2, lines[0]
+        dp = {d["conn"]: d for d in r.stats()["datapath"]}
+        assert dp[second.conn.number]["active"] is False
+        assert dp[second.conn.number]["refused"] is True
+        assert [ring["running"] for ring in dp[second.conn.number]["rings"]] == [False, False]
+        assert [ring["running"] for ring in dp[r.conn.number]["rings"]] == [True, True]
+        # the first keeps moving packets both ways
+        for i in range(16):
+            r.rx.post([(0x40000 + 0x1000 * i, 2048, True)])
+        r.kick_ring(0)
+        await trio.run_process(
+            ["ip", "netns", "exec", NS, "busybox", "ping", "-c", "1", "-W", "1", "192.0.2.2"],
+            check=False,
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+        frames = [r.ram.read(0x40000 + 0x1000 * h, n)[NET_HDR_SIZE:] for h, n in r.rx.used()]
+        assert [f for f in frames if f[12:14] == b"\x08\x06"], [f[:20].hex() for f in frames]
+        before = tap_rx_packets()
+        frame = b"\xff" * 6 + bytes.fromhex("525400123456") + b"\x88\xb5" + b"vhostmem" * 8
+        r.send_tx(frame, [(0x80000, NET_HDR_SIZE + len(frame))])
+        await wait_until(r.tx.used, "the TX chain back")
+        await wait_until(lambda: tap_rx_packets() >= before + 1, "the TAP to count the frame")
+        assert len(r.events("datapath-refused")) == 1
+    assert not netns_exists(NS)

@@ -18,6 +18,7 @@ import trio
 
 from protocol import Request, VringState, encode_request
 from vhostmem.control import ControlClient, ControlError, answer
+from vhostmem.report import render_regions, render_stats
 from vhostmem.server import Backend, Connection, ServerConfig, run
 from vhostmem.session import SessionConfig
 from vhostmem.sockets import SocketError, bind_unix_socket
@@ -197,45 +198,155 @@ def test_bind_socket_mode_stale_and_refusals(tmp_path: Path) -> None:
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
-async def test_run_serves_queues_second_frontend_and_cleans_up(tmp_path: Path) -> None:
+async def test_run_serves_two_front_ends_on_one_socket_at_once(tmp_path: Path) -> None:
+    # A second front-end on a socket (a leftover QEMU, a probe, a restarted QEMU) is served
+    # while the first is still connected: both finish the handshake and plug regions at the
+    # same GPAs at the same time, each into its own table; vhostmem-ctl regions and stats list
+    # both; cancellation (what SIGTERM does) with both connected releases everything.
     path = str(tmp_path / "vu.sock")
     control = path + ".ctl"
     log = tmp_path / "events.jsonl"
-    config = ServerConfig(sockets=(path,), control=control, event_log=str(log), session=SessionConfig(max_slots=16))
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            backend = await nursery.start(run, config)
-            assert stat.S_ISSOCK(os.stat(path).st_mode) and stat.S_ISSOCK(os.stat(control).st_mode)
-            first = await in_thread(FakeFrontend.connect, path)
-            await in_thread(first.handshake)
-            memfd = make_memfd(MiB)
-            assert await in_thread(first.add_region, 0, MiB, 0x10000000, 0, memfd) == 0
-            # a second front-end waits in the backlog: it connects, but gets no answer yet
-            second = await in_thread(FakeFrontend.connect, path)
-            second.send(Request.GET_FEATURES)
-            second.sock.settimeout(0.3)
-            with pytest.raises(TimeoutError):
-                second.sock.recv(1)
-            client = ControlClient(control)
-            regions = await in_thread(client.call, "regions")
-            assert regions["version"] == 1
-            assert [r["gpa"] for r in regions["regions"]] == [0]
-            assert regions["regions"][0]["peer_pid"] == os.getpid()
+    config = ServerConfig(
+        sockets=(path,), control=control, event_log=str(log), session=SessionConfig(max_slots=16)
+    )
+    me = {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+    uaddrs = {"first": 0x10000000, "second": 0x50000000}
+
+    def plug(fe: FakeFrontend, memfd: int, uaddr: int, first: int) -> list[int]:
+        return [
+            fe.add_region(i * 2 * MiB, MiB, uaddr + i * 2 * MiB, i * 2 * MiB, memfd)
+            for i in range(first, 5)
+        ]
+
+    async with no_leaks():
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                backend = await nursery.start(run, config)
+                first = await in_thread(FakeFrontend.connect, path, 5)
+                await in_thread(first.handshake)
+                memfds = {"first": make_memfd(16 * MiB), "second": make_memfd(16 * MiB)}
+                assert await in_thread(plug, first, memfds["first"], uaddrs["first"], 4) == [0]
+                # The first stays connected; the second is answered all the same.
+                second = await in_thread(FakeFrontend.connect, path, 5)
+                await in_thread(second.handshake)
+                fes = {"first": first, "second": second}
+                acks: dict[str, list[int]] = {}
+
+                async def plug_in_thread(name: str, start: int) -> None:
+                    fe, memfd, uaddr = fes[name], memfds[name], uaddrs[name]
+                    acks[name] = await in_thread(plug, fe, memfd, uaddr, start)
+
+                async with trio.open_nursery() as both:
+                    both.start_soon(plug_in_thread, "first", 0)
+                    both.start_soon(plug_in_thread, "second", 0)
+                # The first already has 8 MiB (overlap, refused); the second's same GPAs are
+                # no overlap: each connection has its own table.
+                assert acks == {"first": [0, 0, 0, 0, 1], "second": [0] * 5}
+                conn1, conn2 = backend.connections()
+                assert conn1.socket_name == conn2.socket_name == path
+                expected = {
+                    conn.number: [uaddrs[name] + i * 2 * MiB for i in range(5)]
+                    for conn, name in ((conn1, "first"), (conn2, "second"))
+                }
+                assert {c.number: [r.uaddr for r in c.session.table] for c in (conn1, conn2)} == (
+                    expected
+                )
+                assert backend.mapper.stats.maps == 10
+                client = ControlClient(control)
+                doc = await in_thread(client.call, "regions")
+                [sock] = doc["sockets"]
+                assert sock["socket"] == path and sock["connected"] and sock["max_slots"] == 16
+                assert [
+                    (c["conn"], c["peer"], c["slots_used"], [r["uaddr"] for r in c["regions"]])
+                    for c in sock["connections"]
+                ] == [(n, me, 5, expected[n]) for n in (conn1.number, conn2.number)]
+                assert sorted((r["conn"], r["uaddr"]) for r in doc["regions"]) == sorted(
+                    (n, u) for n, us in expected.items() for u in us
+                )
+                text = render_regions(doc)
+                assert f"{path}: 2 front-ends connected" in text
+                for n in (conn1.number, conn2.number):
+                    line = f"conn {n}, peer pid {me['pid']} uid {me['uid']}: 5 of 16 slots used"
+                    assert line in text, text
+                stats = await in_thread(client.call, "stats")
+                assert stats["connections_live"] == 2 and stats["regions"] == 10
+                assert stats["sockets"] == doc["sockets"]
+                text = render_stats(stats)
+                for n in (conn1.number, conn2.number):
+                    assert f"conn {n}, peer pid {me['pid']}" in text, text
+                # peek reads one connection's guest: "conn" picks which (GPA 0x10 in both)
+                for name, conn in (("first", conn1), ("second", conn2)):
+                    os.pwrite(memfds[name], name.encode(), 0x10)
+                    got = await in_thread(
+                        lambda n=conn.number: client.call("peek", gpa=0x10, len=6, conn=n)
+                    )
+                    assert (got["conn"], bytes.fromhex(got["hex"])) == (
+                        conn.number,
+                        name.encode().ljust(6, b"\0"),
+                    )
+                with pytest.raises(ControlError, match="unknown command"):
+                    await in_thread(client.call, "nonsense")
+                for fd in memfds.values():
+                    os.close(fd)
+                nursery.cancel_scope.cancel()  # what SIGTERM does, with both connected
             first.close()
-            second.sock.settimeout(10)
-            reply = await in_thread(second.recv_reply, Request.GET_FEATURES)
-            assert reply.u64
             second.close()
-            os.close(memfd)
-            with pytest.raises(ControlError, match="unknown command"):
-                await in_thread(client.call, "nonsense")
-            nursery.cancel_scope.cancel()
     assert not os.path.exists(path) and not os.path.exists(control)
-    lines = [json.loads(line) for line in log.read_text().splitlines()]
-    adds = [e for e in lines if e.get("request") == "ADD_MEM_REG"]
-    assert len(adds) == 1 and adds[0]["result"] == "ok" and adds[0]["region"]["size"] == MiB
-    assert {"ts", "socket", "request", "result"} <= adds[0].keys()
     assert backend.mapper.stats.maps == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["conn"] for e in lines if e.get("event") == "connect"] == [
+        conn1.number,
+        conn2.number,
+    ]
+    released = {e["conn"]: e["released"] for e in lines if e.get("event") == "disconnect"}
+    assert released == {conn1.number: 5, conn2.number: 5}
+
+
+async def test_one_front_end_leaving_releases_only_its_own_mappings(tmp_path: Path) -> None:
+    # Two front-ends on one socket map the same GPAs from their own memfds; the first leaves:
+    # exactly its mappings and the fds they held go, the second's stay and it serves on.
+    path = str(tmp_path / "vu.sock")
+    async with no_leaks():
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                backend = await nursery.start(run, ServerConfig(sockets=(path,)))
+                fes = []
+                for _ in range(2):
+                    fe = await in_thread(FakeFrontend.connect, path, 5)
+                    await in_thread(fe.handshake)
+                    fes.append(fe)
+                for n, fe in enumerate(fes):
+                    memfd = make_memfd(4 * MiB)
+                    os.pwrite(memfd, f"guest {n}".encode(), 0x1000)
+                    for i in range(2):
+                        uaddr = 0x10000000 * (n + 1) + i * 2 * MiB
+                        gpa = i * 2 * MiB
+                        assert await in_thread(fe.add_region, gpa, 2 * MiB, uaddr, gpa, memfd) == 0
+                    os.close(memfd)
+                conns = backend.connections()
+                assert len(conns) == 2
+                bases = [[r.handle.map_base for r in c.session.table] for c in conns]
+                held = backend.mapper.stats.fds_held
+                fes[0].close()
+                await wait_until(lambda: len(backend.connections()) == 1, "the first to end")
+                assert backend.connections() == [conns[1]]
+                assert [region_maps(a) for a in bases[0]] == [[], []]
+                assert all(region_maps(a) for a in bases[1])
+                assert backend.mapper.stats.maps == 2
+                assert backend.mapper.stats.fds_held == held // 2
+                [gone] = [e for e in backend.events if e.get("event") == "disconnect"]
+                assert gone["conn"] == conns[0].number and gone["released"] == 2
+                # the second's memory is still there, and it still serves
+                reply = answer(backend, b'{"cmd": "peek", "args": {"gpa": 4096, "len": 7}}')
+                assert reply["ok"], reply
+                assert bytes.fromhex(reply["result"]["hex"]) == b"guest 1"
+                ack = await in_thread(fes[1].rem_region, 2 * MiB, 2 * MiB, 0x20000000 + 2 * MiB)
+                assert ack == 0
+                assert region_maps(bases[1][1]) == []
+                fes[1].close()
+                await wait_until(lambda: not backend.connections(), "the second to end")
+                assert backend.mapper.stats.maps == 0
+                nursery.cancel_scope.cancel()
 
 
 # -- booking after the ack, and the linger ------------------------------------------------------
