@@ -60,6 +60,33 @@ def test_usage_errors() -> None:
     assert exc.value.code == 2
 
 
+def test_fd_and_socket_are_exclusive(tmp_path: Path) -> None:
+    # vhost-user.rst, "Backend program conventions": --socket-path is incompatible with --fd.
+    # A real inherited listener: the refusal must come before anything is served or bound.
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "inherited.sock"))
+    listener.listen()
+    sock = str(tmp_path / "vu.sock")
+    try:
+        for where in (["--socket", sock], ["--socket-path", sock]):
+            proc = run_vhostmem("--fd", str(listener.fileno()), *where,
+                                "--control", str(tmp_path / "x.ctl"),
+                                pass_fds=(listener.fileno(),))
+            try:
+                _, err = proc.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                pytest.fail(f"vhostmem {' '.join(where)} --fd N was accepted and served")
+            assert proc.returncode == 2, err
+            text = err.decode()
+            assert "--fd and --socket (--socket-path) are mutually exclusive" in text, text
+            assert "back-end program conventions" in text, text
+            assert not os.path.exists(sock) and not os.path.exists(tmp_path / "x.ctl")
+    finally:
+        listener.close()
+
+
 def test_ctl_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     os.environ.pop("VHOSTMEM_CONTROL", None)
     assert ctl_main(["regions"]) == 2
