@@ -72,15 +72,37 @@ if [ "$1" = -u ]; then echo "${STUB_UID:-0}"; exit 0; fi
 echo "STUB id: only -u is stubbed" >&2
 exit 99
 """
-# The python deps probe (`python3 - REPO`, the program on stdin) answers "all import": the
-# editable install of the machine points at another checkout, and these tests are about the
-# system steps. pip fails loudly; everything else (build-guest) runs in the real interpreter.
+# The python deps probe (`python3 - REPO`, the program on stdin) answers "all import" unless
+# STUB_PYTHON_DEPS=missing: the editable install of this machine points at another checkout, and
+# most tests are about the system steps. `-m pip --version` fails when STUB_PIP=absent; `-m pip
+# install` succeeds (installing nothing) only when STUB_PIP_INSTALL=ok, else fails loudly. With
+# STUB_EXTERNALLY_MANAGED=yes the PEP 668 probe says so. Everything else (build-guest, -c
+# snippets) runs in the real interpreter.
 STUB_PYTHON = r"""
 echo "python3 $*" >> "$STUB_LOG"
-if [ "${1:-}" = - ]; then exit 0; fi
+if [ "${1:-}" = - ]; then
+    if [ "${STUB_PYTHON_DEPS:-ok}" = missing ]; then
+        echo "cannot import trio: No module named 'trio'" >&2
+        exit 1
+    fi
+    exit 0
+fi
 if [ "${1:-}" = -m ] && [ "${2:-}" = pip ]; then
-    echo "STUB python3: pip attempted: $*" >&2
-    exit 99
+    if [ "${STUB_PIP:-present}" = absent ]; then
+        echo "@PYTHON@: No module named pip" >&2
+        exit 1
+    fi
+    if [ "${3:-}" = --version ]; then echo "pip 99.0 (stub)"; exit 0; fi
+    if [ "${STUB_PIP_INSTALL:-refuse}" != ok ]; then
+        echo "STUB python3: pip install attempted: $*" >&2
+        exit 99
+    fi
+    exit 0
+fi
+if [ "${1:-}" = -c ] && [ "${STUB_EXTERNALLY_MANAGED:-}" = yes ] \
+        && [[ "${2:-}" == *EXTERNALLY-MANAGED* ]]; then
+    echo --break-system-packages  # as Debian 12's own python3 answers (PEP 668)
+    exit 0
 fi
 exec @PYTHON@ "$@"
 """
@@ -172,7 +194,7 @@ def host(tmp_path: Path) -> Host:
 
 
 def installs(calls: list[str]) -> list[str]:
-    return [c for c in calls if " install" in c or c.startswith(("sudo", "python3 -m pip"))]
+    return [c for c in calls if " install" in c or c.startswith("sudo")]
 
 
 def test_check_reports_qemu_missing_with_its_fix(host: Host) -> None:
@@ -342,3 +364,35 @@ def test_check_names_a_stale_or_broken_guest_image(host: Host) -> None:
     os.unlink(host.cache / "vmlinuz")
     proc = host.run("--check")
     assert f"guest image: MISSING: no guest image in {host.cache} (absent: vmlinuz)" in proc.stdout
+
+
+def test_missing_pip_and_python_packages_are_named_with_their_fix(host: Host) -> None:
+    host.env.update(STUB_PYTHON_DEPS="missing", STUB_PIP="absent")
+    pip_fix = f"cd {ROOT} && python3 -m pip install -e '.[test]'"
+    proc = host.run("--check")
+    assert proc.returncode == 1
+    assert ("setup-host: python deps: MISSING (cannot import trio: No module named 'trio')\n"
+            f"  fix: apt-get install -y python3-pip && {pip_fix}\n") in proc.stdout
+    assert installs(host.calls()) == []
+    # Installing: apt-get brings python3-pip; this stub's pip still does not run, and the
+    # failure says so.
+    host.env["STUB_APT_INSTALL"] = "ok"
+    proc = host.run()
+    assert proc.returncode == 1
+    assert "unexpected error" not in proc.stdout + proc.stderr
+    assert "apt-get install -y -qq python3-pip" in host.calls()
+    assert ("setup-host: FAILED: python3 -m pip still does not run after installing "
+            "python3-pip\n  fix: apt-get install -y python3-pip") in proc.stderr
+    # With pip there, it runs pip install -e '.[test]' in the checkout; the packages still do
+    # not import (the stub installs nothing), and the failure names the import and the fix.
+    # On an externally managed python (Debian 12's, PEP 668) pip needs --break-system-packages.
+    host.log.unlink()
+    host.env.update(STUB_PIP="present", STUB_PIP_INSTALL="ok", STUB_EXTERNALLY_MANAGED="yes")
+    proc = host.run()
+    assert proc.returncode == 1
+    assert "python3 -m pip install -q --break-system-packages -e .[test]" in host.calls()
+    pip_fix = f"cd {ROOT} && python3 -m pip install --break-system-packages -e '.[test]'"
+    assert ("setup-host: FAILED: python deps still do not import after pip install: cannot "
+            f"import trio: No module named 'trio'\n  fix: {pip_fix}  (and read its errors)"
+            ) in proc.stderr
+    assert not [c for c in host.calls() if c.startswith("apt-get")]
