@@ -29,17 +29,37 @@ QEMU_FIX = "apt-get install -y -t bookworm-backports qemu-system-x86 qemu-utils"
 
 #: The real tools setup-host calls; everything else on its PATH is a stub or absent.
 REAL_TOOLS = ("bash", "dirname", "sed", "head", "tail", "grep", "paste")
+#: The apt-get stub that installs makes its QEMU stub executable with this, by absolute path.
+CHMOD = shutil.which("chmod") or "/bin/chmod"
 
-# A stub records "NAME ARGS..." in $STUB_LOG. apt-get installs only when STUB_APT_INSTALL=ok
-# (and then installs nothing); otherwise an install attempt exits 99 saying so.
+# A stub records "NAME ARGS..." in $STUB_LOG. apt-get installs only when STUB_APT_INSTALL is ok
+# (it installs nothing) or works (QEMU's packages drop a QEMU 10.0.2 stub and qemu-img into
+# $STUB_BIN, other packages are listed in $STUB_DB for dpkg-query); otherwise an install attempt
+# exits 99 saying so.
 STUB_APT_GET = r"""
 echo "apt-get $*" >> "$STUB_LOG"
 case " $* " in
     *" install "*|*" download "*)
-        if [ "${STUB_APT_INSTALL:-refuse}" != ok ]; then
-            echo "STUB apt-get: install attempted: apt-get $*" >&2
-            exit 99
-        fi ;;
+        case "${STUB_APT_INSTALL:-refuse}" in
+            ok) ;;
+            works)
+                for pkg in "$@"; do
+                    case "$pkg" in
+                        -*|install|bookworm-backports) ;;
+                        qemu-system-x86)
+                            printf '#!@BASH@\necho "QEMU emulator version 10.0.2 (stub)"\n' \
+                                > "$STUB_BIN/qemu-system-x86_64"
+                            @CHMOD@ +x "$STUB_BIN/qemu-system-x86_64" ;;
+                        qemu-utils)
+                            printf '#!@BASH@\nexit 0\n' > "$STUB_BIN/qemu-img"
+                            @CHMOD@ +x "$STUB_BIN/qemu-img" ;;
+                        *) echo "$pkg" >> "$STUB_DB" ;;
+                    esac
+                done ;;
+            *)
+                echo "STUB apt-get: install attempted: apt-get $*" >&2
+                exit 99 ;;
+        esac ;;
 esac
 exit 0
 """
@@ -49,12 +69,17 @@ if [ -n "${STUB_APT_CACHE_SHOW:-}" ]; then echo "$(< "$STUB_APT_CACHE_SHOW")"; e
 echo "STUB apt-cache: no package lists" >&2
 exit 100
 """
-# dpkg-query -W -f FORMAT PKG: packages named in $STUB_INSTALLED (space-separated) are installed
-# at version 9.9-stub; any other one is unknown, as dpkg-query says for a package never seen.
+# dpkg-query -W -f FORMAT PKG: packages named in $STUB_INSTALLED (space-separated) or in $STUB_DB
+# are installed at version 9.9-stub; any other one is unknown, as dpkg-query says for a package
+# never seen.
 STUB_DPKG_QUERY = r"""
 echo "dpkg-query $*" >> "$STUB_LOG"
 pkg=${!#}
-case " ${STUB_INSTALLED:-} " in
+db=" ${STUB_INSTALLED:-} "
+if [ -f "$STUB_DB" ]; then
+    while read -r line; do db="$db $line "; done < "$STUB_DB"
+fi
+case "$db" in
     *" $pkg "*)
         case "$*" in
             *Status*Version*) printf 'install ok installed 9.9-stub' ;;
@@ -135,7 +160,8 @@ class Host:
 
     def stub(self, name: str, body: str) -> None:
         path = self.bin / name
-        path.write_text(f"#!{shutil.which('bash')}\n" + body.replace("@PYTHON@", sys.executable))
+        body = body.replace("@PYTHON@", sys.executable).replace("@BASH@", str(shutil.which("bash")))
+        path.write_text(f"#!{shutil.which('bash')}\n" + body.replace("@CHMOD@", CHMOD))
         path.chmod(0o755)
 
     def calls(self) -> list[str]:
@@ -179,6 +205,8 @@ def host(tmp_path: Path) -> Host:
             "HOME": str(tmp_path),
             "LC_ALL": "C",
             "STUB_LOG": str(tmp_path / "calls.log"),
+            "STUB_BIN": str(bin_dir),
+            "STUB_DB": str(tmp_path / "dpkg-db"),
             "VHOSTMEM_CACHE": str(tmp_path / "cache"),
             "VHOSTMEM_APT_SOURCES_DIR": str(sources_dir),
             "VHOSTMEM_APT_LISTS_DIR": str(lists_dir),
@@ -311,6 +339,11 @@ def complete_host(host: Host) -> None:
     host.stub("qemu-system-x86_64", stub_qemu("10.0.2"))
     host.stub("qemu-img", "exit 0\n")
     host.env["STUB_INSTALLED"] = "busybox-static cpio"
+    guest_image(host)
+
+
+def guest_image(host: Host) -> None:
+    """A guest image in the cache, up to date for busybox-static 9.9-stub and apt's kernel."""
     show = host.tmp / "apt-cache-show"
     show.write_text("Package: linux-image-amd64\n"
                     "Depends: linux-image-6.1.0-99-amd64 (= 6.1.999-1)\n")
@@ -396,3 +429,32 @@ def test_missing_pip_and_python_packages_are_named_with_their_fix(host: Host) ->
             f"import trio: No module named 'trio'\n  fix: {pip_fix}  (and read its errors)"
             ) in proc.stderr
     assert not [c for c in host.calls() if c.startswith("apt-get")]
+
+
+def test_install_on_a_bare_machine_runs_every_step_to_done(host: Host) -> None:
+    # Nothing installed; apt-get installs for real (as stubs). Only the guest image is cached:
+    # building it downloads a kernel, which no test does.
+    guest_image(host)
+    host.env["STUB_APT_INSTALL"] = "works"
+    proc = host.run()
+    assert proc.returncode == 0, proc.stderr
+    assert "FAILED" not in proc.stderr and "build-guest: up to date" in proc.stderr
+    out = proc.stdout
+    for line in (
+        f"setup-host: apt: added {host.sources_dir / 'bookworm-backports.list'}",
+        "setup-host: qemu: installed QEMU 10.0.2",
+        "setup-host: busybox-static cpio: installed",
+        f"setup-host: guest image: ok ({host.cache / 'vmlinuz'} {host.cache / 'initrd.gz'})",
+        "setup-host: done",
+    ):
+        assert line in out.splitlines(), line
+    apt = [c for c in host.calls() if c.startswith("apt-get")]
+    assert apt == [
+        "apt-get update -qq",
+        "apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils",
+        "apt-get install -y -qq busybox-static cpio",
+    ]
+    # and then --check finds everything
+    proc = host.run("--check")
+    assert proc.returncode == 0, proc.stdout
+    assert "setup-host: check: everything is there" in proc.stdout
