@@ -114,7 +114,7 @@ Then, in another terminal:
         default=[],
         metavar="N",
         help="serve an inherited socket: listening (accepts front-ends) or already connected "
-        "(serves it once); needs --control",
+        "(serves it once); needs --control; not with --socket (QEMU's back-end conventions)",
     )
     where.add_argument(
         "--connect",
@@ -277,6 +277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not (args.sockets or args.fds or args.connect):
         parser.error("say where to serve: --socket PATH, --fd N or --connect PATH")
+    if args.sockets and args.fds:
+        # vhost-user.rst, "Backend program conventions": --socket-path is incompatible with
+        # --fd, and --fd with --socket-path; a management layer passes one or the other.
+        parser.error(
+            "--fd and --socket (--socket-path) are mutually exclusive (QEMU's vhost-user "
+            "back-end program conventions): serve the inherited socket with --fd N --control "
+            "PATH, or let vhostmem listen with --socket PATH"
+        )
     control = args.control
     if control is None:
         if args.fds and not args.sockets and not args.connect:

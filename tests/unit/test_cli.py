@@ -9,10 +9,12 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from protocol import Request, encode_request
 from vhostmem.cli import ctl_main, main
 from vhostmem.control import ControlClient
 from vhostmem.testing.backend import start_backend
@@ -58,6 +60,33 @@ def test_usage_errors() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--socket", "/tmp/x.sock", "--inject", "ADD_MEM_REG:nth=0:ack=1"])
     assert exc.value.code == 2
+
+
+def test_fd_and_socket_are_exclusive(tmp_path: Path) -> None:
+    # vhost-user.rst, "Backend program conventions": --socket-path is incompatible with --fd.
+    # A real inherited listener: the refusal must come before anything is served or bound.
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "inherited.sock"))
+    listener.listen()
+    sock = str(tmp_path / "vu.sock")
+    try:
+        for where in (["--socket", sock], ["--socket-path", sock]):
+            proc = run_vhostmem("--fd", str(listener.fileno()), *where,
+                                "--control", str(tmp_path / "x.ctl"),
+                                pass_fds=(listener.fileno(),))
+            try:
+                _, err = proc.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                pytest.fail(f"vhostmem {' '.join(where)} --fd N was accepted and served")
+            assert proc.returncode == 2, err
+            text = err.decode()
+            assert "--fd and --socket (--socket-path) are mutually exclusive" in text, text
+            assert "back-end program conventions" in text, text
+            assert not os.path.exists(sock) and not os.path.exists(tmp_path / "x.ctl")
+    finally:
+        listener.close()
 
 
 def test_ctl_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -166,15 +195,15 @@ def test_connect_mode_retries_until_frontend_listens(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("flags", "violations"), [(("--batch-gap", "5000"), 1), (("--batch-gap", "0"), 0)]
 )
-def test_batch_gap_and_send_timeout_reach_the_server(
+def test_batch_gap_reaches_the_server(
     tmp_path: Path, flags: tuple[str, ...], violations: int
 ) -> None:
     # A REM and the identical re-ADD right behind it: one batch (a violation) under a 5 s gap
     # (wide enough for a busy machine; the 20 ms default is checked in test_robustness.py), two
-    # batches under --batch-gap 0. --send-timeout only has to be accepted here.
+    # batches under --batch-gap 0.
     sock = str(tmp_path / "vu.sock")
     ctl = str(tmp_path / "vu.ctl")
-    proc = run_vhostmem("--socket", sock, "--control", ctl, "--send-timeout", "3", *flags)
+    proc = run_vhostmem("--socket", sock, "--control", ctl, *flags)
     try:
         wait_path(sock)
         memfd = make_memfd(4 << 20)
@@ -190,6 +219,60 @@ def test_batch_gap_and_send_timeout_reach_the_server(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+def stall_until_dropped(path: str, give_up: float) -> float:
+    """A front-end that handshakes, then sends GET_FEATURES and never reads a reply.
+
+    Returns the seconds from its first unread request to the moment vhostmem dropped it (the
+    send fails with EPIPE or ECONNRESET): at least the send timeout, since vhostmem can only
+    start waiting on a reply after that first request.
+    """
+    fe = FakeFrontend.connect(path, timeout=give_up)
+    try:
+        fe.handshake()
+        batch = encode_request(Request.GET_FEATURES) * 64
+        started = time.monotonic()
+        try:
+            while time.monotonic() - started < give_up:
+                fe.sock.sendall(batch)
+        except (BrokenPipeError, ConnectionResetError):
+            return time.monotonic() - started
+        except TimeoutError:
+            pass
+        pytest.fail(f"vhostmem still had {path} open {give_up:g} s after it stopped reading")
+    finally:
+        fe.close()
+
+
+def test_send_timeout_drops_a_frontend_that_stops_reading(tmp_path: Path) -> None:
+    # Two real back-ends side by side, one with --send-timeout 1.5 and one with the default
+    # (10 s), each with a front-end that never reads its replies: each is dropped after its own
+    # time, and says so. The lower bounds are exact (vhostmem waits from a reply the front-end
+    # caused); the upper ones leave room to fill the socket buffers on a busy machine.
+    slack = 4.0
+    backends = {"1.5": ("--send-timeout", "1.5"), "10": ()}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name, flags in backends.items():
+            sock = str(tmp_path / f"{name}.sock")
+            procs[name] = run_vhostmem("--socket", sock, *flags)
+            wait_path(sock)
+        with ThreadPoolExecutor(len(backends)) as pool:
+            waits = {
+                name: pool.submit(stall_until_dropped, str(tmp_path / f"{name}.sock"),
+                                  float(name) + 2 * slack)
+                for name in backends
+            }
+            dropped = {name: future.result() for name, future in waits.items()}
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        logs = {name: proc.communicate(timeout=20)[1].decode() for name, proc in procs.items()}
+    for name, seconds in dropped.items():
+        assert float(name) <= seconds < float(name) + slack, (name, dropped, logs[name])
+        assert f"has not read its replies for {name} s" in logs[name], logs[name]
+    assert all(proc.returncode == 0 for proc in procs.values()), logs
 
 
 def test_linger_and_send_timeout_are_checked() -> None:

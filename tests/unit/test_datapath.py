@@ -17,6 +17,7 @@ import json
 import logging
 import mmap
 import os
+import select
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,7 +26,14 @@ import pytest
 import trio
 import trio.testing
 
-from protocol import Header, Request, VirtioFeature, VringState, decode_reply_payload
+from protocol import (
+    Header,
+    Request,
+    VirtioFeature,
+    VringFile,
+    VringState,
+    decode_reply_payload,
+)
 from vhostmem.control import answer
 from vhostmem.datapath import NetDevice
 from vhostmem.events import Handled
@@ -329,11 +337,22 @@ async def test_rx_without_mrg_rxbuf_one_chain_per_frame() -> None:
 async def test_rx_waits_for_buffers_then_delivers() -> None:
     async with rig() as r:
         r.tap.peer.send(b"\x01" * 200)
-        await trio.sleep(0.2)  # no buffers posted: the frame waits in the TAP
-        assert r.rx.used() == []
-        head = r.rx.post([(0x40000, 2048, True)])
+        # Wake the RX ring with no buffers posted and let it act: once every task is blocked
+        # again it has looked, and the frame must still wait in the TAP, not be dropped.
         r.kick_ring(0)
-        assert await wait_until(r.rx.used, "the frame") == [(head, NET_HDR_SIZE + 200)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert r.rx.used() == []
+        assert select.select([r.tap.ours], [], [], 0)[0] == [r.tap.ours], "frame left the TAP"
+        assert r.att.counters["rx_dropped"] == 0
+        # A later frame comes behind it: the one that waited is delivered first.
+        r.tap.peer.send(b"\x02" * 100)
+        heads = [r.rx.post([(0x40000 + 0x1000 * i, 2048, True)]) for i in range(2)]
+        r.kick_ring(0)
+        used = await wait_until(lambda: (u := r.rx.used()) and u, "the frames")
+        while len(used) < 2:
+            used += await wait_until(r.rx.used, "the second frame")
+        assert used == [(heads[0], NET_HDR_SIZE + 200), (heads[1], NET_HDR_SIZE + 100)]
+        assert r.ram.read(0x40000 + NET_HDR_SIZE, 200) == b"\x01" * 200
 
 
 async def test_many_frames_both_ways() -> None:
@@ -378,9 +397,13 @@ async def test_descriptor_in_a_hole_stops_the_ring_and_names_the_gpa() -> None:
         # stopped cleanly: the bad chain is where the ring stopped, the process serves on
         assert await r.vring_base(1) == 1
         assert (await in_thread(r.fe.call, Request.GET_FEATURES)).u64 & VirtioFeature.VERSION_1
+        # The ring task has ended; a kick finds no one to send the late chain, which is
+        # determined once every task is blocked again.
+        assert 1 not in r.att.rings or r.att.rings[1].finished
         r.send_tx(b"late" * 20, [(0x80400, NET_HDR_SIZE + 80)])
-        await trio.sleep(0.2)
+        await trio.testing.wait_all_tasks_blocked()
         assert r.tap.frames() == []
+        assert await r.vring_base(1) == 1
         # the other ring still moves traffic
         head = r.rx.post([(0x40000, 2048, True)])
         r.kick_ring(0)
@@ -456,18 +479,29 @@ async def test_get_vring_base_stops_the_ring_where_it_stopped() -> None:
         assert await r.vring_base(1) == 3
         assert r.backend.connections()[0].session.vrings[1].started is False
         r.send_tx(b"x" * 50, [(0x80400, NET_HDR_SIZE + 50)])
-        await trio.sleep(0.2)
+        await trio.testing.wait_all_tasks_blocked()  # a running ring would have sent it by now
         assert r.tap.frames() == []
         assert len(r.tx.used()) == 3  # the fourth chain was not used
         assert await r.vring_base(1) == 3
+        # Restarted where it stopped, as QEMU does (SET_VRING_BASE 3, a new kick fd), the ring
+        # sends the chain that waited, and only that one.
+        await in_thread(r.fe.ack, Request.SET_VRING_BASE, VringState(1, 3))
+        kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        r.fe.eventfds.append(kick)  # closed with the front-end
+        await in_thread(lambda: r.fe.call(Request.SET_VRING_KICK, VringFile(1, False), fds=[kick]))
+        r.kick[1] = kick
+        r.kick_ring(1)
+        assert await wait_until(r.tap.frames, "the waiting frame") == [b"x" * 50]
+        assert await wait_until(r.tx.used, "the fourth chain") == [(3, 0)]
 
 
 async def test_disable_stops_and_enable_resumes() -> None:
     async with rig() as r:
         await in_thread(r.fe.ack, Request.SET_VRING_ENABLE, VringState(1, 0))
         r.send_tx(b"a" * 40, [(0x80000, NET_HDR_SIZE + 40)])
-        await trio.sleep(0.2)
+        await trio.testing.wait_all_tasks_blocked()  # an enabled ring would have sent it by now
         assert r.tap.frames() == []
+        assert r.tx.used() == []
         await in_thread(r.fe.ack, Request.SET_VRING_ENABLE, VringState(1, 1))
         r.kick_ring(1)
         assert await wait_until(r.tap.frames, "the frame after enable") == [b"a" * 40]
@@ -515,7 +549,6 @@ async def test_rx_frame_waits_for_enough_mergeable_buffers() -> None:
         r.kick_ring(0)
         frame = bytes(range(250)) * 6  # 1500 bytes: header + frame need two 1 KiB buffers
         r.tap.peer.send(frame)
-        await trio.sleep(0.1)
         await trio.testing.wait_all_tasks_blocked()  # the RX ring has seen the frame and waits
         assert r.rx.used() == [] and r.rx.avail_event() == 1  # kick me for the next buffer
         second = r.rx.post([(0x41000, 1024, True)])
@@ -575,8 +608,9 @@ async def test_without_tap_rings_are_accepted_and_nothing_moves() -> None:
             r = Rig(backend, fe, FakeTap(), ram)
             await r.start_rings()
             r.send_tx(b"q" * 60, [(0x80000, NET_HDR_SIZE + 60)])
-            await trio.sleep(0.1)
+            await trio.testing.wait_all_tasks_blocked()  # a ring task would have used it by now
             assert r.tx.used() == []
+            assert await r.vring_base(1) == 0  # the back-end's own word: nothing consumed
             stats = r.stats()
             assert "datapath" not in stats and "tap" not in stats
             assert backend.connections()[0].datapath is None
