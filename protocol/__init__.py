@@ -5,7 +5,7 @@ Pure: no I/O, no logging, nothing from ``vhostmem``. See HACKING.md *protocol*.
 
 from __future__ import annotations
 
-from protocol.codec import (
+from vhostmem.protocol.codec import (
     decode_header,
     decode_message,
     decode_payload,
@@ -17,7 +17,7 @@ from protocol.codec import (
     payload_kind,
     reply_payload_kind,
 )
-from protocol.codes import (
+from vhostmem.protocol.codes import (
     FDS_ALLOWED,
     FLAG_NEED_REPLY,
     FLAG_REPLY,
@@ -41,8 +41,8 @@ from protocol.codes import (
     VirtioFeature,
     request_name,
 )
-from protocol.errors import DecodeError, EncodeError, ProtocolError
-from protocol.model import (
+from vhostmem.protocol.errors import DecodeError, EncodeError, ProtocolError
+from vhostmem.protocol.model import (
     Config,
     DeviceStateParams,
     Header,

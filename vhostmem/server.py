@@ -33,7 +33,7 @@ from typing import Any, final
 
 import trio
 
-from protocol import MemoryRegion, Request
+from vhostmem.protocol import MemoryRegion, Request
 from vhostmem.atomicity import History
 from vhostmem.control import EventLog, serve_control
 from vhostmem.datapath import NetAttachment, NetDevice

@@ -50,7 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol, final
 
-from protocol import (
+from vhostmem.protocol import (
     FLAG_NEED_REPLY,
     FLAG_REPLY,
     FLAG_VERSION,

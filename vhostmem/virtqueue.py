@@ -49,7 +49,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Protocol, final
 
-from protocol import VirtioFeature
+from vhostmem.protocol import VirtioFeature
 from vhostmem.errors import VhostMemError
 
 __all__ = [

@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from protocol import MemoryRegion
+from vhostmem.protocol import MemoryRegion
 from vhostmem.errors import MappingError
 from vhostmem.server import Backend, ServerConfig
 from vhostmem.session import SessionConfig

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import Request
+from vhostmem.protocol import Request
 from vhostmem.atomicity import (
     ADD_MEM_REG,
     DEFAULT_BATCH_GAP,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol import Request, encode_request
+from vhostmem.protocol import Request, encode_request
 from vhostmem.cli import ctl_main, main
 from vhostmem.control import ControlClient
 from vhostmem.testing.backend import start_backend

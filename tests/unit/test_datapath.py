@@ -26,7 +26,7 @@ import pytest
 import trio
 import trio.testing
 
-from protocol import (
+from vhostmem.protocol import (
     Header,
     Request,
     VirtioFeature,

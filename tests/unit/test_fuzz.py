@@ -42,7 +42,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
-from protocol import (
+from vhostmem.protocol import (
     HAS_OWN_REPLY,
     HEADER_SIZE,
     MAX_PAYLOAD_SIZE,

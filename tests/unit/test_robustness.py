@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import trio
 
-from protocol import (
+from vhostmem.protocol import (
     HEADER_SIZE,
     MAX_PAYLOAD_SIZE,
     MemoryRegion,
@@ -743,7 +743,7 @@ def test_cli_linger_and_batch_gap_reach_the_server_config(tmp_path: Path) -> Non
 CHILD = textwrap.dedent(
     """
     import os, sys, time
-    from protocol import MemoryRegion, MemRegMsg, Request, encode_request
+    from vhostmem.protocol import MemoryRegion, MemRegMsg, Request, encode_request
     from vhostmem.testing.frontend import FakeFrontend, make_memfd
     path, mode = sys.argv[1], sys.argv[2]
     fe = FakeFrontend.connect(path)

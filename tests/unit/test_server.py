@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from protocol import Request, VringState, encode_request
+from vhostmem.protocol import Request, VringState, encode_request
 from vhostmem.control import ControlClient, ControlError, answer
 from vhostmem.report import render_regions, render_stats
 from vhostmem.server import Backend, Connection, ServerConfig, run
@@ -512,7 +512,7 @@ async def test_control_socket_answers_while_a_front_end_lingers(
 async def test_control_answers_book_pending_requests_first() -> None:
     # A front-end that never pauses leaves requests unbooked when its task yields (every 64
     # messages); a control request then must see them.
-    from protocol import Header
+    from vhostmem.protocol import Header
     from vhostmem.events import Handled
 
     backend = Backend(ServerConfig())

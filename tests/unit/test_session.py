@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol import (
+from vhostmem.protocol import (
     MemoryRegion,
     MemoryTable,
     MemRegMsg,
