@@ -6,8 +6,9 @@ wire format and every later message would be misread. It is lenient about reques
 unknown code decodes to a plain ``int`` header and a raw ``bytes`` payload, and the session decides
 what to answer (trezorlib's lenient ``EnumAdapter``). Header flags are not judged here either.
 
-Construct Containers stop in this module; callers only ever see ``vhostmem.protocol.model`` objects. Every
-failure is a ``DecodeError`` (or ``EncodeError``) raised ``from`` the construct error, if any.
+Construct Containers stop in this module; callers only ever see ``vhostmem.protocol.model``
+objects. Every failure is a ``DecodeError`` (or ``EncodeError``) raised ``from`` the construct
+error, if any.
 """
 
 from __future__ import annotations

@@ -324,7 +324,7 @@ HAS_OWN_REPLY: Final[frozenset[Request]] = frozenset(
 
 
 class PayloadKind(StrEnum):
-    """The payload layouts of rst *Message types*, one per Struct in ``vhostmem.protocol.structs``."""
+    """rst *Message types* payload layouts, one per Struct in ``vhostmem.protocol.structs``."""
 
     #: No payload: size must be 0.
     NONE = "none"

@@ -1,7 +1,8 @@
 """Typed, immutable views of vhost-user messages: what ``codec`` returns and accepts.
 
-Field names are the vhost-user.rst names. Nothing here knows about bytes; ``vhostmem.protocol.codec``
-converts to and from the Construct definitions in ``vhostmem.protocol.structs``.
+Field names are the vhost-user.rst names. Nothing here knows about bytes;
+``vhostmem.protocol.codec`` converts to and from the Construct definitions in
+``vhostmem.protocol.structs``.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 import trio
 
+from vhostmem.control import ControlClient, ControlError, answer
 from vhostmem.protocol import (
     HEADER_SIZE,
     MAX_PAYLOAD_SIZE,
@@ -45,7 +46,6 @@ from vhostmem.protocol import (
     decode_header,
     encode_request,
 )
-from vhostmem.control import ControlClient, ControlError, answer
 from vhostmem.report import render_regions
 from vhostmem.server import Backend, ServerConfig, run
 from vhostmem.session import SessionConfig
