@@ -275,6 +275,7 @@ class Pairer:
         arrived: float,
         replied: float | None,
         now: float,
+        final: bool = False,
     ) -> Resolution | None:
         """Pair the next memory-table request with its lines; ``None``: wait for more lines.
 
@@ -287,8 +288,12 @@ class Pairer:
             request: ``SET_MEM_TABLE``, ``ADD_MEM_REG`` or ``REM_MEM_REG``.
             seq: its number, for messages.
             arrived: wall-clock seconds when it arrived.
-            replied: wall-clock seconds when vhostmem sent its reply; ``None`` if it sent none.
+            replied: wall-clock seconds no later than vhostmem sent its reply (a QEMU line
+                cannot read the reply, or write the next message, before it); ``None`` if
+                vhostmem sent no reply.
             now: wall-clock seconds now (the wait is measured against it).
+            final: the connection ended and every line QEMU wrote has been fed: what is
+                missing now will not come.
 
         Returns:
             The request's batching, or ``None`` while its lines may still come.
@@ -303,7 +308,6 @@ class Pairer:
         prev = self._prev
         wire: list[str] = []
         write: TraceLine | None = None
-        write_at = -1
         for i in range(self._cursor, len(self._lines)):
             line = self._lines[i]
             if write is not None:
@@ -378,20 +382,22 @@ class Pairer:
                     "vhost device's",
                     wire,
                 )
-            write, write_at = line, i
+            write = line
             if replied is None:
                 return self._paired(label, code, replied, key, key_tid, write, i + 1, wire)
-        if write is not None and (now - arrived <= self.wait):
+        waited = (
+            "when the connection ended" if final else f"within {self.wait:g} s of its arrival"
+        )
+        if write is not None and not final and now - arrived <= self.wait:
             return None
         if write is not None:
             return self._fail(
                 f"{label}: vhostmem replied ({replied:.6f}) but QEMU's trace shows no "
-                f"vhost_user_read of the reply after its write (trace line {write.lineno}) in "
-                f"{self.wait:g} s",
+                f"vhost_user_read of the reply after its write (trace line {write.lineno}) "
+                f"{waited}",
                 wire,
             )
-        del write_at
-        if now - arrived <= self.wait:
+        if not final and now - arrived <= self.wait:
             return None
         later = any(
             line.ts is not None and line.ts > arrived + CLOCK_MARGIN
@@ -404,7 +410,7 @@ class Pairer:
             )
         else:
             why = (
-                f"{label}: no vhost_user_write line for it in {self.wait:g} s; the trace "
+                f"{label}: no vhost_user_write line for it {waited}; the trace "
                 + (f"stopped at line {self._last_lineno}" if self._last_lineno else "is empty")
                 + " (is QEMU tracing vhost_user_write into this file?)"
             )

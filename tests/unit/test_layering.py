@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.session", "vhostmem.virtqueue",
      "vhostmem.qemu_trace"},
     {"vhostmem.mapping", "vhostmem.transport", "vhostmem.report", "vhostmem.sockets",
-     "vhostmem.datapath", "vhostmem.tap"},
+     "vhostmem.datapath", "vhostmem.tap", "vhostmem.tracefile"},
     {"vhostmem.control", "vhostmem.qmp"},
     {"vhostmem.server"},
     {"vhostmem.cli", "vhostmem.__main__"},

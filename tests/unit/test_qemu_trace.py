@@ -339,7 +339,7 @@ def test_a_trace_that_stops_waits_then_falls_back() -> None:
         ADD_MEM_REG, 2, arrived=second.arrived, replied=None, now=second.arrived + 2.1
     )
     assert late is not None and late.batching == "gap" and late.fallback is not None
-    assert "no vhost_user_write line for it in 2 s" in late.fallback
+    assert "no vhost_user_write line for it within 2 s of its arrival" in late.fallback
     assert "the trace stopped at line 2" in late.fallback
     # From there on the gap rule, without another fallback.
     again = pairer.pair(ADD_MEM_REG, 3, arrived=0.0, replied=None, now=0.0)
