@@ -412,8 +412,15 @@ def _qemu_trace_option(
     out: dict[str, str] = {}
     for value in values:
         sock, eq, path = value.partition("=")
-        if not eq or sock not in sockets:
-            sock, path = "", value  # a file name may hold '=' too
+        if eq and sock not in sockets:
+            if not os.path.exists(value):
+                parser.error(
+                    f"--qemu-trace {value!r}: {sock!r} is not a socket given with --socket or "
+                    f"--connect ({', '.join(sockets) or 'none'}); give FILE for every socket"
+                )
+            eq = ""
+        if not eq:
+            sock, path = "", value  # one file for every socket (its name may hold '=')
         if not path:
             parser.error(f"--qemu-trace {value!r}: give a FILE, or SOCKET=FILE")
         if sock in out:
