@@ -6,6 +6,10 @@ run (tests/integration/test_qemu_atomicity.py, recorded with ``VHOSTMEM_RECORD_V
 guest boots (the device start sends boot RAM), then virtio-mem goes 0 -> 1 -> 3 -> 1 -> 0 GiB.
 ``...events.jsonl`` holds vhostmem's memory event lines of that run (reply time ``ts``, request,
 region as received). The replay pairs them as the shell does.
+
+``qemu-10.0.2-legacy-set-mem-table.*``: the same guest with ``vhostmem --no-mem-slots`` (whole
+tables): the device start's SET_MEM_TABLE, then virtio-mem 0 -> 1 GiB -> 0 (one memslot for the
+whole device), recorded the same way.
 """
 
 from __future__ import annotations
@@ -14,17 +18,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vhostmem.atomicity import ADD_MEM_REG, History, RegionRef
+from vhostmem.atomicity import ADD_MEM_REG, SET_MEM_TABLE, History, RegionRef
 from vhostmem.qemu_trace import Pairer, parse_lines
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 BASE = VECTORS / "qemu-10.0.2-plug-cycle"
+LEGACY = VECTORS / "qemu-10.0.2-legacy-set-mem-table"
 GiB = 1 << 30
 
 
-def load() -> tuple[list[str], list[dict[str, Any]]]:
-    trace = Path(f"{BASE}.trace.log").read_text(encoding="utf-8").splitlines()
-    events = [json.loads(line) for line in Path(f"{BASE}.events.jsonl").read_text().splitlines()]
+def load(base: Path = BASE) -> tuple[list[str], list[dict[str, Any]]]:
+    trace = Path(f"{base}.trace.log").read_text(encoding="utf-8").splitlines()
+    events = [json.loads(line) for line in Path(f"{base}.events.jsonl").read_text().splitlines()]
     return trace, events
 
 
@@ -35,13 +40,21 @@ def replay(trace: list[str], events: list[dict[str, Any]], *, use_trace: bool = 
         pairer.feed(parse_lines(trace))
     live: dict[tuple[int, int, int], RegionRef] = {}
     for n, e in enumerate(events, 1):
-        r = e["region"]
-        ref = RegionRef(r["gpa"], r["size"], r["uaddr"], r["mmap_offset"])
-        if e["request"] == ADD_MEM_REG:
-            live[ref.key] = ref
-            added, removed = [ref], []
+        refs = [
+            RegionRef(r["gpa"], r["size"], r["uaddr"], r["mmap_offset"])
+            for r in e.get("regions", [e.get("region")])
+        ]
+        kept: list[RegionRef] = []
+        if e["request"] == SET_MEM_TABLE:
+            kept = [ref for ref in refs if live.get(ref.key) == ref]
+            added = [ref for ref in refs if ref not in kept]
+            removed = [ref for ref in live.values() if ref not in kept]
+            live = {ref.key: ref for ref in refs}
+        elif e["request"] == ADD_MEM_REG:
+            live[refs[0].key] = refs[0]
+            added, removed = refs, []
         else:
-            added, removed = [], [live.pop(ref.key)]
+            added, removed = [], [live.pop(refs[0].key)]
         batching, commit, text, fallback = "gap", None, "", None
         if pairer is not None:
             # The reply time is all the event line keeps: it stands in for the arrival.
@@ -117,3 +130,16 @@ def test_the_recorded_trace_with_a_reply_vhostmem_did_not_send() -> None:
     assert not doc["clean"]
     assert doc["wire"]["mismatches"]
     assert "that vhostmem did not send" in doc["wire"]["mismatches"][0]["mismatch"]
+
+
+def test_the_recorded_legacy_tables_are_one_commit_each() -> None:
+    trace, events = load(LEGACY)
+    doc = replay(trace, events).report()
+    assert doc["clean"] and doc["wire"] == {"checked": True, "mismatches": []}
+    assert doc["batching"]["method"] == "qemu-trace" and doc["batching"]["commits"] == 3
+    assert [(b["names"], b["reason"]) for b in doc["batches"]] == [
+        (["SET_MEM_TABLE"], "QEMU device start after trace line 257"),
+        (["SET_MEM_TABLE"], "QEMU commit at trace line 294"),
+        (["SET_MEM_TABLE"], "QEMU commit at trace line 297"),
+    ]
+    assert doc["counts"]["by_classification"] == {"plug": 2, "unplug": 1}
