@@ -249,15 +249,29 @@ class Pairer:
         self.paired = 0
 
     @property
+    def held(self) -> int:
+        """How many lines wait to be paired (spent and irrelevant lines are not kept)."""
+        return len(self._lines) - self._cursor
+
+    @property
     def last_lineno(self) -> int:
         """The number of the last line fed (0: none yet)."""
         return self._last_lineno
 
     def feed(self, lines: list[TraceLine]) -> None:
         """Hand over lines of the file, in order, as they are read."""
-        if lines:
-            self._lines.extend(lines)
-            self._last_lineno = lines[-1].lineno
+        if not lines:
+            return
+        self._last_lineno = lines[-1].lineno
+        if self.dead:
+            return  # nothing will be paired any more: keep nothing
+        # Only commit edges and memory-table messages take part; other requests' lines of a
+        # long-running QEMU would only grow the list.
+        self._lines.extend(
+            line
+            for line in lines
+            if line.event in ("commit", "start") or line.request in MEMORY_REQUESTS
+        )
 
     def replaced(self, detail: str) -> None:
         """The file was replaced or truncated (``detail`` says how): pairing cannot go on."""
@@ -385,9 +399,7 @@ class Pairer:
             write = line
             if replied is None:
                 return self._paired(label, code, replied, key, key_tid, write, i + 1, wire)
-        waited = (
-            "when the connection ended" if final else f"within {self.wait:g} s of its arrival"
-        )
+        waited = "when the connection ended" if final else f"within {self.wait:g} s of its arrival"
         if write is not None and not final and now - arrived <= self.wait:
             return None
         if write is not None:
@@ -444,7 +456,9 @@ class Pairer:
         cursor: int,
         wire: list[str],
     ) -> Resolution:
-        self._cursor = cursor
+        # Lines before the cursor are spent: the batch key and the last pairing hold their facts.
+        del self._lines[:cursor]
+        self._cursor = 0
         self._key, self._key_tid = key, key_tid
         self._prev = _Prev(label, code, replied, write.ts, write.lineno)
         self.paired += 1
@@ -452,6 +466,7 @@ class Pairer:
 
     def _fail(self, why: str, wire: list[str] | None = None) -> Resolution:
         self.dead = True
+        self._lines.clear()
         self.fallback = why
         return Resolution("gap", None, None, why, tuple(wire or ()))
 

@@ -503,3 +503,18 @@ def test_a_front_end_that_is_not_qemu_is_named_not_qemu() -> None:
     assert "the front-end (dpdk-testpmd, pid 4242)" in v["why"]
     assert "QEMU" not in v["why"] and "533f5d6679" not in v["why"]
     assert doc["counts"]["violations"] == 0
+
+
+def test_the_pairer_keeps_only_lines_still_to_pair() -> None:
+    qemu = Qemu()
+    for _ in range(500):  # a long-running QEMU: other requests' lines, empty commits
+        qemu.trace("vhost_user_write req:12 flags:0x1")
+        qemu.commit(started=False)
+    qemu.send(ADD_MEM_REG, added=[BOOT])
+    pairer = Pairer("/run/qemu-trace.log")
+    pairer.feed(parse_lines(qemu.lines))
+    assert pairer.held == 502  # the 500 commits, the ADD's write and read
+    msg = qemu.messages[0]
+    res = pairer.pair(ADD_MEM_REG, 1, arrived=msg.arrived, replied=msg.replied, now=msg.arrived)
+    assert res is not None and res.commit == ("start", 1000)
+    assert pairer.held == 0
