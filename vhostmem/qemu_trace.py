@@ -34,12 +34,13 @@ Pairing rules (one :class:`Pairer` per connection, fed the lines written after i
 - A request's batch key is the last ``vhost_commit`` (or ``vhost_dev_start``) line before its
   write line: a ``Started: 1`` commit makes the batch that commit; a ``Started: 0`` commit, a
   ``vhost_dev_start``, or no line at all since the connection began make it a device start.
-  No timing enters the batch.
+  A write by another thread than the last ``Started: 1`` commit's, with no line between, is
+  outside that commit (fact 3): a new batch. No timing enters the batch.
 - Pairing is proven, never assumed. Any of these ends it for the connection (a *fallback*, in
   words, naming the request and the line), after which every request is batched by the gap rule:
-  the write line's request code differs from the request's; the write line comes from another
-  thread than the commit it falls in; QEMU wrote the line, or read the reply, before vhostmem
-  replied to the message it must follow (a line of another device); no write line within
+  the write line's request code differs from the request's; QEMU wrote the line, or read the
+  reply, before vhostmem replied to the message it must follow (a line of another device); two
+  replies read for one write; no write line within
   ``wait`` seconds of the request's arrival (the trace stopped, or went on without it); the trace
   file did not exist when the connection began, or was replaced while it lasted.
 - Wire cross-check while pairing holds: a reply QEMU read for a memory-table request vhostmem
@@ -178,8 +179,9 @@ class Resolution:
     Attributes:
         batching: ``qemu-trace`` or ``gap``.
         commit: for ``qemu-trace``, the batch key: ``(edge, lineno)`` with edge ``commit`` (a
-            ``Started: 1`` commit at that line) or ``start`` (a device start after that line,
-            0: since the connection began).
+            ``Started: 1`` commit at that line), ``start`` (a device start after that line,
+            0: since the connection began) or ``outside`` (a write at that line by another
+            thread than the last commit's, with no commit line before it).
         line: the ``vhost_user_write`` line paired with the request (``qemu-trace`` only).
         fallback: set on the request where pairing ended: why, in words.
         wire: wire mismatches found while pairing this request.
@@ -199,6 +201,8 @@ class Resolution:
         edge, lineno = self.commit
         if edge == "commit":
             return f"QEMU commit at trace line {lineno}"
+        if edge == "outside":
+            return f"QEMU messages outside a commit (device start?) from trace line {lineno}"
         return "QEMU device start" + (f" after trace line {lineno}" if lineno else "")
 
 
@@ -367,12 +371,10 @@ class Pairer:
                     wire,
                 )
             if key[0] == "commit" and None not in (key_tid, line.tid) and line.tid != key_tid:
-                return self._fail(
-                    f"{label}: {line.where()} was written by another thread than the commit it "
-                    f"follows (trace line {key[1]}, thread {key_tid}): two vhost devices' "
-                    "commits interleave in the trace",
-                    wire,
-                )
+                # A commit's messages are written by its own thread under QEMU's big lock, so
+                # another thread writes only once that commit is over: outside any commit
+                # (vhost_dev_start from a vCPU thread, with no commit line of its own).
+                key, key_tid = ("outside", line.lineno), None
             if (
                 prev is not None
                 and prev.write_ts is not None

@@ -221,8 +221,10 @@ def _abandon(proc: subprocess.Popen[bytes], workdir: Path | None) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-#: The trace events ``vhostmem --qemu-trace`` pairs with (hw/virtio/vhost.c, vhost-user.c).
-TRACE_EVENTS: Final = ("vhost_commit", "vhost_user_write", "vhost_user_read")
+#: The trace events ``vhostmem --qemu-trace`` pairs with (hw/virtio/vhost.c, vhost-user.c);
+#: ``vhost_dev_start`` marks device starts exactly (without it a start right after a commit, in
+#: the same thread and with no commit between, would join that commit's batch).
+TRACE_EVENTS: Final = ("vhost_commit", "vhost_user_write", "vhost_user_read", "vhost_dev_start")
 
 
 def trace_args(path: str | os.PathLike[str]) -> list[str]:
