@@ -19,9 +19,10 @@ LAYERS: list[set[str]] = [
     {"vhostmem.errors"},
     {"vhostmem.regions", "vhostmem.events"},
     {"vhostmem.faults"},
-    {"vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.session", "vhostmem.virtqueue"},
+    {"vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.session", "vhostmem.virtqueue",
+     "vhostmem.qemu_trace"},
     {"vhostmem.mapping", "vhostmem.transport", "vhostmem.report", "vhostmem.sockets",
-     "vhostmem.datapath", "vhostmem.tap"},
+     "vhostmem.datapath", "vhostmem.tap", "vhostmem.tracefile"},
     {"vhostmem.control", "vhostmem.qmp"},
     {"vhostmem.server"},
     {"vhostmem.cli", "vhostmem.__main__"},
@@ -31,7 +32,8 @@ LAYERS: list[set[str]] = [
 #: The pure core may use none of these (STYLE.md section 1).
 IMPURE = {"os", "trio", "socket", "mmap", "logging", "ctypes", "time", "subprocess", "signal"}
 PURE = {"protocol", "vhostmem.errors", "vhostmem.events", "vhostmem.regions", "vhostmem.session",
-        "vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.faults", "vhostmem.virtqueue"}
+        "vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.faults", "vhostmem.virtqueue",
+        "vhostmem.qemu_trace"}
 
 
 def module_name(path: Path) -> str:
