@@ -1,454 +1,60 @@
-"""Mapping guest memory regions: the only module of vhostmem that calls mmap, munmap and mincore.
+"""Mapping and unmapping regions: Mapper and Mapping."""
 
-Theory of operation
--------------------
-
-QEMU hands us one fd per region (SET_MEM_TABLE / ADD_MEM_REG) plus ``(gpa, size, mmap_offset)``.
-``Mapper.map()`` probes what the fd is (``probe_backing``), refuses up front what cannot work
-(with one message that names the request, the region, the backing, the numbers and the fix), and
-maps the region the way libvhost-user does (``qemu/qemu:subprojects/libvhost-user/libvhost-user.c``,
-``_vu_add_mem_reg``, commit b2b63008b3 "Use most of mmap_offset as fd_offset")::
-
-    fd_offset = ALIGN_DOWN(mmap_offset, page_size)      # page size of the fd (2 MiB on hugetlbfs)
-    remainder = mmap_offset - fd_offset                 # where the region starts inside the map
-    length    = ALIGN_UP(remainder + size, page_size)   # hugetlb munmap needs whole huge pages
-    mmap(NULL, length, PROT_READ|PROT_WRITE, MAP_SHARED|MAP_NORESERVE, fd, fd_offset)
-    madvise(MADV_DONTDUMP)                              # libvhost-user commit 52767e1063
-
-Nothing is ever populated: a virtio-mem memslot of 1 GiB may hold a single plugged 2 MiB block,
-and touching an unplugged block would allocate memory QEMU discarded.
-
-The received fd is consumed: closed on success and on failure (stdlib ``mmap`` keeps its own dup,
-Python 3.11 has no ``trackfd=False``). Hugetlb regions keep the received fd as well, for ``peek``
-(see ``Mapping.peek``), so they hold two fds.
-
-No trio and no logging here: everything is returned as data (``Mapping.warnings``,
-``MappingError.details``) and the shell logs it.
-"""
 
 from __future__ import annotations
 
 import ctypes
 import errno as errno_mod
-import fcntl
 import mmap
 import os
 import resource
 import stat
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Literal, NoReturn, final
+from typing import Any, Final, NoReturn, final
 
 from vhostmem.errors import MappingError
-from vhostmem.regions import human_size
-
-__all__ = [
-    "MAP_NORESERVE",
-    "PEEK_MAX",
-    "Backing",
-    "Mapper",
-    "MapperStats",
-    "Mapping",
-    "Peek",
-    "PeekChunk",
-    "PeekResult",
-    "Shortfall",
-    "hugetlb_pool",
-    "max_map_count",
-    "probe_backing",
-    "process_map_count",
-    "raise_nofile_limit",
-]
-
-#: ``MAP_NORESERVE`` (linux/mman.h); Python 3.11's mmap module does not export it.
-MAP_NORESERVE: Final = 0x4000
-#: Largest ``peek`` in bytes; the bytes are returned in memory.
-PEEK_MAX: Final = 64 << 20
-
-HUGETLBFS_MAGIC: Final = 0x958458F6  #: ``statfs.f_type`` of hugetlbfs (linux/magic.h)
-TMPFS_MAGIC: Final = 0x01021994  #: ``statfs.f_type`` of tmpfs / shmem (memfd without MFD_HUGETLB)
-
-F_SEAL_FUTURE_WRITE: Final = 0x0010  #: linux/fcntl.h, not in Python's fcntl module
-F_SEAL_EXEC: Final = 0x0020  #: linux/fcntl.h, not in Python's fcntl module
-_SEAL_NAMES: Final = (
-    (fcntl.F_SEAL_SEAL, "F_SEAL_SEAL"),
-    (fcntl.F_SEAL_SHRINK, "F_SEAL_SHRINK"),
-    (fcntl.F_SEAL_GROW, "F_SEAL_GROW"),
-    (fcntl.F_SEAL_WRITE, "F_SEAL_WRITE"),
-    (F_SEAL_FUTURE_WRITE, "F_SEAL_FUTURE_WRITE"),
-    (F_SEAL_EXEC, "F_SEAL_EXEC"),
+from vhostmem.mapping.backing import (
+    Backing,
+    probe_backing,
 )
-
-MAPPABLE_KINDS: Final = frozenset({"memfd", "memfd-hugetlb", "hugetlbfs", "tmpfs", "file"})
-HUGETLB_KINDS: Final = frozenset({"memfd-hugetlb", "hugetlbfs"})
+from vhostmem.mapping.diagnosis import (
+    Shortfall,
+    _Diagnosis,
+    _pages_in,
+    _pool_text,
+    _region_text,
+)
+from vhostmem.mapping.linux import (
+    _PAGESIZE,
+    MAP_NORESERVE,
+    _align_down,
+    _align_up,
+    _close_quietly,
+    _libc,
+    _mincore,
+    _page_mapped,
+    _pread_all,
+    _vma_at,
+    hugetlb_pool,
+    max_map_count,
+    process_map_count,
+)
+from vhostmem.mapping.peek import (
+    PEEK_MAX,
+    Peek,
+    PeekChunk,
+    _append_chunk,
+)
+from vhostmem.regions import human_size
 
 _U64: Final = 1 << 64
 #: Proven backings a Mapper remembers at most (QEMU uses one memfd or file per backend).
 _PROVEN_MAX: Final = 4096
 _MAP_FLAGS: Final = mmap.MAP_SHARED | MAP_NORESERVE
 _MAP_PROT: Final = mmap.PROT_READ | mmap.PROT_WRITE
-_PAGESIZE: Final = mmap.PAGESIZE
-
-# --- libc through ctypes -------------------------------------------------------------------------
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-_libc.mincore.restype = ctypes.c_int
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.munmap.restype = ctypes.c_int
-_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
-_libc.fstatfs.restype = ctypes.c_int
-
-
-def _fstatfs_type(fd: int) -> int | None:
-    """``fstatfs(fd).f_type``, or None if the call fails (Python 3.11 has no os.fstatfs).
-
-    ``struct statfs`` on 64-bit Linux (x86_64, arm64) starts with ``long f_type``; 256 bytes is
-    more than the 120 the kernel writes.
-    """
-    buf = ctypes.create_string_buffer(256)
-    if _libc.fstatfs(fd, buf) != 0:
-        return None
-    return int(ctypes.c_ulong.from_buffer(buf, 0).value) & 0xFFFFFFFF
-
-
-# mincore's one-byte answer for a single page; only the trio thread unmaps, so one buffer does.
-_ONE_PAGE_VEC: Final = ctypes.create_string_buffer(1)
-
-
-def _page_mapped(address: int) -> bool:
-    """Whether the page at ``address`` is mapped: mincore fails with ENOMEM where nothing is.
-
-    One ctypes call and no exception, since every unmap asks it.
-    """
-    return bool(_libc.mincore(address, _PAGESIZE, _ONE_PAGE_VEC) == 0)
-
-
-def _mincore(address: int, length: int) -> bytes:
-    """One byte per base page of ``[address, address + length)``; bit 0 set = resident.
-
-    Raises:
-        OSError: ENOMEM when part of the range is not mapped.
-    """
-    vec = ctypes.create_string_buffer((length + _PAGESIZE - 1) // _PAGESIZE)
-    if _libc.mincore(address, length, vec) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return vec.raw
-
-
-# --- small helpers -------------------------------------------------------------------------------
-
-
-def _align_down(value: int, align: int) -> int:
-    return value - value % align
-
-
-def _align_up(value: int, align: int) -> int:
-    return _align_down(value + align - 1, align)
-
-
-def _region_text(
-    request: str, gpa: int, size: int, mmap_offset: int, uaddr: int | None = None
-) -> str:
-    """The request and the region: GPA start-end (inclusive), size, front-end address, offset.
-
-    ``uaddr`` is None only for a Mapper used directly, without a front-end.
-    """
-    span = f"0x{gpa:x}-0x{gpa + size - 1:x}" if size > 0 else f"0x{gpa:x} (empty)"
-    text = f"{request} gpa={span} size=0x{size:x} ({human_size(size)})"
-    if uaddr is not None:
-        text += f" uaddr=0x{uaddr:x}"
-    return text + f" mmap_offset=0x{mmap_offset:x}"
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path, encoding="ascii") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
-def max_map_count() -> int | None:
-    """``/proc/sys/vm/max_map_count``: how many mappings (VMAs) one process may have."""
-    return _read_int("/proc/sys/vm/max_map_count")
-
-
-def process_map_count() -> int:
-    """Number of mappings (lines of ``/proc/self/maps``) this process has now."""
-    with open("/proc/self/maps", "rb") as f:
-        return sum(1 for _ in f)
-
-
-def hugetlb_pool(page_size: int) -> dict[str, int] | None:
-    """The huge page pool of one page size, from ``/sys/kernel/mm/hugepages/hugepages-NkB/``.
-
-    Returns:
-        ``{"total", "free", "resv", "surplus"}`` in pages, or None if that size does not exist.
-    """
-    base = f"/sys/kernel/mm/hugepages/hugepages-{page_size // 1024}kB/"
-    names = {"total": "nr_hugepages", "free": "free_hugepages", "resv": "resv_hugepages",
-             "surplus": "surplus_hugepages"}
-    pool: dict[str, int] = {}
-    for key, name in names.items():
-        value = _read_int(base + name)
-        if value is None:
-            return None
-        pool[key] = value
-    return pool
-
-
-def _pool_text(page_size: int) -> str:
-    pool = hugetlb_pool(page_size)
-    if pool is None:
-        return f"no hugetlb pool for {human_size(page_size)} pages"
-    return (f"hugetlb pool {page_size // 1024}kB: free {pool['free']}, resv {pool['resv']}, "
-            f"total {pool['total']}, surplus {pool['surplus']} pages")
-
-
-def raise_nofile_limit(wanted: int | None = None) -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE towards the hard limit (never lowers it).
-
-    Each mapped region holds at least one fd (stdlib mmap keeps a dup), so a full table of 509
-    regions per connection needs far more than the usual soft limit of 1024.
-
-    Args:
-        wanted: the soft limit wanted; None means the hard limit.
-
-    Returns:
-        ``(old_soft, new_soft)``.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if wanted is None else wanted
-    if hard != resource.RLIM_INFINITY:
-        target = min(target, hard)
-    if soft != resource.RLIM_INFINITY and target > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        return soft, target
-    return soft, soft
-
-
-# --- the backing of an fd ------------------------------------------------------------------------
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class Backing:
-    """What an fd received from the front-end is, as far as mapping it is concerned.
-
-    ``kind`` is one of ``memfd``, ``memfd-hugetlb``, ``hugetlbfs``, ``tmpfs``, ``file`` (mappable)
-    or ``pipe``, ``socket``, ``eventfd``, ``directory``, ``char-device``, ``other`` (not mappable).
-    """
-
-    kind: str
-    page_size: int
-    st_dev: int
-    st_ino: int
-    st_size: int
-    target: str
-    seals: tuple[str, ...]
-    writable: bool
-    access: str  #: ``read-write``, ``read-only`` or ``write-only`` (fcntl F_GETFL & O_ACCMODE)
-    fs_magic: int | None
-
-    @property
-    def mappable(self) -> bool:
-        return self.kind in MAPPABLE_KINDS
-
-    @property
-    def hugetlb(self) -> bool:
-        return self.kind in HUGETLB_KINDS
-
-    def describe(self) -> str:
-        """One line for messages: kind, target, page size, file size, access, seals."""
-        text = f"{self.kind} {self.target!r}"
-        if self.mappable:
-            text += (f" (page {human_size(self.page_size)}, file size {self.st_size:#x}"
-                     f" = {human_size(self.st_size)}, {self.access}")
-            if self.seals:
-                text += ", seals " + "|".join(self.seals)
-            text += ")"
-        return text
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain data for JSON."""
-        data = asdict(self)
-        data["seals"] = list(self.seals)
-        return data
-
-
-def probe_backing(fd: int, st: os.stat_result | None = None) -> Backing:
-    """Find out what ``fd`` is: kind, page size, identity, size, seals, access mode.
-
-    Hugetlbfs is detected like QEMU's ``qemu_fd_getpagesize`` and libvhost-user's
-    ``get_fd_hugepagesize``: ``fstatfs`` ``f_type == HUGETLBFS_MAGIC``, page size ``f_bsize``.
-    Every call looks afresh (the Mapper remembers proven backings itself).
-
-    Args:
-        st: ``os.fstat(fd)`` if the caller has just made it.
-
-    Raises:
-        OSError: the fd is not open (EBADF).
-    """
-    if st is None:
-        st = os.fstat(fd)
-    try:
-        target = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        target = "?"
-    magic = _fstatfs_type(fd)
-    try:
-        accmode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-    except OSError:
-        accmode = os.O_RDONLY
-    access = {os.O_RDWR: "read-write", os.O_WRONLY: "write-only"}.get(accmode, "read-only")
-    mode = st.st_mode
-    page_size = _PAGESIZE
-    seals: tuple[str, ...] = ()
-
-    if target == "anon_inode:[eventfd]":
-        kind = "eventfd"
-    elif target.startswith("anon_inode:"):
-        kind = "other"
-    elif stat.S_ISFIFO(mode):
-        kind = "pipe"
-    elif stat.S_ISSOCK(mode):
-        kind = "socket"
-    elif stat.S_ISDIR(mode):
-        kind = "directory"
-    elif stat.S_ISCHR(mode):
-        kind = "char-device"
-    elif stat.S_ISREG(mode):
-        memfd = target.startswith("/memfd:")
-        if magic is not None:
-            hugetlb = magic == HUGETLBFS_MAGIC
-        else:  # fstatfs failed: a memfd with huge blocks can only be MFD_HUGETLB
-            hugetlb = memfd and st.st_blksize > _PAGESIZE
-        if hugetlb:
-            kind = "memfd-hugetlb" if memfd else "hugetlbfs"
-            page_size = os.fstatvfs(fd).f_bsize or st.st_blksize
-        elif memfd:
-            kind = "memfd"
-        elif magic == TMPFS_MAGIC:
-            kind = "tmpfs"
-        else:
-            kind = "file"
-        if memfd:
-            try:
-                bits = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-            except OSError:
-                bits = 0
-            seals = tuple(name for bit, name in _SEAL_NAMES if bits & bit)
-    else:
-        kind = "other"
-
-    return Backing(
-        kind=kind,
-        page_size=page_size,
-        st_dev=st.st_dev,
-        st_ino=st.st_ino,
-        st_size=st.st_size,
-        target=target,
-        seals=seals,
-        writable=access == "read-write",
-        access=access,
-        fs_magic=magic,
-    )
-
-
-# --- peek ---------------------------------------------------------------------------------------
-
-
-PeekState = Literal["data", "unpopulated", "fault"]
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class PeekChunk:
-    """A run of pages of one state. ``offset`` is relative to the region start.
-
-    ``source`` says how ``data`` was read: ``mapping`` (our own mapping, through
-    ``/proc/self/mem``) or ``file`` (``pread`` of a hugetlb fd, for pages our mapping has not
-    faulted in). ``errno``/``detail`` explain a ``fault``.
-    """
-
-    offset: int
-    length: int
-    state: PeekState
-    data: bytes | None
-    errno: int | None = None
-    source: str | None = None
-    detail: str = ""
-
-    @property
-    def error(self) -> str | None:
-        """Why a ``fault`` chunk could not be read, in words; None for other states."""
-        if self.state != "fault":
-            return None
-        if self.detail:
-            return self.detail
-        return errno_mod.errorcode.get(self.errno or 0, "fault")
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class Peek:
-    """Guest memory read through vhostmem's mapping, page by page, without side effects."""
-
-    gpa: int  #: guest physical address of the first byte
-    offset: int  #: offset of the first byte in the region
-    length: int
-    chunks: tuple[PeekChunk, ...]
-
-    @property
-    def complete(self) -> bool:
-        """True when every byte was read."""
-        return all(c.state == "data" for c in self.chunks)
-
-    def data(self, fill: int = 0) -> bytes:
-        """The bytes, with ``fill`` standing in for unpopulated or faulting pages."""
-        out = bytearray()
-        for c in self.chunks:
-            out += c.data if c.data is not None else bytes([fill]) * c.length
-        return bytes(out)
-
-    def hex(self) -> str:
-        """Hex of the bytes; ``__`` marks unpopulated bytes and ``!!`` faulting ones."""
-        parts = []
-        for c in self.chunks:
-            if c.data is not None:
-                parts.append(c.data.hex())
-            else:
-                parts.append(("__" if c.state == "unpopulated" else "!!") * c.length)
-        return "".join(parts)
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain data for JSON (bytes as hex)."""
-        return {
-            "gpa": self.gpa,
-            "offset": self.offset,
-            "length": self.length,
-            "chunks": [
-                {"offset": c.offset, "length": c.length, "state": c.state,
-                 "data": None if c.data is None else c.data.hex(), "errno": c.errno,
-                 "source": c.source, "detail": c.detail}
-                for c in self.chunks
-            ],
-        }
-
-
-#: The name HACKING.md uses for the same thing.
-PeekResult = Peek
 
 
 # --- mappings -----------------------------------------------------------------------------------
@@ -791,175 +397,6 @@ class Mapping:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _append_chunk(chunks: list[PeekChunk], chunk: PeekChunk) -> None:
-    """Append, merging with the previous chunk when state, source and errno agree."""
-    if chunks:
-        prev = chunks[-1]
-        if (prev.state, prev.source, prev.errno, prev.detail) == (
-            chunk.state, chunk.source, chunk.errno, chunk.detail
-        ) and prev.offset + prev.length == chunk.offset:
-            data = None if prev.data is None or chunk.data is None else prev.data + chunk.data
-            chunks[-1] = PeekChunk(prev.offset, prev.length + chunk.length, prev.state, data,
-                                   prev.errno, prev.source, prev.detail)
-            return
-    chunks.append(chunk)
-
-
-def _pread_all(fd: int, length: int, offset: int) -> bytes:
-    parts = []
-    while length > 0:
-        data = os.pread(fd, length, offset)
-        if not data:
-            break
-        parts.append(data)
-        length -= len(data)
-        offset += len(data)
-    return b"".join(parts)
-
-
-def _vma_at(address: int) -> tuple[int, int, int] | None:
-    """``(start, end, inode)`` of the mapping containing ``address``, from /proc/self/maps."""
-    with open("/proc/self/maps", "rb") as f:
-        for line in f:
-            fields = line.split(maxsplit=5)
-            start_s, _, end_s = fields[0].partition(b"-")
-            start, end = int(start_s, 16), int(end_s, 16)
-            if start <= address < end:
-                return start, end, int(fields[4])
-    return None
-
-
-@final
-class _Diagnosis:
-    """Builds the one-message MappingError of a map() call: request, region, backing, fix."""
-
-    # Everything is worked out only when a failure is built: a successful map() (the hot path,
-    # QEMU waits for its ack) pays for none of the text.
-    __slots__ = ("backing", "details", "fd", "gpa", "mmap_offset", "request", "size", "uaddr")
-
-    def __init__(
-        self, request: str, gpa: int, size: int, mmap_offset: int, fd: int, uaddr: int | None
-    ) -> None:
-        self.request, self.gpa, self.size, self.mmap_offset, self.fd, self.uaddr = (
-            request, gpa, size, mmap_offset, fd, uaddr)
-        self.backing: Backing | None = None
-        self.details: dict[str, Any] = {}
-
-    def set_backing(self, backing: Backing) -> None:
-        self.backing = backing
-
-    def fail(self, kind: str, what: str, fix: str, *, errno: int | None = None,
-             **numbers: Any) -> MappingError:
-        region = _region_text(self.request, self.gpa, self.size, self.mmap_offset, self.uaddr)
-        details: dict[str, Any] = {
-            "request": self.request, "gpa": self.gpa, "size": self.size, "uaddr": self.uaddr,
-            "mmap_offset": self.mmap_offset, "fd": self.fd,
-        }
-        if self.backing is None:
-            backing_text = f"not inspected (fd {self.fd})"
-        else:
-            backing_text = self.backing.describe()
-            details["backing"] = self.backing.as_dict()
-        return MappingError(
-            f"{region}: {what}. Backing: {backing_text}. Fix: {fix}",
-            errno=errno, kind=kind, details={**details, **self.details, **numbers},
-        )
-
-
-# --- huge page shortfalls ------------------------------------------------------------------------
-
-
-def _pool_size_arg(page_size: int) -> str:
-    """The ``--size`` argument of hugepages/setup.sh for a page size: ``2M``, ``1G``."""
-    return f"{page_size >> 30}G" if page_size >= 1 << 30 else f"{page_size >> 20}M"
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class Shortfall:
-    """A hugetlb region the huge page pool cannot back in full (see ``Mapper.shortfalls``).
-
-    Counts are in huge pages of ``page_size``. ``file_pages`` covers the file's live regions
-    counted once (their mapped ranges merged); ``held`` is what the file already has allocated
-    (``st_blocks``); ``free`` includes ``resv`` (the kernel counts reserved pages as free);
-    ``other_missing`` is what other hugetlb files of the same page size mapped by this process
-    still lack. ``short = (file_pages - min(held, file_pages)) + other_missing - free`` > 0:
-    the pages of this page size missing for the regions mapped here if every page is touched.
-    """
-
-    request: str
-    gpa: int
-    size: int
-    uaddr: int | None
-    mmap_offset: int
-    kind: str
-    file: str
-    page_size: int
-    region_pages: int
-    file_regions: int
-    file_pages: int
-    held: int
-    free: int
-    resv: int
-    total: int
-    other_missing: int
-    short: int
-    #: The live mapping this is about (not part of the JSON).
-    mapping: Mapping = field(repr=False, compare=False)
-
-    def text(self) -> str:
-        """The warning in words: the region, the numbers, who gets SIGBUS, the fix."""
-        page = human_size(self.page_size)
-        region = _region_text(self.request, self.gpa, self.size, self.mmap_offset, self.uaddr)
-        missing = self.file_pages - min(self.held, self.file_pages)
-        parts = [f"{region}: huge page shortfall: the region spans {self.region_pages} pages "
-                 f"of {page} ({self.kind} {self.file!r})"]
-        if self.file_regions > 1:
-            parts.append(f"its file has {self.file_regions} regions mapped here, "
-                         f"{self.file_pages} pages counted once")
-        parts.append(f"the file holds {self.held} pages (allocated)")
-        parts.append(f"the {page} pool has {self.free} free pages, {self.resv} of them reserved "
-                     f"(of {self.total} in all)")
-        if self.other_missing:
-            parts.append(f"other hugetlb files of {page} pages mapped here still lack "
-                         f"{self.other_missing} pages")
-        wanted = self.total + self.short
-        return (
-            "; ".join(parts)
-            + f": {missing + self.other_missing} pages still to allocate, {self.short} pages "
-            f"short if every page is touched. Served anyway: mapped with MAP_NORESERVE and "
-            f"nothing populated, so nothing fails now; whoever first touches a page the pool "
-            f"cannot supply gets SIGBUS: QEMU (the guest's accesses run in QEMU's vCPU "
-            f"threads, so the guest dies with QEMU), or vhostmem when --tap writes a guest "
-            f"buffer there; vhostmem's peek does not touch such pages (it reads holes with "
-            f"pread and reports faults). Fix: reserve {self.short} more pages of {page}: echo "
-            f"{wanted} > /sys/kernel/mm/hugepages/hugepages-{self.page_size // 1024}kB/"
-            f"nr_hugepages (or hugepages/setup.sh --size {_pool_size_arg(self.page_size)} "
-            f"--pages {wanted}), or give the memory backend fewer pages"
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain data for JSON, with the text."""
-        doc = {name: getattr(self, name) for name in _SHORTFALL_FIELDS}
-        doc["text"] = self.text()
-        return doc
-
-
-_SHORTFALL_FIELDS: Final = tuple(f.name for f in fields(Shortfall) if f.name != "mapping")
-
-
-def _pages_in(ranges: list[tuple[int, int]], page: int) -> int:
-    """Huge pages covered by the union of ``[start, end)`` byte ranges (page-aligned)."""
-    total = 0
-    reach = -1
-    for start, end in sorted(ranges):
-        start = max(start, reach)
-        if end > start:
-            total += end - start
-            reach = end
-    return total // page
 
 
 # --- the mapper ---------------------------------------------------------------------------------
