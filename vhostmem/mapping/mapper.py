@@ -4,16 +4,14 @@
 from __future__ import annotations
 
 import ctypes
-import errno as errno_mod
 import mmap
 import os
-import resource
 import stat
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, NoReturn, final
+from typing import Any, Final, final
 
 from vhostmem.errors import MappingError
 from vhostmem.mapping.backing import (
@@ -21,36 +19,30 @@ from vhostmem.mapping.backing import (
     probe_backing,
 )
 from vhostmem.mapping.diagnosis import (
+    _U64,
     Shortfall,
     _Diagnosis,
     _pages_in,
-    _pool_text,
     _region_text,
+    munmap_failed,
+    views_in_use,
 )
 from vhostmem.mapping.linux import (
-    _PAGESIZE,
     MAP_NORESERVE,
     _align_down,
     _align_up,
     _close_quietly,
     _libc,
-    _mincore,
     _page_mapped,
-    _pread_all,
     _vma_at,
     hugetlb_pool,
-    max_map_count,
-    process_map_count,
 )
 from vhostmem.mapping.peek import (
     PEEK_MAX,
     Peek,
-    PeekChunk,
-    _append_chunk,
+    read_region,
 )
-from vhostmem.regions import human_size
 
-_U64: Final = 1 << 64
 #: Proven backings a Mapper remembers at most (QEMU uses one memfd or file per backend).
 _PROVEN_MAX: Final = 4096
 _MAP_FLAGS: Final = mmap.MAP_SHARED | MAP_NORESERVE
@@ -225,22 +217,9 @@ class Mapping:
     def peek(self, offset: int, length: int) -> Peek:
         """Read guest memory through our mapping without killing the process or changing it.
 
-        Page by page (the backing's page size): ``mincore`` on our mapping first.
-
-        * resident: read through ``/proc/self/mem`` at the page's address. A read that would
-          SIGBUS through a pointer fails with EIO there; the page becomes a ``fault`` chunk.
-        * not resident, shmem or file: ``unpopulated``, not touched: a read fault would
-          allocate a page QEMU discarded (an unplugged virtio-mem block). For shmem, mincore
-          consults the page cache, so a page QEMU populated shows as resident here.
-        * not resident, hugetlb: mincore on hugetlb looks only at OUR page tables, so pages
-          QEMU populated look absent. Read them with ``pread`` on the kept fd instead:
-          ``hugetlbfs_read_iter`` copies present pages and zero-fills holes without allocating
-          (checked on Linux 6.18: pread of holes returns zeros and free_hugepages does not
-          move, whereas a /proc/self/mem read of the same hole through our mapping allocates a
-          huge page). Holes therefore come back as zero ``data`` with ``source="file"``.
-
-        A page QEMU discards between our mincore and our read would be faulted back in; the
-        window is one syscall wide.
+        Page by page, as ``vhostmem.mapping.peek.read_region`` describes: resident pages
+        through ``/proc/self/mem``, hugetlb pages our mapping has not faulted in through
+        ``pread`` on the kept fd, other pages reported ``unpopulated`` and never touched.
 
         Raises:
             ValueError: the range is outside the region, longer than PEEK_MAX, or closed.
@@ -248,57 +227,12 @@ class Mapping:
         self._check_range("peek", offset, length)
         if length > PEEK_MAX:
             raise ValueError(f"peek length {length:#x} is above PEEK_MAX {PEEK_MAX:#x}")
-        chunks: list[PeekChunk] = []
-        if length == 0:
-            return Peek(self.gpa + offset, offset, 0, ())
-        page = self.backing.page_size
-        start = self.remainder + offset  # offsets into the map from here on
-        end = start + length
-        first = _align_down(start, page)
-        last = _align_up(end, page)
-        try:
-            resident = _mincore(self.map_base + first, last - first)
-        except OSError as err:  # cannot happen while we own the map; report, never guess
-            return Peek(self.gpa + offset, offset, length, (
-                PeekChunk(offset, length, "fault", None, err.errno, None, f"mincore: {err}"),))
-        per_page = page // _PAGESIZE
-        for page_start in range(first, last, page):
-            lo = max(page_start, start)
-            hi = min(page_start + page, end)
-            idx = (page_start - first) // _PAGESIZE
-            if any(b & 1 for b in resident[idx:idx + per_page]):
-                chunk = self._read_mem(lo, hi)
-            elif self._kept_fd is not None:
-                chunk = self._read_file(lo, hi)
-            else:
-                chunk = PeekChunk(lo - self.remainder, hi - lo, "unpopulated", None)
-            _append_chunk(chunks, chunk)
-        return Peek(self.gpa + offset, offset, length, tuple(chunks))
-
-    def _read_mem(self, lo: int, hi: int) -> PeekChunk:
-        mem_fd = self._mapper._proc_mem_fd()
-        try:
-            data = _pread_all(mem_fd, hi - lo, self.map_base + lo)
-        except OSError as err:
-            return PeekChunk(lo - self.remainder, hi - lo, "fault", None, err.errno, "mapping",
-                             f"{errno_mod.errorcode.get(err.errno or 0, '?')}: {err.strerror}")
-        if len(data) != hi - lo:
-            return PeekChunk(lo - self.remainder, hi - lo, "fault", None, errno_mod.EIO,
-                             "mapping", f"short read of /proc/self/mem: {len(data)} bytes")
-        return PeekChunk(lo - self.remainder, hi - lo, "data", data, None, "mapping")
-
-    def _read_file(self, lo: int, hi: int) -> PeekChunk:
-        assert self._kept_fd is not None
-        try:
-            data = _pread_all(self._kept_fd, hi - lo, self.fd_offset + lo)
-        except OSError as err:
-            return PeekChunk(lo - self.remainder, hi - lo, "fault", None, err.errno, "file",
-                             f"{errno_mod.errorcode.get(err.errno or 0, '?')}: {err.strerror}")
-        if len(data) != hi - lo:
-            return PeekChunk(lo - self.remainder, hi - lo, "fault", None, None, "file",
-                             f"past end of file: file offset {self.fd_offset + lo:#x}, "
-                             f"read {len(data)} of {hi - lo} bytes (touching it would SIGBUS)")
-        return PeekChunk(lo - self.remainder, hi - lo, "data", data, None, "file")
+        return read_region(
+            gpa=self.gpa, offset=offset, length=length, map_base=self.map_base,
+            remainder=self.remainder, fd_offset=self.fd_offset,
+            page_size=self.backing.page_size, kept_fd=self._kept_fd,
+            mem_fd=self._mapper._proc_mem_fd,
+        )
 
     # -- teardown --
 
@@ -327,12 +261,7 @@ class Mapping:
         try:
             mm.close()
         except BufferError as err:
-            raise MappingError(
-                f"cannot unmap {self.text}"
-                f" ({self.backing.kind}): a memoryview derived from Mapping.view() is still in use"
-                f" ({err}). Fix: release derived views (memoryview.release()) before closing.",
-                errno=errno_mod.EBUSY, kind="views-in-use", details=self._details(),
-            ) from err
+            raise views_in_use(self.text, self.backing, err, self._details()) from err
         self._mm = None
         self._mapper._forget(self)  # while fds_held still counts what it held
         self._closed = True
@@ -369,20 +298,8 @@ class Mapping:
                               f"(munmap failed silently); unmapped {span:#x} bytes with munmap",)
             return
         err = ctypes.get_errno()
-        cause = "Fix: report this as a vhostmem bug with these numbers."
-        if err == errno_mod.ENOMEM:
-            cause = (f"The unmap splits a mapping and this process has {process_map_count()} "
-                     f"mappings of vm.max_map_count {max_map_count()}. Fix: raise "
-                     f"vm.max_map_count (sysctl) or map fewer regions.")
         self._still_mapped = True
-        raise MappingError(
-            f"munmap failed for {self.text}"
-            f": backing {self.backing.describe()}; {self.map_base:#x}-{end:#x} is still mapped "
-            f"after mmap.close(); munmap({self.map_base:#x}, {span:#x}) -> "
-            f"{errno_mod.errorcode.get(err, '?')} ({os.strerror(err)}). The mapping leaks until "
-            f"the process exits. {cause}",
-            errno=err, kind="munmap-failed", details=self._details(),
-        )
+        raise munmap_failed(self.text, self.backing, self.map_base, span, err, self._details())
 
     def _details(self) -> dict[str, Any]:
         return {"request": self.request, **self.as_dict()}
@@ -481,9 +398,8 @@ class Mapper:
         fail_errno: int | None, st: os.stat_result | None = None, uaddr: int | None = None,
     ) -> Mapping:
         diag = _Diagnosis(request, gpa, size, mmap_offset, fd, uaddr)
-        fail = diag.fail
         if self._closed:
-            raise fail("closed", "the Mapper is closed", "map regions before Mapper.close()")
+            raise diag.closed()
         # The path QEMU waits on: one fstat, and a backing already proven mappable for this
         # file and size (QEMU sends the same memfd with every ADD_MEM_REG). Anything else, and
         # every mmap failure, probes the fd afresh, so the words of a failure never rest on
@@ -492,9 +408,7 @@ class Mapper:
             try:
                 st = os.fstat(fd)
             except OSError as err:
-                raise fail("bad-fd", f"cannot inspect fd {fd}: {err.strerror}",
-                           "pass the fd received with the message (SCM_RIGHTS), still open",
-                           errno=err.errno) from err
+                raise diag.bad_fd(err) from err
         key = (st.st_dev, st.st_ino, st.st_size)
         backing = self._proven.get(key) if stat.S_ISREG(st.st_mode) else None
         if backing is None:
@@ -505,7 +419,7 @@ class Mapper:
         end = mmap_offset + size
         if not (0 < size and 0 <= gpa and 0 <= mmap_offset and end < _U64
                 and gpa + size < _U64 and end <= backing.st_size):
-            self._refuse_numbers(diag, backing, gpa, size, mmap_offset)
+            diag.refuse_numbers(backing)
 
         # -- layout (libvhost-user _vu_add_mem_reg) --
         page = backing.page_size
@@ -514,14 +428,7 @@ class Mapper:
         length = _align_up(remainder + size, page)
         if self.max_mapped is not None and self._mapped_bytes + length > self.max_mapped:
             stats = self.stats
-            raise fail("max-mapped",
-                       f"mapping {length:#x} ({human_size(length)}) more would exceed max_mapped "
-                       f"{self.max_mapped:#x} ({human_size(self.max_mapped)}): already mapped "
-                       f"{stats.mapped_bytes:#x} ({human_size(stats.mapped_bytes)}) in "
-                       f"{stats.maps} regions",
-                       "raise the max_mapped cap, or unplug memory first",
-                       max_mapped=self.max_mapped, mapped_bytes=stats.mapped_bytes,
-                       maps=stats.maps)
+            raise diag.max_mapped(length, self.max_mapped, stats.maps, stats.mapped_bytes)
 
         # Python's mmap refuses a length past the end of a regular file even though the kernel
         # maps whole pages; the region itself is inside the file (checked above), so map only up
@@ -541,16 +448,11 @@ class Mapper:
             backing = self._probe_and_refuse(fd, diag, cache=False)
             layout = {"fd_offset": fd_offset, "remainder": remainder, "length": length,
                       "page_size": page}
-            diag.details.update(layout)
-            text = (f"fd_offset {fd_offset:#x}, remainder {remainder:#x}, length {length:#x} "
-                    f"({human_size(length)}), page {page:#x}")
-            raise self._diagnose(err, diag, backing, text, layout,
-                                 injected=fail_errno is not None) from err
+            stats = self.stats
+            raise diag.mmap_failed(err, backing, layout, injected=fail_errno is not None,
+                                   maps=stats.maps, mapped_bytes=stats.mapped_bytes) from err
         except (ValueError, OverflowError) as err:
-            raise fail("mmap-refused",
-                       f"Python's mmap refused: {err} (fd_offset {fd_offset:#x}, length "
-                       f"{length:#x}, page {page:#x})",
-                       "report this as a vhostmem bug with these numbers") from err
+            raise diag.mmap_refused(err, fd_offset, length, page) from err
 
         try:
             # The base address: a ctypes object over the buffer exports it, so drop it at once
@@ -596,173 +498,17 @@ class Mapper:
         (EPERM), which probes afresh; seals added later without failing (GROW, SHRINK) show in
         reports only once the file is probed again.
         """
-        fail = diag.fail
         try:
             backing = probe_backing(fd, st)
         except OSError as err:
-            raise fail("bad-fd", f"cannot inspect fd {fd}: {err.strerror}",
-                       "pass the fd received with the message (SCM_RIGHTS), still open",
-                       errno=err.errno) from err
+            raise diag.bad_fd(err) from err
         diag.set_backing(backing)
-        if not backing.mappable:
-            raise fail("not-mappable", f"a {backing.kind} cannot be mmapped",
-                       "pass a memory backend with share=on (memfd or a file), e.g. "
-                       "-object memory-backend-memfd,id=mem0,size=...,share=on")
-        if not backing.writable:
-            raise fail("read-only",
-                       f"the fd is opened {backing.access}; vhostmem maps guest memory "
-                       "read-write (PROT_READ|PROT_WRITE, MAP_SHARED) and the kernel would "
-                       "refuse with EACCES",
-                       "give the back-end an fd opened O_RDWR (QEMU: a memory backend with "
-                       "share=on and without readonly=on)")
-        write_seals = [s for s in backing.seals if s in ("F_SEAL_WRITE", "F_SEAL_FUTURE_WRITE")]
-        if write_seals:
-            raise fail("sealed",
-                       f"the memfd is sealed with {'|'.join(write_seals)}; vhostmem maps guest "
-                       "memory read-write (PROT_READ|PROT_WRITE, MAP_SHARED) and the kernel "
-                       "would refuse with EPERM",
-                       "do not seal guest memory against writes (F_SEAL_WRITE / "
-                       "F_SEAL_FUTURE_WRITE); QEMU's own seal=on only adds GROW/SHRINK")
+        diag.refuse_unmappable(backing)
         if cache:
             if len(self._proven) >= _PROVEN_MAX:
                 self._proven.clear()
             self._proven[(backing.st_dev, backing.st_ino, backing.st_size)] = backing
         return backing
-
-    @staticmethod
-    def _refuse_numbers(
-        diag: _Diagnosis, backing: Backing, gpa: int, size: int, mmap_offset: int
-    ) -> NoReturn:
-        """Word why ``_map``'s one-line numbers check refused; called only when it did."""
-        fail = diag.fail
-        for name, value in (("gpa", gpa), ("size", size), ("mmap_offset", mmap_offset)):
-            if not 0 <= value < _U64:
-                raise fail("bad-region", f"{name}={value:#x} is not a u64",
-                           "the front-end sent a corrupt region")
-        if size == 0:
-            raise fail("empty", "the region is empty (size 0)",
-                       "the front-end sent a zero-sized region (a front-end bug): "
-                       "check the memory table it sends")
-        if mmap_offset + size >= _U64:
-            raise fail("overflow",
-                       f"mmap_offset + size = {mmap_offset + size:#x} overflows 2^64",
-                       "the front-end sent a corrupt region (mmap_offset + size must fit in "
-                       "64 bits)", end=mmap_offset + size)
-        if gpa + size >= _U64:
-            raise fail("overflow", f"gpa + size = {gpa + size:#x} overflows 2^64",
-                       "the front-end sent a corrupt region (gpa + size must fit in 64 bits)",
-                       end=gpa + size)
-        end = mmap_offset + size
-        if backing.st_size < end:
-            raise fail("past-eof",
-                       f"the region ends past the end of the file: file size "
-                       f"{backing.st_size:#x} ({human_size(backing.st_size)}) < mmap_offset + size "
-                       f"= {end:#x} ({human_size(end)}), short by {end - backing.st_size:#x}; "
-                       "touching the tail would SIGBUS",
-                       "make the memory backend at least mmap_offset + size bytes (size=), and "
-                       "check nothing truncated the file",
-                       st_size=backing.st_size, end=end)
-        raise AssertionError(f"_map refused numbers that _refuse_numbers accepts: gpa "
-                             f"{gpa:#x} size {size:#x} mmap_offset {mmap_offset:#x}")
-
-    def _diagnose(
-        self,
-        err: OSError,
-        diag: _Diagnosis,
-        backing: Backing,
-        layout_text: str,
-        layout: dict[str, int],
-        *,
-        injected: bool,
-    ) -> MappingError:
-        """Word an mmap failure: what the kernel said (or that the errno was injected), the
-        numbers that bear on that errno, and the fix.
-
-        Rule: the words never name a cause the numbers rule out. An injected errno did not
-        come from the kernel (mmap was not called), so the message says so, shows the numbers
-        as context only, and its fix is to remove the rule.
-        """
-        fail = diag.fail
-        code = err.errno or 0
-        name = errno_mod.errorcode.get(code, str(code))
-        reported = f"{name} ({os.strerror(code)})"
-        if injected:
-            said = (f"mmap was not called: a fault rule (errno={name}) made it fail as if the "
-                    f"kernel had returned {reported} [injected fault]")
-        else:
-            said = f"mmap failed: the kernel returned {reported}"
-        numbers: dict[str, Any] = {"injected": injected, "errno_name": name}
-
-        def result(kind: str, text: str, fix: str, **more: Any) -> MappingError:
-            if injected:
-                fix = (f"nothing to change in the set-up: this {name} was injected; remove the "
-                       f"rule (vhostmem-ctl inject --clear) to map normally. Were the kernel to "
-                       f"return it: {fix}")
-            return fail(kind, text, fix, errno=code, **numbers, **more, **layout)
-
-        if code == errno_mod.ENOMEM:
-            limit = max_map_count()
-            current = process_map_count()
-            stats = self.stats
-            soft_as, _ = resource.getrlimit(resource.RLIMIT_AS)
-            as_text = "unlimited" if soft_as == resource.RLIM_INFINITY else f"{soft_as:#x}"
-            parts = [
-                f"{said}; {layout_text}",
-                f"/proc/sys/vm/max_map_count {limit}, this process has {current} mappings "
-                f"(/proc/self/maps lines)",
-                f"this Mapper maps {stats.maps} regions, {stats.mapped_bytes:#x} "
-                f"({human_size(stats.mapped_bytes)})",
-                f"RLIMIT_AS {as_text}",
-            ]
-            numbers.update(max_map_count=limit, process_maps=current, mapper_maps=stats.maps,
-                           mapper_bytes=stats.mapped_bytes)
-            if backing.hugetlb:
-                parts.append(_pool_text(backing.page_size))
-                numbers["hugetlb_pool"] = hugetlb_pool(backing.page_size)
-            fix = ("raise vm.max_map_count (sysctl -w vm.max_map_count=N) if the process is near "
-                   "it, raise RLIMIT_AS, or map fewer/smaller regions")
-            if backing.hugetlb:
-                fix += ("; for hugetlb, reserve pages: echo N > /proc/sys/vm/nr_hugepages "
-                        "(MAP_NORESERVE takes them on first touch)")
-            return result("enomem", "; ".join(parts), fix)
-        if code == errno_mod.EINVAL and backing.hugetlb:
-            page = backing.page_size
-            fd_offset, length = layout["fd_offset"], layout["length"]
-            off_mod, len_mod = fd_offset % page, length % page
-            rule = (f"hugetlbfs needs the file offset and the length to be multiples of the huge "
-                    f"page size {page:#x} ({human_size(page)})")
-            if off_mod or len_mod:
-                wrong = [f"{what} {value:#x} is not a multiple (mod page = {rest:#x})"
-                         for what, value, rest in (("fd_offset", fd_offset, off_mod),
-                                                   ("length", length, len_mod)) if rest]
-                text = f"{said}; {layout_text}; {rule}: {', '.join(wrong)}"
-                fix = ("check the page size of the backend (hugetlbsize=) matches the mount; "
-                       "report these numbers as a vhostmem bug (it aligns both)")
-            else:
-                text = (f"{said}; {layout_text}; fd_offset {fd_offset:#x} and length "
-                        f"{length:#x} are both multiples of the huge page size {page:#x} "
-                        f"({human_size(page)}), so alignment is not the cause")
-                fix = ("check that the backend's hugetlbsize= matches the page size of the file "
-                       "(st_blksize); otherwise report these numbers as a vhostmem bug")
-            return result("einval", text, fix)
-        if code in (errno_mod.EMFILE, errno_mod.ENFILE):
-            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            open_fds = len(os.listdir("/proc/self/fd"))
-            text = (f"{said}; {layout_text}; stdlib mmap duplicates the fd per region: "
-                    f"{open_fds} fds open, RLIMIT_NOFILE soft {soft} hard {hard}")
-            numbers.update(open_fds=open_fds, nofile_soft=soft, nofile_hard=hard)
-            return result(name.lower(), text, "raise the fd limit (raise_nofile_limit(), "
-                          "ulimit -n)")
-        hints = {
-            errno_mod.EACCES: "the fd must be opened O_RDWR on a filesystem that allows shared "
-                              "writable mappings",
-            errno_mod.EPERM: "remove write seals from the memfd (F_SEAL_WRITE / "
-                             "F_SEAL_FUTURE_WRITE)",
-            errno_mod.ENODEV: "the filesystem does not support mmap: use memfd, tmpfs or "
-                              "hugetlbfs",
-        }
-        return result(name.lower(), f"{said}; {layout_text}",
-                      hints.get(code, "see mmap(2) for this errno; the numbers are above"))
 
     def shortfalls(self) -> list[Shortfall]:
         """The live hugetlb regions the huge page pool cannot back in full now.

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import errno as errno_mod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, final
+
+from vhostmem.mapping.linux import _PAGESIZE, _align_down, _align_up, _mincore, _pread_all
 
 #: Largest ``peek`` in bytes; the bytes are returned in memory.
 PEEK_MAX: Final = 64 << 20
@@ -108,3 +111,98 @@ def _append_chunk(chunks: list[PeekChunk], chunk: PeekChunk) -> None:
                                    prev.errno, prev.source, prev.detail)
             return
     chunks.append(chunk)
+
+
+def read_region(
+    *,
+    gpa: int,
+    offset: int,
+    length: int,
+    map_base: int,
+    remainder: int,
+    fd_offset: int,
+    page_size: int,
+    kept_fd: int | None,
+    mem_fd: Callable[[], int],
+) -> Peek:
+    """Read guest memory through our mapping without killing the process or changing it.
+
+    Page by page (the backing's page size): ``mincore`` on our mapping first.
+
+    * resident: read through ``/proc/self/mem`` at the page's address. A read that would
+      SIGBUS through a pointer fails with EIO there; the page becomes a ``fault`` chunk.
+    * not resident, shmem or file: ``unpopulated``, not touched: a read fault would
+      allocate a page QEMU discarded (an unplugged virtio-mem block). For shmem, mincore
+      consults the page cache, so a page QEMU populated shows as resident here.
+    * not resident, hugetlb: mincore on hugetlb looks only at OUR page tables, so pages
+      QEMU populated look absent. Read them with ``pread`` on the kept fd instead:
+      ``hugetlbfs_read_iter`` copies present pages and zero-fills holes without allocating
+      (checked on Linux 6.18: pread of holes returns zeros and free_hugepages does not
+      move, whereas a /proc/self/mem read of the same hole through our mapping allocates a
+      huge page). Holes therefore come back as zero ``data`` with ``source="file"``.
+
+    A page QEMU discards between our mincore and our read would be faulted back in; the
+    window is one syscall wide.
+
+    The caller has checked the range (``Mapping.peek``: inside the region, at most PEEK_MAX).
+
+    Args:
+        gpa: guest physical address of the region.
+        offset, length: the range to read, relative to the region start.
+        map_base, remainder, fd_offset, page_size: the mapping's layout (see ``Mapping``).
+        kept_fd: the hugetlb fd kept for reading pages our mapping has not faulted in, or None.
+        mem_fd: returns the ``/proc/self/mem`` fd; called only when a resident page is read.
+    """
+    chunks: list[PeekChunk] = []
+    if length == 0:
+        return Peek(gpa + offset, offset, 0, ())
+    page = page_size
+    start = remainder + offset  # offsets into the map from here on
+    end = start + length
+    first = _align_down(start, page)
+    last = _align_up(end, page)
+    try:
+        resident = _mincore(map_base + first, last - first)
+    except OSError as err:  # cannot happen while we own the map; report, never guess
+        return Peek(gpa + offset, offset, length, (
+            PeekChunk(offset, length, "fault", None, err.errno, None, f"mincore: {err}"),))
+    per_page = page // _PAGESIZE
+    for page_start in range(first, last, page):
+        lo = max(page_start, start)
+        hi = min(page_start + page, end)
+        idx = (page_start - first) // _PAGESIZE
+        if any(b & 1 for b in resident[idx:idx + per_page]):
+            chunk = _read_mem(mem_fd(), map_base, remainder, lo, hi)
+        elif kept_fd is not None:
+            chunk = _read_file(kept_fd, fd_offset, remainder, lo, hi)
+        else:
+            chunk = PeekChunk(lo - remainder, hi - lo, "unpopulated", None)
+        _append_chunk(chunks, chunk)
+    return Peek(gpa + offset, offset, length, tuple(chunks))
+
+
+def _read_mem(mem_fd: int, map_base: int, remainder: int, lo: int, hi: int) -> PeekChunk:
+    """Map offsets ``[lo, hi)`` read through ``/proc/self/mem``; EIO there is a fault chunk."""
+    try:
+        data = _pread_all(mem_fd, hi - lo, map_base + lo)
+    except OSError as err:
+        return PeekChunk(lo - remainder, hi - lo, "fault", None, err.errno, "mapping",
+                         f"{errno_mod.errorcode.get(err.errno or 0, '?')}: {err.strerror}")
+    if len(data) != hi - lo:
+        return PeekChunk(lo - remainder, hi - lo, "fault", None, errno_mod.EIO,
+                         "mapping", f"short read of /proc/self/mem: {len(data)} bytes")
+    return PeekChunk(lo - remainder, hi - lo, "data", data, None, "mapping")
+
+
+def _read_file(kept_fd: int, fd_offset: int, remainder: int, lo: int, hi: int) -> PeekChunk:
+    """Map offsets ``[lo, hi)`` read with ``pread`` on the kept hugetlb fd."""
+    try:
+        data = _pread_all(kept_fd, hi - lo, fd_offset + lo)
+    except OSError as err:
+        return PeekChunk(lo - remainder, hi - lo, "fault", None, err.errno, "file",
+                         f"{errno_mod.errorcode.get(err.errno or 0, '?')}: {err.strerror}")
+    if len(data) != hi - lo:
+        return PeekChunk(lo - remainder, hi - lo, "fault", None, None, "file",
+                         f"past end of file: file offset {fd_offset + lo:#x}, "
+                         f"read {len(data)} of {hi - lo} bytes (touching it would SIGBUS)")
+    return PeekChunk(lo - remainder, hi - lo, "data", data, None, "file")
