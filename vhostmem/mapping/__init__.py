@@ -1,4 +1,4 @@
-"""Mapping guest memory regions: the only module of vhostmem that calls mmap, munmap and mincore.
+"""Mapping guest memory regions: the only package of vhostmem that calls mmap, munmap, mincore.
 
 Theory of operation
 -------------------
@@ -22,19 +22,31 @@ The received fd is consumed: closed on success and on failure (stdlib ``mmap`` k
 Python 3.11 has no ``trackfd=False``). Hugetlb regions keep the received fd as well, for ``peek``
 (see ``Mapping.peek``), so they hold two fds.
 
+Every unmap is verified (``Mapping.close``): stdlib ``mmap.close()`` ignores munmap's result,
+and munmap can fail (ENOMEM when it splits a mapping at ``vm.max_map_count``).
+
 No trio and no logging here: everything is returned as data (``Mapping.warnings``,
 ``MappingError.details``) and the shell logs it.
+
+Modules
+-------
+
+One concern a module; imports point down the list (``tests/unit/test_layering.py``)::
+
+    linux      libc through ctypes (mincore, munmap, fstatfs), /proc and sysfs readers, limits
+    backing    what an fd is: kind, page size, size, access, seals (``probe_backing``)
+    diagnosis  every failure and huge page shortfall in words (``Diagnosis``, ``Shortfall``)
+    peek       guest memory read page by page without side effects (``read_region``, ``Peek``)
+    mapper     ``Mapper`` and ``Mapping``: layout, mmap, views, verified munmap
+
+``diagnosis`` and ``peek`` sit side by side and do not import each other. This module
+re-exports the public face; the rest of vhostmem imports from ``vhostmem.mapping`` only.
 """
 
 from __future__ import annotations
 
-from vhostmem.mapping.backing import (
-    Backing,
-    probe_backing,
-)
-from vhostmem.mapping.diagnosis import (
-    Shortfall,
-)
+from vhostmem.mapping.backing import Backing, probe_backing
+from vhostmem.mapping.diagnosis import Shortfall
 from vhostmem.mapping.linux import (
     MAP_NORESERVE,
     hugetlb_pool,
@@ -42,17 +54,8 @@ from vhostmem.mapping.linux import (
     process_map_count,
     raise_nofile_limit,
 )
-from vhostmem.mapping.mapper import (
-    Mapper,
-    MapperStats,
-    Mapping,
-)
-from vhostmem.mapping.peek import (
-    PEEK_MAX,
-    Peek,
-    PeekChunk,
-    PeekResult,
-)
+from vhostmem.mapping.mapper import Mapper, MapperStats, Mapping
+from vhostmem.mapping.peek import PEEK_MAX, Peek, PeekChunk, PeekResult
 
 __all__ = [
     "MAP_NORESERVE",

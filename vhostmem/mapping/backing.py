@@ -1,5 +1,14 @@
-"""What an fd received from the front-end is: the backing probe."""
+"""What an fd received from the front-end is: the backing probe.
 
+``probe_backing`` answers, for one fd, the questions mapping it raises: can it be mapped at
+all (a pipe, a socket or an eventfd cannot), with which page size (hugetlbfs maps and unmaps
+whole huge pages only), is it opened read-write, is it sealed against writes, how long is the
+file. Hugetlbfs is recognised the way QEMU's ``qemu_fd_getpagesize`` and libvhost-user's
+``get_fd_hugepagesize`` do: ``fstatfs`` ``f_type == HUGETLBFS_MAGIC``, page size ``f_bsize``.
+
+The probe refuses nothing: ``Diagnosis.refuse_unmappable`` decides, and ``Mapper`` remembers
+proven backings.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +19,16 @@ from dataclasses import asdict, dataclass
 from typing import Any, Final, final
 
 from vhostmem.mapping.linux import (
-    _PAGESIZE,
     F_SEAL_EXEC,
     F_SEAL_FUTURE_WRITE,
     HUGETLBFS_MAGIC,
+    PAGESIZE,
     TMPFS_MAGIC,
-    _fstatfs_type,
+    fstatfs_type,
 )
 from vhostmem.regions import human_size
 
+#: memfd seals by name (memfd_create(2), fcntl(2) F_GET_SEALS).
 _SEAL_NAMES: Final = (
     (fcntl.F_SEAL_SEAL, "F_SEAL_SEAL"),
     (fcntl.F_SEAL_SHRINK, "F_SEAL_SHRINK"),
@@ -28,12 +38,9 @@ _SEAL_NAMES: Final = (
     (F_SEAL_EXEC, "F_SEAL_EXEC"),
 )
 
-
+#: Kinds ``mmap(MAP_SHARED)`` accepts; any other kind has no mmap or no file behind it.
 MAPPABLE_KINDS: Final = frozenset({"memfd", "memfd-hugetlb", "hugetlbfs", "tmpfs", "file"})
 HUGETLB_KINDS: Final = frozenset({"memfd-hugetlb", "hugetlbfs"})
-
-
-# --- the backing of an fd ------------------------------------------------------------------------
 
 
 @final
@@ -101,14 +108,14 @@ def probe_backing(fd: int, st: os.stat_result | None = None) -> Backing:
         target = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         target = "?"
-    magic = _fstatfs_type(fd)
+    magic = fstatfs_type(fd)
     try:
         accmode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
     except OSError:
         accmode = os.O_RDONLY
     access = {os.O_RDWR: "read-write", os.O_WRONLY: "write-only"}.get(accmode, "read-only")
     mode = st.st_mode
-    page_size = _PAGESIZE
+    page_size = PAGESIZE
     seals: tuple[str, ...] = ()
 
     if target == "anon_inode:[eventfd]":
@@ -128,7 +135,7 @@ def probe_backing(fd: int, st: os.stat_result | None = None) -> Backing:
         if magic is not None:
             hugetlb = magic == HUGETLBFS_MAGIC
         else:  # fstatfs failed: a memfd with huge blocks can only be MFD_HUGETLB
-            hugetlb = memfd and st.st_blksize > _PAGESIZE
+            hugetlb = memfd and st.st_blksize > PAGESIZE
         if hugetlb:
             kind = "memfd-hugetlb" if memfd else "hugetlbfs"
             page_size = os.fstatvfs(fd).f_bsize or st.st_blksize

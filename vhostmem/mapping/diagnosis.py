@@ -1,5 +1,23 @@
-"""Mapping failures and huge page shortfalls in words."""
+"""Mapping failures and huge page shortfalls in words.
 
+Every ``MappingError`` of a map or an unmap is built here, so one place holds the rule of the
+messages (DESIGN.md section 7: every error message names the region, the fd's backing, the
+numbers involved and what to change): the request, the region (GPA start-end, size, front-end
+address, offset), the backing, the numbers that bear on the cause, the cause and the fix, in
+one line; the same facts go to ``MappingError.details`` for JSON.
+
+* ``Diagnosis``: one per ``Mapper.map`` call; a refusal before mmap (closed Mapper, bad fd, an
+  fd that cannot be mapped read-write, numbers that do not fit, the ``max_mapped`` cap) or an
+  mmap failure, worded per errno (mmap(2)) with the limits that bear on it.
+* ``views_in_use``, ``munmap_failed``: the two ways an unmap fails.
+* ``Shortfall``: a hugetlb region the huge page pool cannot back in full, a warning rather
+  than a failure (MAP_NORESERVE maps it anyway; the first touch of a missing page is SIGBUS).
+
+A rule here never names a cause the numbers rule out; an injected errno says it was injected.
+
+``Shortfall`` names the live ``Mapping`` it is about; that import is for type checking only,
+at run time nothing here imports ``mapper``.
+"""
 
 from __future__ import annotations
 
@@ -19,10 +37,10 @@ if TYPE_CHECKING:
 
 #: One past the largest u64: gpa, size and mmap_offset are u64 fields (vhost-user.rst,
 #: "Memory region description").
-_U64: Final = 1 << 64
+U64_LIMIT: Final = 1 << 64
 
 
-def _region_text(
+def region_text(
     request: str, gpa: int, size: int, mmap_offset: int, uaddr: int | None = None
 ) -> str:
     """The request and the region: GPA start-end (inclusive), size, front-end address, offset.
@@ -37,6 +55,7 @@ def _region_text(
 
 
 def _pool_text(page_size: int) -> str:
+    """One page size's huge page pool in words, for ENOMEM messages."""
     pool = hugetlb_pool(page_size)
     if pool is None:
         return f"no hugetlb pool for {human_size(page_size)} pages"
@@ -45,7 +64,7 @@ def _pool_text(page_size: int) -> str:
 
 
 @final
-class _Diagnosis:
+class Diagnosis:
     """Builds the one-message MappingError of a map() call: request, region, backing, fix."""
 
     # Everything is worked out only when a failure is built: a successful map() (the hot path,
@@ -65,7 +84,7 @@ class _Diagnosis:
 
     def fail(self, kind: str, what: str, fix: str, *, errno: int | None = None,
              **numbers: Any) -> MappingError:
-        region = _region_text(self.request, self.gpa, self.size, self.mmap_offset, self.uaddr)
+        region = region_text(self.request, self.gpa, self.size, self.mmap_offset, self.uaddr)
         details: dict[str, Any] = {
             "request": self.request, "gpa": self.gpa, "size": self.size, "uaddr": self.uaddr,
             "mmap_offset": self.mmap_offset, "fd": self.fd,
@@ -143,19 +162,19 @@ class _Diagnosis:
         fail = self.fail
         gpa, size, mmap_offset = self.gpa, self.size, self.mmap_offset
         for name, value in (("gpa", gpa), ("size", size), ("mmap_offset", mmap_offset)):
-            if not 0 <= value < _U64:
+            if not 0 <= value < U64_LIMIT:
                 raise fail("bad-region", f"{name}={value:#x} is not a u64",
                            "the front-end sent a corrupt region")
         if size == 0:
             raise fail("empty", "the region is empty (size 0)",
                        "the front-end sent a zero-sized region (a front-end bug): "
                        "check the memory table it sends")
-        if mmap_offset + size >= _U64:
+        if mmap_offset + size >= U64_LIMIT:
             raise fail("overflow",
                        f"mmap_offset + size = {mmap_offset + size:#x} overflows 2^64",
                        "the front-end sent a corrupt region (mmap_offset + size must fit in "
                        "64 bits)", end=mmap_offset + size)
-        if gpa + size >= _U64:
+        if gpa + size >= U64_LIMIT:
             raise fail("overflow", f"gpa + size = {gpa + size:#x} overflows 2^64",
                        "the front-end sent a corrupt region (gpa + size must fit in 64 bits)",
                        end=gpa + size)
@@ -361,7 +380,7 @@ class Shortfall:
     def text(self) -> str:
         """The warning in words: the region, the numbers, who gets SIGBUS, the fix."""
         page = human_size(self.page_size)
-        region = _region_text(self.request, self.gpa, self.size, self.mmap_offset, self.uaddr)
+        region = region_text(self.request, self.gpa, self.size, self.mmap_offset, self.uaddr)
         missing = self.file_pages - min(self.held, self.file_pages)
         parts = [f"{region}: huge page shortfall: the region spans {self.region_pages} pages "
                  f"of {page} ({self.kind} {self.file!r})"]
@@ -399,7 +418,7 @@ class Shortfall:
 _SHORTFALL_FIELDS: Final = tuple(f.name for f in fields(Shortfall) if f.name != "mapping")
 
 
-def _pages_in(ranges: list[tuple[int, int]], page: int) -> int:
+def pages_in(ranges: list[tuple[int, int]], page: int) -> int:
     """Huge pages covered by the union of ``[start, end)`` byte ranges (page-aligned)."""
     total = 0
     reach = -1

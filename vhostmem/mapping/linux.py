@@ -1,5 +1,19 @@
-"""Linux calls: libc through ctypes, /proc and sysfs readers, resource limits."""
+"""Linux calls: libc through ctypes, /proc and sysfs readers, resource limits.
 
+The bottom of the package: everything here is a thin wrapper over one kernel interface, and
+knows nothing of regions, backings or messages.
+
+* libc through ctypes for what Python 3.11 lacks: ``mincore`` (mincore(2): one byte per base
+  page, bit 0 = resident; ENOMEM where nothing is mapped), ``munmap`` (munmap(2), whose result
+  stdlib ``mmap.close()`` ignores), ``fstatfs`` (statfs(2), for ``f_type``).
+* /proc readers: ``/proc/self/maps`` (proc(5): one line per mapping, the inode in the fifth
+  field), ``/proc/sys/vm/max_map_count``.
+* sysfs: the huge page pools under ``/sys/kernel/mm/hugepages/`` (kernel
+  Documentation/admin-guide/mm/hugetlbpage.rst).
+* ``RLIMIT_NOFILE`` (getrlimit(2)).
+
+Constants the Python modules do not export are given with the kernel header they come from.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +26,14 @@ from typing import Final
 #: ``MAP_NORESERVE`` (linux/mman.h); Python 3.11's mmap module does not export it.
 MAP_NORESERVE: Final = 0x4000
 
-
 HUGETLBFS_MAGIC: Final = 0x958458F6  #: ``statfs.f_type`` of hugetlbfs (linux/magic.h)
 TMPFS_MAGIC: Final = 0x01021994  #: ``statfs.f_type`` of tmpfs / shmem (memfd without MFD_HUGETLB)
 
 F_SEAL_FUTURE_WRITE: Final = 0x0010  #: linux/fcntl.h, not in Python's fcntl module
 F_SEAL_EXEC: Final = 0x0020  #: linux/fcntl.h, not in Python's fcntl module
 
-
-_PAGESIZE: Final = mmap.PAGESIZE
+#: The base page size: the unit of mincore's answer.
+PAGESIZE: Final = mmap.PAGESIZE
 
 
 # --- libc through ctypes -------------------------------------------------------------------------
@@ -34,7 +47,7 @@ _libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 _libc.fstatfs.restype = ctypes.c_int
 
 
-def _fstatfs_type(fd: int) -> int | None:
+def fstatfs_type(fd: int) -> int | None:
     """``fstatfs(fd).f_type``, or None if the call fails (Python 3.11 has no os.fstatfs).
 
     ``struct statfs`` on 64-bit Linux (x86_64, arm64) starts with ``long f_type``; 256 bytes is
@@ -50,36 +63,54 @@ def _fstatfs_type(fd: int) -> int | None:
 _ONE_PAGE_VEC: Final = ctypes.create_string_buffer(1)
 
 
-def _page_mapped(address: int) -> bool:
+def page_mapped(address: int) -> bool:
     """Whether the page at ``address`` is mapped: mincore fails with ENOMEM where nothing is.
 
-    One ctypes call and no exception, since every unmap asks it.
+    One ctypes call and no exception: every unmap asks it (see ``Mapping._verify_unmapped``).
     """
-    return bool(_libc.mincore(address, _PAGESIZE, _ONE_PAGE_VEC) == 0)
+    return bool(_libc.mincore(address, PAGESIZE, _ONE_PAGE_VEC) == 0)
 
 
-def _mincore(address: int, length: int) -> bytes:
+def mincore(address: int, length: int) -> bytes:
     """One byte per base page of ``[address, address + length)``; bit 0 set = resident.
 
     Raises:
         OSError: ENOMEM when part of the range is not mapped.
     """
-    vec = ctypes.create_string_buffer((length + _PAGESIZE - 1) // _PAGESIZE)
+    vec = ctypes.create_string_buffer((length + PAGESIZE - 1) // PAGESIZE)
     if _libc.mincore(address, length, vec) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return vec.raw
 
 
-# --- small helpers -------------------------------------------------------------------------------
+def munmap(address: int, length: int) -> int:
+    """``munmap(address, length)`` through libc; 0 on success, else the errno."""
+    if _libc.munmap(address, length) == 0:
+        return 0
+    return ctypes.get_errno()
 
 
-def _align_down(value: int, align: int) -> int:
+def buffer_address(mm: mmap.mmap) -> int:
+    """The address of an ``mmap.mmap``'s first byte (Python 3.11's mmap does not expose it).
+
+    A ctypes object over the buffer exports it, so it is dropped at once: ``mmap.close()``
+    raises BufferError while an export lives.
+    """
+    anchor = ctypes.c_char.from_buffer(mm)
+    address = ctypes.addressof(anchor)
+    del anchor
+    return address
+
+# --- arithmetic, /proc, sysfs, limits -----------------------------------------------------------
+
+
+def align_down(value: int, align: int) -> int:
     return value - value % align
 
 
-def _align_up(value: int, align: int) -> int:
-    return _align_down(value + align - 1, align)
+def align_up(value: int, align: int) -> int:
+    return align_down(value + align - 1, align)
 
 
 def _read_int(path: str) -> int | None:
@@ -90,7 +121,7 @@ def _read_int(path: str) -> int | None:
         return None
 
 
-def _close_quietly(fd: int) -> None:
+def close_quietly(fd: int) -> None:
     try:
         os.close(fd)
     except OSError:
@@ -129,8 +160,9 @@ def hugetlb_pool(page_size: int) -> dict[str, int] | None:
 def raise_nofile_limit(wanted: int | None = None) -> tuple[int, int]:
     """Raise the soft RLIMIT_NOFILE towards the hard limit (never lowers it).
 
-    Each mapped region holds at least one fd (stdlib mmap keeps a dup), so a full table of 509
-    regions per connection needs far more than the usual soft limit of 1024.
+    Each mapped region holds at least one fd (stdlib mmap keeps a dup), so a full table
+    (``--max-slots``, QEMU's vhost-user memslot limit) per connection needs more than the
+    usual soft limit of 1024.
 
     Args:
         wanted: the soft limit wanted; None means the hard limit.
@@ -148,7 +180,8 @@ def raise_nofile_limit(wanted: int | None = None) -> tuple[int, int]:
     return soft, soft
 
 
-def _pread_all(fd: int, length: int, offset: int) -> bytes:
+def pread_all(fd: int, length: int, offset: int) -> bytes:
+    """``pread`` until ``length`` bytes or end of file; shorter only at end of file."""
     parts = []
     while length > 0:
         data = os.pread(fd, length, offset)
@@ -160,7 +193,7 @@ def _pread_all(fd: int, length: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-def _vma_at(address: int) -> tuple[int, int, int] | None:
+def vma_at(address: int) -> tuple[int, int, int] | None:
     """``(start, end, inode)`` of the mapping containing ``address``, from /proc/self/maps."""
     with open("/proc/self/maps", "rb") as f:
         for line in f:

@@ -1,9 +1,17 @@
-"""Mapping and unmapping regions: Mapper and Mapping."""
+"""Mapping and unmapping regions: ``Mapper`` and ``Mapping``.
 
+``Mapper.map`` takes one region's fd and numbers, looks at the backing (``probe_backing``,
+skipped for a file already proven), refuses what cannot work (``Diagnosis``), lays the region
+out the way libvhost-user's ``_vu_add_mem_reg`` does and maps it (see the package docstring).
+A ``Mapping`` hands out views, peeks (``read_region``) and unmaps; every unmap is verified,
+since stdlib ``mmap.close()`` ignores munmap's result (CPython ``mmapmodule.c``).
+
+The Mapper keeps running totals (bytes mapped, fds held) and the huge page shortfall of its
+live hugetlb regions (``Mapper.shortfalls``).
+"""
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import stat
@@ -14,42 +22,33 @@ from types import TracebackType
 from typing import Any, Final, final
 
 from vhostmem.errors import MappingError
-from vhostmem.mapping.backing import (
-    Backing,
-    probe_backing,
-)
+from vhostmem.mapping.backing import Backing, probe_backing
 from vhostmem.mapping.diagnosis import (
-    _U64,
+    U64_LIMIT,
+    Diagnosis,
     Shortfall,
-    _Diagnosis,
-    _pages_in,
-    _region_text,
     munmap_failed,
+    pages_in,
+    region_text,
     views_in_use,
 )
 from vhostmem.mapping.linux import (
     MAP_NORESERVE,
-    _align_down,
-    _align_up,
-    _close_quietly,
-    _libc,
-    _page_mapped,
-    _vma_at,
+    align_down,
+    align_up,
+    buffer_address,
+    close_quietly,
     hugetlb_pool,
+    munmap,
+    page_mapped,
+    vma_at,
 )
-from vhostmem.mapping.peek import (
-    PEEK_MAX,
-    Peek,
-    read_region,
-)
+from vhostmem.mapping.peek import PEEK_MAX, Peek, read_region
 
 #: Proven backings a Mapper remembers at most (QEMU uses one memfd or file per backend).
 _PROVEN_MAX: Final = 4096
 _MAP_FLAGS: Final = mmap.MAP_SHARED | MAP_NORESERVE
 _MAP_PROT: Final = mmap.PROT_READ | mmap.PROT_WRITE
-
-
-# --- mappings -----------------------------------------------------------------------------------
 
 
 @final
@@ -152,7 +151,7 @@ class Mapping:
     @property
     def text(self) -> str:
         """The request and the region in the words every message uses."""
-        return _region_text(self.request, self.gpa, self.size, self.mmap_offset, self.uaddr)
+        return region_text(self.request, self.gpa, self.size, self.mmap_offset, self.uaddr)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"at {self.address:#x}"
@@ -266,7 +265,7 @@ class Mapping:
         self._mapper._forget(self)  # while fds_held still counts what it held
         self._closed = True
         if self._kept_fd is not None:
-            _close_quietly(self._kept_fd)
+            close_quietly(self._kept_fd)
             self._kept_fd = None
         self._verify_unmapped()
 
@@ -286,18 +285,18 @@ class Mapping:
         #    a page-aligned length. An unconditional ctypes munmap after mmap.close() would be
         #    wrong: it could tear down someone else's new mapping.
         self._still_mapped = False
-        if not _page_mapped(self.map_base):
+        if not page_mapped(self.map_base):
             return
-        vma = _vma_at(self.map_base)
+        vma = vma_at(self.map_base)
         if vma is None or vma[2] != self.backing.st_ino:
             return
-        span = _align_up(self.length, self.backing.page_size)
+        span = align_up(self.length, self.backing.page_size)
         end = self.map_base + span
-        if _libc.munmap(self.map_base, span) == 0:
+        err = munmap(self.map_base, span)
+        if err == 0:
             self.warnings += (f"mmap.close() left {self.map_base:#x}-{end:#x} mapped "
                               f"(munmap failed silently); unmapped {span:#x} bytes with munmap",)
             return
-        err = ctypes.get_errno()
         self._still_mapped = True
         raise munmap_failed(self.text, self.backing, self.map_base, span, err, self._details())
 
@@ -316,9 +315,6 @@ class Mapping:
         self.close()
 
 
-# --- the mapper ---------------------------------------------------------------------------------
-
-
 @final
 class Mapper:
     """Maps regions, keeps totals, enforces ``max_mapped``, owns the ``/proc/self/mem`` fd.
@@ -330,7 +326,7 @@ class Mapper:
     def __init__(self, *, max_mapped: int | None = None) -> None:
         self.max_mapped = max_mapped
         self._live: dict[int, Mapping] = {}
-        # Running totals, so stats cost the same with 1 region or 509.
+        # Running totals: stats does not walk the live mappings.
         self._mapped_bytes = 0
         self._fds_held = 0
         #: (st_dev, st_ino, st_size) -> Backing of a regular file this Mapper has mapped
@@ -387,17 +383,17 @@ class Mapper:
             return self._map(fd, gpa, size, mmap_offset, request, fail_errno, st, uaddr)
         except MappingError as err:
             if err.kind != "bad-fd":  # a number that is not open may already be someone else's
-                _close_quietly(fd)
+                close_quietly(fd)
             raise
         except BaseException:
-            _close_quietly(fd)
+            close_quietly(fd)
             raise
 
     def _map(
         self, fd: int, gpa: int, size: int, mmap_offset: int, request: str,
         fail_errno: int | None, st: os.stat_result | None = None, uaddr: int | None = None,
     ) -> Mapping:
-        diag = _Diagnosis(request, gpa, size, mmap_offset, fd, uaddr)
+        diag = Diagnosis(request, gpa, size, mmap_offset, fd, uaddr)
         if self._closed:
             raise diag.closed()
         # The path QEMU waits on: one fstat, and a backing already proven mappable for this
@@ -417,15 +413,15 @@ class Mapper:
 
         # -- numbers (the wire format makes each a u64 already) --
         end = mmap_offset + size
-        if not (0 < size and 0 <= gpa and 0 <= mmap_offset and end < _U64
-                and gpa + size < _U64 and end <= backing.st_size):
+        if not (0 < size and 0 <= gpa and 0 <= mmap_offset and end < U64_LIMIT
+                and gpa + size < U64_LIMIT and end <= backing.st_size):
             diag.refuse_numbers(backing)
 
         # -- layout (libvhost-user _vu_add_mem_reg) --
         page = backing.page_size
-        fd_offset = _align_down(mmap_offset, page)
+        fd_offset = align_down(mmap_offset, page)
         remainder = mmap_offset - fd_offset
-        length = _align_up(remainder + size, page)
+        length = align_up(remainder + size, page)
         if self.max_mapped is not None and self._mapped_bytes + length > self.max_mapped:
             stats = self.stats
             raise diag.max_mapped(length, self.max_mapped, stats.maps, stats.mapped_bytes)
@@ -455,18 +451,14 @@ class Mapper:
             raise diag.mmap_refused(err, fd_offset, length, page) from err
 
         try:
-            # The base address: a ctypes object over the buffer exports it, so drop it at once
-            # or mmap.close() would raise BufferError.
-            anchor = ctypes.c_char.from_buffer(mm)
-            map_base = ctypes.addressof(anchor)
-            del anchor
+            map_base = buffer_address(mm)
             warnings: tuple[str, ...] = ()
             try:
                 mm.madvise(mmap.MADV_DONTDUMP)  # libvhost-user 52767e1063: no guest RAM in cores
             except OSError as err:
                 warnings = (f"madvise(MADV_DONTDUMP) failed: {err.strerror}",)
             # Hugetlb: keep the received fd, so peek can read pages our mapping has not faulted
-            # in through it (hugetlb mincore only sees our page tables; see Mapping.peek). The
+            # in through it (hugetlb mincore only sees our page tables; see mapping.peek). The
             # dup inside mmap.mmap is not reachable from Python 3.11.
             kept_fd = fd if hugetlb else None
             mapping = Mapping(
@@ -481,7 +473,7 @@ class Mapper:
         self._mapped_bytes += length
         self._fds_held += mapping.fds_held
         if not hugetlb:
-            _close_quietly(fd)  # libvhost-user closes the fd right after mmap
+            close_quietly(fd)  # libvhost-user closes the fd right after mmap
         else:
             short = self._shortfalls(mapping)
             if short:
@@ -489,7 +481,7 @@ class Mapper:
         return mapping
 
     def _probe_and_refuse(
-        self, fd: int, diag: _Diagnosis, st: os.stat_result | None = None, *, cache: bool = True
+        self, fd: int, diag: Diagnosis, st: os.stat_result | None = None, *, cache: bool = True
     ) -> Backing:
         """Probe ``fd`` in full and refuse what can never be mapped read-write and shared.
 
@@ -544,7 +536,7 @@ class Mapper:
                 held = os.fstat(fd).st_blocks * 512 // page
             except OSError:
                 continue
-            spanned = _pages_in([(m.fd_offset, m.fd_offset + m.length) for m in maps], page)
+            spanned = pages_in([(m.fd_offset, m.fd_offset + m.length) for m in maps], page)
             sizes.setdefault(page, []).append((maps, spanned, held))
         found: list[Shortfall] = []
         for page, per_file in sizes.items():
@@ -596,7 +588,7 @@ class Mapper:
             except MappingError as err:
                 first = first or err
         if self._mem_fd is not None:
-            _close_quietly(self._mem_fd)
+            close_quietly(self._mem_fd)
             self._mem_fd = None
         self._closed = True
         if first is not None:

@@ -1,5 +1,20 @@
-"""Reading guest memory through vhostmem's own mapping: the result types."""
+"""Reading guest memory through vhostmem's own mapping, without side effects.
 
+``read_region`` walks a mapped range page by page (the backing's page size) and never touches
+guest memory through a pointer: a pointer read of a page past the end of the file is a SIGBUS
+that kills the process, and a read fault on a page QEMU discarded (an unplugged virtio-mem
+block) allocates it again. Instead:
+
+* ``mincore`` on our mapping says which pages are resident;
+* resident pages are read through ``/proc/self/mem``, where a read that would SIGBUS fails
+  with EIO instead and becomes a ``fault`` chunk (test_peek_turns_sigbus_into_fault);
+* pages of a hugetlb file our mapping has not faulted in are read with ``pread`` on the file,
+  which copies present pages and zero-fills holes without allocating (fs/hugetlbfs/inode.c
+  ``hugetlbfs_read_iter``; see ``read_region``);
+* other pages are reported ``unpopulated`` and not read.
+
+The result is a ``Peek``: runs of pages of one state (``PeekChunk``), with the bytes.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, final
 
-from vhostmem.mapping.linux import _PAGESIZE, _align_down, _align_up, _mincore, _pread_all
+from vhostmem.mapping.linux import PAGESIZE, align_down, align_up, mincore, pread_all
 
 #: Largest ``peek`` in bytes; the bytes are returned in memory.
 PEEK_MAX: Final = 64 << 20
-
-
-# --- peek ---------------------------------------------------------------------------------------
-
 
 PeekState = Literal["data", "unpopulated", "fault"]
 
@@ -159,18 +170,18 @@ def read_region(
     page = page_size
     start = remainder + offset  # offsets into the map from here on
     end = start + length
-    first = _align_down(start, page)
-    last = _align_up(end, page)
+    first = align_down(start, page)
+    last = align_up(end, page)
     try:
-        resident = _mincore(map_base + first, last - first)
+        resident = mincore(map_base + first, last - first)
     except OSError as err:  # cannot happen while we own the map; report, never guess
         return Peek(gpa + offset, offset, length, (
             PeekChunk(offset, length, "fault", None, err.errno, None, f"mincore: {err}"),))
-    per_page = page // _PAGESIZE
+    per_page = page // PAGESIZE
     for page_start in range(first, last, page):
         lo = max(page_start, start)
         hi = min(page_start + page, end)
-        idx = (page_start - first) // _PAGESIZE
+        idx = (page_start - first) // PAGESIZE
         if any(b & 1 for b in resident[idx:idx + per_page]):
             chunk = _read_mem(mem_fd(), map_base, remainder, lo, hi)
         elif kept_fd is not None:
@@ -184,7 +195,7 @@ def read_region(
 def _read_mem(mem_fd: int, map_base: int, remainder: int, lo: int, hi: int) -> PeekChunk:
     """Map offsets ``[lo, hi)`` read through ``/proc/self/mem``; EIO there is a fault chunk."""
     try:
-        data = _pread_all(mem_fd, hi - lo, map_base + lo)
+        data = pread_all(mem_fd, hi - lo, map_base + lo)
     except OSError as err:
         return PeekChunk(lo - remainder, hi - lo, "fault", None, err.errno, "mapping",
                          f"{errno_mod.errorcode.get(err.errno or 0, '?')}: {err.strerror}")
@@ -197,7 +208,7 @@ def _read_mem(mem_fd: int, map_base: int, remainder: int, lo: int, hi: int) -> P
 def _read_file(kept_fd: int, fd_offset: int, remainder: int, lo: int, hi: int) -> PeekChunk:
     """Map offsets ``[lo, hi)`` read with ``pread`` on the kept hugetlb fd."""
     try:
-        data = _pread_all(kept_fd, hi - lo, fd_offset + lo)
+        data = pread_all(kept_fd, hi - lo, fd_offset + lo)
     except OSError as err:
         return PeekChunk(lo - remainder, hi - lo, "fault", None, err.errno, "file",
                          f"{errno_mod.errorcode.get(err.errno or 0, '?')}: {err.strerror}")
