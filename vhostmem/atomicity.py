@@ -15,16 +15,28 @@ commit 533f5d6679 marks memory-device aliases *unmergeable* so that it cannot.
 Definitions
 ~~~~~~~~~~~
 Batch
-    How QEMU commits one memory change: its REM_MEM_REGs, then its ADD_MEM_REGs, each request
-    arriving within ``T`` (default 20 ms, ``--batch-gap``) of vhostmem's reply to the previous
-    one. The gap is measured from our reply to the next arrival, so a delay vhostmem adds itself
-    (fault injection) never splits a batch: QEMU waits for the ack before it sends the next
-    request. Edges, in this order:
+    The memory-table messages QEMU sends for one memory change. Two ways to find them:
+
+    *Commit edges* (``--qemu-trace``, ``batching: "qemu-trace"``): exactly the messages QEMU
+    wrote within one ``vhost_commit`` of the device, or within its start, as QEMU's own trace
+    says (:mod:`vhostmem.qemu_trace` pairs every request with its ``vhost_user_write`` line and
+    proves the pairing). No timing enters the batch. When pairing ends (the reason is recorded
+    as a fallback), the connection's later requests are batched by the gap rule, and the first
+    of them starts a new batch: a batch never mixes the two methods.
+
+    *The gap rule* (``batching: "gap"``), a heuristic: REM_MEM_REGs, then ADD_MEM_REGs, each
+    request arriving within ``T`` (default 20 ms, ``--batch-gap``) of vhostmem's reply to the
+    previous one. The gap is measured from our reply to the next arrival, so a delay vhostmem
+    adds itself (fault injection) never splits a batch: QEMU waits for the ack before it sends
+    the next request. A loaded machine can stretch one commit over two batches (a violation is
+    missed) or squeeze two commits into one (a violation that never happened). Edges, in this
+    order:
 
     1. The first request of a connection starts a batch (QEMU's shadow table starts empty on
        every connection, hw/virtio/vhost-user.c).
     2. A SET_MEM_TABLE is a batch by itself, and the request after it starts a new one.
-    3. A REM after an ADD starts a new batch (QEMU sends all removes before all adds).
+    3. A REM after an ADD starts a new batch (QEMU sends all removes before all adds; with
+       commit edges too, as the batch model needs it, though QEMU never does it).
     4. A gap of exactly ``T`` still continues the batch ("within T"); only a longer gap starts a
        new one. Gaps are compared in whole nanoseconds, so float noise in ``arrived - replied``
        cannot move a gap across the edge.
@@ -36,10 +48,11 @@ Batch
 
 Violation
     A guest-physical range that is mapped before a batch and after it, but not by the same
-    unchanged region throughout: it was removed and re-covered within the batch (merge of live
-    regions into a bigger one, split of a live region, resize, a different offset, or removed and
-    re-added identically). An unplug in one batch and a replug of the same memslot in a later
-    batch is not a violation. Violations are recorded, never refused.
+    unchanged region throughout, because one message removed it and a later message of the
+    batch re-covered it (merge of live regions into a bigger one, split of a live region,
+    resize, a different offset, or removed and re-added identically). An unplug in one batch and
+    a replug of the same memslot in a later batch is not a violation. Violations are recorded,
+    never refused.
 
     Because a batch is REMs then ADDs, a range re-covered by an ADD stays mapped until the batch
     ends, so the violation is complete at the ADD that re-covers it: that request carries it,
@@ -58,10 +71,21 @@ Violation
     When a split arrives as separate ADDs, the first ADD already completes a violation for the
     part it re-covers (``resize``); the next one reports the rest as ``split``.
 
+Remap
+    The same change inside ONE SET_MEM_TABLE: the message hands the back-end the whole new table
+    at once (vhostmem maps the new table before it unmaps the old), so a region grown, merged,
+    split or moved within it is reported with its numbers, never counted as a violation (DPDK's
+    virtio-user grows one hugetlb region at one GPA by whole SET_MEM_TABLEs). Only a sequence of
+    messages can be non-atomic. Remap kinds are the violation kinds, with ``grow`` and ``shrink``
+    for one region resized at its GPA.
+
 Classification of a request: ``failed``; ``unplug`` for a REM (a REM never knows yet whether the
 batch will re-cover its range: the ADD that does carries the violation); ``plug`` or a violation
-kind for an ADD; for SET_MEM_TABLE a violation kind, else ``plug``, ``unplug``, ``plug+unplug`` or
-``unchanged``.
+kind for an ADD; for SET_MEM_TABLE a violation kind, ``remap``, ``plug``, ``unplug``,
+``plug+unplug`` or ``unchanged``.
+
+Explanations name the front-end (its process name and pid, when the shell knows them) and speak
+of QEMU's commits and memslots only when the front-end is QEMU.
 
 The module is pure: times are plain floats (monotonic seconds) the shell passes in.
 """
@@ -79,6 +103,7 @@ from vhostmem.regions import Region, describe, human_size
 __all__ = [
     "ADD_MEM_REG",
     "DEFAULT_BATCH_GAP",
+    "REMAP_KINDS",
     "REM_MEM_REG",
     "SET_MEM_TABLE",
     "VIOLATION_KINDS",
@@ -87,8 +112,10 @@ __all__ = [
     "Record",
     "RegionLike",
     "RegionRef",
+    "Remap",
     "Violation",
     "classify_batch",
+    "is_qemu",
     "render_report",
 ]
 
@@ -109,6 +136,27 @@ _WHY_QEMU: Final = (
     "a vhost-user back-end cannot see the change atomically (QEMU 8.2 marks memslot aliases "
     "unmergeable for this: commit 533f5d6679)"
 )
+
+#: Remap kinds: the violation kinds, with ``grow``/``shrink`` for one region resized at its GPA.
+REMAP_KINDS: Final = ("readd", "moved", "grow", "merge", "split", "shrink", "replace")
+
+
+def is_qemu(peer: str | None) -> bool:
+    """Whether a front-end's process name (``/proc/PID/comm``) is QEMU's (``qemu-system-*``,
+    ``qemu-kvm``, ``qemu-storage-daemon``...)."""
+    return peer is not None and peer.lower().startswith("qemu")
+
+
+def _why_front_end(peer: str | None, peer_pid: int | None) -> str:
+    """The closing words of a violation for a front-end that is not (known to be) QEMU."""
+    who = "the front-end" + (
+        f" ({peer}" + (f", pid {peer_pid})" if peer_pid is not None else ")") if peer else ""
+    )
+    return (
+        f"a vhost-user back-end cannot see the change atomically: {who} removed guest memory "
+        "that stayed in use and mapped it again in a later message"
+    )
+
 
 #: A half-open guest-physical range ``[start, end)``.
 Range = tuple[int, int]
@@ -284,6 +332,39 @@ class Violation:
         }
 
 
+@final
+@dataclass(frozen=True, slots=True)
+class Remap:
+    """Regions one SET_MEM_TABLE replaced over guest memory that stayed mapped: not a violation.
+
+    Attributes:
+        kind: one of :data:`REMAP_KINDS`.
+        removed: the regions of the old table, by GPA.
+        added: the regions of the new table over the same memory, by GPA.
+        ranges: the guest-physical pieces remapped, end exclusive.
+        seq: the request (record ``seq``).
+        why: one sentence with the numbers, for people.
+    """
+
+    kind: str
+    removed: tuple[RegionRef, ...]
+    added: tuple[RegionRef, ...]
+    ranges: tuple[Range, ...]
+    seq: int
+    why: str
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON-ready dict; ranges have ``start``, exclusive ``end``, ``size``."""
+        return {
+            "kind": self.kind,
+            "removed": [r.as_json() for r in self.removed],
+            "added": [r.as_json() for r in self.added],
+            "ranges": _ranges_json(self.ranges),
+            "seq": self.seq,
+            "why": self.why,
+        }
+
+
 def _kind(xs: Sequence[RegionRef], adds: Sequence[RegionRef]) -> str:
     """Name what happened to removed regions ``xs`` re-covered by ``adds`` (module docstring)."""
     if len(xs) == 1 and len(adds) == 1:
@@ -336,6 +417,47 @@ def _how(kind: str, xs: Sequence[RegionRef], adds: Sequence[RegionRef]) -> str:
     return f"as {listed}"
 
 
+def _remaps(
+    gone: Sequence[RegionRef], came: Sequence[RegionRef], seq: int, label: str
+) -> list[Remap]:
+    """What one message removed and re-covered itself: one remap per connected group."""
+    out: list[Remap] = []
+    left = list(gone)
+    while left:
+        group = [left.pop(0)]
+        adds: list[RegionRef] = []
+        grew = True
+        while grew:  # close the group over overlaps both ways
+            grew = False
+            for a in came:
+                if a not in adds and any(_overlap(x, a) for x in group):
+                    adds.append(a)
+                    grew = True
+            for x in list(left):
+                if any(_overlap(x, a) for a in adds):
+                    left.remove(x)
+                    group.append(x)
+                    grew = True
+        if not adds:
+            continue
+        xs = sorted(group, key=lambda r: r.gpa)
+        adds.sort(key=lambda r: r.gpa)
+        ranges = _union(hit for x in xs for a in adds if (hit := _overlap(x, a)) is not None)
+        kind = _kind(xs, adds)
+        if len(xs) == 1 and len(adds) == 1 and xs[0].gpa == adds[0].gpa:
+            kind = {"merge": "grow", "resize": "shrink"}.get(kind, kind)
+        how = _how({"grow": "merge", "shrink": "resize"}.get(kind, kind), xs, adds)
+        owners = " and ".join(f"region {x.describe()}" for x in xs)
+        span = ", ".join(map(_range_text, ranges))
+        why = (
+            f"{label} replaced {owners} over {span}, {how}, in one message: the whole new table "
+            "arrives at once and the back-end maps it before it unmaps the old one, so this is "
+            "not a violation"
+        )
+        out.append(Remap(kind, tuple(xs), tuple(adds), tuple(ranges), seq, why))
+    return out
+
+
 @final
 @dataclass(frozen=True, slots=True)
 class _Removal:
@@ -347,15 +469,42 @@ class _Removal:
 
 @final
 class _Batch:
-    """One open or closed batch: what it removed of the table it started from, what it added."""
+    """One open or closed batch: what it removed of the table it started from, what it added.
 
-    def __init__(self, number: int, socket: str, conn: int, reason: str, whole_table: bool) -> None:
+    Args:
+        number: the batch number.
+        socket: the socket path.
+        conn: the connection number.
+        reason: why the batch started.
+        whole_table: it started with a SET_MEM_TABLE (the gap rule keeps it alone).
+        method: ``gap`` or ``qemu-trace``.
+        commit: for ``qemu-trace``, the commit key (:class:`vhostmem.qemu_trace.Resolution`).
+        peer: the front-end's process name, ``None`` when unknown.
+        peer_pid: its pid.
+    """
+
+    def __init__(
+        self,
+        number: int,
+        socket: str,
+        conn: int,
+        reason: str,
+        whole_table: bool,
+        *,
+        method: str = "gap",
+        commit: tuple[str, int] | None = None,
+        peer: str | None = None,
+        peer_pid: int | None = None,
+    ) -> None:
         self.number = number
         self.socket = socket
         self.conn = conn
         self.reason = reason
-        #: A SET_MEM_TABLE batch holds that one request only.
         self.whole_table = whole_table
+        self.method = method
+        self.commit = commit
+        self.peer = peer
+        self.peer_pid = peer_pid
         self.seqs: list[int] = []
         self.names: list[str] = []
         self.started = 0.0
@@ -363,7 +512,8 @@ class _Batch:
         self.has_add = False
         self.violations = 0
         # Only regions live when the batch started land here: within a batch every REM comes
-        # before every ADD, so nothing removed can have been added by the same batch.
+        # before every ADD, so nothing removed can have been added by the same batch (a
+        # SET_MEM_TABLE's own removals are told apart by seq: they are remaps).
         self.removed: list[_Removal] = []
         self.added: list[RegionRef] = []
         self.reported: list[Range] = []
@@ -372,13 +522,19 @@ class _Batch:
         self, refs: Iterable[RegionRef], *, seq: int, replied: float | None, label: str
     ) -> None:
         for ref in refs:
+            if ref in self.added:
+                # Added by this batch (a SET_MEM_TABLE sequence): it was not mapped before
+                # the batch, so re-covering it later cannot be a violation.
+                self.added.remove(ref)
+                continue
             self.removed.append(_Removal(ref, seq, replied, label))
 
     def add(
         self, refs: Iterable[RegionRef], *, seq: int, arrived: float | None, label: str
     ) -> list[Violation]:
         """Register added regions; return the violations they complete (one per connected group
-        of removed regions they re-cover)."""
+        of removed regions they re-cover). Regions removed by this same message are left out:
+        within one message they are remaps (:func:`_remaps`)."""
         new = list(refs)
         self.added.extend(new)
         # Which removed regions does each new region re-cover, in parts not reported yet?
@@ -393,6 +549,8 @@ class _Batch:
         for addition in new:
             group: list[int] = []
             for xi, removal in enumerate(self.removed):
+                if removal.seq == seq:
+                    continue
                 hit = _overlap(removal.ref, addition)
                 if hit is None:
                     continue
@@ -406,20 +564,15 @@ class _Batch:
         components: dict[int, list[int]] = {}
         for xi in sorted(pieces, key=lambda i: self.removed[i].ref.gpa):
             components.setdefault(root(xi), []).append(xi)
-        out = [
+        violations = [
             self._violation(members, pieces, seq, arrived, label) for members in components.values()
         ]
-        self.violations += len(out)
-        return out
+        self.violations += len(violations)
+        return violations
 
-    def _violation(
-        self,
-        members: list[int],
-        pieces: Mapping[int, list[Range]],
-        seq: int,
-        arrived: float | None,
-        label: str,
-    ) -> Violation:
+    def _group(
+        self, members: list[int], pieces: Mapping[int, list[Range]]
+    ) -> tuple[list[_Removal], list[RegionRef], list[RegionRef], list[Range]]:
         removals = [self.removed[i] for i in members]
         xs = [r.ref for r in removals]
         # Every region of the batch over these ranges, not just this request's: a split that
@@ -429,37 +582,54 @@ class _Batch:
         )
         ranges = _union(p for i in members for p in pieces[i])
         self.reported = _union([*self.reported, *ranges])
+        return removals, xs, adds, ranges
+
+    def _violation(
+        self,
+        members: list[int],
+        pieces: Mapping[int, list[Range]],
+        seq: int,
+        arrived: float | None,
+        label: str,
+    ) -> Violation:
+        removals, xs, adds, ranges = self._group(members, pieces)
         kind = _kind(xs, adds)
         hull = (ranges[0][0], ranges[-1][1])
         times = [r.replied for r in removals]
         unmapped_ms: float | None = None
-        if not self.whole_table and arrived is not None and None not in times:
+        if arrived is not None and None not in times:
             unmapped_ms = max(0.0, arrived - min(t for t in times if t is not None)) * 1000.0
         span = ", ".join(map(_range_text, ranges))
         owners = " and ".join(f"region {x.describe()}" for x in xs)
         how = _how(kind, xs, adds)
-        if self.whole_table:
-            why = (
-                f"{span} was mapped by {owners} before {label} and again after it, but {label} "
-                f"dropped it and mapped it again {how}: a back-end applying the new table tears "
-                "the old mapping down and maps the new one, so guest memory that stayed plugged "
-                f"is briefly not mapped as before; {_WHY_QEMU}"
+        removers = " and ".join(dict.fromkeys(r.label for r in removals))
+        # A model run gives both requests the same instant: say no number rather than 0.
+        duration = (
+            "between the two requests"
+            if not unmapped_ms
+            else f"for at least {unmapped_ms:.1f} ms"
+            if unmapped_ms >= 1
+            else f"for at least {unmapped_ms:.3f} ms"
+        )
+        qemu = (self.peer is None and self.method == "model") or is_qemu(self.peer)
+        if self.method == "qemu-trace" and self.commit is not None and qemu:
+            edge, line = self.commit
+            batch = (
+                f"the QEMU commit at trace line {line}"
+                if edge == "commit"
+                else "QEMU's device start"
             )
         else:
-            removers = " and ".join(dict.fromkeys(r.label for r in removals))
-            # A model run gives both requests the same instant: say no number rather than 0.
-            duration = (
-                "between the two requests"
-                if not unmapped_ms
-                else f"for at least {unmapped_ms:.1f} ms"
-                if unmapped_ms >= 1
-                else f"for at least {unmapped_ms:.3f} ms"
-            )
-            why = (
-                f"{span} was mapped by {owners} before this batch and again after it, but "
-                f"{removers} removed it and {label} re-added it {how}: {duration} the back-end "
-                f"had no mapping for guest memory that stayed plugged; {_WHY_QEMU}"
-            )
+            batch = "this batch"
+        closing = _WHY_QEMU if qemu else _why_front_end(self.peer, self.peer_pid)
+        if qemu and self.peer is not None:
+            pid = f", pid {self.peer_pid}" if self.peer_pid is not None else ""
+            closing = f"the front-end is QEMU ({self.peer}{pid}); {closing}"
+        why = (
+            f"{span} was mapped by {owners} before {batch} and again after it, but "
+            f"{removers} removed it and {label} re-added it {how}: {duration} the back-end "
+            f"had no mapping for guest memory that stayed plugged; {closing}"
+        )
         return Violation(
             kind=kind,
             removed=tuple(xs),
@@ -487,6 +657,7 @@ class _Batch:
             violations=self.violations,
             started=self.started,
             ended=self.ended,
+            batching=self.method,
         )
 
 
@@ -510,7 +681,7 @@ def classify_batch(
             overlapping a live region, or an unknown kind: requests a back-end would refuse.
     """
     live = {ref.key: ref for ref in map(RegionRef.of, before)}
-    batch = _Batch(0, "", 0, "classify_batch", whole_table=False)
+    batch = _Batch(0, "", 0, "classify_batch", whole_table=False, method="model")
     out: list[Violation] = []
     for number, (kind, region) in enumerate(requests, 1):
         ref = RegionRef.of(region)
@@ -565,6 +736,9 @@ class Record:
         arrived: when the request arrived (monotonic seconds).
         replied: when we replied (or finished, without REPLY_ACK).
         violations: the violations this request completed (at most one for ADD_MEM_REG).
+        remaps: for SET_MEM_TABLE, the regions it replaced over memory that stayed mapped.
+        batching: how its batch was found: ``qemu-trace`` or ``gap``.
+        commit: for ``qemu-trace``, the batch edge in words (``QEMU commit at trace line 12``).
     """
 
     seq: int
@@ -581,6 +755,9 @@ class Record:
     arrived: float
     replied: float
     violations: tuple[Violation, ...]
+    remaps: tuple[Remap, ...] = ()
+    batching: str = "gap"
+    commit: str = ""
 
     @property
     def violation(self) -> Violation | None:
@@ -605,7 +782,12 @@ class Record:
             "removed": [r.as_json() for r in self.removed],
             "added": [r.as_json() for r in self.added],
             "kept": len(self.kept),
+            "batching": self.batching,
         }
+        if self.commit:
+            doc["commit"] = self.commit
+        if self.remaps:
+            doc["remaps"] = [r.as_json() for r in self.remaps]
         if not self.ok and self.requested:
             doc["requested"] = [dict(r) for r in self.requested]
         if self.violations:
@@ -632,6 +814,7 @@ class BatchSummary:
         violations: how many violations the batch holds.
         started: arrival of its first request.
         ended: reply to its last request.
+        batching: ``qemu-trace`` or ``gap``.
     """
 
     number: int
@@ -645,11 +828,13 @@ class BatchSummary:
     violations: int
     started: float
     ended: float
+    batching: str = "gap"
 
     def as_json(self) -> dict[str, Any]:
         """JSON-ready dict; ranges have ``start``, exclusive ``end`` and ``size``."""
         return {
             "batch": self.number,
+            "batching": self.batching,
             "socket": self.socket,
             "conn": self.conn,
             "reason": self.reason,
@@ -696,10 +881,19 @@ class History:
         self._records: deque[Record] = deque(maxlen=keep)
         self._batches: deque[_Batch] = deque(maxlen=keep)
         self._violating: list[Record] = []
+        self._remapping: deque[Record] = deque(maxlen=keep)
         self._requests = 0
         self._batch_count = 0
         self._by_class: dict[str, int] = {}
+        self._by_batching: dict[str, int] = {}
+        self._commits = 0
+        self._remaps = 0
+        self._fallbacks: list[dict[str, Any]] = []
+        self._wire: list[dict[str, Any]] = []
+        self._batch_gap = DEFAULT_BATCH_GAP
         self._conns: dict[tuple[str, int], _Conn] = {}
+        #: Set by the shell when it follows a QEMU trace (``--qemu-trace``).
+        self.trace_configured = False
 
     @property
     def records(self) -> tuple[Record, ...]:
@@ -720,6 +914,12 @@ class History:
         arrived: float,
         replied: float,
         batch_gap: float = DEFAULT_BATCH_GAP,
+        batching: str = "gap",
+        commit: tuple[str, int] | None = None,
+        commit_text: str = "",
+        fallback: str | None = None,
+        peer: str | None = None,
+        peer_pid: int | None = None,
     ) -> Record:
         """Record one memory-table request and classify it.
 
@@ -736,21 +936,51 @@ class History:
             replied: monotonic seconds when we replied to it.
             batch_gap: ``T``: the longest gap from the previous reply to this arrival that still
                 continues the batch.
+            batching: ``qemu-trace`` (``commit`` says the batch) or ``gap`` (the gap rule).
+            commit: for ``qemu-trace``, the commit key; a different key starts a new batch.
+            commit_text: the commit in words, for the record and the batch's reason.
+            fallback: the pairing with QEMU's trace ended at this request, and why (recorded
+                in the report's fallbacks; this request is batched by the gap rule).
+            peer: the front-end's process name (``/proc/PID/comm``), ``None`` when unknown;
+                explanations speak of QEMU only when it is QEMU.
+            peer_pid: the front-end's pid.
 
         Returns:
             The new record; its ``violation`` goes on the request's event-log line.
 
         Raises:
-            ValueError: an unknown request name.
+            ValueError: an unknown request name or batching method.
         """
+        if batching not in ("gap", "qemu-trace") or (batching == "qemu-trace") != (
+            commit is not None
+        ):
+            raise ValueError(f"batching {batching!r} with commit {commit!r}")
         if request not in _TABLE_REQUESTS:
             raise ValueError(
                 f"{request!r} is not a memory-table request ({', '.join(_TABLE_REQUESTS)})"
             )
         self._requests += 1
         seq = self._requests
+        self._batch_gap = batch_gap
+        if fallback is not None:
+            self._fallbacks.append(
+                {"seq": seq, "socket": socket, "conn": conn, "request": request, "reason": fallback}
+            )
         state = self._conns.setdefault((socket, conn), _Conn())
-        batch = self._batch_for(state, socket, conn, request, arrived, batch_gap)
+        batch = self._batch_for(
+            state,
+            socket,
+            conn,
+            request,
+            arrived,
+            batch_gap,
+            batching,
+            commit,
+            commit_text,
+            fallback,
+        )
+        if batch.peer is None:
+            batch.peer, batch.peer_pid = peer, peer_pid
         batch.seqs.append(seq)
         batch.names.append(request)
         batch.ended = replied
@@ -762,6 +992,7 @@ class History:
         label = f"{request} #{seq}"
         batch.remove(gone, seq=seq, replied=replied, label=label)
         violations = batch.add(came, seq=seq, arrived=arrived, label=label) if came else []
+        remaps = _remaps(gone, came, seq, label) if gone and came else []
         record = Record(
             seq=seq,
             socket=socket,
@@ -769,7 +1000,7 @@ class History:
             request=request,
             ok=ok,
             batch=batch.number,
-            classification=self._classify(request, ok, gone, came, violations),
+            classification=self._classify(request, ok, gone, came, violations, remaps),
             removed=gone,
             added=came,
             kept=tuple(map(RegionRef.of, kept)) if ok else (),
@@ -777,21 +1008,47 @@ class History:
             arrived=arrived,
             replied=replied,
             violations=tuple(violations),
+            remaps=tuple(remaps),
+            batching=batching,
+            commit=commit_text if batching == "qemu-trace" else "",
         )
         self._records.append(record)
         self._by_class[record.classification] = self._by_class.get(record.classification, 0) + 1
+        self._by_batching[batching] = self._by_batching.get(batching, 0) + 1
         if record.violations:
             self._violating.append(record)
+        if remaps:
+            self._remaps += len(remaps)
+            self._remapping.append(record)
         return record
 
     def _batch_for(
-        self, state: _Conn, socket: str, conn: int, request: str, arrived: float, batch_gap: float
+        self,
+        state: _Conn,
+        socket: str,
+        conn: int,
+        request: str,
+        arrived: float,
+        batch_gap: float,
+        batching: str,
+        commit: tuple[str, int] | None,
+        commit_text: str,
+        fallback: str | None,
     ) -> _Batch:
         """The batch this request belongs to, opening a new one by the rules of the docstring."""
         open_ = state.batch
         reason: str | None = None
-        if open_ is None:
+        new_commit = False
+        if batching == "qemu-trace":
+            if open_ is None or open_.method != batching or open_.commit != commit:
+                reason = commit_text or "QEMU commit"
+                new_commit = True
+            elif request == REM_MEM_REG and open_.has_add:
+                reason = "REM_MEM_REG after ADD_MEM_REG"
+        elif open_ is None:
             reason = "first request on the connection"
+        elif open_.method != "gap":
+            reason = "the gap rule from here" + (f" ({fallback})" if fallback else "")
         elif request == SET_MEM_TABLE:
             reason = "SET_MEM_TABLE is a batch by itself"
         elif open_.whole_table:
@@ -806,8 +1063,16 @@ class History:
         if reason is None and open_ is not None:
             return open_
         batch = _Batch(
-            self._batch_count + 1, socket, conn, reason or "", whole_table=request == SET_MEM_TABLE
+            self._batch_count + 1,
+            socket,
+            conn,
+            reason or "",
+            whole_table=request == SET_MEM_TABLE,
+            method=batching,
+            commit=commit,
         )
+        if new_commit:
+            self._commits += 1
         batch.started = arrived
         self._batches.append(batch)
         self._batch_count += 1
@@ -821,11 +1086,14 @@ class History:
         gone: Sequence[RegionRef],
         came: Sequence[RegionRef],
         violations: Sequence[Violation],
+        remaps: Sequence[Remap] = (),
     ) -> str:
         if not ok:
             return "failed"
         if violations:
             return violations[0].kind
+        if remaps:
+            return "remap"
         if request == REM_MEM_REG:
             return "unplug"
         if request == ADD_MEM_REG:
@@ -846,6 +1114,16 @@ class History:
         """
         self._conns.pop((socket, conn), None)
 
+    def wire_mismatch(self, *, socket: str, conn: int, text: str) -> None:
+        """Record a disagreement between QEMU's trace and the messages on the wire.
+
+        Args:
+            socket: the listening socket's path.
+            conn: the connection number.
+            text: which message, which line, in words.
+        """
+        self._wire.append({"socket": socket, "conn": conn, "mismatch": text})
+
     def violations(self) -> list[Violation]:
         """Every violation, oldest first."""
         return [v for r in self._violating for v in r.violations]
@@ -858,9 +1136,12 @@ class History:
         """The ``vhostmem-ctl check`` document.
 
         Returns:
-            ``{"version": 1, "clean", "counts", "violations", "batches"}``; each violation has the
-            completing request's ``seq``, ``socket``, ``conn``, ``batch`` and ``request`` next to
-            :meth:`Violation.as_json`.
+            ``{"version": 1, "clean", "counts", "violations", "remaps", "batching", "wire",
+            "batches"}``; each violation has the completing request's ``seq``, ``socket``,
+            ``conn``, ``batch`` and ``request`` next to :meth:`Violation.as_json`. ``clean``
+            is false on a violation or a wire mismatch. ``batching`` is ``{"method":
+            "qemu-trace" | "gap" | "mixed", "commits", "fallbacks", "gap_ms"}``; ``wire`` is
+            ``{"checked", "mismatches"}`` (checked: some request was paired with QEMU's trace).
         """
         by_class = dict(self._by_class)
         found = [
@@ -875,19 +1156,75 @@ class History:
             for r in self._violating
             for v in r.violations
         ]
+        remaps = [
+            {
+                "socket": r.socket,
+                "conn": r.conn,
+                "batch": r.batch,
+                "request": r.request,
+                **m.as_json(),
+            }
+            for r in self._remapping
+            for m in r.remaps
+        ]
+        traced = self._by_batching.get("qemu-trace", 0)
+        gapped = self._by_batching.get("gap", 0)
+        if traced and gapped:
+            method = "mixed"
+        elif traced or (self.trace_configured and not gapped):
+            method = "qemu-trace"
+        else:
+            method = "gap"
         return {
             "version": 1,
-            "clean": not found,
+            "clean": not found and not self._wire,
             "counts": {
                 "requests": self._requests,
                 "failed": by_class.get("failed", 0),
                 "batches": self._batch_count,
                 "violations": len(found),
+                "remaps": self._remaps,
                 "by_classification": by_class,
             },
             "violations": found,
+            "remaps": remaps,
+            "batching": {
+                "method": method,
+                "commits": self._commits,
+                "requests": {"qemu-trace": traced, "gap": gapped},
+                "fallbacks": list(self._fallbacks),
+                "gap_ms": self._batch_gap * 1000.0,
+            },
+            "wire": {"checked": bool(traced), "mismatches": list(self._wire)},
             "batches": [b.as_json() for b in self.batches()],
         }
+
+
+def _batching_line(doc: Mapping[str, Any]) -> list[str]:
+    b = doc.get("batching")
+    if not b:
+        return []
+    gap = f"{b['gap_ms']:g} ms gap (heuristic; give --qemu-trace for exact batches)"
+    if b["method"] == "qemu-trace":
+        lines = [f"batches: QEMU trace, {b['commits']} commits"]
+    elif b["method"] == "gap":
+        lines = [f"batches: {gap}"]
+    else:
+        lines = [
+            f"batches: mixed: QEMU trace for {b['requests']['qemu-trace']} requests in "
+            f"{b['commits']} commits, then {gap} for {b['requests']['gap']} requests"
+        ]
+    for f in b["fallbacks"]:
+        lines.append(f"  FALLBACK to the gap rule ({f['socket']} conn {f['conn']}): {f['reason']}")
+    wire = doc.get("wire") or {}
+    if wire.get("checked"):
+        mismatches = wire.get("mismatches", [])
+        lines.append(
+            "wire vs QEMU trace: "
+            + ("matches" if not mismatches else f"{len(mismatches)} MISMATCH(ES)")
+        )
+        lines.extend(f"  {m['socket']} conn {m['conn']}: {m['mismatch']}" for m in mismatches)
+    return lines
 
 
 def render_report(doc: Mapping[str, Any]) -> str:
@@ -905,9 +1242,10 @@ def render_report(doc: Mapping[str, Any]) -> str:
         head += f" ({counts['failed']} failed)"
     lines = [
         f"atomic: yes, {head}, no violations"
-        if doc["clean"]
+        if not counts["violations"]
         else f"atomic: NO, {counts['violations']} violation(s) in {head}"
     ]
+    lines += _batching_line(doc)
     for v in doc["violations"]:
         unmapped = v["unmapped"]
         lines.append("")
@@ -917,6 +1255,13 @@ def render_report(doc: Mapping[str, Any]) -> str:
             f"{_range_text((unmapped['start'], unmapped['end']))}"
         )
         lines.extend(textwrap.wrap(v["why"], 96, initial_indent="  ", subsequent_indent="  "))
+    for m in doc.get("remaps", []):
+        lines.append("")
+        lines.append(
+            f"remap ({m['kind']}, not a violation): {m['request']} #{m['seq']} "
+            f"(batch {m['batch']}, {m['socket']} conn {m['conn']})"
+        )
+        lines.extend(textwrap.wrap(m["why"], 96, initial_indent="  ", subsequent_indent="  "))
     if doc["batches"]:
         lines.append("")
         lines.append(f"{'batch':>5}  {'requests':<14} {'plugged':<32} {'unplugged':<32} violations")

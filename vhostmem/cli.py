@@ -254,6 +254,24 @@ Then, in another terminal:
         "(default 20)",
     )
     out.add_argument(
+        "--qemu-trace",
+        action="append",
+        default=[],
+        metavar="[SOCKET=]FILE",
+        help="QEMU's trace log (QEMU run with -trace vhost_commit -trace vhost_user_write "
+        "-trace vhost_user_read -D FILE -msg timestamp=on): batches are then exactly QEMU's "
+        "commits, not a timing guess; the file may appear later and be replaced when QEMU "
+        "restarts. SOCKET=FILE for one socket when several are served (repeatable)",
+    )
+    out.add_argument(
+        "--trace-wait",
+        type=float,
+        default=2000.0,
+        metavar="MS",
+        help="how long a memory request's verdict waits for its lines in --qemu-trace before "
+        "it falls back to the gap rule and says so (default 2000)",
+    )
+    out.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -298,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--send-timeout must be more than 0 seconds")
     if args.batch_gap < 0 or args.linger_ms < 0:
         parser.error("--batch-gap and --linger-ms must not be negative")
+    if args.trace_wait <= 0:
+        parser.error("--trace-wait must be more than 0 ms")
+    args.qemu_trace = _qemu_trace_option(parser, args.qemu_trace, [*args.sockets, *args.connect])
     for spec in args.inject:
         try:
             parse_fault(spec)
@@ -378,6 +399,8 @@ def _serve(args: argparse.Namespace, control: str, bound: BoundSockets) -> int:
         send_timeout=args.send_timeout,
         batch_gap=args.batch_gap / 1000,
         linger=args.linger_ms / 1000,
+        qemu_trace=args.qemu_trace,
+        trace_wait=args.trace_wait / 1000,
     )
     try:
         trio.run(functools.partial(run, config, bound=bound))
@@ -388,6 +411,32 @@ def _serve(args: argparse.Namespace, control: str, bound: BoundSockets) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _qemu_trace_option(
+    parser: argparse.ArgumentParser, values: Sequence[str], sockets: Sequence[str]
+) -> tuple[tuple[str, str], ...]:
+    """``--qemu-trace FILE`` (every socket) or ``SOCKET=FILE`` (one socket) as pairs."""
+    out: dict[str, str] = {}
+    for value in values:
+        sock, eq, path = value.partition("=")
+        if eq and sock not in sockets:
+            if not os.path.exists(value):
+                parser.error(
+                    f"--qemu-trace {value!r}: {sock!r} is not a socket given with --socket or "
+                    f"--connect ({', '.join(sockets) or 'none'}); give FILE for every socket"
+                )
+            eq = ""
+        if not eq:
+            sock, path = "", value  # one file for every socket (its name may hold '=')
+        if not path:
+            parser.error(f"--qemu-trace {value!r}: give a FILE, or SOCKET=FILE")
+        if sock in out:
+            parser.error(
+                f"--qemu-trace given twice for {sock or 'every socket'}: {out[sock]} and {path}"
+            )
+        out[sock] = path
+    return tuple(out.items())
 
 
 # -- vhostmem-ctl -------------------------------------------------------------------------------

@@ -408,6 +408,7 @@ async def _serve_one(backend: Backend, sock: trio.socket.SocketType) -> None:
                 return
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
+                await backend.settle_trace()  # a verdict waits, bounded, for QEMU's lines
                 reply = (json.dumps(answer(backend, line)) + "\n").encode()
                 try:
                     await stream.send_all(reply)

@@ -414,6 +414,7 @@ def explain(
                     added=[region] if kind == "add" else [],
                     arrived=when,
                     replied=when,
+                    peer="qemu-system-x86_64",  # a model of QEMU: explanations speak of QEMU
                 )
                 violation = rec.violation
                 messages.append(

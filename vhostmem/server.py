@@ -41,10 +41,12 @@ from vhostmem.events import NEED_DATA, Handled
 from vhostmem.faults import FaultPlan, parse_fault
 from vhostmem.mapping import Mapper, Mapping
 from vhostmem.protocol import MemoryRegion, Request
+from vhostmem.qemu_trace import Pairer, Resolution
 from vhostmem.regions import Region
 from vhostmem.session import Session, SessionConfig
 from vhostmem.sockets import BoundSockets, open_sockets
 from vhostmem.tap import TapConfig, open_tap
+from vhostmem.tracefile import POLL_INTERVAL, TraceFollower
 from vhostmem.transport import FdStream, Peer, peer_credentials
 
 __all__ = ["Backend", "ServerConfig", "run"]
@@ -96,6 +98,9 @@ class ServerConfig:
         book_after: seconds a front-end must stay silent before the requests acked since it
             last paused are booked (log, event log, history); the wait goes through trio, so
             other tasks run meanwhile. A request that arrives sooner is served first.
+        qemu_trace: ``(socket, file)`` pairs (``--qemu-trace``): batches of the connections on
+            ``socket`` (``""``: every socket) come from the commits in QEMU's trace ``file``.
+        trace_wait: seconds a memory request's booking waits for its lines in QEMU's trace.
     """
 
     sockets: tuple[str, ...] = ()
@@ -115,6 +120,8 @@ class ServerConfig:
     tap: TapConfig | None = None
     linger: float = 0.0
     book_after: float = 0.001
+    qemu_trace: tuple[tuple[str, str], ...] = ()
+    trace_wait: float = 2.0
 
 
 @final
@@ -187,6 +194,16 @@ class Connection:
     datapath: NetAttachment | None = None
     #: Acknowledged requests not yet booked: (handled, arrived, replied) in monotonic seconds.
     pending: list[tuple[Handled, float, float]] = field(default_factory=list)
+    #: Pairs memory requests with QEMU's trace (``--qemu-trace``), else ``None``.
+    pairer: Pairer | None = None
+    #: Resolutions of pending memory requests, by ``id(handled)``, until booked.
+    paired: dict[int, Resolution] = field(default_factory=dict)
+    #: Memory requests paired so far (numbers them in the pairer's messages).
+    paired_count: int = 0
+    #: The connection has ended: what the trace lacks now will not come.
+    closing: bool = False
+    #: The front-end's process name (/proc/PID/comm), for explanations.
+    peer_name: str | None = None
 
 
 @final
@@ -209,6 +226,10 @@ class Backend:
         self._numbers = 0
         self.faults = FaultPlan()
         self.history = History()
+        self.history.trace_configured = bool(config.qemu_trace)
+        self.followers = {
+            path: TraceFollower(path, config.trace_wait) for _, path in config.qemu_trace
+        }
         self._event_log_failing = False
         self.net: NetDevice | None = None
         for spec in config.inject:
@@ -312,6 +333,7 @@ class Backend:
         if handled.injected:
             doc["injected"] = handled.injected
         if handled.request in _MEMORY_REQUESTS:
+            trace = self._resolution(conn, handled, arrived, replied)
             record = self.history.record(
                 socket=conn.socket_name,
                 conn=conn.number,
@@ -324,9 +346,25 @@ class Backend:
                 arrived=arrived,
                 replied=replied,
                 batch_gap=self.config.batch_gap,
+                batching=trace.batching,
+                commit=trace.commit,
+                commit_text=trace.edge_text,
+                fallback=trace.fallback,
+                peer=conn.peer_name,
+                peer_pid=conn.peer.pid if conn.peer is not None else None,
             )
             doc["batch"] = record.batch
             doc["classification"] = record.classification
+            doc["batching"] = record.batching
+            if record.commit:
+                doc["commit"] = record.commit
+            if trace.fallback:
+                doc["fallback"] = trace.fallback
+                log.warning("QEMU TRACE PAIRING ENDS, gap rule from here: %s", trace.fallback)
+            for text in trace.wire:
+                self._wire_mismatch(conn, text)
+            if record.remaps:
+                doc["remaps"] = [m.as_json() for m in record.remaps]
             if record.violations:
                 doc.update(record.as_json())
                 for violation in record.violations:
@@ -336,6 +374,97 @@ class Backend:
             # "request" key so a reader can grep them, but live beside the memory lines.
             doc["kind"] = "request"
         self._keep(doc)
+
+    # -- QEMU's trace (--qemu-trace) ---------------------------------------------------------
+
+    def _wire_mismatch(self, conn: Connection, text: str) -> None:
+        conn.log.warning("WIRE MISMATCH with QEMU's trace: %s", text)
+        self.history.wire_mismatch(socket=conn.socket_name, conn=conn.number, text=text)
+
+    def _follower(self, socket_name: str) -> TraceFollower | None:
+        """The trace file of a socket: its own ``SOCKET=FILE``, else a ``FILE`` for all."""
+        path = dict(self.config.qemu_trace).get(socket_name) or dict(self.config.qemu_trace).get("")
+        return self.followers.get(path) if path else None
+
+    def _pair_pending(self, conn: Connection) -> bool:
+        """Pair ``conn``'s pending memory requests with the trace lines read so far, in order.
+
+        Returns:
+            Whether every pending request is resolved (paired, or fallen back).
+        """
+        pairer = conn.pairer
+        if pairer is None:
+            return True
+        follower = self._follower(conn.socket_name)
+        if follower is not None:
+            try:
+                follower.poll()
+            except OSError as err:
+                conn.log.warning("cannot read QEMU's trace file: %s", err)
+        now_mono, now_wall = time.monotonic(), time.time()
+        for handled, arrived, _ in conn.pending:
+            if handled.request not in _MEMORY_REQUESTS or id(handled) in conn.paired:
+                continue
+            res = pairer.pair(
+                handled.name,
+                conn.paired_count + 1,
+                arrived=now_wall - (now_mono - arrived),
+                # The reply went out after the request arrived: a time taken after sending
+                # can be late (the process descheduled), so the arrival bounds it soundly.
+                replied=now_wall - (now_mono - arrived) if handled.reply else None,
+                now=now_wall,
+                final=conn.closing,
+            )
+            if res is None:
+                return False
+            conn.paired[id(handled)] = res
+            conn.paired_count += 1
+        return True
+
+    def _resolution(
+        self, conn: Connection, handled: Handled, arrived: float, replied: float
+    ) -> Resolution:
+        """How a memory request being booked was batched (``gap`` without a trace)."""
+        if conn.pairer is None:
+            return Resolution("gap")
+        res = conn.paired.pop(id(handled), None)
+        if res is None:  # booked at once (not through pending): pair it now, for good
+            conn.pending.insert(0, (handled, arrived, replied))
+            closing, conn.closing = conn.closing, True
+            try:
+                self._pair_pending(conn)
+            finally:
+                conn.closing = closing
+                conn.pending.pop(0)
+            res = conn.paired.pop(id(handled), Resolution("gap"))
+        return res
+
+    def _bookable(self, conn: Connection) -> list[tuple[Handled, float, float]]:
+        """Take from ``conn.pending`` what can be booked now: with a trace, the requests up to
+        the first one whose lines have not come yet (the rest waits, in order)."""
+        pending = conn.pending
+        if conn.pairer is not None and not self._pair_pending(conn):
+            cut = next(
+                i
+                for i, (handled, _, _) in enumerate(pending)
+                if handled.request in _MEMORY_REQUESTS and id(handled) not in conn.paired
+            )
+            conn.pending = pending[cut:]
+            return pending[:cut]
+        conn.pending = []
+        return pending
+
+    async def settle_trace(self) -> None:
+        """Wait, at most ``trace_wait``, until every pending memory request met its trace
+        lines, so a verdict asked for now has them (the control socket calls it)."""
+        if not self.followers:
+            return
+        with trio.move_on_after(self.config.trace_wait + POLL_INTERVAL):
+            while True:
+                # Every connection, not only until the first that waits: each pairs what it can.
+                if all([self._pair_pending(c) for c in self.connections()]):
+                    return
+                await trio.sleep(POLL_INTERVAL / 5)
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -368,6 +497,10 @@ class Backend:
             return
         session = Session(self.config.session, self.host, self.faults)
         conn = Connection(number, socket_name, session, peer, log)
+        conn.peer_name = _process_name(peer.pid) if peer is not None else None
+        follower = self._follower(socket_name)
+        if follower is not None:
+            conn.pairer = follower.attach()
         if self.net is not None:
             conn.datapath = self.net.attach(
                 session,
@@ -427,7 +560,11 @@ class Backend:
                     region.unmap_failed,
                 )
             try:
+                conn.closing = True  # what QEMU's trace lacks now will not come
                 self.flush(conn)  # booking reads only the numbers of what was released
+                if conn.pairer is not None:
+                    for text in conn.pairer.finish(ended=time.time()):
+                        self._wire_mismatch(conn, text)
                 self.history.close_batch(socket=socket_name, conn=number)
                 self.record(
                     {
@@ -441,6 +578,9 @@ class Backend:
                 )
             except Exception:  # the connection is gone either way; the server goes on
                 log.exception("could not book the end of the connection")
+            finally:
+                if follower is not None and conn.pairer is not None:
+                    follower.detach(conn.pairer)
 
     async def _loop(self, conn: Connection, stream: FdStream) -> None:
         session = conn.session
@@ -457,6 +597,11 @@ class Backend:
                         with trio.move_on_after(self.config.book_after):
                             await stream.wait_readable()
                             continue
+                    if not self._pair_pending(conn):
+                        # QEMU traces a write after the write: wait for its line, serving on.
+                        with trio.move_on_after(POLL_INTERVAL / 5):
+                            await stream.wait_readable()
+                        continue
                     self.flush(conn)
                 await stream.wait_readable()
                 continue
@@ -512,11 +657,10 @@ class Backend:
 
     def flush(self, conn: Connection) -> None:
         """Book what ``conn``'s acknowledged requests left for later (log, events, history)."""
-        pending = conn.pending
-        if not pending:
+        if not conn.pending:
             return
-        # Swap first: recording may log, and nothing must be booked twice.
-        conn.pending = []
+        # Take first: recording may log, and nothing must be booked twice.
+        pending = self._bookable(conn)
         for handled, arrived, replied in pending:
             self._record_handled(conn, handled, arrived, replied)
 
@@ -527,8 +671,8 @@ class Backend:
         """
         merged: list[tuple[float, Connection, Handled, float]] = []
         for conn in self.connections():
-            # Swap first, as flush does: recording may log, and nothing is booked twice.
-            pending, conn.pending = conn.pending, []
+            # Take first, as flush does: recording may log, and nothing is booked twice.
+            pending = self._bookable(conn) if conn.pending else []
             merged += [(replied, conn, handled, arrived) for handled, arrived, replied in pending]
         merged.sort(key=lambda entry: entry[0])  # stable: one connection's stay in their order
         for replied, conn, handled, arrived in merged:
@@ -536,6 +680,10 @@ class Backend:
 
     def _book_now(self, conn: Connection, handled: Handled, arrived: float) -> None:
         """Book ``handled`` at once, after what every connection left for later (in order)."""
+        if conn.pairer is not None and handled.request in _MEMORY_REQUESTS:
+            # Its batch needs its trace lines: booked in order with the rest, when they came.
+            conn.pending.append((handled, arrived, time.monotonic()))
+            return
         self.flush_all()
         self._record_handled(conn, handled, arrived, time.monotonic())
 
@@ -632,6 +780,8 @@ class Backend:
             self.net.close()
             self.net = None
         self.mapper.close()
+        for follower in self.followers.values():
+            follower.close()
         if self.event_log is not None:
             self.event_log.close()
 
@@ -662,6 +812,8 @@ async def run(
             await nursery.start(_watch_signals, nursery.cancel_scope)
             if backend.net is not None:
                 backend.net.nursery = nursery
+            for follower in backend.followers.values():
+                nursery.start_soon(follower.run)
             if bound.control is not None:
                 nursery.start_soon(serve_control, bound.control, backend)
             for sock, name in bound.listeners:
@@ -693,3 +845,12 @@ async def _watch_signals(
             )
             scope.cancel()
             return
+
+
+def _process_name(pid: int) -> str | None:
+    """A process's name (``/proc/PID/comm``), ``None`` when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None

@@ -122,9 +122,12 @@ def make_rig(
     rigs: list[Rig] = []
 
     def make(vhostmem_args: tuple[str, ...] = (), backend: RunningBackend | None = None,
-             wait_boot_ram: bool = True, **config: Any) -> Rig:
+             wait_boot_ram: bool = True, qemu_trace: bool = True, **config: Any) -> Rig:
         if backend is None:
-            backend = vhostmem_factory(vhostmem_args, name=f"vu{len(rigs)}.sock")
+            backend = vhostmem_factory(vhostmem_args, name=f"vu{len(rigs)}.sock",
+                                       qemu_trace=qemu_trace)
+        # QEMU writes the trace the back-end follows (exact batches), unless turned off.
+        config.setdefault("qemu_trace", backend.qemu_trace or False)
         guest = Guest(GuestConfig(vhost_socket=backend.socket, **config))
         rig = Rig(backend, guest)
         rigs.append(rig)

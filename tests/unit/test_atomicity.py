@@ -59,9 +59,12 @@ class Front:
     """Feeds a History the way the shell does: a clock that advances by the gap before each
     request and by a small handling time after it."""
 
-    def __init__(self, history: History | None = None, conn: int = 1) -> None:
+    def __init__(
+        self, history: History | None = None, conn: int = 1, peer: str = "qemu-system-x86"
+    ) -> None:
         self.history = history or History()
         self.conn = conn
+        self.peer = peer
         self.now = 100.0
 
     def send(
@@ -89,6 +92,8 @@ class Front:
             arrived=arrived,
             replied=self.now,
             batch_gap=T,
+            peer=self.peer,
+            peer_pid=4242,
         )
 
     def add(self, region: Region, gap: float = SOON) -> Record:
@@ -248,7 +253,7 @@ def test_set_mem_table_keeping_a_region_is_clean() -> None:
     assert fourth.classification == "unchanged"
 
 
-def test_set_mem_table_splitting_boot_ram_is_a_split() -> None:
+def test_set_mem_table_splitting_boot_ram_is_a_remap_not_a_violation() -> None:
     front = Front()
     front.send(SET_MEM_TABLE, added=[BOOT])
     half = GiB // 2
@@ -259,14 +264,16 @@ def test_set_mem_table_splitting_boot_ram_is_a_split() -> None:
         ),
     ]
     rec = front.send(SET_MEM_TABLE, removed=[BOOT], added=halves)
-    assert rec.classification == "split"
-    assert len(rec.violations) == 1
-    v = rec.violations[0]
-    assert v.unmapped == (0, GiB) and v.unmapped_ms is None
-    assert "SET_MEM_TABLE" in v.why and "split into 2 regions" in v.why
+    # One message hands over the whole new table: nothing went unmapped on the wire.
+    assert rec.classification == "remap" and rec.violations == ()
+    (m,) = rec.remaps
+    assert m.kind == "split" and m.ranges == ((0, GiB),) and m.seq == rec.seq
+    assert "SET_MEM_TABLE" in m.why and "split into 2 regions" in m.why
+    assert "not a violation" in m.why
+    assert front.history.report()["clean"]
 
 
-def test_set_mem_table_with_two_separate_violations() -> None:
+def test_set_mem_table_with_two_separate_remaps() -> None:
     front = Front()
     front.send(SET_MEM_TABLE, added=[BOOT, slot(0), slot(2)])
     moved = [
@@ -280,9 +287,9 @@ def test_set_mem_table_with_two_separate_violations() -> None:
         for r in (slot(0), slot(2))
     ]
     rec = front.send(SET_MEM_TABLE, kept=[BOOT], removed=[slot(0), slot(2)], added=moved)
-    assert [v.kind for v in rec.violations] == ["moved", "moved"]
+    assert [m.kind for m in rec.remaps] == ["moved", "moved"] and rec.violations == ()
     doc = rec.as_json()
-    assert doc["violation"]["kind"] == "moved" and len(doc["violations"]) == 2
+    assert "violation" not in doc and [m["kind"] for m in doc["remaps"]] == ["moved", "moved"]
 
 
 # -- batch rules ----------------------------------------------------------------------------

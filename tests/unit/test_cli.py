@@ -280,3 +280,25 @@ def test_linger_and_send_timeout_are_checked() -> None:
         with pytest.raises(SystemExit) as exc:
             main(["--socket", "/tmp/never-bound.sock", *flags])
         assert exc.value.code == 2
+
+
+def test_qemu_trace_option_is_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    from vhostmem.cli import _qemu_trace_option, build_parser
+
+    parser = build_parser()
+    socks = ["/run/a.sock", "/run/b.sock"]
+    assert _qemu_trace_option(parser, ["/run/t.log"], socks) == (("", "/run/t.log"),)
+    assert _qemu_trace_option(parser, ["/run/b.sock=/run/b.log", "/run/t.log"], socks) == (
+        ("/run/b.sock", "/run/b.log"),
+        ("", "/run/t.log"),
+    )
+    for values in (["/run/c.sock=/run/c.log"], ["/run/t.log", "/run/u.log"], ["/run/a.sock="]):
+        with pytest.raises(SystemExit) as exc:
+            _qemu_trace_option(parser, values, socks)
+        assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "'/run/c.sock' is not a socket given with --socket or --connect" in err
+    assert "--qemu-trace given twice for every socket: /run/t.log and /run/u.log" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["--socket", "/tmp/never-bound.sock", "--trace-wait", "0"])
+    assert exc.value.code == 2

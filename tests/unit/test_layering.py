@@ -20,20 +20,38 @@ LAYERS: list[set[str]] = [
     {"vhostmem.errors"},
     {"vhostmem.regions", "vhostmem.events"},
     {"vhostmem.faults"},
-    {"vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.session", "vhostmem.virtqueue"},
+    {"vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.session", "vhostmem.virtqueue",
+     "vhostmem.qemu_trace"},
     {"vhostmem.mapping", "vhostmem.transport", "vhostmem.report", "vhostmem.sockets",
-     "vhostmem.datapath", "vhostmem.tap"},
+     "vhostmem.datapath", "vhostmem.tap", "vhostmem.tracefile"},
     {"vhostmem.control", "vhostmem.qmp"},
     {"vhostmem.server"},
     {"vhostmem.cli", "vhostmem.__main__"},
     {"vhostmem.testing"},
 ]
 
+#: Inside the mapping package (its docstring): a module may import modules of a layer below its
+#: own only, so diagnosis and peek, side by side, do not import each other.
+MAPPING_LAYERS: list[set[str]] = [
+    {"vhostmem.mapping.linux"},
+    {"vhostmem.mapping.backing"},
+    {"vhostmem.mapping.diagnosis", "vhostmem.mapping.peek"},
+    {"vhostmem.mapping.mapper"},
+    {"vhostmem.mapping"},
+]
+
+#: Who may import the modules that reach mmap, munmap and mincore (HACKING.md: the mapping
+#: package is the only one that calls them; ctypes stays in its Linux calls module).
+SYSCALL_MODULES: dict[str, tuple[str, ...]] = {
+    "mmap": ("vhostmem.mapping.",),
+    "ctypes": ("vhostmem.mapping.linux",),
+}
+
 #: The pure core may use none of these (STYLE.md section 1).
 IMPURE = {"os", "trio", "socket", "mmap", "logging", "ctypes", "time", "subprocess", "signal"}
 PURE = {"vhostmem.protocol", "vhostmem.errors", "vhostmem.events", "vhostmem.regions",
         "vhostmem.session", "vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.faults",
-        "vhostmem.virtqueue"}
+        "vhostmem.virtqueue", "vhostmem.qemu_trace"}
 
 
 #: The checkout's protocol/ folder installs as this package (pyproject.toml, package-dir).
@@ -133,6 +151,28 @@ def check_imports(me: str, targets: set[str]) -> None:
         assert layer_of(target) <= my_layer, f"{me} (layer {my_layer}) imports {target} (layer {layer_of(target)})"
 
 
+def check_mapping_imports(me: str, targets: set[str]) -> None:
+    """A module of the mapping package imports only modules of the package's lower layers."""
+    layer = {name: i for i, names in enumerate(MAPPING_LAYERS) for name in names}
+    if me not in layer:
+        return
+    for target in targets:
+        if target.startswith("vhostmem.mapping.") and target != me:
+            assert target in layer, f"{target} is in no layer: add it to MAPPING_LAYERS"
+            assert layer[target] < layer[me], (
+                f"{me} (mapping layer {layer[me]}) imports {target} "
+                f"(mapping layer {layer[target]})")
+
+
+def check_syscall_imports(me: str, targets: set[str]) -> None:
+    """Only the modules SYSCALL_MODULES names import mmap and ctypes."""
+    for target in targets:
+        allowed = SYSCALL_MODULES.get(target)
+        if allowed is not None:
+            assert any(me == a or (a.endswith(".") and me.startswith(a)) for a in allowed), (
+                f"{me} imports {target}: only {', '.join(allowed)} may")
+
+
 #: The package's sources, each once: vhostmem/protocol is the symlink to protocol/.
 SOURCES = sorted(p for pkg in ("protocol", "vhostmem") for p in (ROOT / pkg).rglob("*.py")
                  if ROOT / "vhostmem" / "protocol" not in p.parents)
@@ -168,6 +208,36 @@ def test_the_package_and_its_symlink_are_one_folder() -> None:
     assert (ROOT / "vhostmem" / "protocol").resolve() == (ROOT / "protocol").resolve()
     assert module_name(ROOT / "protocol" / "codec.py") == "vhostmem.protocol.codec"
     assert is_module("vhostmem.protocol.codec") and not is_module("vhostmem.protocol.nothing")
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: module_name(p))
+def test_only_the_mapping_package_reaches_mmap(path: Path) -> None:
+    me, found = module_name(path), imports(path)
+    check_syscall_imports(me, found)
+    check_mapping_imports(me, found)
+
+
+def test_every_mapping_module_has_a_layer() -> None:
+    modules = {module_name(p) for p in (ROOT / "vhostmem" / "mapping").glob("*.py")}
+    assert modules == set().union(*MAPPING_LAYERS)
+
+
+def test_a_mapping_import_that_points_up_or_sideways_is_caught() -> None:
+    with pytest.raises(AssertionError, match=r"linux \(mapping layer 0\) imports .*mapper"):
+        check_mapping_imports("vhostmem.mapping.linux", {"vhostmem.mapping.mapper"})
+    with pytest.raises(AssertionError, match=r"peek \(mapping layer 2\) imports .*diagnosis"):
+        check_mapping_imports("vhostmem.mapping.peek", {"vhostmem.mapping.diagnosis"})
+    check_mapping_imports("vhostmem.mapping.mapper",
+                          {"vhostmem.mapping.peek", "vhostmem.mapping.linux", "vhostmem.errors"})
+
+
+def test_mmap_outside_the_mapping_package_is_caught() -> None:
+    with pytest.raises(AssertionError, match=r"vhostmem\.server imports mmap"):
+        check_syscall_imports("vhostmem.server", {"mmap", "trio"})
+    with pytest.raises(AssertionError, match=r"vhostmem\.mapping\.mapper imports ctypes"):
+        check_syscall_imports("vhostmem.mapping.mapper", {"ctypes"})
+    check_syscall_imports("vhostmem.mapping.mapper", {"mmap", "os"})
+    check_syscall_imports("vhostmem.mapping.linux", {"mmap", "ctypes"})
 
 
 def test_relative_imports_are_resolved() -> None:

@@ -643,7 +643,7 @@ def test_peek_turns_sigbus_into_fault(mapper: Mapper, monkeypatch: pytest.Monkey
     check = os.dup(fd)
     with mapper.map(fd, gpa=0, size=8192, mmap_offset=0) as m:
         os.ftruncate(check, 4096)
-        monkeypatch.setattr(mapping_mod, "_mincore", lambda address, length: b"\x01" * 2)
+        monkeypatch.setattr("vhostmem.mapping.peek.mincore", lambda address, length: b"\x01" * 2)
         p = m.peek(0, 8192)
         assert [(c.state, c.errno) for c in p.chunks] == [("data", None), ("fault", errno.EIO)]
         assert p.hex().endswith("!!")

@@ -39,8 +39,12 @@ class RunningBackend:
         event_log: str,
         stderr_path: str,
         process: subprocess.Popen[bytes],
+        qemu_trace: str | None = None,
     ) -> None:
         self.socket = socket
+        #: The QEMU trace log vhostmem follows (``--qemu-trace``); give it to QEMU with
+        #: ``vhostmem.testing.qemu.trace_args``. ``None``: batches by the gap rule.
+        self.qemu_trace = qemu_trace
         self.control = control
         self.event_log = event_log
         self.stderr_path = stderr_path
@@ -116,6 +120,7 @@ def start_backend(
     *,
     name: str = "vu.sock",
     timeout: float = 10.0,
+    qemu_trace: str | None = None,
 ) -> RunningBackend:
     """Start ``python -m vhostmem`` on ``directory/name`` and wait until it accepts.
 
@@ -124,6 +129,8 @@ def start_backend(
         args: extra command-line arguments (``--max-slots 8``, ``--no-mem-slots``, ...).
         name: file name of the vhost-user socket.
         timeout: seconds to wait for the socket to appear.
+        qemu_trace: QEMU's trace log for ``--qemu-trace`` (QEMU started with
+            ``vhostmem.testing.qemu.trace_args(qemu_trace)``); ``None``: no trace.
     """
     base = Path(directory)
     sock = str(base / name)
@@ -142,13 +149,14 @@ def start_backend(
                 control,
                 "--event-log",
                 event_log,
+                *(["--qemu-trace", qemu_trace] if qemu_trace else []),
                 *args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=err,
             stderr=err,
         )
-    backend = RunningBackend(sock, control, event_log, stderr_path, process)
+    backend = RunningBackend(sock, control, event_log, stderr_path, process, qemu_trace)
     try:
         backend.wait_for(
             lambda: os.path.exists(sock) and os.path.exists(control), timeout, f"{sock} to accept"

@@ -12,6 +12,11 @@ Installed with vhostmem (entry point ``pytest11``), so the fixtures are there in
 until it accepts; ``vhostmem_factory(args)`` starts one with your options (``--max-slots 8``,
 ``--no-mem-slots`` ...). Every process a fixture started is stopped at teardown, and the
 fixture fails the test if vhostmem did not exit cleanly (status 0).
+
+Exact verdicts: each back-end follows a QEMU trace log at ``backend.qemu_trace`` (batches are
+QEMU's own commits); start your QEMU with ``vhostmem.testing.qemu.trace_args(
+backend.qemu_trace)``. Without those QEMU options every connection says it fell back to the gap
+rule; ``vhostmem_factory(qemu_trace=False)`` turns the trace off.
 """
 
 from __future__ import annotations
@@ -28,11 +33,15 @@ __all__ = ["vhostmem_backend", "vhostmem_factory"]
 
 @pytest.fixture
 def vhostmem_factory(tmp_path: Path) -> Iterator[Callable[..., RunningBackend]]:
-    """A function ``(args=(), name="vu.sock") -> RunningBackend``; all are stopped at teardown."""
+    """A function ``(args=(), name="vu.sock", qemu_trace=True) -> RunningBackend``; all are
+    stopped at teardown."""
     started: list[RunningBackend] = []
 
-    def factory(args: Sequence[str] = (), name: str = "vu.sock") -> RunningBackend:
-        backend = start_backend(tmp_path, args, name=name)
+    def factory(
+        args: Sequence[str] = (), name: str = "vu.sock", qemu_trace: bool = True
+    ) -> RunningBackend:
+        trace = str(tmp_path / f"{name}.qemu-trace.log") if qemu_trace else None
+        backend = start_backend(tmp_path, args, name=name, qemu_trace=trace)
         started.append(backend)
         return backend
 

@@ -181,6 +181,9 @@ class GuestConfig:
     stop_timeout: float = 10.0
     #: Seconds any single QMP command may take.
     qmp_timeout: float = 30.0
+    #: QEMU's trace log for ``vhostmem --qemu-trace`` (:func:`trace_args`): True = WORKDIR/
+    #: qemu-trace.log, a path = that file, False = no trace.
+    qemu_trace: bool | str = True
 
 
 _XP_LINE_RE: Final = re.compile(r"^([0-9a-f]+):((?:\s+0x[0-9a-f]{2})+)\s*$")
@@ -216,6 +219,27 @@ def _abandon(proc: subprocess.Popen[bytes], workdir: Path | None) -> None:
             proc.wait(timeout=10)
     if workdir is not None:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+#: The trace events ``vhostmem --qemu-trace`` pairs with (hw/virtio/vhost.c, vhost-user.c);
+#: ``vhost_dev_start`` marks device starts exactly (without it a start right after a commit, in
+#: the same thread and with no commit between, would join that commit's batch).
+TRACE_EVENTS: Final = ("vhost_commit", "vhost_user_write", "vhost_user_read", "vhost_dev_start")
+
+
+def trace_args(path: str | os.PathLike[str]) -> list[str]:
+    """QEMU arguments that write the trace ``vhostmem --qemu-trace PATH`` follows.
+
+    Args:
+        path: the log file (QEMU creates or truncates it at start).
+
+    Returns:
+        ``-trace EVENT`` for each of :data:`TRACE_EVENTS`, ``-D PATH -msg timestamp=on``.
+    """
+    out: list[str] = []
+    for event in TRACE_EVENTS:
+        out += ["-trace", event]
+    return [*out, "-D", str(path), "-msg", "timestamp=on"]
 
 
 class Guest:
@@ -257,6 +281,14 @@ class Guest:
     @property
     def stderr_path(self) -> Path:
         return self.workdir / "qemu.log"
+
+    @property
+    def trace_path(self) -> Path | None:
+        """QEMU's trace log (``GuestConfig.qemu_trace``), ``None`` when off."""
+        trace = self.config.qemu_trace
+        if trace is False:
+            return None
+        return self.workdir / "qemu-trace.log" if trace is True else Path(trace)
 
     @property
     def _console_in(self) -> Path:
@@ -319,6 +351,8 @@ class Guest:
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-qmp", f"unix:{self.qmp_user_path},server=on,wait=off",
         ]
+        if self.trace_path is not None:
+            argv += trace_args(self.trace_path)
         return argv + list(c.extra_args)
 
     def start(self) -> Guest:
