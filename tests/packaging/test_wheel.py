@@ -45,13 +45,16 @@ NOT_SOURCE = shutil.ignore_patterns(
 #: Run inside the venv from an empty directory: who provides each name, and every data file of
 #: the installed vhostmem read the way the code reads it (importlib.resources).
 PROBE = r"""
-import hashlib, importlib.metadata as md, importlib.resources, json, sys
+import hashlib, importlib, importlib.metadata as md, importlib.resources, json, sys
 from pathlib import Path
 
-import protocol
 import vhostmem
 import vhostmem.protocol
 from vhostmem.protocol import Request
+
+# by name, so that the sed which renamed the imports (commit "Import protocol as
+# vhostmem.protocol everywhere") leaves this line to the other distribution
+protocol = importlib.import_module("protocol")
 
 def owner(module):
     path = Path(module.__file__).resolve()
