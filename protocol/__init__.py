@@ -1,11 +1,24 @@
 """vhost-user wire format: codes, Construct definitions, typed models and the codec.
 
-Pure: no I/O, no logging, nothing from ``vhostmem``. See HACKING.md *protocol*.
+Pure: no I/O, no logging, nothing else of ``vhostmem``. See HACKING.md *protocol*.
+
+This folder sits at the top of the checkout and installs as ``vhostmem.protocol``
+(pyproject.toml, package-dir); ``vhostmem/protocol`` links to it in the checkout.
 """
 
 from __future__ import annotations
 
-from protocol.codec import (
+if __name__ != "vhostmem.protocol":
+    # Only a checkout's top folder on sys.path reaches this file as a bare ``protocol``: that
+    # name belongs to another distribution on the index, and a second copy of these modules
+    # would hold second copies of the enums.
+    raise ImportError(
+        f"{__file__} is vhostmem's protocol package, imported here as {__name__!r}: "
+        "import vhostmem.protocol instead (pyproject.toml installs it under that name only)",
+        name=__name__,
+    )
+
+from vhostmem.protocol.codec import (
     decode_header,
     decode_message,
     decode_payload,
@@ -17,7 +30,7 @@ from protocol.codec import (
     payload_kind,
     reply_payload_kind,
 )
-from protocol.codes import (
+from vhostmem.protocol.codes import (
     FDS_ALLOWED,
     FLAG_NEED_REPLY,
     FLAG_REPLY,
@@ -41,8 +54,8 @@ from protocol.codes import (
     VirtioFeature,
     request_name,
 )
-from protocol.errors import DecodeError, EncodeError, ProtocolError
-from protocol.model import (
+from vhostmem.protocol.errors import DecodeError, EncodeError, ProtocolError
+from vhostmem.protocol.model import (
     Config,
     DeviceStateParams,
     Header,

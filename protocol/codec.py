@@ -1,4 +1,4 @@
-"""Bytes <-> ``protocol.model`` for vhost-user messages.
+"""Bytes <-> ``vhostmem.protocol.model`` for vhost-user messages.
 
 Decoding is strict about sizes (every fixed-size payload must be exactly its size, the memory
 table exactly ``8 + 32 * nregions``), since a size mismatch means the two sides disagree about the
@@ -6,8 +6,9 @@ wire format and every later message would be misread. It is lenient about reques
 unknown code decodes to a plain ``int`` header and a raw ``bytes`` payload, and the session decides
 what to answer (trezorlib's lenient ``EnumAdapter``). Header flags are not judged here either.
 
-Construct Containers stop in this module; callers only ever see ``protocol.model`` objects. Every
-failure is a ``DecodeError`` (or ``EncodeError``) raised ``from`` the construct error, if any.
+Construct Containers stop in this module; callers only ever see ``vhostmem.protocol.model``
+objects. Every failure is a ``DecodeError`` (or ``EncodeError``) raised ``from`` the construct
+error, if any.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Final, TypeVar
 
 import construct as c
 
-from protocol import structs
-from protocol.codes import (
+from vhostmem.protocol import structs
+from vhostmem.protocol.codes import (
     FDS_ALLOWED,
     HEADER_SIZE,
     MAX_CONFIG_SIZE,
@@ -36,8 +37,8 @@ from protocol.codes import (
     Request,
     request_name,
 )
-from protocol.errors import DecodeError, EncodeError
-from protocol.model import (
+from vhostmem.protocol.errors import DecodeError, EncodeError
+from vhostmem.protocol.model import (
     Config,
     DeviceStateParams,
     Header,

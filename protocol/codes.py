@@ -280,7 +280,7 @@ def request_name(request: Request | int) -> str:
 
 #: (min, max) SCM_RIGHTS fds each request may carry (rst, list of messages with fds; facts
 #: §1.3/§1.7). SET_MEM_TABLE must carry exactly ``nregions`` fds, which
-#: :func:`protocol.codec.fd_bounds` derives from the decoded payload. REM_MEM_REG MAY carry
+#: :func:`vhostmem.protocol.codec.fd_bounds` derives from the decoded payload. REM_MEM_REG MAY carry
 #: one that must be closed unused (QEMU 5.1-7.0 sent it). The kick/call/err fd is absent when
 #: the NOFD bit is set. SET_LOG_BASE carries one only with LOG_SHMFD. Keyed by ``Request``;
 #: looking up an unknown plain-int code simply misses (a Request hashes as its value).
@@ -324,7 +324,7 @@ HAS_OWN_REPLY: Final[frozenset[Request]] = frozenset(
 
 
 class PayloadKind(StrEnum):
-    """The payload layouts of rst *Message types*, one per Struct in ``protocol.structs``."""
+    """rst *Message types* payload layouts, one per Struct in ``vhostmem.protocol.structs``."""
 
     #: No payload: size must be 0.
     NONE = "none"

@@ -1,7 +1,8 @@
 """Typed, immutable views of vhost-user messages: what ``codec`` returns and accepts.
 
-Field names are the vhost-user.rst names. Nothing here knows about bytes; ``protocol.codec``
-converts to and from the Construct definitions in ``protocol.structs``.
+Field names are the vhost-user.rst names. Nothing here knows about bytes;
+``vhostmem.protocol.codec`` converts to and from the Construct definitions in
+``vhostmem.protocol.structs``.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TypeAlias, final
 
-from protocol.codes import FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION_MASK, Request
+from vhostmem.protocol.codes import FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION_MASK, Request
 
 __all__ = [
     "Config",

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import construct as c
 
-from protocol.codes import HEADER_SIZE, REQUEST_PAYLOAD, PayloadKind
+from vhostmem.protocol.codes import HEADER_SIZE, REQUEST_PAYLOAD, PayloadKind
 
 __all__ = [
     "CONFIG",

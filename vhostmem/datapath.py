@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Protocol, final
 
 import trio
 
-from protocol import VirtioFeature
+from vhostmem.protocol import VirtioFeature
 from vhostmem.regions import Region, RegionTable
 from vhostmem.session import Session, SessionState, Vring
 from vhostmem.virtqueue import (

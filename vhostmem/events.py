@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, final
 
-from protocol import MemoryTable, MemRegMsg, request_name
+from vhostmem.protocol import MemoryTable, MemRegMsg, request_name
 
 if TYPE_CHECKING:
-    from protocol import Header, Payload, Request
+    from vhostmem.protocol import Header, Payload, Request
     from vhostmem.regions import Region
 
 __all__ = ["NEED_DATA", "Handled", "NeedData", "TableChange"]
@@ -61,7 +61,7 @@ class Handled:
     """One request, handled.
 
     Attributes:
-        request: the request code (a :class:`protocol.Request`, or the number if unknown).
+        request: the request code (a :class:`vhostmem.protocol.Request`, or the number if unknown).
         header: the decoded header.
         payload: the decoded payload, ``None`` if it could not be decoded.
         reply: bytes to send back; empty when no reply is due.

@@ -38,7 +38,7 @@ def request_names() -> frozenset[str]:
     """Names a SPEC may use: every protocol request."""
     # Imported here: the command line checks --inject before it binds its sockets, and the
     # protocol package (construct) is most of vhostmem's start-up time.
-    from protocol import Request
+    from vhostmem.protocol import Request
 
     return frozenset(r.name for r in Request)
 

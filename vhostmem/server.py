@@ -33,7 +33,6 @@ from typing import Any, final
 
 import trio
 
-from protocol import MemoryRegion, Request
 from vhostmem.atomicity import History
 from vhostmem.control import EventLog, serve_control
 from vhostmem.datapath import NetAttachment, NetDevice
@@ -41,6 +40,7 @@ from vhostmem.errors import RemoteProtocolError, VhostMemError
 from vhostmem.events import NEED_DATA, Handled
 from vhostmem.faults import FaultPlan, parse_fault
 from vhostmem.mapping import Mapper, Mapping
+from vhostmem.protocol import MemoryRegion, Request
 from vhostmem.qemu_trace import Pairer, Resolution
 from vhostmem.regions import Region
 from vhostmem.session import Session, SessionConfig

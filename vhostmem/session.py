@@ -50,7 +50,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol, final
 
-from protocol import (
+from vhostmem.errors import (
+    LocalProtocolError,
+    MappingError,
+    RemoteProtocolError,
+    StateError,
+    TableError,
+)
+from vhostmem.events import NEED_DATA, Handled, NeedData, TableChange
+from vhostmem.faults import Fault, FaultPlan
+from vhostmem.protocol import (
     FLAG_NEED_REPLY,
     FLAG_REPLY,
     FLAG_VERSION,
@@ -77,15 +86,6 @@ from protocol import (
     fd_bounds,
     request_name,
 )
-from vhostmem.errors import (
-    LocalProtocolError,
-    MappingError,
-    RemoteProtocolError,
-    StateError,
-    TableError,
-)
-from vhostmem.events import NEED_DATA, Handled, NeedData, TableChange
-from vhostmem.faults import Fault, FaultPlan
 from vhostmem.regions import Identity, Region, RegionTable, identity
 from vhostmem.virtqueue import MAX_QUEUE_SIZE
 

@@ -49,8 +49,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Protocol, final
 
-from protocol import VirtioFeature
 from vhostmem.errors import VhostMemError
+from vhostmem.protocol import VirtioFeature
 
 __all__ = [
     "NET_HDR_SIZE",

@@ -16,8 +16,8 @@ from typing import Any
 
 import trio
 
-from protocol import MemoryRegion
 from vhostmem.errors import MappingError
+from vhostmem.protocol import MemoryRegion
 from vhostmem.server import Backend, ServerConfig
 from vhostmem.session import SessionConfig
 from vhostmem.testing.frontend import FakeFrontend

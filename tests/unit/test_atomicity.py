@@ -14,7 +14,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import Request
 from vhostmem.atomicity import (
     ADD_MEM_REG,
     DEFAULT_BATCH_GAP,
@@ -26,6 +25,7 @@ from vhostmem.atomicity import (
     classify_batch,
     render_report,
 )
+from vhostmem.protocol import Request
 from vhostmem.regions import Region
 
 GiB = 1 << 30

@@ -26,7 +26,10 @@ import pytest
 import trio
 import trio.testing
 
-from protocol import (
+from vhostmem.control import answer
+from vhostmem.datapath import NetDevice
+from vhostmem.events import Handled
+from vhostmem.protocol import (
     Header,
     Request,
     VirtioFeature,
@@ -34,9 +37,6 @@ from protocol import (
     VringState,
     decode_reply_payload,
 )
-from vhostmem.control import answer
-from vhostmem.datapath import NetDevice
-from vhostmem.events import Handled
 from vhostmem.server import Backend, ServerConfig
 from vhostmem.session import SessionConfig
 from vhostmem.testing.frontend import FakeFrontend, make_memfd

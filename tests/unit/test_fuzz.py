@@ -42,7 +42,11 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
-from protocol import (
+from vhostmem.errors import RemoteProtocolError
+from vhostmem.events import NEED_DATA, Handled
+from vhostmem.faults import FaultPlan, parse_fault
+from vhostmem.mapping import Mapper
+from vhostmem.protocol import (
     HAS_OWN_REPLY,
     HEADER_SIZE,
     MAX_PAYLOAD_SIZE,
@@ -68,10 +72,6 @@ from protocol import (
     encode_reply,
     encode_request,
 )
-from vhostmem.errors import RemoteProtocolError
-from vhostmem.events import NEED_DATA, Handled
-from vhostmem.faults import FaultPlan, parse_fault
-from vhostmem.mapping import Mapper
 from vhostmem.server import ShellHost
 from vhostmem.session import Session, SessionConfig, SessionState
 from vhostmem.testing.frontend import make_memfd

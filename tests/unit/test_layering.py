@@ -7,6 +7,7 @@ The way trio's ``_tests/test_exports.py`` turns API rules into a test: read the 
 from __future__ import annotations
 
 import ast
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: Layers from the bottom up; a module may import modules of its own layer or below.
 LAYERS: list[set[str]] = [
-    {"protocol"},
+    {"vhostmem.protocol"},
     {"vhostmem.errors"},
     {"vhostmem.regions", "vhostmem.events"},
     {"vhostmem.faults"},
@@ -48,13 +49,19 @@ SYSCALL_MODULES: dict[str, tuple[str, ...]] = {
 
 #: The pure core may use none of these (STYLE.md section 1).
 IMPURE = {"os", "trio", "socket", "mmap", "logging", "ctypes", "time", "subprocess", "signal"}
-PURE = {"protocol", "vhostmem.errors", "vhostmem.events", "vhostmem.regions", "vhostmem.session",
-        "vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.faults", "vhostmem.virtqueue",
-        "vhostmem.qemu_trace"}
+PURE = {"vhostmem.protocol", "vhostmem.errors", "vhostmem.events", "vhostmem.regions",
+        "vhostmem.session", "vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.faults",
+        "vhostmem.virtqueue", "vhostmem.qemu_trace"}
+
+
+#: The checkout's protocol/ folder installs as this package (pyproject.toml, package-dir).
+PROTOCOL = "vhostmem.protocol"
 
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[0] == "protocol":
+        parts[0] = PROTOCOL
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -81,6 +88,8 @@ def _type_only(tree: ast.Module) -> set[int]:
 
 def is_module(name: str) -> bool:
     """``name`` is a module or package of this checkout."""
+    if name == PROTOCOL or name.startswith(PROTOCOL + "."):
+        name = name.removeprefix("vhostmem.")
     base = ROOT.joinpath(*name.split("."))
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
@@ -129,15 +138,17 @@ def check_imports(me: str, targets: set[str]) -> None:
     my_layer = layer_of(me)
     for target in targets:
         top = target.split(".")[0]
-        if top not in ("protocol", "vhostmem"):
+        assert top != "protocol", f"{me} imports {target}: import {PROTOCOL}, not the bare name"
+        if top != "vhostmem":
             if any(me == p or me.startswith(p + ".") for p in PURE):
                 assert top not in IMPURE, f"{me} is pure but imports {target}"
             continue
+        if me == PROTOCOL or me.startswith(PROTOCOL + "."):
+            assert target == PROTOCOL or target.startswith(PROTOCOL + "."), (
+                f"{PROTOCOL} must not import {target}")
         if target == "vhostmem":
             continue  # the package's own __version__
         assert layer_of(target) <= my_layer, f"{me} (layer {my_layer}) imports {target} (layer {layer_of(target)})"
-        if me.startswith("protocol"):
-            assert top == "protocol", f"protocol must not import {target}"
 
 
 def check_mapping_imports(me: str, targets: set[str]) -> None:
@@ -162,12 +173,41 @@ def check_syscall_imports(me: str, targets: set[str]) -> None:
                 f"{me} imports {target}: only {', '.join(allowed)} may")
 
 
-SOURCES = sorted(p for pkg in ("protocol", "vhostmem") for p in (ROOT / pkg).rglob("*.py"))
+#: The package's sources, each once: vhostmem/protocol is the symlink to protocol/.
+SOURCES = sorted(p for pkg in ("protocol", "vhostmem") for p in (ROOT / pkg).rglob("*.py")
+                 if ROOT / "vhostmem" / "protocol" not in p.parents)
+
+#: Python files of the checkout outside the package: tests, tools (by shebang), hugepages.
+SCRIPTS = sorted([*(p for d in ("tests", "hugepages") for p in (ROOT / d).rglob("*.py")),
+                  *(p for p in (ROOT / "tools").iterdir()
+                    if p.is_file() and p.read_bytes().startswith(b"#!") and
+                    b"python" in p.read_bytes().split(b"\n", 1)[0])])
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: module_name(p))
 def test_imports_point_down(path: Path) -> None:
     check_imports(module_name(path), imports(path))
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_script_imports_the_bare_protocol_name(path: Path) -> None:
+    found = imports_of(path.read_text(), module_name(path), path.name == "__init__.py", str(path))
+    bare = sorted(name for name in found if name.split(".")[0] == "protocol")
+    assert not bare, f"{path.relative_to(ROOT)} imports {bare}: import {PROTOCOL} instead"
+
+
+def test_the_checkout_folder_refuses_the_bare_name() -> None:
+    # what a checkout's top folder on sys.path would do for ``import protocol``
+    spec = importlib.util.spec_from_file_location("protocol", ROOT / "protocol" / "__init__.py")
+    assert spec is not None and spec.loader is not None
+    with pytest.raises(ImportError, match=r"as 'protocol': import vhostmem\.protocol instead"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def test_the_package_and_its_symlink_are_one_folder() -> None:
+    assert (ROOT / "vhostmem" / "protocol").resolve() == (ROOT / "protocol").resolve()
+    assert module_name(ROOT / "protocol" / "codec.py") == "vhostmem.protocol.codec"
+    assert is_module("vhostmem.protocol.codec") and not is_module("vhostmem.protocol.nothing")
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: module_name(p))
@@ -211,8 +251,10 @@ def test_relative_imports_are_resolved() -> None:
     assert resolve_relative("vhostmem.testing", True, 1, "backend", ["start_backend"]) == {
         "vhostmem.testing.backend"}
     assert resolve_relative("vhostmem", True, 1, None, ["__version__"]) == {"vhostmem"}
+    assert resolve_relative("vhostmem.protocol.codec", False, 1, "codes", ["Request"]) == {
+        "vhostmem.protocol.codes"}
     with pytest.raises(AssertionError, match="beyond the top-level package"):
-        resolve_relative("protocol.codec", False, 2, None, ["x"])
+        resolve_relative("vhostmem.protocol.codec", False, 3, None, ["x"])
 
 
 def test_a_relative_import_that_points_up_is_caught() -> None:
@@ -223,3 +265,17 @@ def test_a_relative_import_that_points_up_is_caught() -> None:
         check_imports("vhostmem.regions", found)
     check_imports("vhostmem.regions", imports_of("from . import errors\n", "vhostmem.regions",
                                                  is_package=False))
+
+
+def test_protocol_importing_the_rest_of_vhostmem_is_caught() -> None:
+    for source in ("from vhostmem.errors import VhostMemError\n", "from .. import errors\n",
+                   "from vhostmem import __version__\n"):
+        found = imports_of(source, "vhostmem.protocol.codec", is_package=False)
+        with pytest.raises(AssertionError, match=r"vhostmem\.protocol must not import vhostmem"):
+            check_imports("vhostmem.protocol.codec", found)
+    bare = r"imports protocol\.codes: import vhostmem\.protocol, not the bare name"
+    with pytest.raises(AssertionError, match=bare):
+        check_imports("vhostmem.session", {"protocol.codes"})
+    check_imports("vhostmem.protocol.codec", imports_of(
+        "from . import structs\nfrom vhostmem.protocol.codes import Request\n",
+        "vhostmem.protocol.codec", is_package=False))

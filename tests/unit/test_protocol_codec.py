@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import protocol
-from protocol import (
+from vhostmem import protocol
+from vhostmem.protocol import (
     FDS_ALLOWED,
     HAS_OWN_REPLY,
     HEADER_SIZE,

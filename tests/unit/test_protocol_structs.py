@@ -7,7 +7,7 @@ from typing import Any
 import construct as c
 import pytest
 
-from protocol import PayloadKind, structs
+from vhostmem.protocol import PayloadKind, structs
 
 
 def assert_codec(struct: c.Construct[Any, Any], data: bytes, obj: object, size: int | None) -> None:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import MemoryTable, MemRegMsg, Request, decode_message
 from vhostmem.atomicity import History, classify_batch
+from vhostmem.protocol import MemoryTable, MemRegMsg, Request, decode_message
 from vhostmem.qemu_model import (
     DEFAULT_BOOT_RAM,
     ModelRegion,

@@ -31,7 +31,8 @@ from typing import Any
 import pytest
 import trio
 
-from protocol import (
+from vhostmem.control import ControlClient, ControlError, answer
+from vhostmem.protocol import (
     HEADER_SIZE,
     MAX_PAYLOAD_SIZE,
     MemoryRegion,
@@ -45,7 +46,6 @@ from protocol import (
     decode_header,
     encode_request,
 )
-from vhostmem.control import ControlClient, ControlError, answer
 from vhostmem.report import render_regions
 from vhostmem.server import Backend, ServerConfig, run
 from vhostmem.session import SessionConfig
@@ -743,7 +743,7 @@ def test_cli_linger_and_batch_gap_reach_the_server_config(tmp_path: Path) -> Non
 CHILD = textwrap.dedent(
     """
     import os, sys, time
-    from protocol import MemoryRegion, MemRegMsg, Request, encode_request
+    from vhostmem.protocol import MemoryRegion, MemRegMsg, Request, encode_request
     from vhostmem.testing.frontend import FakeFrontend, make_memfd
     path, mode = sys.argv[1], sys.argv[2]
     fe = FakeFrontend.connect(path)

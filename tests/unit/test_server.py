@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from protocol import Request, VringState, encode_request
 from vhostmem.control import ControlClient, ControlError, answer
+from vhostmem.protocol import Request, VringState, encode_request
 from vhostmem.report import render_regions, render_stats
 from vhostmem.server import Backend, Connection, ServerConfig, run
 from vhostmem.session import SessionConfig
@@ -512,8 +512,8 @@ async def test_control_socket_answers_while_a_front_end_lingers(
 async def test_control_answers_book_pending_requests_first() -> None:
     # A front-end that never pauses leaves requests unbooked when its task yields (every 64
     # messages); a control request then must see them.
-    from protocol import Header
     from vhostmem.events import Handled
+    from vhostmem.protocol import Header
 
     backend = Backend(ServerConfig())
     with trio.fail_after(20):

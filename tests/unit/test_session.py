@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from protocol import (
+from vhostmem.errors import RemoteProtocolError
+from vhostmem.events import NEED_DATA, Handled
+from vhostmem.protocol import (
     MemoryRegion,
     MemoryTable,
     MemRegMsg,
@@ -20,8 +22,6 @@ from protocol import (
     decode_header,
     encode_request,
 )
-from vhostmem.errors import RemoteProtocolError
-from vhostmem.events import NEED_DATA, Handled
 from vhostmem.session import TRANSITIONS, Session, SessionConfig, SessionState
 
 from .helpers import FakeHost

@@ -14,7 +14,7 @@ from typing import TypedDict
 
 import pytest
 
-from protocol import (
+from vhostmem.protocol import (
     FDS_ALLOWED,
     HEADER_SIZE,
     REPLY_FLAGS,

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import VirtioFeature
+from vhostmem.protocol import VirtioFeature
 from vhostmem.virtqueue import (
     NET_HDR,
     NET_HDR_SIZE,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import final
 
-from protocol import (
+from vhostmem.protocol import (
     HAS_OWN_REPLY,
     HEADER_SIZE,
     REPLY_FLAGS,
