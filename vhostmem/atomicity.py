@@ -266,12 +266,14 @@ class Violation:
     why: str
 
     def as_json(self) -> dict[str, Any]:
-        """The event log's ``violation`` object; ranges have ``start``, exclusive ``end``, ``size``.
+        """One object of an event-log line's ``violations``; ranges have ``start``, exclusive
+        ``end`` and ``size``. ``unmapped_ms`` is left out when unknown (a field keeps one JSON
+        type: vhostmem/schemas/event-log.schema.json).
 
         Returns:
             A JSON-ready dict.
         """
-        return {
+        doc: dict[str, Any] = {
             "kind": self.kind,
             "removed": [r.as_json() for r in self.removed],
             "added": [r.as_json() for r in self.added],
@@ -279,9 +281,11 @@ class Violation:
             "ranges": _ranges_json(self.ranges),
             "removed_by": list(self.removed_by),
             "completed_by": self.completed_by,
-            "unmapped_ms": self.unmapped_ms,
             "why": self.why,
         }
+        if self.unmapped_ms is not None:
+            doc["unmapped_ms"] = self.unmapped_ms
+        return doc
 
 
 def _kind(xs: Sequence[RegionRef], adds: Sequence[RegionRef]) -> str:
@@ -588,31 +592,19 @@ class Record:
         return self.violations[0] if self.violations else None
 
     def as_json(self) -> dict[str, Any]:
-        """Fields for the request's event-log line: ``violation`` when it completed one, plus
-        ``violations`` when a SET_MEM_TABLE completed several.
+        """The history's fields of the request's event-log line (``vhostmem.journal``):
+        ``seq``, ``batch``, ``classification`` and ``violations`` (one object per violation
+        the request completed; empty on most requests).
 
         Returns:
             A JSON-ready dict.
         """
-        doc: dict[str, Any] = {
+        return {
             "seq": self.seq,
-            "socket": self.socket,
-            "conn": self.conn,
-            "request": self.request,
-            "ok": self.ok,
             "batch": self.batch,
             "classification": self.classification,
-            "removed": [r.as_json() for r in self.removed],
-            "added": [r.as_json() for r in self.added],
-            "kept": len(self.kept),
+            "violations": [v.as_json() for v in self.violations],
         }
-        if not self.ok and self.requested:
-            doc["requested"] = [dict(r) for r in self.requested]
-        if self.violations:
-            doc["violation"] = self.violations[0].as_json()
-        if len(self.violations) > 1:
-            doc["violations"] = [v.as_json() for v in self.violations]
-        return doc
 
 
 @final
@@ -738,7 +730,7 @@ class History:
                 continues the batch.
 
         Returns:
-            The new record; its ``violation`` goes on the request's event-log line.
+            The new record; its ``violations`` go on the request's event-log line.
 
         Raises:
             ValueError: an unknown request name.

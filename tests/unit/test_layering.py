@@ -19,7 +19,8 @@ LAYERS: list[set[str]] = [
     {"vhostmem.errors"},
     {"vhostmem.regions", "vhostmem.events"},
     {"vhostmem.faults"},
-    {"vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.session", "vhostmem.virtqueue"},
+    {"vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.session", "vhostmem.virtqueue",
+     "vhostmem.journal"},
     {"vhostmem.mapping", "vhostmem.transport", "vhostmem.report", "vhostmem.sockets",
      "vhostmem.datapath", "vhostmem.tap"},
     {"vhostmem.control", "vhostmem.qmp"},
@@ -31,7 +32,8 @@ LAYERS: list[set[str]] = [
 #: The pure core may use none of these (STYLE.md section 1).
 IMPURE = {"os", "trio", "socket", "mmap", "logging", "ctypes", "time", "subprocess", "signal"}
 PURE = {"protocol", "vhostmem.errors", "vhostmem.events", "vhostmem.regions", "vhostmem.session",
-        "vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.faults", "vhostmem.virtqueue"}
+        "vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.faults", "vhostmem.virtqueue",
+        "vhostmem.journal"}
 
 
 def module_name(path: Path) -> str:
