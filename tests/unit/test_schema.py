@@ -241,3 +241,15 @@ def test_every_ctl_json_document_matches_its_schema(tmp_path: Path) -> None:
     # the human rendering reads the new shape
     assert "VIOLATION merge" in text.getvalue() and "ADD_MEM_REG ok" in text.getvalue()
     assert schema.event_log_problems(backend.event_log) == []
+
+
+def test_the_readme_shows_one_valid_line_of_each_event_kind() -> None:
+    text = (ROOT / "README.md").read_text()
+    lines = [
+        json.loads(line.strip())
+        for line in text.splitlines()
+        if line.strip().startswith('{"version": 1, "event": ')
+    ]
+    assert sorted(e["event"] for e in lines) == sorted(journal.EVENT_KINDS)
+    for line in lines:
+        schema.check(line, "event-log")
