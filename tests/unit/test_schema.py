@@ -22,6 +22,7 @@ from protocol import Request, encode_request
 from vhostmem import journal
 from vhostmem.cli import ctl_main
 from vhostmem.faults import parse_fault
+from vhostmem.report import render_events
 from vhostmem.server import Backend, ServerConfig
 from vhostmem.testing import schema
 from vhostmem.testing.backend import start_backend
@@ -192,6 +193,12 @@ async def test_every_event_kind_matches_the_schema(tmp_path: Path) -> None:
     assert all(e["peer"]["pid"] == os.getpid() for e in connects)
     [refusal] = [e for e in events if e["event"] == "refused"]
     assert refusal["peer"]["uid"] == os.getuid() and "4242" in refusal["reason"]
+    # vhostmem-ctl events reads every kind
+    text = render_events({"version": 1, "events": events})
+    for words in ("connect", "ADD_MEM_REG ok gpa=0x100000000", "VIOLATION merge: 0x100000000",
+                  "UNKNOWN(200) error", "GET_QUEUE_NUM ok", "refused", "ring-error",
+                  "disconnect"):
+        assert words in text, (words, text)
 
 
 # -- every vhostmem-ctl --json document ------------------------------------------------------------
