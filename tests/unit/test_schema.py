@@ -151,10 +151,21 @@ async def test_every_event_kind_matches_the_schema(tmp_path: Path) -> None:
     finally:
         os.close(memfd)
     events = [*backend.events, *refusing.events]
-    # a ring that stopped (the data path builds it; test_datapath drives it end to end)
-    events.append(journal.ring_error(
-        socket="a", conn=1, vring=0, queue="rx", error="vring 0: address 0x0 is in no region",
-        error_kind="hole", base=0, gpa=0, details={"gpa": 0}, ts=1.0))
+    # what only --tap books (test_datapath drives each end to end): a ring that stopped, a
+    # connection whose rings the TAP refused, the TAP handed over when its holder ended
+    peer = {"pid": 1, "uid": 0, "gid": 0}
+    events += [
+        journal.ring_error(
+            socket="a", conn=1, vring=0, queue="rx", error="vring 0: address 0x0 is in no region",
+            error_kind="hole", base=0, gpa=0, details={"gpa": 0}, ts=1.0),
+        journal.datapath_refused(
+            socket="a", conn=2, peer=None, tap="vhm0", reason="TAP vhm0 already bridges ...",
+            holder=journal.party(socket="a", conn=1, peer=peer), ts=1.0),
+        journal.datapath_handover(
+            socket="a", conn=2, peer=peer, tap="vhm0",
+            previous=journal.party(socket="a", conn=1, peer=None), ts=1.0),
+    ]
+    assert "peer" not in events[-2] and "peer" not in events[-1]["previous"]
     for doc in events:
         schema.check(doc, "event-log")
     assert {e["event"] for e in events} == set(journal.EVENT_KINDS)
