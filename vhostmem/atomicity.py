@@ -314,12 +314,14 @@ class Violation:
     why: str
 
     def as_json(self) -> dict[str, Any]:
-        """The event log's ``violation`` object; ranges have ``start``, exclusive ``end``, ``size``.
+        """One object of an event-log line's ``violations``; ranges have ``start``, exclusive
+        ``end`` and ``size``. ``unmapped_ms`` is left out when unknown (a field keeps one JSON
+        type: vhostmem/schemas/event-log.schema.json).
 
         Returns:
             A JSON-ready dict.
         """
-        return {
+        doc: dict[str, Any] = {
             "kind": self.kind,
             "removed": [r.as_json() for r in self.removed],
             "added": [r.as_json() for r in self.added],
@@ -327,9 +329,11 @@ class Violation:
             "ranges": _ranges_json(self.ranges),
             "removed_by": list(self.removed_by),
             "completed_by": self.completed_by,
-            "unmapped_ms": self.unmapped_ms,
             "why": self.why,
         }
+        if self.unmapped_ms is not None:
+            doc["unmapped_ms"] = self.unmapped_ms
+        return doc
 
 
 @final
@@ -765,35 +769,25 @@ class Record:
         return self.violations[0] if self.violations else None
 
     def as_json(self) -> dict[str, Any]:
-        """Fields for the request's event-log line: ``violation`` when it completed one, plus
-        ``violations`` when a SET_MEM_TABLE completed several.
+        """The history's fields of the request's event-log line (``vhostmem.journal``):
+        ``seq``, ``batch``, ``classification``, ``batching`` and ``violations`` (one object per
+        violation the request completed; empty on most requests), plus ``commit`` (QEMU's
+        commit, with a trace) and ``remaps`` (changes inside one SET_MEM_TABLE) when they apply.
 
         Returns:
             A JSON-ready dict.
         """
         doc: dict[str, Any] = {
             "seq": self.seq,
-            "socket": self.socket,
-            "conn": self.conn,
-            "request": self.request,
-            "ok": self.ok,
             "batch": self.batch,
             "classification": self.classification,
-            "removed": [r.as_json() for r in self.removed],
-            "added": [r.as_json() for r in self.added],
-            "kept": len(self.kept),
             "batching": self.batching,
+            "violations": [v.as_json() for v in self.violations],
         }
         if self.commit:
             doc["commit"] = self.commit
         if self.remaps:
             doc["remaps"] = [r.as_json() for r in self.remaps]
-        if not self.ok and self.requested:
-            doc["requested"] = [dict(r) for r in self.requested]
-        if self.violations:
-            doc["violation"] = self.violations[0].as_json()
-        if len(self.violations) > 1:
-            doc["violations"] = [v.as_json() for v in self.violations]
         return doc
 
 
@@ -946,7 +940,7 @@ class History:
             peer_pid: the front-end's pid.
 
         Returns:
-            The new record; its ``violation`` goes on the request's event-log line.
+            The new record; its ``violations`` go on the request's event-log line.
 
         Raises:
             ValueError: an unknown request name or batching method.

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TextIO, final
 
 import trio
 
+from vhostmem import journal
 from vhostmem.errors import TableError, VhostMemError
 from vhostmem.faults import FaultSpecError, parse_fault
 from vhostmem.mapping import hugetlb_pool, max_map_count, process_map_count
@@ -424,10 +425,11 @@ async def serve_control(listener: socket.socket, backend: Backend) -> None:
             while True:
                 conn, _ = await tsock.accept()
                 raw = socket.socket(fileno=conn.detach())
-                refusal = backend.refuse_peer(peer_credentials(raw))
+                peer = peer_credentials(raw)
+                refusal = backend.refuse_peer(peer)
                 if refusal is not None:
                     raw.close()
-                    backend.record({"event": "refused", "socket": "control", "reason": refusal})
+                    backend.record(journal.refused(socket="control", reason=refusal, peer=peer))
                     continue
                 nursery.start_soon(_serve_one, backend, trio.socket.from_stdlib_socket(raw))
 

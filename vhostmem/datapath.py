@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Protocol, final
 
 import trio
 
+from vhostmem import journal
 from vhostmem.protocol import VirtioFeature
 from vhostmem.regions import Region, RegionTable
 from vhostmem.session import Session, SessionState, Vring
@@ -598,22 +599,18 @@ class NetAttachment:
         text = str(err)
         self.errors[ring.index] = text
         self.log.error("%s stopped: %s", ring.name, text)
-        doc: dict[str, Any] = {
-            "event": "ring-error",
-            "socket": self.socket_name,
-            "conn": self.conn,
-            "vring": ring.index,
-            "queue": ring.role,
-            "error": text,
-            "error_kind": getattr(err, "kind", type(err).__name__),
-            "base": ring.vring.base,
-        }
         gpa = getattr(err, "gpa", None)
-        if isinstance(gpa, int):
-            doc["gpa"] = gpa
-        details = getattr(err, "details", None)
-        if details:
-            doc["details"] = details
+        doc = journal.ring_error(
+            socket=self.socket_name,
+            conn=self.conn,
+            vring=ring.index,
+            queue=ring.role,
+            error=text,
+            error_kind=getattr(err, "kind", type(err).__name__),
+            base=ring.vring.base,
+            gpa=gpa if isinstance(gpa, int) else None,
+            details=getattr(err, "details", None),
+        )
         self.device.record(doc)
         err_fd = ring.vring.err
         if err_fd is not None:
@@ -758,15 +755,14 @@ class NetDevice:
             reason,
         )
         self.record(
-            {
-                "event": "datapath-refused",
-                "socket": att.socket_name,
-                "conn": att.conn,
-                "peer": att.peer,
-                "tap": self.tap.name,
-                "holder": _party(owner),
-                "reason": reason,
-            }
+            journal.datapath_refused(
+                socket=att.socket_name,
+                conn=att.conn,
+                peer=att.peer,
+                tap=self.tap.name,
+                holder=_party(owner),
+                reason=reason,
+            )
         )
 
     def detach(self, att: NetAttachment) -> None:
@@ -800,14 +796,13 @@ class NetDevice:
             waiting.sync_rings()
             try:
                 self.record(
-                    {
-                        "event": "datapath-handover",
-                        "socket": waiting.socket_name,
-                        "conn": waiting.conn,
-                        "peer": waiting.peer,
-                        "tap": self.tap.name,
-                        "previous": _party(att),
-                    }
+                    journal.datapath_handover(
+                        socket=waiting.socket_name,
+                        conn=waiting.conn,
+                        peer=waiting.peer,
+                        tap=self.tap.name,
+                        previous=_party(att),
+                    )
                 )
             except Exception:  # detach runs while a connection releases: that must go on
                 waiting.log.exception("could not book the TAP's handover")
@@ -835,4 +830,4 @@ def _who(peer: dict[str, Any] | None) -> str:
 
 
 def _party(att: NetAttachment) -> dict[str, Any]:
-    return {"socket": att.socket_name, "conn": att.conn, "peer": att.peer}
+    return journal.party(socket=att.socket_name, conn=att.conn, peer=att.peer)

@@ -125,12 +125,14 @@ def _map_rows(regions: list[dict[str, Any]], top: int, width: int) -> list[str]:
 
 
 def render_events(doc: dict[str, Any]) -> str:
-    """One line per event."""
+    """One line per event (vhostmem/schemas/event-log.schema.json), then its error and each
+    violation it completed."""
     lines = []
     for ev in doc["events"]:
         stamp = time.strftime("%H:%M:%S", time.localtime(ev.get("ts", 0)))
         stamp += f".{int(ev.get('ts', 0) * 1000) % 1000:03d}"
-        what = ev.get("request") or ev.get("event", "?")
+        # memory-table lines name their request; request-failed/-note lines name it "name"
+        what = ev.get("request") or ev.get("name") or ev.get("event", "?")
         text = f"{stamp} {ev.get('socket', '')} {what}"
         if "result" in ev:
             text += f" {ev['result']}"
@@ -146,8 +148,7 @@ def render_events(doc: dict[str, Any]) -> str:
             text += f" ({ev['reason']})"
         if ev.get("error"):
             text += f"\n    {ev['error']}"
-        violation = ev.get("violation")
-        if violation:
+        for violation in ev.get("violations", ()):
             text += f"\n    VIOLATION {violation.get('kind')}: {violation.get('why', '')}"
         lines.append(text)
     return "\n".join(lines) if lines else "no events yet"

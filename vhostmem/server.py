@@ -33,6 +33,7 @@ from typing import Any, final
 
 import trio
 
+from vhostmem import journal
 from vhostmem.atomicity import History
 from vhostmem.control import EventLog, serve_control
 from vhostmem.datapath import NetAttachment, NetDevice
@@ -238,7 +239,8 @@ class Backend:
     # -- events ----------------------------------------------------------------------------
 
     def record(self, doc: dict[str, Any]) -> None:
-        """Book an event now (connect, disconnect, a refusal, a ring error).
+        """Book an event now (connect, disconnect, a refusal, a ring error): a line built by
+        :mod:`vhostmem.journal`.
 
         Every connection's acknowledged requests are booked first: they happened earlier, and
         the events stay in time order across connections.
@@ -302,37 +304,16 @@ class Backend:
             and not handled.injected
         ):
             return
-        doc: dict[str, Any] = {
-            # Booked after the reply, maybe later: the time is the reply's, not the booking's.
-            "ts": time.time() - (time.monotonic() - replied),
-            "socket": conn.socket_name,
-            "conn": conn.number,
-            "request": handled.name,
-            "result": "ok" if handled.ok else "error",
-        }
-        if conn.peer is not None:
-            doc["peer_pid"] = conn.peer.pid
-        change = handled.change
-        requested = list(handled.requested)
-        if handled.request is Request.SET_MEM_TABLE:
-            doc["regions"] = requested
-        elif requested:
-            doc["region"] = requested[0]
-        if change is not None:
-            doc["added"] = len(change.added)
-            doc["removed"] = len(change.removed)
-            if change.kept:
-                doc["kept"] = len(change.kept)
-        if handled.error is not None:
-            doc["error"] = handled.error
-            doc["error_kind"] = handled.error_kind
-        if handled.details:
-            doc["details"] = handled.details
-        if handled.notes:
-            doc["notes"] = list(handled.notes)
-        if handled.injected:
-            doc["injected"] = handled.injected
-        if handled.request in _MEMORY_REQUESTS:
+        # Booked after the reply, maybe later: the time is the reply's, not the booking's.
+        ts = time.time() - (time.monotonic() - replied)
+        peer_pid = conn.peer.pid if conn.peer is not None else None
+        if handled.request not in _MEMORY_REQUESTS:
+            doc = journal.request(
+                handled, ts=ts, socket=conn.socket_name, conn=conn.number, peer_pid=peer_pid
+            )
+        else:
+            change = handled.change
+            requested = handled.requested
             trace = self._resolution(conn, handled, arrived, replied)
             record = self.history.record(
                 socket=conn.socket_name,
@@ -351,28 +332,24 @@ class Backend:
                 commit_text=trace.edge_text,
                 fallback=trace.fallback,
                 peer=conn.peer_name,
-                peer_pid=conn.peer.pid if conn.peer is not None else None,
+                peer_pid=peer_pid,
             )
-            doc["batch"] = record.batch
-            doc["classification"] = record.classification
-            doc["batching"] = record.batching
-            if record.commit:
-                doc["commit"] = record.commit
             if trace.fallback:
-                doc["fallback"] = trace.fallback
                 log.warning("QEMU TRACE PAIRING ENDS, gap rule from here: %s", trace.fallback)
             for text in trace.wire:
                 self._wire_mismatch(conn, text)
-            if record.remaps:
-                doc["remaps"] = [m.as_json() for m in record.remaps]
-            if record.violations:
-                doc.update(record.as_json())
-                for violation in record.violations:
-                    log.warning("NON-ATOMIC UPDATE (%s): %s", violation.kind, violation.why)
-        if handled.request not in _MEMORY_REQUESTS:
-            # Non-memory requests are logged only when they fail or need a note; they keep the
-            # "request" key so a reader can grep them, but live beside the memory lines.
-            doc["kind"] = "request"
+            for violation in record.violations:
+                log.warning("NON-ATOMIC UPDATE (%s): %s", violation.kind, violation.why)
+            doc = journal.memory_table(
+                handled,
+                record,
+                ts=ts,
+                socket=conn.socket_name,
+                conn=conn.number,
+                peer_pid=peer_pid,
+                requested=requested,
+                fallback=trace.fallback,
+            )
         self._keep(doc)
 
     # -- QEMU's trace (--qemu-trace) ---------------------------------------------------------
@@ -479,15 +456,7 @@ class Backend:
         if refusal is not None:
             sock.close()
             log.warning("refused a front-end on %s: %s", socket_name, refusal)
-            self.record(
-                {
-                    "event": "refused",
-                    "socket": socket_name,
-                    "conn": number,
-                    "peer": peer.as_json() if peer else None,
-                    "reason": refusal,
-                }
-            )
+            self.record(journal.refused(socket=socket_name, reason=refusal, conn=number, peer=peer))
             return
         try:
             stream = FdStream(sock, self.config.linger)
@@ -516,14 +485,7 @@ class Backend:
             peer.pid if peer else "?",
             peer.uid if peer else "?",
         )
-        self.record(
-            {
-                "event": "connect",
-                "socket": socket_name,
-                "conn": number,
-                "peer": peer.as_json() if peer else None,
-            }
-        )
+        self.record(journal.connect(socket=socket_name, conn=number, peer=peer))
         reason = "front-end closed the connection"
         try:
             await self._loop(conn, stream)
@@ -567,14 +529,13 @@ class Backend:
                         self._wire_mismatch(conn, text)
                 self.history.close_batch(socket=socket_name, conn=number)
                 self.record(
-                    {
-                        "event": "disconnect",
-                        "socket": socket_name,
-                        "conn": number,
-                        "reason": reason,
-                        "released": len(gone) - len(stuck),
-                        "unmap_failed": [region.as_json() for region in stuck],
-                    }
+                    journal.disconnect(
+                        socket=socket_name,
+                        conn=number,
+                        reason=reason,
+                        released=len(gone) - len(stuck),
+                        unmap_failed=[region.as_json() for region in stuck],
+                    )
                 )
             except Exception:  # the connection is gone either way; the server goes on
                 log.exception("could not book the end of the connection")

@@ -46,8 +46,8 @@ def test_pre_82_merge_is_flagged(rig, capsys) -> None:  # type: ignore[no-untype
     assert fe.add_region(BASE, 2 * GiB, HOST, 0, memfd) == 0
     # the ack goes out first; the event-log line follows at once
     [line] = backend.wait_for(backend.violations, 5, "the violation in the event log")
-    assert line["request"] == "ADD_MEM_REG"
-    violation = line["violation"]
+    assert line["request"] == "ADD_MEM_REG" and (line["added"], line["removed"]) == (1, 0)
+    [violation] = line["violations"]
     assert violation["kind"] == "merge"
     assert (violation["unmapped"]["start"], violation["unmapped"]["end"]) == (BASE, BASE + GiB)
     # The front-end here is not QEMU: the explanation does not speak of QEMU's memslots.

@@ -21,6 +21,7 @@ import trio
 
 from vhostmem.control import answer
 from vhostmem.faults import FaultPlan, FaultSpecError, parse_fault
+from vhostmem.regions import human_size
 from vhostmem.report import render_diagnose
 from vhostmem.server import Backend, ServerConfig
 from vhostmem.testing.frontend import FakeFrontend, make_memfd
@@ -191,7 +192,7 @@ async def test_hugetlb_shortfall_is_said_in_log_event_log_and_diagnose(
                 free, resv = pool_2m("free_hugepages"), pool_2m("resv_hugepages")
                 total = pool_2m("nr_hugepages")
                 head = (f"ADD_MEM_REG gpa=0x{gpa:x}-0x{gpa + size - 1:x} size=0x{size:x} "
-                        f"({2 * pages} MiB) uaddr=0x{uaddr:x} mmap_offset=0x0: huge page "
+                        f"({human_size(size)}) uaddr=0x{uaddr:x} mmap_offset=0x0: huge page "
                         f"shortfall: the region spans {pages} pages of 2 MiB (hugetlbfs "
                         f"'{path}'); the file holds 0 pages (allocated); the 2 MiB pool has "
                         f"{free} free pages, {resv} of them reserved (of {total} in all): "
@@ -213,7 +214,7 @@ async def test_hugetlb_shortfall_is_said_in_log_event_log_and_diagnose(
                 assert short["text"] == note
                 text = render_diagnose(doc["result"])
                 assert "huge page shortfall: 1 region(s) the pool cannot back in full" in text
-                assert (f"test 0x{gpa:x}-0x{gpa + size - 1:x} {2 * pages} MiB: {pages} pages "
+                assert (f"test 0x{gpa:x}-0x{gpa + size - 1:x} {human_size(size)}: {pages} pages "
                         f"of 2 MiB, file holds 0, pool free {free} (reserved {resv}), "
                         f"{pages - free} short") in text
                 # once the region is gone, nothing is short

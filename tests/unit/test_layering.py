@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"vhostmem.regions", "vhostmem.events"},
     {"vhostmem.faults"},
     {"vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.session", "vhostmem.virtqueue",
-     "vhostmem.qemu_trace"},
+     "vhostmem.qemu_trace", "vhostmem.journal"},
     {"vhostmem.mapping", "vhostmem.transport", "vhostmem.report", "vhostmem.sockets",
      "vhostmem.datapath", "vhostmem.tap", "vhostmem.tracefile"},
     {"vhostmem.control", "vhostmem.qmp"},
@@ -51,7 +51,7 @@ SYSCALL_MODULES: dict[str, tuple[str, ...]] = {
 IMPURE = {"os", "trio", "socket", "mmap", "logging", "ctypes", "time", "subprocess", "signal"}
 PURE = {"vhostmem.protocol", "vhostmem.errors", "vhostmem.events", "vhostmem.regions",
         "vhostmem.session", "vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.faults",
-        "vhostmem.virtqueue", "vhostmem.qemu_trace"}
+        "vhostmem.virtqueue", "vhostmem.qemu_trace", "vhostmem.journal"}
 
 
 #: The checkout's protocol/ folder installs as this package (pyproject.toml, package-dir).

@@ -75,13 +75,19 @@ class RunningBackend:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def memory_events(self) -> list[dict[str, Any]]:
-        """Event-log lines of memory-table requests only."""
-        wanted = {"SET_MEM_TABLE", "ADD_MEM_REG", "REM_MEM_REG"}
-        return [e for e in self.log_lines() if e.get("request") in wanted]
+        """Event-log lines of memory-table requests only (``"event": "memory-table"``)."""
+        return [e for e in self.log_lines() if e.get("event") == "memory-table"]
 
     def violations(self) -> list[dict[str, Any]]:
-        """Event-log lines that carry a ``violation`` object."""
-        return [e for e in self.log_lines() if e.get("violation")]
+        """Memory-table lines whose ``violations`` array is not empty."""
+        return [e for e in self.memory_events() if e["violations"]]
+
+    def schema_problems(self) -> list[str]:
+        """Event-log lines that break vhostmem/schemas/event-log.schema.json (needs the
+        ``jsonschema`` library); ``[]`` when every line matches."""
+        from vhostmem.testing.schema import event_log_problems
+
+        return event_log_problems(self.event_log)
 
     def stderr(self) -> str:
         return Path(self.stderr_path).read_text(encoding="utf-8", errors="replace")

@@ -11,7 +11,8 @@ Installed with vhostmem (entry point ``pytest11``), so the fixtures are there in
 ``vhostmem_backend`` starts ``vhostmem`` on a temporary socket with default options and waits
 until it accepts; ``vhostmem_factory(args)`` starts one with your options (``--max-slots 8``,
 ``--no-mem-slots`` ...). Every process a fixture started is stopped at teardown, and the
-fixture fails the test if vhostmem did not exit cleanly (status 0).
+fixture fails the test if vhostmem did not exit cleanly (status 0) or, when the ``jsonschema``
+library is installed, if a line of its event log breaks vhostmem/schemas/event-log.schema.json.
 
 Exact verdicts: each back-end follows a QEMU trace log at ``backend.qemu_trace`` (batches are
 QEMU's own commits); start your QEMU with ``vhostmem.testing.qemu.trace_args(
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from vhostmem.testing import schema
 from vhostmem.testing.backend import RunningBackend, start_backend
 
 __all__ = ["vhostmem_backend", "vhostmem_factory"]
@@ -54,6 +56,9 @@ def vhostmem_factory(tmp_path: Path) -> Iterator[Callable[..., RunningBackend]]:
             failures.append(
                 f"vhostmem pid {backend.pid} exited {status}:\n{backend.stderr()[-2000:]}"
             )
+    if schema.available():
+        for backend in started:
+            failures += [f"{backend.event_log} {p}" for p in backend.schema_problems()[:20]]
     if failures:
         pytest.fail("\n".join(failures))
 

@@ -1,0 +1,265 @@
+"""Event-log lines: one small pure function per event kind, the one place their shape is made.
+
+The contract is ``vhostmem/schemas/event-log.schema.json`` (JSON Schema draft 2020-12, shipped in
+the package); README "JSON" shows one line of each kind. Rules every builder keeps:
+
+- Every line has ``"version": 1`` (:data:`VERSION`) and ``"event"`` (one of
+  :data:`EVENT_KINDS`); ``ts`` is the time given, or the time the shell books the line.
+- A field has one JSON type on every line it appears on: a value that does not apply or is
+  unknown is left out, never ``null`` (``peer`` when SO_PEERCRED could not be read,
+  ``peer_pid`` likewise, ``error`` on success).
+- A memory-table line (one per SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG, whatever the result)
+  always has integer ``added``/``removed``/``kept``, its history numbers (``seq``, ``batch``,
+  ``classification``, ``batching``) and a ``violations`` array, empty on most lines.
+- Any other request is booked only when it fails (``request-failed``) or succeeds with notes or
+  an injected fault (``request-note``); such lines name it with ``name``, never ``request``, so
+  ``select(.request)`` finds memory-table lines only.
+
+The module is pure: the shell passes every value in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from vhostmem.atomicity import SET_MEM_TABLE
+
+if TYPE_CHECKING:
+    from vhostmem.atomicity import Record
+    from vhostmem.events import Handled
+
+__all__ = [
+    "EVENT_KINDS",
+    "VERSION",
+    "connect",
+    "datapath_handover",
+    "datapath_refused",
+    "disconnect",
+    "memory_table",
+    "party",
+    "refused",
+    "request",
+    "ring_error",
+]
+
+#: The version of the event-log line shape (the schema's ``version`` const).
+VERSION: Final = 1
+
+#: Every ``event`` value, as the schema lists them.
+EVENT_KINDS: Final = (
+    "memory-table",
+    "request-failed",
+    "request-note",
+    "connect",
+    "disconnect",
+    "refused",
+    "ring-error",
+    "datapath-refused",
+    "datapath-handover",
+)
+
+
+class PeerLike(Protocol):
+    """SO_PEERCRED of a peer (``vhostmem.transport.Peer``)."""
+
+    def as_json(self) -> dict[str, int]: ...
+
+
+def _head(event: str, socket: str, conn: int | None, ts: float | None) -> dict[str, Any]:
+    doc: dict[str, Any] = {"version": VERSION, "event": event}
+    if ts is not None:
+        doc["ts"] = ts
+    doc["socket"] = socket
+    if conn is not None:
+        doc["conn"] = conn
+    return doc
+
+
+def memory_table(
+    handled: Handled,
+    record: Record,
+    *,
+    ts: float,
+    socket: str,
+    conn: int,
+    peer_pid: int | None,
+    requested: Sequence[Mapping[str, int]],
+    fallback: str | None = None,
+) -> dict[str, Any]:
+    """The line of one SET_MEM_TABLE, ADD_MEM_REG or REM_MEM_REG.
+
+    Args:
+        handled: the session's event for the request.
+        record: what the atomicity history made of it (``seq``, batch, violations).
+        ts: Unix time of the reply.
+        socket: the socket path.
+        conn: the connection number.
+        peer_pid: the front-end's pid, ``None`` when unknown.
+        requested: the regions as the request named them (``Handled.requested``).
+        fallback: the pairing with QEMU's trace ended at this request, and why.
+
+    Returns:
+        A JSON-ready dict.
+    """
+    doc = _head("memory-table", socket, conn, ts)
+    if peer_pid is not None:
+        doc["peer_pid"] = peer_pid
+    doc["request"] = handled.name
+    doc["result"] = "ok" if handled.ok else "error"
+    if handled.name == SET_MEM_TABLE:
+        if handled.payload is not None:  # the table as received, even an empty one
+            doc["regions"] = [dict(r) for r in requested]
+    elif requested:
+        doc["region"] = dict(requested[0])
+    change = handled.change
+    doc["added"] = len(change.added) if change else 0
+    doc["removed"] = len(change.removed) if change else 0
+    doc["kept"] = len(change.kept) if change else 0
+    doc.update(record.as_json())
+    if fallback:
+        doc["fallback"] = fallback
+    _outcome(doc, handled)
+    return doc
+
+
+def request(
+    handled: Handled, *, ts: float, socket: str, conn: int, peer_pid: int | None
+) -> dict[str, Any]:
+    """The line of a request that is not a memory-table request: ``request-failed`` when it
+    failed, ``request-note`` when it succeeded with notes or an injected fault.
+
+    Returns:
+        A JSON-ready dict.
+    """
+    doc = _head("request-note" if handled.ok else "request-failed", socket, conn, ts)
+    if peer_pid is not None:
+        doc["peer_pid"] = peer_pid
+    doc["name"] = handled.name
+    doc["result"] = "ok" if handled.ok else "error"
+    _outcome(doc, handled)
+    return doc
+
+
+def _outcome(doc: dict[str, Any], handled: Handled) -> None:
+    """``error``, ``error_kind`` and ``details`` of a failure; ``notes`` and ``injected``."""
+    if not handled.ok:
+        doc["error"] = handled.error or f"{handled.name} failed"
+        doc["error_kind"] = handled.error_kind or "error"
+        if handled.details:
+            doc["details"] = handled.details
+    if handled.notes:
+        doc["notes"] = list(handled.notes)
+    if handled.injected:
+        doc["injected"] = handled.injected
+
+
+def connect(
+    *, socket: str, conn: int, peer: PeerLike | None, ts: float | None = None
+) -> dict[str, Any]:
+    """A front-end connected; ``peer`` is left out when SO_PEERCRED could not be read."""
+    doc = _head("connect", socket, conn, ts)
+    if peer is not None:
+        doc["peer"] = peer.as_json()
+    return doc
+
+
+def disconnect(
+    *,
+    socket: str,
+    conn: int,
+    reason: str,
+    released: int,
+    unmap_failed: Sequence[Mapping[str, Any]] = (),
+    ts: float | None = None,
+) -> dict[str, Any]:
+    """A connection ended: ``released`` regions were unmapped, ``unmap_failed`` (region JSON,
+    each with its ``unmap_failed`` reason) stay mapped; the array is there, maybe empty."""
+    doc = _head("disconnect", socket, conn, ts)
+    doc["reason"] = reason
+    doc["released"] = released
+    doc["unmap_failed"] = [dict(region) for region in unmap_failed]
+    return doc
+
+
+def refused(
+    *,
+    socket: str,
+    reason: str,
+    conn: int | None = None,
+    peer: PeerLike | None = None,
+    ts: float | None = None,
+) -> dict[str, Any]:
+    """A peer was refused (``--allow-uid``); the control socket's refusals have no ``conn``."""
+    doc = _head("refused", socket, conn, ts)
+    if peer is not None:
+        doc["peer"] = peer.as_json()
+    doc["reason"] = reason
+    return doc
+
+
+def party(*, socket: str, conn: int, peer: Mapping[str, int] | None) -> dict[str, Any]:
+    """A connection named in another's line (``holder``, ``previous``): ``peer`` is left out
+    when SO_PEERCRED could not be read."""
+    doc: dict[str, Any] = {"socket": socket, "conn": conn}
+    if peer is not None:
+        doc["peer"] = dict(peer)
+    return doc
+
+
+def datapath_refused(
+    *,
+    socket: str,
+    conn: int,
+    peer: Mapping[str, int] | None,
+    tap: str,
+    holder: Mapping[str, Any],
+    reason: str,
+    ts: float | None = None,
+) -> dict[str, Any]:
+    """A connection's rings were not started: the TAP bridges ``holder``'s (see :func:`party`)."""
+    doc = _head("datapath-refused", socket, conn, ts)
+    if peer is not None:
+        doc["peer"] = dict(peer)
+    doc.update(tap=tap, holder=dict(holder), reason=reason)
+    return doc
+
+
+def datapath_handover(
+    *,
+    socket: str,
+    conn: int,
+    peer: Mapping[str, int] | None,
+    tap: str,
+    previous: Mapping[str, Any],
+    ts: float | None = None,
+) -> dict[str, Any]:
+    """The TAP now bridges this connection's rings: ``previous`` (see :func:`party`) ended."""
+    doc = _head("datapath-handover", socket, conn, ts)
+    if peer is not None:
+        doc["peer"] = dict(peer)
+    doc.update(tap=tap, previous=dict(previous))
+    return doc
+
+
+def ring_error(
+    *,
+    socket: str,
+    conn: int,
+    vring: int,
+    queue: str,
+    error: str,
+    error_kind: str,
+    base: int,
+    gpa: int | None = None,
+    details: Mapping[str, Any] | None = None,
+    ts: float | None = None,
+) -> dict[str, Any]:
+    """A virtqueue stopped (``--tap``): ``gpa`` is the address it could not translate."""
+    doc = _head("ring-error", socket, conn, ts)
+    doc.update(vring=vring, queue=queue, error=error, error_kind=error_kind, base=base)
+    if gpa is not None:
+        doc["gpa"] = gpa
+    if details:
+        doc["details"] = dict(details)
+    return doc
