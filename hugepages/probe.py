@@ -36,17 +36,24 @@ def human(kb: int) -> str:
 def pools() -> list[dict[str, Any]]:
     out = []
     for d in sorted(SYSFS.glob("hugepages-*kB"), key=lambda p: int(p.name[10:-2])):
-        kb = int(d.name[len("hugepages-"):-2])
+        kb = int(d.name[len("hugepages-") : -2])
 
         def read(name: str, d: Path = d) -> int:
             return int((d / name).read_text())
 
         total, free, resv = read("nr_hugepages"), read("free_hugepages"), read("resv_hugepages")
-        out.append({
-            "page_size": human(kb), "page_size_bytes": kb * 1024, "total": total, "free": free,
-            "reserved": resv, "surplus": read("surplus_hugepages"),
-            "overcommit": read("nr_overcommit_hugepages"), "available": free - resv,
-        })
+        out.append(
+            {
+                "page_size": human(kb),
+                "page_size_bytes": kb * 1024,
+                "total": total,
+                "free": free,
+                "reserved": resv,
+                "surplus": read("surplus_hugepages"),
+                "overcommit": read("nr_overcommit_hugepages"),
+                "available": free - resv,
+            }
+        )
     return out
 
 
@@ -61,8 +68,9 @@ def mounts() -> list[dict[str, Any]]:
             if opt.startswith("pagesize="):
                 val = opt.split("=", 1)[1].upper()
                 kb = int(val[:-1]) << (20 if val.endswith("G") else 10 if val.endswith("M") else 0)
-        out.append({"path": mnt, "page_size": human(kb), "page_size_bytes": kb * 1024,
-                    "options": opts})
+        out.append(
+            {"path": mnt, "page_size": human(kb), "page_size_bytes": kb * 1024, "options": opts}
+        )
     return out
 
 
@@ -78,14 +86,20 @@ def holders() -> list[dict[str, Any]]:
             continue
         kb = int(fields.get("HugetlbPages", "0 kB").split()[0])
         if kb:
-            out.append({"pid": int(status.parent.name), "name": fields["Name"].strip(),
-                        "hugetlb_bytes": kb * 1024})
+            out.append(
+                {
+                    "pid": int(status.parent.name),
+                    "name": fields["Name"].strip(),
+                    "hugetlb_bytes": kb * 1024,
+                }
+            )
     return sorted(out, key=lambda h: -h["hugetlb_bytes"])
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--json", action="store_true", help="one JSON document (version 1)")
     args = ap.parse_args()
     doc = {"version": 1, "pools": pools(), "mounts": mounts(), "holders": holders()}
@@ -95,8 +109,10 @@ def main() -> int:
         return 0
     print(f"{'size':>5} {'total':>7} {'free':>7} {'reserved':>9} {'surplus':>8} {'available':>10}")
     for p in doc["pools"]:
-        print(f"{p['page_size']:>5} {p['total']:>7} {p['free']:>7} {p['reserved']:>9} "
-              f"{p['surplus']:>8} {p['available']:>10}")
+        print(
+            f"{p['page_size']:>5} {p['total']:>7} {p['free']:>7} {p['reserved']:>9} "
+            f"{p['surplus']:>8} {p['available']:>10}"
+        )
     if not doc["mounts"]:
         print("hugetlbfs: not mounted (hugepages/setup.sh --mount DIR)")
     for m in doc["mounts"]:

@@ -330,11 +330,13 @@ def _cmd_diagnose(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     shortfalls = []
     for short in backend.mapper.shortfalls():
         owner = owners.get(id(short.mapping))
-        shortfalls.append({
-            "socket": None if owner is None else owner.socket_name,
-            "conn": None if owner is None else owner.number,
-            **short.as_dict(),
-        })
+        shortfalls.append(
+            {
+                "socket": None if owner is None else owner.socket_name,
+                "conn": None if owner is None else owner.number,
+                **short.as_dict(),
+            }
+        )
     return {
         "version": DOC_VERSION,
         "rlimit_nofile": {"soft": soft, "hard": hard, "open": _open_fds()},

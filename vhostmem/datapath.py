@@ -716,9 +716,7 @@ class NetDevice:
     ) -> NetAttachment:
         """A data path for one connection. It holds nothing yet: the TAP goes to the first
         connection whose rings are ready to run (:meth:`claim`), when they are."""
-        return NetAttachment(
-            self, session, socket_name=socket_name, conn=conn, log=log, peer=peer
-        )
+        return NetAttachment(self, session, socket_name=socket_name, conn=conn, log=log, peer=peer)
 
     def claim(self, att: NetAttachment) -> bool:
         """Give ``att`` the TAP if nobody holds it; otherwise refuse, loudly, once.

@@ -248,8 +248,10 @@ def render_diagnose(doc: dict[str, Any]) -> str:
         lines.append("fault rules     " + "; ".join(f["spec"] for f in doc["faults"]))
     shortfalls = doc.get("shortfalls", [])
     if shortfalls:
-        lines.append(f"huge page shortfall: {len(shortfalls)} region(s) the pool cannot back "
-                     "in full (SIGBUS when touched)")
+        lines.append(
+            f"huge page shortfall: {len(shortfalls)} region(s) the pool cannot back "
+            "in full (SIGBUS when touched)"
+        )
         for s in shortfalls:
             end = s["gpa"] + s["size"] - 1
             lines.append(

@@ -67,8 +67,9 @@ class FdStream:
             # A blocking fd whose reads time out; every send passes MSG_DONTWAIT instead.
             sock.setblocking(True)
             seconds, micros = divmod(max(1, math.ceil(linger * 1e6)), 1_000_000)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                            struct.pack("ll", seconds, micros))
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros)
+            )
         else:
             sock.setblocking(False)
         self.sock = sock

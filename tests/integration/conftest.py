@@ -38,8 +38,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def require_root(doing: str, how: str) -> None:
     """Fail (never skip) with what needs root and how to do it by hand."""
     if os.geteuid() != 0:
-        pytest.fail(f"{doing} needs root (euid {os.geteuid()}): run the integration tests as "
-                    f"root, or {how}")
+        pytest.fail(
+            f"{doing} needs root (euid {os.geteuid()}): run the integration tests as root, or {how}"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -64,8 +65,10 @@ def hugepages(pages: int) -> Iterator[None]:
         free = int(f.read())
     wanted = before + max(0, pages - free)
     if wanted != before:
-        require_root(f"reserving {wanted - before} more 2 MiB huge pages",
-                     f"echo {wanted} > {NR_HUGEPAGES} first (see hugepages/README.md)")
+        require_root(
+            f"reserving {wanted - before} more 2 MiB huge pages",
+            f"echo {wanted} > {NR_HUGEPAGES} first (see hugepages/README.md)",
+        )
         with open(NR_HUGEPAGES, "w") as f:
             f.write(str(wanted))
         with open(NR_HUGEPAGES) as f:
@@ -107,8 +110,11 @@ class Rig:
 
     def wait_table_matches_qemu(self, timeout: float = 15.0) -> list[tuple[int, int, int]]:
         want = self.qemu_memslots()
-        self.backend.wait_for(lambda: self.memslot_regions() == want, timeout,
-                              f"vhostmem's table to equal QEMU's memslots {want}")
+        self.backend.wait_for(
+            lambda: self.memslot_regions() == want,
+            timeout,
+            f"vhostmem's table to equal QEMU's memslots {want}",
+        )
         return want
 
 
@@ -121,11 +127,17 @@ def make_rig(
     started through the pytest plugin's ``vhostmem_factory``, the fixture users get."""
     rigs: list[Rig] = []
 
-    def make(vhostmem_args: tuple[str, ...] = (), backend: RunningBackend | None = None,
-             wait_boot_ram: bool = True, qemu_trace: bool = True, **config: Any) -> Rig:
+    def make(
+        vhostmem_args: tuple[str, ...] = (),
+        backend: RunningBackend | None = None,
+        wait_boot_ram: bool = True,
+        qemu_trace: bool = True,
+        **config: Any,
+    ) -> Rig:
         if backend is None:
-            backend = vhostmem_factory(vhostmem_args, name=f"vu{len(rigs)}.sock",
-                                       qemu_trace=qemu_trace)
+            backend = vhostmem_factory(
+                vhostmem_args, name=f"vu{len(rigs)}.sock", qemu_trace=qemu_trace
+            )
         # QEMU writes the trace the back-end follows (exact batches), unless turned off.
         config.setdefault("qemu_trace", backend.qemu_trace or False)
         guest = Guest(GuestConfig(vhost_socket=backend.socket, **config))
@@ -136,7 +148,9 @@ def make_rig(
         if wait_boot_ram:
             backend.wait_for(
                 lambda: any(r["gpa"] == 0 and r["size"] == BOOT_RAM for r in backend.regions()),
-                30, "the boot RAM region")
+                30,
+                "the boot RAM region",
+            )
         return rig
 
     yield make

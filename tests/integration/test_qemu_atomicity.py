@@ -28,13 +28,18 @@ from .conftest import GiB, Rig
 
 
 def recorded(rig: Rig, since: int) -> list[tuple[str, int, int]]:
-    return [(e["request"], e["region"]["gpa"], e["region"]["size"])
-            for e in rig.backend.memory_events()[since:]]
+    return [
+        (e["request"], e["region"]["gpa"], e["region"]["size"])
+        for e in rig.backend.memory_events()[since:]
+    ]
 
 
 @pytest.mark.parametrize("qemu_trace", [True, False], ids=["qemu-trace", "gap"])
-def test_plug_steps_are_atomic_and_as_modelled(make_rig, capsys: pytest.CaptureFixture[str],  # type: ignore[no-untyped-def]
-                                               qemu_trace: bool) -> None:
+def test_plug_steps_are_atomic_and_as_modelled(
+    make_rig,
+    capsys: pytest.CaptureFixture[str],  # type: ignore[no-untyped-def]
+    qemu_trace: bool,
+) -> None:
     rig: Rig = make_rig(qemu_trace=qemu_trace)
     qmp = str(rig.guest.qmp_user_path)
     shadow = expected_regions(query_memory(qmp))  # boot RAM: what QEMU's shadow holds now
@@ -44,10 +49,13 @@ def test_plug_steps_are_atomic_and_as_modelled(make_rig, capsys: pytest.CaptureF
         rig.guest.plug(size, 60)
         rig.wait_table_matches_qemu()
         after = expected_regions(query_memory(qmp))
-        predicted = [("ADD_MEM_REG" if kind == "add" else "REM_MEM_REG", r.gpa, r.size)
-                     for kind, r in message_sequence(shadow, after)]
-        rig.backend.wait_for(lambda: len(recorded(rig, seen)) >= len(predicted), 10,
-                             "the step's event-log lines")
+        predicted = [
+            ("ADD_MEM_REG" if kind == "add" else "REM_MEM_REG", r.gpa, r.size)
+            for kind, r in message_sequence(shadow, after)
+        ]
+        rig.backend.wait_for(
+            lambda: len(recorded(rig, seen)) >= len(predicted), 10, "the step's event-log lines"
+        )
         assert recorded(rig, seen) == predicted, size
         seen += len(predicted)
         shadow = shadow_after(shadow, after)
@@ -74,8 +82,7 @@ def test_plug_steps_are_atomic_and_as_modelled(make_rig, capsys: pytest.CaptureF
     # each memslot in a memory transaction of its own as the guest plugs or unplugs its blocks
     # (measured: 3 ADDs, then 3 REMs, each under its own "vhost_commit Started: 1").
     assert batching["commits"] == len(doc["batches"]) == 7, doc["batches"]
-    assert [b["names"] for b in doc["batches"]] == [
-        ["ADD_MEM_REG"]] * 4 + [["REM_MEM_REG"]] * 3
+    assert [b["names"] for b in doc["batches"]] == [["ADD_MEM_REG"]] * 4 + [["REM_MEM_REG"]] * 3
     assert doc["batches"][0]["reason"].startswith("QEMU device start")
     assert all(b["reason"].startswith("QEMU commit at trace line ") for b in doc["batches"][1:])
     ctl_main(["--control", rig.backend.control, "check"])
@@ -90,5 +97,7 @@ def test_plug_steps_are_atomic_and_as_modelled(make_rig, capsys: pytest.CaptureF
         shutil.copyfile(rig.backend.qemu_trace, f"{base}.trace.log")
         with open(f"{base}.events.jsonl", "w", encoding="utf-8") as f:
             for e in rig.backend.memory_events():
-                f.write(json.dumps({k: e[k] for k in ("ts", "request", "region", "batch")
-                                    if k in e}) + "\n")
+                f.write(
+                    json.dumps({k: e[k] for k in ("ts", "request", "region", "batch") if k in e})
+                    + "\n"
+                )

@@ -33,8 +33,9 @@ def test_injected_enomem_on_second_memslot(make_rig, capsys: pytest.CaptureFixtu
     assert ("ADD_MEM_REG", base + GiB) in [(e["request"], e["region"]["gpa"]) for e in after]
     # the table is what the model of QEMU's merging predicts from QEMU's own flat view, and the
     # failure and its retry are no violation (the memslot was not mapped before)
-    code = ctl_main(["--control", rig.backend.control, "check", "--json",
-                     "--qmp", str(rig.guest.qmp_user_path)])
+    code = ctl_main(
+        ["--control", rig.backend.control, "check", "--json", "--qmp", str(rig.guest.qmp_user_path)]
+    )
     doc = json.loads(capsys.readouterr().out)
     assert code == 0 and doc["qmp"]["matches"] and doc["clean"], doc
     # nothing leaked by the failure: one mapping per region, fds to match

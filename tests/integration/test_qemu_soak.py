@@ -66,8 +66,16 @@ def test_twenty_cycles_leave_nothing_behind(make_rig, tmp_path: Path) -> None:  
     assert [e["request"] for e in events] == ["ADD_MEM_REG", "REM_MEM_REG"] * 20
     assert all(e["result"] == "ok" for e in events)
     # the misbehaving socket's connections are all gone; counts are back where they were
-    rig.backend.wait_for(lambda: rig.backend.stats()["connections_live"] == 1, 10,
-                         "the bad connections to close")
+    rig.backend.wait_for(
+        lambda: rig.backend.stats()["connections_live"] == 1, 10, "the bad connections to close"
+    )
     after = rig.backend.stats()
-    for key in ("process_fds", "process_shared_maps", "maps", "mapping_fds", "mapped_bytes", "regions"):
+    for key in (
+        "process_fds",
+        "process_shared_maps",
+        "maps",
+        "mapping_fds",
+        "mapped_bytes",
+        "regions",
+    ):
         assert after[key] == before[key], (key, before[key], after[key])

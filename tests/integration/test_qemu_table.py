@@ -18,7 +18,9 @@ from .conftest import BOOT_RAM, NR_HUGEPAGES, GiB, MiB, Rig, hugepages, require_
 POOL_2M = "/sys/kernel/mm/hugepages/hugepages-2048kB/"
 
 
-def nonzero_gpas(rig: Rig, start: int, stop: int, step: int, want: int, length: int = 64) -> list[int]:
+def nonzero_gpas(
+    rig: Rig, start: int, stop: int, step: int, want: int, length: int = 64
+) -> list[int]:
     """GPAs in [start, stop) where QEMU shows non-zero guest memory (the guest must be paused)."""
     found = []
     for gpa in range(start, stop, step):
@@ -35,8 +37,11 @@ def assert_peek_equals_xp(rig: Rig, gpas: list[int], length: int = 64) -> None:
 
 
 def memory_requests(rig: Rig) -> list[tuple[str, int, int]]:
-    return [(e["request"], e["region"]["gpa"], e["region"]["size"])
-            for e in rig.backend.memory_events() if e["result"] == "ok" and "region" in e]
+    return [
+        (e["request"], e["region"]["gpa"], e["region"]["size"])
+        for e in rig.backend.memory_events()
+        if e["result"] == "ok" and "region" in e
+    ]
 
 
 def test_boot_region_and_peek_equals_xp(make_rig) -> None:  # type: ignore[no-untyped-def]
@@ -81,7 +86,9 @@ def plug_steps(rig: Rig, steps: list[int], *, memslot: int = GiB, check_peek: bo
         if check_peek and now:
             rig.guest.stop()
             try:
-                gpas = [gpa + i * (memslot // 4) + 0x1000 for gpa, _, _ in sorted(now) for i in range(4)]
+                gpas = [
+                    gpa + i * (memslot // 4) + 0x1000 for gpa, _, _ in sorted(now) for i in range(4)
+                ]
                 assert_peek_equals_xp(rig, gpas)
             finally:
                 rig.guest.cont()
@@ -137,8 +144,10 @@ def free_huge_pages(pages: int) -> Iterator[None]:
         # Another process may change the pool meanwhile: near enough is enough, the test
         # reads every number it compares from sysfs.
         if not pages <= pool_2m("free_hugepages") < pages + 64:
-            raise AssertionError(f"could not make {pages} 2 MiB pages free (nr_hugepages "
-                                 f"{pool_2m('nr_hugepages')}, free {pool_2m('free_hugepages')})")
+            raise AssertionError(
+                f"could not make {pages} 2 MiB pages free (nr_hugepages "
+                f"{pool_2m('nr_hugepages')}, free {pool_2m('free_hugepages')})"
+            )
         yield
     finally:
         Path(NR_HUGEPAGES).write_text(str(before))
@@ -156,16 +165,22 @@ def test_hugetlb_memslot_beyond_free_pool_is_served_with_a_shortfall_note(  # ty
         [(gpa, size, _)] = rig.wait_table_matches_qemu()
         assert size == GiB
         [add] = rig.backend.wait_for(
-            lambda: [e for e in rig.backend.memory_events()
-                     if e["request"] == "ADD_MEM_REG" and e["region"]["gpa"] == gpa],
-            15, "the memslot's ADD_MEM_REG event line")
+            lambda: [
+                e
+                for e in rig.backend.memory_events()
+                if e["request"] == "ADD_MEM_REG" and e["region"]["gpa"] == gpa
+            ],
+            15,
+            "the memslot's ADD_MEM_REG event line",
+        )
         assert add["result"] == "ok"
         [note] = add["notes"]
         uaddr = add["region"]["uaddr"]
         assert note.startswith(
             f"ADD_MEM_REG gpa=0x{gpa:x}-0x{gpa + size - 1:x} size=0x{size:x} (1 GiB) "
             f"uaddr=0x{uaddr:x} mmap_offset=0x{add['region']['mmap_offset']:x}: huge page "
-            f"shortfall: the region spans 512 pages of 2 MiB (memfd-hugetlb '"), note
+            f"shortfall: the region spans 512 pages of 2 MiB (memfd-hugetlb '"
+        ), note
         assert "pages short if every page is touched. Served anyway" in note
         assert "gets SIGBUS: QEMU" in note
         rig.guest.stop()  # nothing allocates while the numbers are compared
@@ -182,8 +197,11 @@ def test_hugetlb_memslot_beyond_free_pool_is_served_with_a_shortfall_note(  # ty
         assert short["short"] == 512 - short["held"] + short["other_missing"] - free > 0
         assert [s["gpa"] for s in doc["shortfalls"]] == [gpa]  # boot RAM is covered
         rig.guest.plug(0, 60)
-        rig.backend.wait_for(lambda: not rig.backend.client.call("diagnose")["shortfalls"],
-                             15, "no shortfall once the memslot is unplugged")
+        rig.backend.wait_for(
+            lambda: not rig.backend.client.call("diagnose")["shortfalls"],
+            15,
+            "no shortfall once the memslot is unplugged",
+        )
         rig.guest.close()
 
 
@@ -193,7 +211,9 @@ def test_dimm_hot_add(make_rig) -> None:  # type: ignore[no-untyped-def]
     rig.guest.hot_add_dimm("dimm0", 256 * MiB)
     [dimm] = [d for d in rig.guest.memory_devices() if d["type"] == "dimm"]
     addr = dimm["data"]["addr"]
-    rig.backend.wait_for(lambda: any(r["gpa"] == addr for r in rig.backend.regions()), 15, "the DIMM region")
+    rig.backend.wait_for(
+        lambda: any(r["gpa"] == addr for r in rig.backend.regions()), 15, "the DIMM region"
+    )
     assert memory_requests(rig)[seen:] == [("ADD_MEM_REG", addr, 256 * MiB)]
     [region] = [r for r in rig.backend.regions() if r["gpa"] == addr]
     assert region["size"] == 256 * MiB and region["file"].startswith("/dev/shm/")
@@ -235,12 +255,19 @@ def test_qemu_killed_mid_plug_releases_everything(make_rig) -> None:  # type: ig
     backend = rig.backend
     idle = backend.stats()
     baseline_fds = idle["process_fds"] - idle["mapping_fds"]
-    rig.guest.qmp("qom-set", path="/machine/peripheral/vm0", property="requested-size", value=3 * GiB)
-    rig.backend.wait_for(lambda: any(r[1] != 0 for r in memory_requests(rig)), 30,
-                         "the first memslot ADD_MEM_REG")
+    rig.guest.qmp(
+        "qom-set", path="/machine/peripheral/vm0", property="requested-size", value=3 * GiB
+    )
+    rig.backend.wait_for(
+        lambda: any(r[1] != 0 for r in memory_requests(rig)), 30, "the first memslot ADD_MEM_REG"
+    )
     rig.guest.kill_hard()
     plugged_at_kill = [g for _, g, _ in memory_requests(rig) if g != 0]
-    backend.wait_for(lambda: [e for e in backend.log_lines() if e.get("event") == "disconnect"], 15, "the disconnect")
+    backend.wait_for(
+        lambda: [e for e in backend.log_lines() if e.get("event") == "disconnect"],
+        15,
+        "the disconnect",
+    )
     stats = backend.stats()
     assert stats["regions"] == 0 and stats["maps"] == 0 and stats["mapped_bytes"] == 0
     assert stats["mapping_fds"] == 0
@@ -259,7 +286,9 @@ def test_reconnect_rebuilds_the_table(make_rig, tmp_path: Path) -> None:  # type
     assert rig.backend.stop() == 0
     directory = Path(rig.backend.socket).parent
     rig.backend = start_backend(directory, name=Path(rig.backend.socket).name)
-    rig.backend.wait_for(lambda: len(rig.backend.regions()) == 1 + len(want), 30, "the rebuilt table")
+    rig.backend.wait_for(
+        lambda: len(rig.backend.regions()) == 1 + len(want), 30, "the rebuilt table"
+    )
     assert rig.memslot_regions() == rig.qemu_memslots() == want
 
 

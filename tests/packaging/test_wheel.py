@@ -38,8 +38,16 @@ TIMEOUT = 180
 
 #: Left out of the copy the wheel is built from: VCS data, caches, earlier build output.
 NOT_SOURCE = shutil.ignore_patterns(
-    ".git", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".mypy_cache", ".ruff_cache",
-    ".pytest_cache", ".hypothesis",
+    ".git",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    "*.pyc",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+    ".hypothesis",
 )
 
 #: Run inside the venv from an empty directory: who provides each name, and every data file of
@@ -87,9 +95,20 @@ print(json.dumps({
 
 def clean_env() -> dict[str, str]:
     """This environment minus what would let the venv see the checkout or this pytest run."""
-    env = {k: v for k, v in os.environ.items() if k not in (
-        "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "PYTEST_ADDOPTS",
-        "PYTEST_PLUGINS", "PIP_REQUIRE_VIRTUALENV")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "PYTHONPATH",
+            "PYTHONHOME",
+            "PYTHONSTARTUP",
+            "VIRTUAL_ENV",
+            "PYTEST_ADDOPTS",
+            "PYTEST_PLUGINS",
+            "PIP_REQUIRE_VIRTUALENV",
+        )
+    }
     env["PYTHONNOUSERSITE"] = "1"
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     return env
@@ -99,19 +118,30 @@ def run(argv: Sequence[str | Path], cwd: Path, why: str = "") -> str:
     """stdout of ``argv``; a failure or timeout fails the test with the command and its output."""
     cmd = " ".join(map(str, argv))
     try:
-        done = subprocess.run([str(a) for a in argv], cwd=cwd, env=clean_env(), timeout=TIMEOUT,
-                              capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [str(a) for a in argv],
+            cwd=cwd,
+            env=clean_env(),
+            timeout=TIMEOUT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"{cmd} did not finish in {TIMEOUT} s{why}\n{err.stderr or ''}")
     if done.returncode != 0:
-        pytest.fail(f"{cmd} exited {done.returncode}{why}\n--- stdout\n{done.stdout[-3000:]}"
-                    f"\n--- stderr\n{done.stderr[-3000:]}")
+        pytest.fail(
+            f"{cmd} exited {done.returncode}{why}\n--- stdout\n{done.stdout[-3000:]}"
+            f"\n--- stderr\n{done.stderr[-3000:]}"
+        )
     return done.stdout
 
 
-NEEDS_INDEX = ("\nThis test needs the package index (PyPI or the configured mirror) for the "
-               f"build's setuptools, {OTHER_PROTOCOL} and vhostmem's dependencies; CI has it. "
-               'Without it, deselect the test explicitly: -m "not packaging".')
+NEEDS_INDEX = (
+    "\nThis test needs the package index (PyPI or the configured mirror) for the "
+    f"build's setuptools, {OTHER_PROTOCOL} and vhostmem's dependencies; CI has it. "
+    'Without it, deselect the test explicitly: -m "not packaging".'
+)
 
 
 @dataclass(frozen=True)
@@ -133,8 +163,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     src = tmp / "src"
     shutil.copytree(ROOT, src, symlinks=True, ignore=NOT_SOURCE)
     wheels = tmp / "wheels"
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", wheels, src], tmp,
-        NEEDS_INDEX)
+    run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", wheels, src],
+        tmp,
+        NEEDS_INDEX,
+    )
     (wheel,) = wheels.glob("vhostmem-*.whl")
     venv = tmp / "venv"
     run([sys.executable, "-m", "venv", venv], tmp)
@@ -174,7 +207,9 @@ def test_the_wheel_installs_no_top_level_but_vhostmem(installed: Installed) -> N
 
 def test_the_programs_run_from_the_install(installed: Installed) -> None:
     assert run([installed.bin("vhostmem"), "--version"], installed.cwd).split() == [
-        "vhostmem", vhostmem.__version__]
+        "vhostmem",
+        vhostmem.__version__,
+    ]
     caps = json.loads(run([installed.bin("vhostmem"), "--print-capabilities"], installed.cwd))
     assert caps == {"type": "net"}
     explained = run([installed.bin("vhostmem-ctl"), "explain"], installed.cwd)
@@ -183,8 +218,10 @@ def test_the_programs_run_from_the_install(installed: Installed) -> None:
 
 
 def test_pytest_lists_the_plugin_fixtures(installed: Installed) -> None:
-    listed = run([installed.bin("python"), "-m", "pytest", "--fixtures", "-p", "no:cacheprovider"],
-                 installed.cwd)
+    listed = run(
+        [installed.bin("python"), "-m", "pytest", "--fixtures", "-p", "no:cacheprovider"],
+        installed.cwd,
+    )
     section = listed.split("fixtures defined from vhostmem.testing.plugin", 1)
     assert len(section) == 2, f"no fixtures from vhostmem.testing.plugin in:\n{listed}"
     names = {line.split(" -- ")[0] for line in section[1].splitlines() if " -- " in line}
@@ -201,8 +238,9 @@ def package_data_in_checkout() -> dict[str, Path]:
     """
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     package_dir: dict[str, str] = setuptools.get("package-dir", {})
-    folders = {pkg: ROOT / package_dir.get(pkg, pkg.replace(".", "/"))
-               for pkg in setuptools["packages"]}
+    folders = {
+        pkg: ROOT / package_dir.get(pkg, pkg.replace(".", "/")) for pkg in setuptools["packages"]
+    }
     wanted: dict[str, Path] = {}
 
     def want(pkg: str, path: Path) -> None:
@@ -217,8 +255,11 @@ def package_data_in_checkout() -> dict[str, Path]:
     for pkg, folder in folders.items():
         for path in folder.rglob("*"):
             inner = path.relative_to(folder).parts
-            if any((folder.joinpath(*inner[:i]) / "__init__.py").exists() or
-                   folder.joinpath(*inner[:i]).is_symlink() for i in range(1, len(inner))):
+            if any(
+                (folder.joinpath(*inner[:i]) / "__init__.py").exists()
+                or folder.joinpath(*inner[:i]).is_symlink()
+                for i in range(1, len(inner))
+            ):
                 continue  # a subpackage's own file (its folder has its own entry)
             if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in inner:
                 want(pkg, path)
@@ -232,7 +273,8 @@ def test_every_package_data_file_is_installed(installed: Installed) -> None:
     missing = sorted(wanted.keys() - got.keys())
     assert not missing, (
         f"the installed wheel lacks {missing}: add them to [tool.setuptools.package-data] in "
-        "pyproject.toml")
+        "pyproject.toml"
+    )
     assert sorted(got.keys() - wanted.keys()) == []
     for name, source in wanted.items():
         assert got[name] == hashlib.sha256(source.read_bytes()).hexdigest(), name

@@ -158,14 +158,22 @@ class FakeHost:
             self.file_ids[fd] = file_id
         return fd
 
-    def map_region(self, request: str, region: MemoryRegion, fd: int, fail_errno: int | None = None) -> tuple[Any, dict[str, Any]]:
+    def map_region(
+        self, request: str, region: MemoryRegion, fd: int, fail_errno: int | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         assert fd in self.open, f"map of fd {fd} that is not open"
         self.open.discard(fd)  # consumed on success and failure
         self.maps_done += 1
         if fail_errno is not None:
-            raise MappingError(f"{request}: mmap failed errno {fail_errno}", errno=fail_errno, kind="injected-errno")
+            raise MappingError(
+                f"{request}: mmap failed errno {fail_errno}",
+                errno=fail_errno,
+                kind="injected-errno",
+            )
         if self.maps_done in self.fail_map:
-            raise MappingError(f"{request}: injected failure gpa=0x{region.guest_phys_addr:x}", kind="test")
+            raise MappingError(
+                f"{request}: injected failure gpa=0x{region.guest_phys_addr:x}", kind="test"
+            )
         handle = next(self._handles)
         self.mapped[handle] = region
         return handle, {"backing": "fake"}

@@ -24,8 +24,12 @@ MiB = 1 << 20
 
 
 def run_vhostmem(*args: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "vhostmem", *args], pass_fds=pass_fds,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "vhostmem", *args],
+        pass_fds=pass_fds,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def wait_path(path: str, timeout: float = 10.0) -> None:
@@ -45,8 +49,19 @@ def test_capabilities_and_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_help_teaches() -> None:
-    out = subprocess.run([sys.executable, "-m", "vhostmem", "--help"], capture_output=True, text=True, check=True).stdout
-    for words in ["--socket", "share=on", "vhost-user", "--max-slots", "509", "--inject", "vhostmem-ctl", "no traffic"]:
+    out = subprocess.run(
+        [sys.executable, "-m", "vhostmem", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for words in [
+        "--socket",
+        "share=on",
+        "vhost-user",
+        "--max-slots",
+        "509",
+        "--inject",
+        "vhostmem-ctl",
+        "no traffic",
+    ]:
         assert words in out, words
 
 
@@ -71,9 +86,14 @@ def test_fd_and_socket_are_exclusive(tmp_path: Path) -> None:
     sock = str(tmp_path / "vu.sock")
     try:
         for where in (["--socket", sock], ["--socket-path", sock]):
-            proc = run_vhostmem("--fd", str(listener.fileno()), *where,
-                                "--control", str(tmp_path / "x.ctl"),
-                                pass_fds=(listener.fileno(),))
+            proc = run_vhostmem(
+                "--fd",
+                str(listener.fileno()),
+                *where,
+                "--control",
+                str(tmp_path / "x.ctl"),
+                pass_fds=(listener.fileno(),),
+            )
             try:
                 _, err = proc.communicate(timeout=20)
             except subprocess.TimeoutExpired:
@@ -97,7 +117,9 @@ def test_ctl_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert ctl_main(["--control", "x", "bogus"]) == 2
 
 
-def test_ctl_commands_against_a_running_backend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ctl_commands_against_a_running_backend(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     backend = start_backend(tmp_path)
     try:
         with FakeFrontend.connect(backend.socket) as fe:
@@ -151,7 +173,9 @@ def test_fd_listening_and_connected(tmp_path: Path) -> None:
     listener.bind(str(tmp_path / "inherited.sock"))
     listener.listen()
     ctl = str(tmp_path / "a.ctl")
-    proc = run_vhostmem("--fd", str(listener.fileno()), "--control", ctl, pass_fds=(listener.fileno(),))
+    proc = run_vhostmem(
+        "--fd", str(listener.fileno()), "--control", ctl, pass_fds=(listener.fileno(),)
+    )
     try:
         wait_path(ctl)
         with FakeFrontend.connect(str(tmp_path / "inherited.sock")) as fe:
@@ -260,8 +284,9 @@ def test_send_timeout_drops_a_frontend_that_stops_reading(tmp_path: Path) -> Non
             wait_path(sock)
         with ThreadPoolExecutor(len(backends)) as pool:
             waits = {
-                name: pool.submit(stall_until_dropped, str(tmp_path / f"{name}.sock"),
-                                  float(name) + 2 * slack)
+                name: pool.submit(
+                    stall_until_dropped, str(tmp_path / f"{name}.sock"), float(name) + 2 * slack
+                )
                 for name in backends
             }
             dropped = {name: future.result() for name, future in waits.items()}

@@ -84,13 +84,19 @@ CASES: list[tuple[str, Callable[[Path], int], int, list[str]]] = [
     ("memfd-past-eof", lambda p: make_memfd(MiB), 4 * MiB, ["memfd", "past"]),
     # MFD_HUGETLB memfd of one 2 MiB page, region of 4 MiB: refused up front (touching the
     # tail would SIGBUS), and the message names the huge page backing
-    ("hugetlb-memfd-past-eof", lambda p: make_memfd(2 * MiB, hugetlb=True), 4 * MiB,
-     ["memfd-hugetlb", "2 MiB", "past"]),
+    (
+        "hugetlb-memfd-past-eof",
+        lambda p: make_memfd(2 * MiB, hugetlb=True),
+        4 * MiB,
+        ["memfd-hugetlb", "2 MiB", "past"],
+    ),
 ]
 
 
 @pytest.mark.parametrize("name,make_fd,size,words", CASES, ids=[c[0] for c in CASES])
-async def test_failure_class(tmp_path: Path, name: str, make_fd: Callable[[Path], int], size: int, words: list[str]) -> None:
+async def test_failure_class(
+    tmp_path: Path, name: str, make_fd: Callable[[Path], int], size: int, words: list[str]
+) -> None:
     fds_before, maps_before = open_fds(), shared_maps()
     backend = Backend(ServerConfig())
     with trio.fail_after(20):
@@ -103,8 +109,10 @@ async def test_failure_class(tmp_path: Path, name: str, make_fd: Callable[[Path]
             err = last_error(backend)
             assert err["request"] == "ADD_MEM_REG"
             # the request, the GPA start and end, the size, the front-end address, the offset
-            region = (f"ADD_MEM_REG: gpa=0x100000000-0x{0x100000000 + size - 1:x} size=0x{size:x} "
-                      "(4 MiB) uaddr=0x7f0000000000 mmap_offset=0x0: ")
+            region = (
+                f"ADD_MEM_REG: gpa=0x100000000-0x{0x100000000 + size - 1:x} size=0x{size:x} "
+                "(4 MiB) uaddr=0x7f0000000000 mmap_offset=0x0: "
+            )
             for word in [region, "Backing: ", "Fix: ", *words]:
                 assert word in err["error"], (word, err["error"])
             # the connection stays up and the next region maps
@@ -137,7 +145,10 @@ async def test_hugetlb_odd_offsets_map_peek_and_unmap(offset: int) -> None:
                 assert ack == 0
                 [region] = backend.regions()
                 assert region[1].info["page_size"] == 2 * MiB
-                reply = answer(backend, json.dumps({"cmd": "peek", "args": {"gpa": 0x100000000, "len": 16}}).encode())
+                reply = answer(
+                    backend,
+                    json.dumps({"cmd": "peek", "args": {"gpa": 0x100000000, "len": 16}}).encode(),
+                )
                 assert bytes.fromhex(reply["result"]["hex"]) == b"0123456789abcdef"
                 assert await in_thread(fe.rem_region, 0x100000000, MiB, 0x7F0000000000) == 0
                 assert not [m for m in shared_maps() if m not in maps_before]
@@ -159,8 +170,12 @@ def pool_2m(name: str) -> int:
 @contextmanager
 def hugetlbfs_mount(where: Path) -> Iterator[Path]:
     where.mkdir()
-    done = subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", str(where)],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        ["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         pytest.fail(f"cannot mount hugetlbfs on {where} (needs root): {done.stderr.strip()}")
     try:
@@ -191,13 +206,15 @@ async def test_hugetlb_shortfall_is_said_in_log_event_log_and_diagnose(
                 os.close(fd)
                 free, resv = pool_2m("free_hugepages"), pool_2m("resv_hugepages")
                 total = pool_2m("nr_hugepages")
-                head = (f"ADD_MEM_REG gpa=0x{gpa:x}-0x{gpa + size - 1:x} size=0x{size:x} "
-                        f"({human_size(size)}) uaddr=0x{uaddr:x} mmap_offset=0x0: huge page "
-                        f"shortfall: the region spans {pages} pages of 2 MiB (hugetlbfs "
-                        f"'{path}'); the file holds 0 pages (allocated); the 2 MiB pool has "
-                        f"{free} free pages, {resv} of them reserved (of {total} in all): "
-                        f"{pages} pages still to allocate, {pages - free} pages short if every "
-                        "page is touched. Served anyway:")
+                head = (
+                    f"ADD_MEM_REG gpa=0x{gpa:x}-0x{gpa + size - 1:x} size=0x{size:x} "
+                    f"({human_size(size)}) uaddr=0x{uaddr:x} mmap_offset=0x0: huge page "
+                    f"shortfall: the region spans {pages} pages of 2 MiB (hugetlbfs "
+                    f"'{path}'); the file holds 0 pages (allocated); the 2 MiB pool has "
+                    f"{free} free pages, {resv} of them reserved (of {total} in all): "
+                    f"{pages} pages still to allocate, {pages - free} pages short if every "
+                    "page is touched. Served anyway:"
+                )
                 # the event line
                 backend.flush_all()
                 [line] = [e for e in backend.events if e.get("request") == "ADD_MEM_REG"]
@@ -208,15 +225,26 @@ async def test_hugetlb_shortfall_is_said_in_log_event_log_and_diagnose(
                 doc = answer(backend, json.dumps({"cmd": "diagnose", "args": {}}).encode())
                 [short] = doc["result"]["shortfalls"]
                 assert (short["socket"], short["gpa"], short["size"], short["uaddr"]) == (
-                    "test", gpa, size, uaddr)
-                assert (short["region_pages"], short["held"], short["free"], short["resv"],
-                        short["short"]) == (pages, 0, free, resv, pages - free)
+                    "test",
+                    gpa,
+                    size,
+                    uaddr,
+                )
+                assert (
+                    short["region_pages"],
+                    short["held"],
+                    short["free"],
+                    short["resv"],
+                    short["short"],
+                ) == (pages, 0, free, resv, pages - free)
                 assert short["text"] == note
                 text = render_diagnose(doc["result"])
                 assert "huge page shortfall: 1 region(s) the pool cannot back in full" in text
-                assert (f"test 0x{gpa:x}-0x{gpa + size - 1:x} {human_size(size)}: {pages} pages "
-                        f"of 2 MiB, file holds 0, pool free {free} (reserved {resv}), "
-                        f"{pages - free} short") in text
+                assert (
+                    f"test 0x{gpa:x}-0x{gpa + size - 1:x} {human_size(size)}: {pages} pages "
+                    f"of 2 MiB, file holds 0, pool free {free} (reserved {resv}), "
+                    f"{pages - free} short"
+                ) in text
                 # once the region is gone, nothing is short
                 assert await in_thread(fe.rem_region, gpa, size, uaddr) == 0
                 doc = answer(backend, json.dumps({"cmd": "diagnose", "args": {}}).encode())
@@ -227,8 +255,9 @@ async def test_hugetlb_shortfall_is_said_in_log_event_log_and_diagnose(
         os.unlink(path)
         assert open_fds() == fds_before and shared_maps() == maps_before
     # the log and the event log file carry the same words
-    assert [r.getMessage() for r in caplog.records if "huge page shortfall" in r.getMessage()] \
-        == [note]
+    assert [r.getMessage() for r in caplog.records if "huge page shortfall" in r.getMessage()] == [
+        note
+    ]
     logged = [json.loads(x) for x in events_path.read_text().splitlines()]
     assert [x["notes"] for x in logged if "notes" in x] == [[note]]
 
@@ -242,8 +271,15 @@ def test_fault_grammar() -> None:
     assert parse_fault("REM_MEM_REG:every:delay=500ms").delay == 0.5
     assert parse_fault("*:nth=3:disconnect").disconnect
     assert parse_fault("ADD_MEM_REG:nth=1:ack=7").ack == 7
-    for bad in ["NOPE:nth=1:ack=1", "ADD_MEM_REG:nth=0:ack=1", "ADD_MEM_REG:nth=2", "ADD_MEM_REG:ack=0",
-                "ADD_MEM_REG:errno=EWHAT", "ADD_MEM_REG:nth=1:every:ack=1", "ADD_MEM_REG:colour=red"]:
+    for bad in [
+        "NOPE:nth=1:ack=1",
+        "ADD_MEM_REG:nth=0:ack=1",
+        "ADD_MEM_REG:nth=2",
+        "ADD_MEM_REG:ack=0",
+        "ADD_MEM_REG:errno=EWHAT",
+        "ADD_MEM_REG:nth=1:every:ack=1",
+        "ADD_MEM_REG:colour=red",
+    ]:
         with pytest.raises(FaultSpecError):
             parse_fault(bad)
 
@@ -259,8 +295,16 @@ def test_fault_plan_counts_per_rule() -> None:
 
 async def test_injected_errno_ack_delay_disconnect() -> None:
     fds_before = open_fds()
-    backend = Backend(ServerConfig(inject=("ADD_MEM_REG:nth=2:errno=ENOMEM", "ADD_MEM_REG:nth=3:ack=5",
-                                           "REM_MEM_REG:every:delay=300ms", "ADD_MEM_REG:nth=5:disconnect")))
+    backend = Backend(
+        ServerConfig(
+            inject=(
+                "ADD_MEM_REG:nth=2:errno=ENOMEM",
+                "ADD_MEM_REG:nth=3:ack=5",
+                "REM_MEM_REG:every:delay=300ms",
+                "ADD_MEM_REG:nth=5:disconnect",
+            )
+        )
+    )
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             fe = await session_with(backend, nursery)
@@ -283,7 +327,9 @@ async def test_injected_errno_ack_delay_disconnect() -> None:
             fe.close()
             while backend.connections():
                 await trio.sleep(0.01)
-    assert [e for e in backend.events if e.get("event") == "disconnect"][0]["reason"].startswith("ADD_MEM_REG: injected disconnect")
+    assert [e for e in backend.events if e.get("event") == "disconnect"][0]["reason"].startswith(
+        "ADD_MEM_REG: injected disconnect"
+    )
     assert backend.mapper.stats.maps == 0
     backend.cleanup()
     assert open_fds() == fds_before
@@ -291,7 +337,9 @@ async def test_injected_errno_ack_delay_disconnect() -> None:
 
 async def test_inject_and_diagnose_through_control() -> None:
     backend = Backend(ServerConfig())
-    reply = answer(backend, json.dumps({"cmd": "inject", "args": {"spec": "ADD_MEM_REG:nth=1:ack=1"}}).encode())
+    reply = answer(
+        backend, json.dumps({"cmd": "inject", "args": {"spec": "ADD_MEM_REG:nth=1:ack=1"}}).encode()
+    )
     assert reply["ok"] and reply["result"]["faults"][0]["spec"] == "ADD_MEM_REG:nth=1:ack=1"
     reply = answer(backend, json.dumps({"cmd": "inject", "args": {"spec": "bogus"}}).encode())
     assert not reply["ok"] and "unknown request" in reply["error"]

@@ -747,6 +747,7 @@ def test_encoders_only_encode_error(item: tuple[Request, Payload], flags: int | 
 
 def payload_in_range(payload: Payload) -> bool:
     """Whether every field of the payloads ``test_encoders_only_encode_error`` draws fits."""
+
     def u(bits: int, *values: int) -> bool:
         return all(0 <= v < 1 << bits for v in values)
 

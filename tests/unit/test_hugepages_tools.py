@@ -16,7 +16,15 @@ NR = Path("/proc/sys/vm/nr_hugepages")
 def test_setup_reserves_idempotently_and_restores(tmp_path: Path) -> None:
     before = int(NR.read_text())
     state = tmp_path / "hp.state"
-    cmd = [str(ROOT / "hugepages/setup.sh"), "--size", "2M", "--pages", str(before + 4), "--save", str(state)]
+    cmd = [
+        str(ROOT / "hugepages/setup.sh"),
+        "--size",
+        "2M",
+        "--pages",
+        str(before + 4),
+        "--save",
+        str(state),
+    ]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     try:
         assert first.returncode == 0, first.stderr
@@ -25,8 +33,12 @@ def test_setup_reserves_idempotently_and_restores(tmp_path: Path) -> None:
         assert second.returncode == 0 and int(NR.read_text()) == before + 4
         assert "ok" in second.stdout
     finally:
-        restore = subprocess.run([str(ROOT / "hugepages/setup.sh"), "--restore", str(state)],
-                                 capture_output=True, text=True, timeout=60)
+        restore = subprocess.run(
+            [str(ROOT / "hugepages/setup.sh"), "--restore", str(state)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert restore.returncode == 0, restore.stderr
     assert int(NR.read_text()) == before
 
@@ -39,8 +51,13 @@ def test_probe_shows_pools_and_this_process_holding_pages() -> None:
         os.ftruncate(fd, 2 << 20)
         with mmap.mmap(fd, 2 << 20) as mm:
             mm[0] = 1  # fault the huge page in
-            out = subprocess.run([sys.executable, str(ROOT / "hugepages/probe.py"), "--json"],
-                                 capture_output=True, text=True, timeout=60, check=True).stdout
+            out = subprocess.run(
+                [sys.executable, str(ROOT / "hugepages/probe.py"), "--json"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            ).stdout
         os.close(fd)
     finally:
         NR.write_text(str(before))

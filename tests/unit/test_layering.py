@@ -20,10 +20,23 @@ LAYERS: list[set[str]] = [
     {"vhostmem.errors"},
     {"vhostmem.regions", "vhostmem.events"},
     {"vhostmem.faults"},
-    {"vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.session", "vhostmem.virtqueue",
-     "vhostmem.qemu_trace", "vhostmem.journal"},
-    {"vhostmem.mapping", "vhostmem.transport", "vhostmem.report", "vhostmem.sockets",
-     "vhostmem.datapath", "vhostmem.tap", "vhostmem.tracefile"},
+    {
+        "vhostmem.atomicity",
+        "vhostmem.qemu_model",
+        "vhostmem.session",
+        "vhostmem.virtqueue",
+        "vhostmem.qemu_trace",
+        "vhostmem.journal",
+    },
+    {
+        "vhostmem.mapping",
+        "vhostmem.transport",
+        "vhostmem.report",
+        "vhostmem.sockets",
+        "vhostmem.datapath",
+        "vhostmem.tap",
+        "vhostmem.tracefile",
+    },
     {"vhostmem.control", "vhostmem.qmp"},
     {"vhostmem.server"},
     {"vhostmem.cli", "vhostmem.__main__"},
@@ -49,9 +62,19 @@ SYSCALL_MODULES: dict[str, tuple[str, ...]] = {
 
 #: The pure core may use none of these (STYLE.md section 1).
 IMPURE = {"os", "trio", "socket", "mmap", "logging", "ctypes", "time", "subprocess", "signal"}
-PURE = {"vhostmem.protocol", "vhostmem.errors", "vhostmem.events", "vhostmem.regions",
-        "vhostmem.session", "vhostmem.atomicity", "vhostmem.qemu_model", "vhostmem.faults",
-        "vhostmem.virtqueue", "vhostmem.qemu_trace", "vhostmem.journal"}
+PURE = {
+    "vhostmem.protocol",
+    "vhostmem.errors",
+    "vhostmem.events",
+    "vhostmem.regions",
+    "vhostmem.session",
+    "vhostmem.atomicity",
+    "vhostmem.qemu_model",
+    "vhostmem.faults",
+    "vhostmem.virtqueue",
+    "vhostmem.qemu_trace",
+    "vhostmem.journal",
+}
 
 
 #: The checkout's protocol/ folder installs as this package (pyproject.toml, package-dir).
@@ -94,8 +117,9 @@ def is_module(name: str) -> bool:
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
-def resolve_relative(importer: str, is_package: bool, level: int, module: str | None,
-                     names: list[str]) -> set[str]:
+def resolve_relative(
+    importer: str, is_package: bool, level: int, module: str | None, names: list[str]
+) -> set[str]:
     """The absolute modules ``from <level dots><module> import <names>`` in ``importer`` means.
 
     ``from . import x`` imports the submodule ``x`` when there is one, else a name of the
@@ -124,8 +148,9 @@ def imports_of(source: str, me: str, is_package: bool, filename: str = "<source>
             assert node.module is not None  # "from import x" is not Python
             found.add(node.module)
         elif isinstance(node, ast.ImportFrom):
-            found |= resolve_relative(me, is_package, node.level, node.module,
-                                      [alias.name for alias in node.names])
+            found |= resolve_relative(
+                me, is_package, node.level, node.module, [alias.name for alias in node.names]
+            )
     return found
 
 
@@ -145,10 +170,13 @@ def check_imports(me: str, targets: set[str]) -> None:
             continue
         if me == PROTOCOL or me.startswith(PROTOCOL + "."):
             assert target == PROTOCOL or target.startswith(PROTOCOL + "."), (
-                f"{PROTOCOL} must not import {target}")
+                f"{PROTOCOL} must not import {target}"
+            )
         if target == "vhostmem":
             continue  # the package's own __version__
-        assert layer_of(target) <= my_layer, f"{me} (layer {my_layer}) imports {target} (layer {layer_of(target)})"
+        assert layer_of(target) <= my_layer, (
+            f"{me} (layer {my_layer}) imports {target} (layer {layer_of(target)})"
+        )
 
 
 def check_mapping_imports(me: str, targets: set[str]) -> None:
@@ -160,8 +188,8 @@ def check_mapping_imports(me: str, targets: set[str]) -> None:
         if target.startswith("vhostmem.mapping.") and target != me:
             assert target in layer, f"{target} is in no layer: add it to MAPPING_LAYERS"
             assert layer[target] < layer[me], (
-                f"{me} (mapping layer {layer[me]}) imports {target} "
-                f"(mapping layer {layer[target]})")
+                f"{me} (mapping layer {layer[me]}) imports {target} (mapping layer {layer[target]})"
+            )
 
 
 def check_syscall_imports(me: str, targets: set[str]) -> None:
@@ -170,18 +198,31 @@ def check_syscall_imports(me: str, targets: set[str]) -> None:
         allowed = SYSCALL_MODULES.get(target)
         if allowed is not None:
             assert any(me == a or (a.endswith(".") and me.startswith(a)) for a in allowed), (
-                f"{me} imports {target}: only {', '.join(allowed)} may")
+                f"{me} imports {target}: only {', '.join(allowed)} may"
+            )
 
 
 #: The package's sources, each once: vhostmem/protocol is the symlink to protocol/.
-SOURCES = sorted(p for pkg in ("protocol", "vhostmem") for p in (ROOT / pkg).rglob("*.py")
-                 if ROOT / "vhostmem" / "protocol" not in p.parents)
+SOURCES = sorted(
+    p
+    for pkg in ("protocol", "vhostmem")
+    for p in (ROOT / pkg).rglob("*.py")
+    if ROOT / "vhostmem" / "protocol" not in p.parents
+)
 
 #: Python files of the checkout outside the package: tests, tools (by shebang), hugepages.
-SCRIPTS = sorted([*(p for d in ("tests", "hugepages") for p in (ROOT / d).rglob("*.py")),
-                  *(p for p in (ROOT / "tools").iterdir()
-                    if p.is_file() and p.read_bytes().startswith(b"#!") and
-                    b"python" in p.read_bytes().split(b"\n", 1)[0])])
+SCRIPTS = sorted(
+    [
+        *(p for d in ("tests", "hugepages") for p in (ROOT / d).rglob("*.py")),
+        *(
+            p
+            for p in (ROOT / "tools").iterdir()
+            if p.is_file()
+            and p.read_bytes().startswith(b"#!")
+            and b"python" in p.read_bytes().split(b"\n", 1)[0]
+        ),
+    ]
+)
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: module_name(p))
@@ -227,8 +268,10 @@ def test_a_mapping_import_that_points_up_or_sideways_is_caught() -> None:
         check_mapping_imports("vhostmem.mapping.linux", {"vhostmem.mapping.mapper"})
     with pytest.raises(AssertionError, match=r"peek \(mapping layer 2\) imports .*diagnosis"):
         check_mapping_imports("vhostmem.mapping.peek", {"vhostmem.mapping.diagnosis"})
-    check_mapping_imports("vhostmem.mapping.mapper",
-                          {"vhostmem.mapping.peek", "vhostmem.mapping.linux", "vhostmem.errors"})
+    check_mapping_imports(
+        "vhostmem.mapping.mapper",
+        {"vhostmem.mapping.peek", "vhostmem.mapping.linux", "vhostmem.errors"},
+    )
 
 
 def test_mmap_outside_the_mapping_package_is_caught() -> None:
@@ -243,16 +286,19 @@ def test_mmap_outside_the_mapping_package_is_caught() -> None:
 def test_relative_imports_are_resolved() -> None:
     # the package's own module and submodules, one and two levels up
     assert resolve_relative("vhostmem.server", False, 1, "errors", ["MappingError"]) == {
-        "vhostmem.errors"}
-    assert resolve_relative("vhostmem.server", False, 1, None, ["session"]) == {
-        "vhostmem.session"}
+        "vhostmem.errors"
+    }
+    assert resolve_relative("vhostmem.server", False, 1, None, ["session"]) == {"vhostmem.session"}
     assert resolve_relative("vhostmem.testing.plugin", False, 2, "server", ["run"]) == {
-        "vhostmem.server"}
+        "vhostmem.server"
+    }
     assert resolve_relative("vhostmem.testing", True, 1, "backend", ["start_backend"]) == {
-        "vhostmem.testing.backend"}
+        "vhostmem.testing.backend"
+    }
     assert resolve_relative("vhostmem", True, 1, None, ["__version__"]) == {"vhostmem"}
     assert resolve_relative("vhostmem.protocol.codec", False, 1, "codes", ["Request"]) == {
-        "vhostmem.protocol.codes"}
+        "vhostmem.protocol.codes"
+    }
     with pytest.raises(AssertionError, match="beyond the top-level package"):
         resolve_relative("vhostmem.protocol.codec", False, 3, None, ["x"])
 
@@ -261,21 +307,33 @@ def test_a_relative_import_that_points_up_is_caught() -> None:
     source = "from .server import run\nfrom . import errors\n"
     found = imports_of(source, "vhostmem.regions", is_package=False)
     assert found == {"vhostmem.server", "vhostmem.errors"}
-    with pytest.raises(AssertionError, match=r"vhostmem.regions \(layer 2\) imports vhostmem.server"):
+    with pytest.raises(
+        AssertionError, match=r"vhostmem.regions \(layer 2\) imports vhostmem.server"
+    ):
         check_imports("vhostmem.regions", found)
-    check_imports("vhostmem.regions", imports_of("from . import errors\n", "vhostmem.regions",
-                                                 is_package=False))
+    check_imports(
+        "vhostmem.regions",
+        imports_of("from . import errors\n", "vhostmem.regions", is_package=False),
+    )
 
 
 def test_protocol_importing_the_rest_of_vhostmem_is_caught() -> None:
-    for source in ("from vhostmem.errors import VhostMemError\n", "from .. import errors\n",
-                   "from vhostmem import __version__\n"):
+    for source in (
+        "from vhostmem.errors import VhostMemError\n",
+        "from .. import errors\n",
+        "from vhostmem import __version__\n",
+    ):
         found = imports_of(source, "vhostmem.protocol.codec", is_package=False)
         with pytest.raises(AssertionError, match=r"vhostmem\.protocol must not import vhostmem"):
             check_imports("vhostmem.protocol.codec", found)
     bare = r"imports protocol\.codes: import vhostmem\.protocol, not the bare name"
     with pytest.raises(AssertionError, match=bare):
         check_imports("vhostmem.session", {"protocol.codes"})
-    check_imports("vhostmem.protocol.codec", imports_of(
-        "from . import structs\nfrom vhostmem.protocol.codes import Request\n",
-        "vhostmem.protocol.codec", is_package=False))
+    check_imports(
+        "vhostmem.protocol.codec",
+        imports_of(
+            "from . import structs\nfrom vhostmem.protocol.codes import Request\n",
+            "vhostmem.protocol.codec",
+            is_package=False,
+        ),
+    )

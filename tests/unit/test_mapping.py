@@ -22,7 +22,6 @@ import pytest
 
 from vhostmem import mapping as mapping_mod
 from vhostmem.errors import MappingError
-from vhostmem.regions import human_size
 from vhostmem.mapping import (
     Mapper,
     Mapping,
@@ -30,6 +29,7 @@ from vhostmem.mapping import (
     probe_backing,
     raise_nofile_limit,
 )
+from vhostmem.regions import human_size
 
 from .helpers import map_lines, open_fds, shared_maps
 
@@ -47,8 +47,14 @@ _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_long]
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -143,8 +149,10 @@ def hugepages() -> Iterator[int]:
         pytest.fail(f"cannot reserve huge pages ({NR_HUGEPAGES}: {err}); these tests need root")
     try:
         if pool() < HUGEPAGES_WANTED:
-            pytest.fail(f"reserved {missing} more huge pages but only {pool()} are free "
-                        f"(nr_hugepages {pool('nr_hugepages')}); need {HUGEPAGES_WANTED}")
+            pytest.fail(
+                f"reserved {missing} more huge pages but only {pool()} are free "
+                f"(nr_hugepages {pool('nr_hugepages')}); need {HUGEPAGES_WANTED}"
+            )
         yield HUGEPAGES_WANTED
     finally:
         Path(NR_HUGEPAGES).write_text(str(old))
@@ -278,9 +286,20 @@ def test_close_catches_a_munmap_that_mmap_close_ignored(mapper: Mapper) -> None:
     anchor = ctypes.c_char.from_buffer(mm)
     base = ctypes.addressof(anchor)
     del anchor
-    m = Mapping(mapper=mapper, mm=mm, map_base=base, kept_fd=None, request="ADD_MEM_REG",
-                gpa=0, size=1 * MiB, mmap_offset=0, fd_offset=0, length=HPAGE,
-                backing=probe_backing(fd), warnings=())
+    m = Mapping(
+        mapper=mapper,
+        mm=mm,
+        map_base=base,
+        kept_fd=None,
+        request="ADD_MEM_REG",
+        gpa=0,
+        size=1 * MiB,
+        mmap_offset=0,
+        fd_offset=0,
+        length=HPAGE,
+        backing=probe_backing(fd),
+        warnings=(),
+    )
     os.close(fd)
     m.close()
     assert maps_overlapping(base, base + HPAGE) == []
@@ -302,9 +321,20 @@ def test_close_catches_a_munmap_left_inside_a_merged_mapping(mapper: Mapper) -> 
     decoy = mmap.mmap(decoy_fd, 4096, flags=mmap.MAP_SHARED)
     os.close(decoy_fd)
     base = low + 8192
-    m = Mapping(mapper=mapper, mm=decoy, map_base=base, kept_fd=None, request="REM_MEM_REG",
-                gpa=0x8000, size=8192, mmap_offset=8192, fd_offset=8192, length=8192,
-                backing=probe_backing(fd), warnings=())
+    m = Mapping(
+        mapper=mapper,
+        mm=decoy,
+        map_base=base,
+        kept_fd=None,
+        request="REM_MEM_REG",
+        gpa=0x8000,
+        size=8192,
+        mmap_offset=8192,
+        fd_offset=8192,
+        length=8192,
+        backing=probe_backing(fd),
+        warnings=(),
+    )
     assert len(maps_overlapping(low, low + 16384)) == 1  # one VMA covers both halves
     m.close()
     assert maps_overlapping(base, base + 8192) == []
@@ -363,9 +393,20 @@ def test_close_that_the_kernel_refused_unmaps_on_the_next_close(mapper: Mapper) 
     base = ctypes.addressof(anchor) + PAGE
     del anchor
     decoy, decoy_base = _mm_whose_close_fails()  # so m.close() leaves the count at the limit
-    m = Mapping(mapper=mapper, mm=decoy, map_base=base, kept_fd=None, request="ADD_MEM_REG",
-                gpa=0x8000, size=PAGE, mmap_offset=PAGE, fd_offset=PAGE, length=PAGE,
-                backing=probe_backing(fd), warnings=())
+    m = Mapping(
+        mapper=mapper,
+        mm=decoy,
+        map_base=base,
+        kept_fd=None,
+        request="ADD_MEM_REG",
+        gpa=0x8000,
+        size=PAGE,
+        mmap_offset=PAGE,
+        fd_offset=PAGE,
+        length=PAGE,
+        backing=probe_backing(fd),
+        warnings=(),
+    )
     gc.disable()  # no arena freed while the count sits at the limit
     filler, length = _fill_to_max_map_count()
     try:
@@ -449,16 +490,21 @@ REFUSALS: list[tuple[str, Case, str, str]] = [
     ("eventfd", _eventfd, "not-mappable", "share=on"),
     ("sealed", _sealed, "sealed", "F_SEAL_WRITE"),
     ("read-only", _read_only, "read-only", "O_RDWR"),
-    ("past-eof", _past_eof, "past-eof",
-     "file size 0x100000 (1 MiB) < mmap_offset + size = 0x101000"),
+    (
+        "past-eof",
+        _past_eof,
+        "past-eof",
+        "file size 0x100000 (1 MiB) < mmap_offset + size = 0x101000",
+    ),
     ("size-0", _size_zero, "empty", "size 0"),
     ("overflow", _overflow, "overflow", "overflows 2^64"),
     ("max-mapped", _max_mapped, "max-mapped", "max_mapped 0x100000"),
 ]
 
 
-@pytest.mark.parametrize(("case", "kind", "words"), [r[1:] for r in REFUSALS],
-                         ids=[r[0] for r in REFUSALS])
+@pytest.mark.parametrize(
+    ("case", "kind", "words"), [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS]
+)
 def test_refusals_explain_and_leak_nothing(
     tmp_path: Path, case: Case, kind: str, words: str
 ) -> None:
@@ -498,8 +544,9 @@ def test_closed_fd_is_reported_not_crashed(mapper: Mapper) -> None:
 def test_injected_enomem_shows_max_map_count(mapper: Mapper) -> None:
     fds_before = open_fds()
     with pytest.raises(MappingError) as info:
-        mapper.map(memfd(2 * MiB), gpa=0x1_0000_0000, size=2 * MiB, mmap_offset=0,
-                   fail_errno=errno.ENOMEM)
+        mapper.map(
+            memfd(2 * MiB), gpa=0x1_0000_0000, size=2 * MiB, mmap_offset=0, fail_errno=errno.ENOMEM
+        )
     err = info.value
     text = str(err)
     assert err.kind == "enomem" and err.errno == errno.ENOMEM
@@ -519,13 +566,21 @@ def test_kernel_mmap_failure_names_region_uaddr_errno_backing_and_fix(mapper: Ma
     # The file is only opened, never written.
     fd = os.open(POOL + "nr_hugepages", os.O_RDWR | os.O_CLOEXEC)
     with pytest.raises(MappingError) as info:
-        mapper.map(fd, gpa=0x1_4000_0000, size=0x1000, mmap_offset=0, request="SET_MEM_TABLE",
-                   uaddr=0x7F12_3400_0000)
+        mapper.map(
+            fd,
+            gpa=0x1_4000_0000,
+            size=0x1000,
+            mmap_offset=0,
+            request="SET_MEM_TABLE",
+            uaddr=0x7F12_3400_0000,
+        )
     err = info.value
     text = str(err)
     assert (err.kind, err.errno) == ("enodev", errno.ENODEV)
-    assert text.startswith("SET_MEM_TABLE gpa=0x140000000-0x140000fff size=0x1000 (4 KiB) "
-                           "uaddr=0x7f1234000000 mmap_offset=0x0: ")
+    assert text.startswith(
+        "SET_MEM_TABLE gpa=0x140000000-0x140000fff size=0x1000 (4 KiB) "
+        "uaddr=0x7f1234000000 mmap_offset=0x0: "
+    )
     assert "mmap failed: the kernel returned ENODEV (No such device)" in text
     assert "fd_offset 0x0, remainder 0x0, length 0x1000 (4 KiB), page 0x1000" in text
     assert f"Backing: file '{POOL}nr_hugepages' (page 4 KiB" in text
@@ -614,7 +669,9 @@ def test_peek_untouched_shmem_page_is_unpopulated_and_stays_so(mapper: Mapper) -
     with mapper.map(fd, gpa=0, size=64 * KiB, mmap_offset=0) as m:
         p = m.peek(0, 8192)
         assert [(c.offset, c.length, c.state) for c in p.chunks] == [
-            (0, 4096, "data"), (4096, 4096, "unpopulated")]
+            (0, 4096, "data"),
+            (4096, 4096, "unpopulated"),
+        ]
         assert p.chunks[1].data is None
         assert p.data(fill=0xEE)[4096:] == b"\xee" * 4096
         assert p.hex()[8192:8200] == "________"
@@ -677,8 +734,8 @@ def test_hugetlb_odd_mmap_offset(hugepages: int, mmap_offset: int) -> None:
     assert os.pread(check, 64, mmap_offset) == head
     assert os.pread(check, 64, mmap_offset + size - 64) == tail
     other = mmap.mmap(check, 4 * HPAGE, flags=mmap.MAP_SHARED | mapping_mod.MAP_NORESERVE)
-    assert other[mmap_offset:mmap_offset + 64] == head
-    other[mmap_offset + 100:mmap_offset + 104] = b"QEMU"
+    assert other[mmap_offset : mmap_offset + 64] == head
+    other[mmap_offset + 100 : mmap_offset + 104] = b"QEMU"
     assert bytes(m.view(100, 4)) == b"QEMU"
     assert m.peek(100, 4).data() == b"QEMU"
     other.close()
@@ -696,7 +753,7 @@ def test_hugetlb_peek_reads_pages_our_mapping_never_touched(hugepages: int) -> N
     check = os.dup(fd)
     try:
         other = mmap.mmap(check, 4 * HPAGE, flags=mmap.MAP_SHARED | mapping_mod.MAP_NORESERVE)
-        other[HPAGE + 10:HPAGE + 20] = b"0123456789"  # QEMU populates page 1
+        other[HPAGE + 10 : HPAGE + 20] = b"0123456789"  # QEMU populates page 1
         with Mapper() as mapper:
             m = mapper.map(fd, gpa=0x2_0000_0000, size=3 * HPAGE, mmap_offset=HPAGE)
             free = pool()
@@ -737,16 +794,26 @@ def test_hugetlb_injected_einval_says_injected_and_does_not_blame_aligned_number
     # The layout is aligned (vhostmem aligns it), so alignment cannot be the cause: the words
     # must say the errno was injected and that the numbers are multiples of the page.
     with Mapper() as mapper, pytest.raises(MappingError) as info:
-        mapper.map(memfd(2 * HPAGE, "huge", os.MFD_HUGETLB), gpa=0x1000_0000, size=HPAGE,
-                   mmap_offset=0x1000, fail_errno=errno.EINVAL, uaddr=0x7F00_0000_1000)
+        mapper.map(
+            memfd(2 * HPAGE, "huge", os.MFD_HUGETLB),
+            gpa=0x1000_0000,
+            size=HPAGE,
+            mmap_offset=0x1000,
+            fail_errno=errno.EINVAL,
+            uaddr=0x7F00_0000_1000,
+        )
     text = str(info.value)
     assert info.value.kind == "einval" and info.value.details["injected"] is True
-    assert text.startswith("ADD_MEM_REG gpa=0x10000000-0x101fffff size=0x200000 (2 MiB) "
-                           "uaddr=0x7f0000001000 mmap_offset=0x1000: mmap was not called: a "
-                           "fault rule (errno=EINVAL) made it fail as if the kernel had returned "
-                           "EINVAL (Invalid argument) [injected fault]; ")
-    assert ("fd_offset 0x0 and length 0x400000 are both multiples of the huge page size "
-            "0x200000 (2 MiB), so alignment is not the cause") in text
+    assert text.startswith(
+        "ADD_MEM_REG gpa=0x10000000-0x101fffff size=0x200000 (2 MiB) "
+        "uaddr=0x7f0000001000 mmap_offset=0x1000: mmap was not called: a "
+        "fault rule (errno=EINVAL) made it fail as if the kernel had returned "
+        "EINVAL (Invalid argument) [injected fault]; "
+    )
+    assert (
+        "fd_offset 0x0 and length 0x400000 are both multiples of the huge page size "
+        "0x200000 (2 MiB), so alignment is not the cause"
+    ) in text
     assert "mod page" not in text and "misalign" not in text and "is not a multiple" not in text
     assert "Backing: memfd-hugetlb" in text and "(page 2 MiB" in text
     assert "Fix: nothing to change in the set-up: this EINVAL was injected" in text
@@ -754,8 +821,13 @@ def test_hugetlb_injected_einval_says_injected_and_does_not_blame_aligned_number
 
 def test_hugetlb_injected_enomem_shows_the_pool(hugepages: int) -> None:
     with Mapper() as mapper, pytest.raises(MappingError) as info:
-        mapper.map(memfd(HPAGE, "huge", os.MFD_HUGETLB), gpa=0, size=HPAGE, mmap_offset=0,
-                   fail_errno=errno.ENOMEM)
+        mapper.map(
+            memfd(HPAGE, "huge", os.MFD_HUGETLB),
+            gpa=0,
+            size=HPAGE,
+            mmap_offset=0,
+            fail_errno=errno.ENOMEM,
+        )
     assert f"hugetlb pool 2048kB: free {pool()}" in str(info.value)
     assert info.value.details["hugetlb_pool"]["free"] == pool()
 
@@ -794,26 +866,42 @@ def test_hugetlb_region_beyond_free_pool_warns_with_the_numbers(hugepages: int) 
             f"region spans {pages} pages of 2 MiB (memfd-hugetlb '/memfd:big (deleted)'); the "
             f"file holds 1 pages (allocated); the 2 MiB pool has {free} free pages, {resv} of "
             f"them reserved (of {total} in all): {pages - 1} pages still to allocate, {short} "
-            f"pages short if every page is touched. Served anyway:")
+            f"pages short if every page is touched. Served anyway:"
+        )
         assert "SIGBUS: QEMU (the guest's accesses run in QEMU's vCPU threads" in warning
         assert "vhostmem when --tap writes a guest buffer there" in warning
         assert "vhostmem's peek does not touch such pages" in warning
-        assert (f"Fix: reserve {short} more pages of 2 MiB: echo {total + short} > "
-                f"{POOL}nr_hugepages") in warning
+        assert (
+            f"Fix: reserve {short} more pages of 2 MiB: echo {total + short} > {POOL}nr_hugepages"
+        ) in warning
         [found] = mapper.shortfalls()
         assert (found.mapping, found.region_pages, found.held, found.free, found.short) == (
-            m, pages, 1, free, short)
+            m,
+            pages,
+            1,
+            free,
+            short,
+        )
 
         # A second region of the same file (its last two pages): the file counts once, so
         # the shortfall stays 3, and both regions are listed.
-        tail = mapper.map(second, gpa=0x2_0000_0000, size=2 * HPAGE,
-                          mmap_offset=(pages - 2) * HPAGE, request="SET_MEM_TABLE")
+        tail = mapper.map(
+            second,
+            gpa=0x2_0000_0000,
+            size=2 * HPAGE,
+            mmap_offset=(pages - 2) * HPAGE,
+            request="SET_MEM_TABLE",
+        )
         [tail_warning] = tail.warnings
-        assert (f"its file has 2 regions mapped here, {pages} pages counted once; the file "
-                f"holds 1 pages") in tail_warning
+        assert (
+            f"its file has 2 regions mapped here, {pages} pages counted once; the file "
+            f"holds 1 pages"
+        ) in tail_warning
         assert f"{short} pages short if every page is touched" in tail_warning
         assert [(s.gpa, s.file_regions, s.short) for s in mapper.shortfalls()] == [
-            (gpa, 2, short), (0x2_0000_0000, 2, short)]
+            (gpa, 2, short),
+            (0x2_0000_0000, 2, short),
+        ]
         m.close()
         assert [(s.gpa, s.region_pages, s.short) for s in mapper.shortfalls()] == []
         tail.close()
@@ -826,11 +914,11 @@ def test_hugetlb_file_covered_by_its_reservation_is_not_short(hugepages: int) ->
     with Mapper() as mapper:
         reserved_pages = 4
         boot = memfd(reserved_pages * HPAGE, "boot", os.MFD_HUGETLB)
-        with mmap.mmap(boot, reserved_pages * HPAGE, mmap.MAP_SHARED,
-                       mmap.PROT_READ | mmap.PROT_WRITE):
+        with mmap.mmap(
+            boot, reserved_pages * HPAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        ):
             assert pool("resv_hugepages") >= reserved_pages
-            covered = mapper.map(os.dup(boot), gpa=0, size=reserved_pages * HPAGE,
-                                 mmap_offset=0)
+            covered = mapper.map(os.dup(boot), gpa=0, size=reserved_pages * HPAGE, mmap_offset=0)
             assert covered.warnings == ()
             pages = pool() - reserved_pages + 2  # 2 more than the unreserved free pages
             vmem = memfd(pages * HPAGE, "vmem", os.MFD_HUGETLB)
@@ -839,11 +927,17 @@ def test_hugetlb_file_covered_by_its_reservation_is_not_short(hugepages: int) ->
             [found] = mapper.shortfalls()
             assert found.mapping is m and found.other_missing == reserved_pages
             assert (found.region_pages, found.held, found.free, found.resv) == (
-                pages, 0, free, resv)
+                pages,
+                0,
+                free,
+                resv,
+            )
             assert found.short == pages + reserved_pages - free == 2
             [warning] = m.warnings
-            assert ("other hugetlb files of 2 MiB pages mapped here still lack 4 pages: "
-                    f"{pages + 4} pages still to allocate, 2 pages short") in warning
+            assert (
+                "other hugetlb files of 2 MiB pages mapped here still lack 4 pages: "
+                f"{pages + 4} pages still to allocate, 2 pages short"
+            ) in warning
             m.close()
             covered.close()
         os.close(boot)

@@ -37,7 +37,8 @@ async def with_three_memslots(config: ServerConfig, query: dict[str, Any]) -> di
             memfd = make_memfd(8 * GiB)
             for i in range(3):
                 ack = await trio.to_thread.run_sync(
-                    fe.add_region, BASE + i * GiB, GiB, 0x7F0000000000 + i * GiB, i * GiB, memfd)
+                    fe.add_region, BASE + i * GiB, GiB, 0x7F0000000000 + i * GiB, i * GiB, memfd
+                )
                 assert ack == 0
             os.close(memfd)
             reply = answer(backend, json.dumps({"cmd": "regions", "args": query}).encode())
@@ -59,7 +60,9 @@ async def test_markers_from_qmp_keep_memslots_apart() -> None:
     view = QemuMemory((), tuple(memslot_aliases(MTREE)), MTREE)
     markers = [[m.start, m.end, m.source] for m in unmergeable_markers(view)]
     doc = await with_three_memslots(ServerConfig(), {"merged": True, "markers": markers})
-    assert [(m["gpa"], m["size"]) for m in doc["merged"]] == [(BASE + i * GiB, GiB) for i in range(3)]
+    assert [(m["gpa"], m["size"]) for m in doc["merged"]] == [
+        (BASE + i * GiB, GiB) for i in range(3)
+    ]
     assert doc["merged"][0]["boundary_after"] == "unmergeable: qmp:memslot-0@mem2"
     assert doc["merged"][2]["boundary_after"] is None
 
@@ -70,4 +73,8 @@ async def test_command_line_markers_and_no_merge() -> None:
     assert [m["size"] for m in doc["merged"]] == [GiB, GiB, GiB]
     assert "--unmergeable 0x280000000-0x2c0000000" in doc["merged"][0]["boundary_after"]
     doc = await with_three_memslots(ServerConfig(merge=False), {"merged": True})
-    assert [m["boundary_after"] for m in doc["merged"]] == ["merging disabled", "merging disabled", None]
+    assert [m["boundary_after"] for m in doc["merged"]] == [
+        "merging disabled",
+        "merging disabled",
+        None,
+    ]

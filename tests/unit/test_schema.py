@@ -18,10 +18,10 @@ import jsonschema
 import pytest
 import trio
 
-from vhostmem.protocol import Request, encode_request
 from vhostmem import journal
 from vhostmem.cli import ctl_main
 from vhostmem.faults import parse_fault
+from vhostmem.protocol import Request, encode_request
 from vhostmem.report import render_events
 from vhostmem.server import Backend, ServerConfig
 from vhostmem.testing import schema
@@ -76,8 +76,10 @@ def test_every_field_of_every_event_kind_has_one_type() -> None:
         assert set(doc["$defs"][kind]["required"]) <= set(allowed), kind
         assert {"version", "event", "ts"} <= set(doc["$defs"][kind]["required"]), kind
         # each kind is selected by its own "event" value
-        assert {"if": {"required": ["event"], "properties": {"event": {"const": kind}}},
-                "then": {"$ref": f"#/$defs/{kind}"}} in doc["allOf"]
+        assert {
+            "if": {"required": ["event"], "properties": {"event": {"const": kind}}},
+            "then": {"$ref": f"#/$defs/{kind}"},
+        } in doc["allOf"]
 
 
 @pytest.mark.parametrize(
@@ -97,9 +99,21 @@ def test_the_event_log_schema_refuses_what_breaks_a_reader(
     line: dict[str, Any], words: list[str]
 ) -> None:
     good = {
-        "version": 1, "event": "memory-table", "ts": 1.5, "socket": "s", "conn": 1,
-        "request": "ADD_MEM_REG", "result": "ok", "added": 1, "removed": 0, "kept": 0, "seq": 1,
-        "batch": 1, "classification": "plug", "batching": "gap", "violations": [],
+        "version": 1,
+        "event": "memory-table",
+        "ts": 1.5,
+        "socket": "s",
+        "conn": 1,
+        "request": "ADD_MEM_REG",
+        "result": "ok",
+        "added": 1,
+        "removed": 0,
+        "kept": 0,
+        "seq": 1,
+        "batch": 1,
+        "classification": "plug",
+        "batching": "gap",
+        "violations": [],
         "region": {"gpa": 0, "size": 4096, "uaddr": 0, "mmap_offset": 0},
     }
     assert schema.problems(good, "event-log") == []
@@ -156,14 +170,34 @@ async def test_every_event_kind_matches_the_schema(tmp_path: Path) -> None:
     peer = {"pid": 1, "uid": 0, "gid": 0}
     events += [
         journal.ring_error(
-            socket="a", conn=1, vring=0, queue="rx", error="vring 0: address 0x0 is in no region",
-            error_kind="hole", base=0, gpa=0, details={"gpa": 0}, ts=1.0),
+            socket="a",
+            conn=1,
+            vring=0,
+            queue="rx",
+            error="vring 0: address 0x0 is in no region",
+            error_kind="hole",
+            base=0,
+            gpa=0,
+            details={"gpa": 0},
+            ts=1.0,
+        ),
         journal.datapath_refused(
-            socket="a", conn=2, peer=None, tap="vhm0", reason="TAP vhm0 already bridges ...",
-            holder=journal.party(socket="a", conn=1, peer=peer), ts=1.0),
+            socket="a",
+            conn=2,
+            peer=None,
+            tap="vhm0",
+            reason="TAP vhm0 already bridges ...",
+            holder=journal.party(socket="a", conn=1, peer=peer),
+            ts=1.0,
+        ),
         journal.datapath_handover(
-            socket="a", conn=2, peer=peer, tap="vhm0",
-            previous=journal.party(socket="a", conn=1, peer=None), ts=1.0),
+            socket="a",
+            conn=2,
+            peer=peer,
+            tap="vhm0",
+            previous=journal.party(socket="a", conn=1, peer=None),
+            ts=1.0,
+        ),
     ]
     assert "peer" not in events[-2] and "peer" not in events[-1]["previous"]
     for doc in events:
@@ -206,9 +240,16 @@ async def test_every_event_kind_matches_the_schema(tmp_path: Path) -> None:
     assert refusal["peer"]["uid"] == os.getuid() and "4242" in refusal["reason"]
     # vhostmem-ctl events reads every kind
     text = render_events({"version": 1, "events": events})
-    for words in ("connect", "ADD_MEM_REG ok gpa=0x100000000", "VIOLATION merge: 0x100000000",
-                  "UNKNOWN(200) error", "GET_QUEUE_NUM ok", "refused", "ring-error",
-                  "disconnect"):
+    for words in (
+        "connect",
+        "ADD_MEM_REG ok gpa=0x100000000",
+        "VIOLATION merge: 0x100000000",
+        "UNKNOWN(200) error",
+        "GET_QUEUE_NUM ok",
+        "refused",
+        "ring-error",
+        "disconnect",
+    ):
         assert words in text, (words, text)
 
 

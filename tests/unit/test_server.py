@@ -365,7 +365,9 @@ async def test_quiet_successes_are_booked_later_but_in_order_and_before_control_
 
             def burst() -> tuple[list[int], float]:
                 acks = [
-                    fe.add_region(i * 4 * MiB, 4 * MiB, 0x10000000 + i * 4 * MiB, i * 4 * MiB, memfd)
+                    fe.add_region(
+                        i * 4 * MiB, 4 * MiB, 0x10000000 + i * 4 * MiB, i * 4 * MiB, memfd
+                    )
                     for i in range(3)
                 ]
                 assert acks == [0, 0, 0]

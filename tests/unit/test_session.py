@@ -45,7 +45,9 @@ def drain(session: Session) -> list[Handled]:
         out.append(ev)
 
 
-def feed(session: Session, host: FakeHost, data: bytes, nfds: int = 0, file_id=None) -> list[Handled]:
+def feed(
+    session: Session, host: FakeHost, data: bytes, nfds: int = 0, file_id=None
+) -> list[Handled]:
     fds = [host.new_fd(file_id) for _ in range(nfds)]
     session.receive_data(data, fds)
     return drain(session)
@@ -62,7 +64,9 @@ def qemu_session(**config: object) -> tuple[Session, FakeHost]:
     """A session after QEMU's handshake with REPLY_ACK and CONFIGURE_MEM_SLOTS negotiated."""
     host = FakeHost()
     session = Session(SessionConfig(**config), host)  # type: ignore[arg-type]
-    wanted = int(ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.MQ)
+    wanted = int(
+        ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.MQ
+    )
     wanted &= session.config.protocol_features
     for req, payload in [
         (Request.GET_FEATURES, None),
@@ -76,14 +80,22 @@ def qemu_session(**config: object) -> tuple[Session, FakeHost]:
     return session, host
 
 
-def add(session: Session, host: FakeHost, gpa: int, size: int, uaddr: int, off: int = 0, file_id=None) -> Handled:
-    msg = encode_request(Request.ADD_MEM_REG, MemRegMsg(MemoryRegion(gpa, size, uaddr, off)), need_reply=True)
+def add(
+    session: Session, host: FakeHost, gpa: int, size: int, uaddr: int, off: int = 0, file_id=None
+) -> Handled:
+    msg = encode_request(
+        Request.ADD_MEM_REG, MemRegMsg(MemoryRegion(gpa, size, uaddr, off)), need_reply=True
+    )
     [ev] = feed(session, host, msg, 1, file_id)
     return ev
 
 
-def rem(session: Session, host: FakeHost, gpa: int, size: int, uaddr: int, nfds: int = 0) -> Handled:
-    msg = encode_request(Request.REM_MEM_REG, MemRegMsg(MemoryRegion(gpa, size, uaddr, 0)), need_reply=True)
+def rem(
+    session: Session, host: FakeHost, gpa: int, size: int, uaddr: int, nfds: int = 0
+) -> Handled:
+    msg = encode_request(
+        Request.REM_MEM_REG, MemRegMsg(MemoryRegion(gpa, size, uaddr, 0)), need_reply=True
+    )
     [ev] = feed(session, host, msg, nfds)
     return ev
 
@@ -91,7 +103,9 @@ def rem(session: Session, host: FakeHost, gpa: int, size: int, uaddr: int, nfds:
 # -- recorded QEMU traffic ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["qemu-10.0.2-virtio-mem-memslots.jsonl", "qemu-10.0.2-virtio-mem-legacy.jsonl"])
+@pytest.mark.parametrize(
+    "name", ["qemu-10.0.2-virtio-mem-memslots.jsonl", "qemu-10.0.2-virtio-mem-legacy.jsonl"]
+)
 def test_replay_recorded_qemu(name: str) -> None:
     """Every request QEMU sent is handled ok, replies match what QEMU waited for, nothing leaks."""
     host = FakeHost()
@@ -219,7 +233,14 @@ def test_set_owner_first_client() -> None:
 def test_memory_before_owner_is_refused_with_failure_ack() -> None:
     host = FakeHost()
     s = Session(SessionConfig(), host)
-    feed(s, host, encode_request(Request.SET_PROTOCOL_FEATURES, int(ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SLOTS)))
+    feed(
+        s,
+        host,
+        encode_request(
+            Request.SET_PROTOCOL_FEATURES,
+            int(ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SLOTS),
+        ),
+    )
     ev = add(s, host, 0, MiB, 0x7000_0000)
     assert not ev.ok and ev.error_kind == "state"
     assert "SET_OWNER" in (ev.error or "")
@@ -231,7 +252,11 @@ def test_memory_before_owner_is_refused_with_failure_ack() -> None:
 def test_protocol_features_not_offered_refused() -> None:
     host = FakeHost()
     s = Session(SessionConfig(mem_slots=False), host)
-    [ev] = feed(s, host, encode_request(Request.SET_PROTOCOL_FEATURES, int(ProtocolFeature.CONFIGURE_MEM_SLOTS)))
+    [ev] = feed(
+        s,
+        host,
+        encode_request(Request.SET_PROTOCOL_FEATURES, int(ProtocolFeature.CONFIGURE_MEM_SLOTS)),
+    )
     assert not ev.ok and "CONFIGURE_MEM_SLOTS" in (ev.error or "")
     assert s.acked_protocol_features == 0
 
@@ -260,7 +285,9 @@ def test_wrong_version_and_reply_flag_answered() -> None:
     s, host = qemu_session()
     [ev] = feed(s, host, encode_request(Request.SET_VRING_NUM, VringState(0, 8), flags=0x8 | 0x2))
     assert not ev.ok and "version" in (ev.error or "") and u64(ev.reply) == 1
-    [ev] = feed(s, host, encode_request(Request.SET_VRING_NUM, VringState(0, 8), flags=0x1 | 0x4 | 0x8))
+    [ev] = feed(
+        s, host, encode_request(Request.SET_VRING_NUM, VringState(0, 8), flags=0x1 | 0x4 | 0x8)
+    )
     assert not ev.ok and "REPLY" in (ev.error or "")
 
 
@@ -273,7 +300,9 @@ def test_short_payload_is_a_decode_failure_not_fatal() -> None:
 
 def test_oversized_size_field_breaks_framing_and_closes_fds() -> None:
     s, host = qemu_session()
-    bad = encode_request(Request.SET_VRING_NUM, VringState(0, 8))[:8] + (10**6).to_bytes(4, "little")
+    bad = encode_request(Request.SET_VRING_NUM, VringState(0, 8))[:8] + (10**6).to_bytes(
+        4, "little"
+    )
     s.receive_data(bad, [host.new_fd()])
     with pytest.raises(RemoteProtocolError):
         s.next_event()
@@ -293,7 +322,12 @@ def test_add_and_rem() -> None:
     assert ev.ok and u64(ev.reply) == 0
     assert ev.change is not None and len(ev.change.added) == 1
     [region] = s.table.regions
-    assert (region.gpa, region.size, region.uaddr, region.mmap_offset) == (0x100000000, GiB, 0x7F0000000000, GiB)
+    assert (region.gpa, region.size, region.uaddr, region.mmap_offset) == (
+        0x100000000,
+        GiB,
+        0x7F0000000000,
+        GiB,
+    )
     ev = rem(s, host, 0x100000000, GiB, 0x7F0000000000)
     assert ev.ok and u64(ev.reply) == 0 and len(s.table) == 0
     assert host.mapped == {}
@@ -340,7 +374,9 @@ def test_slot_limit_and_reuse() -> None:
 
 def test_add_with_wrong_fd_counts() -> None:
     s, host = qemu_session()
-    msg = encode_request(Request.ADD_MEM_REG, MemRegMsg(MemoryRegion(0, MiB, 0x1000000, 0)), need_reply=True)
+    msg = encode_request(
+        Request.ADD_MEM_REG, MemRegMsg(MemoryRegion(0, MiB, 0x1000000, 0)), need_reply=True
+    )
     for n in (0, 2, 7):
         [ev] = feed(s, host, msg, n)
         assert not ev.ok and u64(ev.reply) == 1 and "file descriptor" in (ev.error or "")
@@ -373,7 +409,11 @@ def test_set_mem_table_by_difference() -> None:
     vmem = (0x100000000, 4 * GiB, 0x7E0000000000, 0)
 
     def table(*regions: tuple[int, int, int, int]) -> Handled:
-        msg = encode_request(Request.SET_MEM_TABLE, MemoryTable(tuple(MemoryRegion(*r) for r in regions)), need_reply=True)
+        msg = encode_request(
+            Request.SET_MEM_TABLE,
+            MemoryTable(tuple(MemoryRegion(*r) for r in regions)),
+            need_reply=True,
+        )
         fds = [host.new_fd((1, r[0])) for r in regions]
         s.receive_data(msg, fds)
         [ev] = drain(s)
@@ -389,7 +429,9 @@ def test_set_mem_table_by_difference() -> None:
     assert ev.ok and len(ev.change.removed) == 1 and s.table.regions[0].handle == boot_handle  # type: ignore[union-attr]
     assert len(host.mapped) == 1
     # same numbers, different file: mapped anew
-    msg = encode_request(Request.SET_MEM_TABLE, MemoryTable((MemoryRegion(*boot),)), need_reply=True)
+    msg = encode_request(
+        Request.SET_MEM_TABLE, MemoryTable((MemoryRegion(*boot),)), need_reply=True
+    )
     s.receive_data(msg, [host.new_fd((2, 2))])
     [ev] = drain(s)
     assert ev.ok and len(ev.change.added) == 1 and s.table.regions[0].handle != boot_handle  # type: ignore[union-attr]
@@ -400,7 +442,11 @@ def test_set_mem_table_by_difference() -> None:
 def test_set_mem_table_all_or_nothing() -> None:
     s, host = qemu_session(mem_slots=False)
     host.fail_map = {2}
-    regions = (MemoryRegion(0, MiB, 0x10000000, 0), MemoryRegion(2 * MiB, MiB, 0x20000000, 0), MemoryRegion(4 * MiB, MiB, 0x30000000, 0))
+    regions = (
+        MemoryRegion(0, MiB, 0x10000000, 0),
+        MemoryRegion(2 * MiB, MiB, 0x20000000, 0),
+        MemoryRegion(4 * MiB, MiB, 0x30000000, 0),
+    )
     msg = encode_request(Request.SET_MEM_TABLE, MemoryTable(regions), need_reply=True)
     s.receive_data(msg, [host.new_fd() for _ in regions])
     [ev] = drain(s)
@@ -411,8 +457,12 @@ def test_set_mem_table_all_or_nothing() -> None:
     [ev] = drain(s)
     assert not ev.ok and "file descriptor" in (ev.error or "") and host.open == set()
     # overlapping regions inside one table
-    bad = MemoryTable((MemoryRegion(0, 2 * MiB, 0x10000000, 0), MemoryRegion(MiB, MiB, 0x20000000, 0)))
-    s.receive_data(encode_request(Request.SET_MEM_TABLE, bad, need_reply=True), [host.new_fd(), host.new_fd()])
+    bad = MemoryTable(
+        (MemoryRegion(0, 2 * MiB, 0x10000000, 0), MemoryRegion(MiB, MiB, 0x20000000, 0))
+    )
+    s.receive_data(
+        encode_request(Request.SET_MEM_TABLE, bad, need_reply=True), [host.new_fd(), host.new_fd()]
+    )
     [ev] = drain(s)
     assert not ev.ok and ev.error_kind == "overlap-gpa" and host.open == set()
 
@@ -440,7 +490,9 @@ def test_vring_base_round_trip_and_fds_replaced() -> None:
     assert first not in host.open and s.vrings[0].call in host.open
     [ev] = feed(s, host, encode_request(Request.SET_VRING_CALL, VringFile(0, True)))
     assert ev.ok and s.vrings[0].call is None
-    [ev] = feed(s, host, encode_request(Request.SET_VRING_CALL, VringFile(0, True), need_reply=True), 1)
+    [ev] = feed(
+        s, host, encode_request(Request.SET_VRING_CALL, VringFile(0, True), need_reply=True), 1
+    )
     assert not ev.ok and "NOFD" in (ev.error or "")
     del fd1
     s.close()
@@ -458,10 +510,23 @@ def test_vring_index_out_of_range() -> None:
 def test_ring_start_checks_translation() -> None:
     s, host = qemu_session()
     add(s, host, 0, GiB, 0x7F0000000000)
-    feed(s, host, encode_request(Request.SET_VRING_ADDR, VringAddress(0, 0, 0x7F0000001000, 0x7F0000003000, 0x7F0000002000, 0)))
+    feed(
+        s,
+        host,
+        encode_request(
+            Request.SET_VRING_ADDR,
+            VringAddress(0, 0, 0x7F0000001000, 0x7F0000003000, 0x7F0000002000, 0),
+        ),
+    )
     [ev] = feed(s, host, encode_request(Request.SET_VRING_KICK, VringFile(0, False)), 1)
     assert ev.ok and ev.notes == ()
-    feed(s, host, encode_request(Request.SET_VRING_ADDR, VringAddress(1, 0, 0x1000, 0x7F0000003000, 0x7F0000002000, 0)))
+    feed(
+        s,
+        host,
+        encode_request(
+            Request.SET_VRING_ADDR, VringAddress(1, 0, 0x1000, 0x7F0000003000, 0x7F0000002000, 0)
+        ),
+    )
     [ev] = feed(s, host, encode_request(Request.SET_VRING_KICK, VringFile(1, False)), 1)
     assert ev.ok and any("desc ring at front-end address 0x1000" in n for n in ev.notes)
     ev = rem(s, host, 0, GiB, 0x7F0000000000)
@@ -527,8 +592,10 @@ def test_rem_whose_unmap_fails_keeps_the_region_marked_and_a_retry_unmaps_it() -
 
 def _set_table(s: Session, host: FakeHost, *regions: tuple[int, int, int, int]) -> Handled:
     table = MemoryTable(tuple(MemoryRegion(*r) for r in regions))
-    s.receive_data(encode_request(Request.SET_MEM_TABLE, table, need_reply=True),
-                   [host.new_fd((1, r[0])) for r in regions])
+    s.receive_data(
+        encode_request(Request.SET_MEM_TABLE, table, need_reply=True),
+        [host.new_fd((1, r[0])) for r in regions],
+    )
     [ev] = drain(s)
     return ev
 
@@ -577,7 +644,9 @@ def test_set_mem_table_new_region_may_overlap_an_old_one_left_mapped() -> None:
     assert [(r.gpa, r.size) for r in s.table.unreleased] == [(0, GiB)]
     assert s.table.lookup_gpa(0x1000) is s.table.regions[0]  # translation uses the new table
     ev = _set_table(s, host, (0, 2 * GiB, 0x7E0000000000, 0))  # kept; the old one fails again
-    assert ev.ok and any("still mapped after an earlier failed unmap: 1 earlier" in n for n in ev.notes)
+    assert ev.ok and any(
+        "still mapped after an earlier failed unmap: 1 earlier" in n for n in ev.notes
+    )
     assert len(s.table.unreleased) == 1
 
 
@@ -601,5 +670,8 @@ def test_close_tries_every_region_and_reports_those_left_mapped() -> None:
     gone = s.close()
     assert sorted(host.unmaps_tried) == [0, GiB, 2 * GiB]
     assert [(r.gpa, r.unmap_failed is not None) for r in gone] == [
-        (0, False), (GiB, True), (2 * GiB, False)]
+        (0, False),
+        (GiB, True),
+        (2 * GiB, False),
+    ]
     assert host.open == set()  # the vring's fd was closed although an unmap failed

@@ -169,16 +169,27 @@ class Host:
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         # Run through the shebang (/usr/bin/env bash): bash must come from this PATH too.
-        proc = subprocess.run([str(SETUP_HOST), *args], env=self.env, capture_output=True,
-                              text=True, timeout=120, cwd=self.tmp)
-        print(f"--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}--- calls\n"
-              + "\n".join(self.calls()))
+        proc = subprocess.run(
+            [str(SETUP_HOST), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=self.tmp,
+        )
+        print(
+            f"--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}--- calls\n"
+            + "\n".join(self.calls())
+        )
         return proc
 
     def files(self) -> dict[str, bytes]:
         """Every file under tmp except the call log: what a run wrote."""
-        return {str(p.relative_to(self.tmp)): p.read_bytes() for p in sorted(self.tmp.rglob("*"))
-                if p.is_file() and p != self.log}
+        return {
+            str(p.relative_to(self.tmp)): p.read_bytes()
+            for p in sorted(self.tmp.rglob("*"))
+            if p.is_file() and p != self.log
+        }
 
 
 @pytest.fixture
@@ -188,8 +199,10 @@ def host(tmp_path: Path) -> Host:
     for tool in REAL_TOOLS:
         real = shutil.which(tool)
         if real is None:
-            pytest.fail(f"{tool} is not installed here; setup-host's test needs the real one "
-                        "(apt-get install -y coreutils grep sed bash)")
+            pytest.fail(
+                f"{tool} is not installed here; setup-host's test needs the real one "
+                "(apt-get install -y coreutils grep sed bash)"
+            )
         (bin_dir / tool).symlink_to(real)
     sources_dir = tmp_path / "apt" / "sources.list.d"
     sources_dir.mkdir(parents=True)
@@ -198,8 +211,12 @@ def host(tmp_path: Path) -> Host:
     # Package lists present, so the guest-image step runs build-guest --check against the stubs.
     (lists_dir / "deb.debian.org_debian_dists_bookworm_main_binary-amd64_Packages.lz4").touch()
     h = Host(
-        tmp=tmp_path, bin=bin_dir, sources_dir=sources_dir, lists_dir=lists_dir,
-        cache=tmp_path / "cache", log=tmp_path / "calls.log",
+        tmp=tmp_path,
+        bin=bin_dir,
+        sources_dir=sources_dir,
+        lists_dir=lists_dir,
+        cache=tmp_path / "cache",
+        log=tmp_path / "calls.log",
         env={
             "PATH": str(bin_dir),
             "HOME": str(tmp_path),
@@ -231,15 +248,20 @@ def test_check_reports_qemu_missing_with_its_fix(host: Host) -> None:
     assert proc.returncode == 1
     assert "unexpected error" not in proc.stdout + proc.stderr
     out = proc.stdout
-    assert "setup-host: qemu: MISSING QEMU >= 8.2 with qemu-img " \
+    assert (
+        "setup-host: qemu: MISSING QEMU >= 8.2 with qemu-img "
         "(qemu-system-x86_64 is not on PATH)" in out
+    )
     backports = host.sources_dir / "bookworm-backports.list"
-    assert (f"  fix: echo '{BACKPORTS_LINE}' | tee {backports} && apt-get update && {QEMU_FIX}"
-            in out)
+    assert (
+        f"  fix: echo '{BACKPORTS_LINE}' | tee {backports} && apt-get update && {QEMU_FIX}" in out
+    )
     # The other steps are still reported, each with its fix.
     assert "setup-host: python deps: ok" in out
-    assert "setup-host: busybox-static cpio: MISSING (not installed)\n" \
+    assert (
+        "setup-host: busybox-static cpio: MISSING (not installed)\n"
         "  fix: apt-get install -y busybox-static cpio" in out
+    )
     assert "setup-host: guest image: MISSING: busybox-static is not installed" in out
     assert "setup-host: check: 3 thing(s) missing" in out
     # Detection only: no install, no apt-get at all, nothing written.
@@ -258,13 +280,15 @@ def test_install_without_qemu_adds_backports_installs_and_names_the_fix(host: Ho
     assert f"setup-host: apt: added {backports}" in proc.stdout
     calls = host.calls()
     assert "apt-get update -qq" in calls
-    assert ("apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils"
-            in calls)
+    assert "apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils" in calls
     assert calls.index("apt-get update -qq") < calls.index(
-        "apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils")
-    assert ("setup-host: FAILED: QEMU is still not >= 8.2 with qemu-img after installing "
-            "(qemu-system-x86_64 is not on PATH)\n"
-            f"  fix: {QEMU_FIX}") in proc.stderr
+        "apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils"
+    )
+    assert (
+        "setup-host: FAILED: QEMU is still not >= 8.2 with qemu-img after installing "
+        "(qemu-system-x86_64 is not on PATH)\n"
+        f"  fix: {QEMU_FIX}"
+    ) in proc.stderr
     # It stopped there: busybox was not installed after a failed QEMU step.
     assert not [c for c in calls if "busybox" in c]
 
@@ -272,16 +296,18 @@ def test_install_without_qemu_adds_backports_installs_and_names_the_fix(host: Ho
 def test_backports_already_configured_is_not_written_again(host: Host) -> None:
     host.env["STUB_APT_INSTALL"] = "ok"
     (host.tmp / "apt" / "sources.list").write_text(
-        "deb http://deb.debian.org/debian bookworm main\n# bookworm-backports commented out\n")
+        "deb http://deb.debian.org/debian bookworm main\n# bookworm-backports commented out\n"
+    )
     own = host.sources_dir / "debian.sources"
-    own.write_text("Types: deb\nURIs: http://deb.debian.org/debian\n"
-                   "Suites: bookworm bookworm-updates bookworm-backports\nComponents: main\n")
+    own.write_text(
+        "Types: deb\nURIs: http://deb.debian.org/debian\n"
+        "Suites: bookworm bookworm-updates bookworm-backports\nComponents: main\n"
+    )
     proc = host.run()
     assert proc.returncode == 1
     assert sorted(p.name for p in host.sources_dir.iterdir()) == ["debian.sources"]
     assert "apt: added" not in proc.stdout
-    assert ("apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils"
-            in host.calls())
+    assert "apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils" in host.calls()
 
 
 def test_non_root_install_fails_naming_sudo(host: Host) -> None:
@@ -290,17 +316,21 @@ def test_non_root_install_fails_naming_sudo(host: Host) -> None:
     proc = host.run()
     assert proc.returncode == 1
     assert "unexpected error" not in proc.stdout + proc.stderr
-    assert ("setup-host: FAILED: installing QEMU >= 8.2 (qemu-system-x86_64 is not on PATH) "
-            "needs root (apt-get)\n"
-            f"  fix: sudo {SETUP_HOST}") in proc.stderr
+    assert (
+        "setup-host: FAILED: installing QEMU >= 8.2 (qemu-system-x86_64 is not on PATH) "
+        "needs root (apt-get)\n"
+        f"  fix: sudo {SETUP_HOST}"
+    ) in proc.stderr
     assert not [c for c in host.calls() if c.startswith(("apt-get", "sudo"))]
     assert host.files() == before
     # --check needs no root, and the fixes it prints carry sudo where they need root.
     proc = host.run("--check")
     assert proc.returncode == 1
     backports = host.sources_dir / "bookworm-backports.list"
-    assert (f"  fix: echo '{BACKPORTS_LINE}' | sudo tee {backports} && sudo apt-get update && "
-            f"sudo {QEMU_FIX}") in proc.stdout
+    assert (
+        f"  fix: echo '{BACKPORTS_LINE}' | sudo tee {backports} && sudo apt-get update && "
+        f"sudo {QEMU_FIX}"
+    ) in proc.stdout
     assert "  fix: sudo apt-get install -y busybox-static cpio" in proc.stdout
     assert f"sudo {SETUP_HOST} installs them all" in proc.stdout
     assert installs(host.calls()) == []
@@ -311,8 +341,10 @@ def test_too_old_qemu_is_reported_with_its_version(host: Host) -> None:
     host.stub("qemu-img", "exit 0\n")
     proc = host.run("--check")
     assert proc.returncode == 1
-    assert ("setup-host: qemu: MISSING QEMU >= 8.2 with qemu-img (QEMU 7.2.0 is older than 8.2 "
-            "(virtio-mem dynamic-memslots needs 8.2))") in proc.stdout
+    assert (
+        "setup-host: qemu: MISSING QEMU >= 8.2 with qemu-img (QEMU 7.2.0 is older than 8.2 "
+        "(virtio-mem dynamic-memslots needs 8.2))"
+    ) in proc.stdout
     assert f"{QEMU_FIX}" in proc.stdout
     # Installing as root: apt-get runs, QEMU stays 7.2.0, and the failure says so.
     host.env["STUB_APT_INSTALL"] = "ok"
@@ -320,8 +352,10 @@ def test_too_old_qemu_is_reported_with_its_version(host: Host) -> None:
     assert proc.returncode == 1
     assert "unexpected error" not in proc.stdout + proc.stderr
     assert "setup-host: qemu: installing from bookworm-backports (found: 7.2.0)" in proc.stdout
-    assert ("FAILED: QEMU is still not >= 8.2 with qemu-img after installing (QEMU 7.2.0 is "
-            "older than 8.2") in proc.stderr
+    assert (
+        "FAILED: QEMU is still not >= 8.2 with qemu-img after installing (QEMU 7.2.0 is "
+        "older than 8.2"
+    ) in proc.stderr
 
 
 def load_build_guest() -> ModuleType:
@@ -345,8 +379,9 @@ def complete_host(host: Host) -> None:
 def guest_image(host: Host) -> None:
     """A guest image in the cache, up to date for busybox-static 9.9-stub and apt's kernel."""
     show = host.tmp / "apt-cache-show"
-    show.write_text("Package: linux-image-amd64\n"
-                    "Depends: linux-image-6.1.0-99-amd64 (= 6.1.999-1)\n")
+    show.write_text(
+        "Package: linux-image-amd64\nDepends: linux-image-6.1.0-99-amd64 (= 6.1.999-1)\n"
+    )
     host.env["STUB_APT_CACHE_SHOW"] = str(show)
     bg = load_build_guest()
     host.cache.mkdir()
@@ -381,14 +416,18 @@ def test_check_passes_when_everything_is_there(host: Host) -> None:
 def test_check_names_a_stale_or_broken_guest_image(host: Host) -> None:
     complete_host(host)
     version = host.cache / "VERSION"
-    version.write_text(version.read_text().replace("busybox_static_version=9.9-stub",
-                                                   "busybox_static_version=1.0-old")
-                       .replace("recipe_hash=", "recipe_hash=0"))
+    version.write_text(
+        version.read_text()
+        .replace("busybox_static_version=9.9-stub", "busybox_static_version=1.0-old")
+        .replace("recipe_hash=", "recipe_hash=0")
+    )
     proc = host.run("--check")
     assert proc.returncode == 1
-    assert ("setup-host: guest image: OUT OF DATE: the guest image in "
-            f"{host.cache} was built from another recipe (busybox-static 1.0-old -> 9.9-stub)\n"
-            "  fix: tools/build-guest") in proc.stdout
+    assert (
+        "setup-host: guest image: OUT OF DATE: the guest image in "
+        f"{host.cache} was built from another recipe (busybox-static 1.0-old -> 9.9-stub)\n"
+        "  fix: tools/build-guest"
+    ) in proc.stdout
     (host.cache / "initrd.gz").write_bytes(b"half")
     proc = host.run("--check")
     assert proc.returncode == 1
@@ -404,8 +443,10 @@ def test_missing_pip_and_python_packages_are_named_with_their_fix(host: Host) ->
     pip_fix = f"cd {ROOT} && python3 -m pip install -e '.[test]'"
     proc = host.run("--check")
     assert proc.returncode == 1
-    assert ("setup-host: python deps: MISSING (cannot import trio: No module named 'trio')\n"
-            f"  fix: apt-get install -y python3-pip && {pip_fix}\n") in proc.stdout
+    assert (
+        "setup-host: python deps: MISSING (cannot import trio: No module named 'trio')\n"
+        f"  fix: apt-get install -y python3-pip && {pip_fix}\n"
+    ) in proc.stdout
     assert installs(host.calls()) == []
     # Installing: apt-get brings python3-pip; this stub's pip still does not run, and the
     # failure says so.
@@ -414,8 +455,10 @@ def test_missing_pip_and_python_packages_are_named_with_their_fix(host: Host) ->
     assert proc.returncode == 1
     assert "unexpected error" not in proc.stdout + proc.stderr
     assert "apt-get install -y -qq python3-pip" in host.calls()
-    assert ("setup-host: FAILED: python3 -m pip still does not run after installing "
-            "python3-pip\n  fix: apt-get install -y python3-pip") in proc.stderr
+    assert (
+        "setup-host: FAILED: python3 -m pip still does not run after installing "
+        "python3-pip\n  fix: apt-get install -y python3-pip"
+    ) in proc.stderr
     # With pip there, it runs pip install -e '.[test]' in the checkout; the packages still do
     # not import (the stub installs nothing), and the failure names the import and the fix.
     # On an externally managed python (Debian 12's, PEP 668) pip needs --break-system-packages.
@@ -425,9 +468,10 @@ def test_missing_pip_and_python_packages_are_named_with_their_fix(host: Host) ->
     assert proc.returncode == 1
     assert "python3 -m pip install -q --break-system-packages -e .[test]" in host.calls()
     pip_fix = f"cd {ROOT} && python3 -m pip install --break-system-packages -e '.[test]'"
-    assert ("setup-host: FAILED: python deps still do not import after pip install: cannot "
-            f"import trio: No module named 'trio'\n  fix: {pip_fix}  (and read its errors)"
-            ) in proc.stderr
+    assert (
+        "setup-host: FAILED: python deps still do not import after pip install: cannot "
+        f"import trio: No module named 'trio'\n  fix: {pip_fix}  (and read its errors)"
+    ) in proc.stderr
     assert not [c for c in host.calls() if c.startswith("apt-get")]
 
 

@@ -75,8 +75,10 @@ class Backing:
         """One line for messages: kind, target, page size, file size, access, seals."""
         text = f"{self.kind} {self.target!r}"
         if self.mappable:
-            text += (f" (page {human_size(self.page_size)}, file size {self.st_size:#x}"
-                     f" = {human_size(self.st_size)}, {self.access}")
+            text += (
+                f" (page {human_size(self.page_size)}, file size {self.st_size:#x}"
+                f" = {human_size(self.st_size)}, {self.access}"
+            )
             if self.seals:
                 text += ", seals " + "|".join(self.seals)
             text += ")"

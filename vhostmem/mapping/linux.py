@@ -102,6 +102,7 @@ def buffer_address(mm: mmap.mmap) -> int:
     del anchor
     return address
 
+
 # --- arithmetic, /proc, sysfs, limits -----------------------------------------------------------
 
 
@@ -146,8 +147,12 @@ def hugetlb_pool(page_size: int) -> dict[str, int] | None:
         ``{"total", "free", "resv", "surplus"}`` in pages, or None if that size does not exist.
     """
     base = f"/sys/kernel/mm/hugepages/hugepages-{page_size // 1024}kB/"
-    names = {"total": "nr_hugepages", "free": "free_hugepages", "resv": "resv_hugepages",
-             "surplus": "surplus_hugepages"}
+    names = {
+        "total": "nr_hugepages",
+        "free": "free_hugepages",
+        "resv": "resv_hugepages",
+        "surplus": "surplus_hugepages",
+    }
     pool: dict[str, int] = {}
     for key, name in names.items():
         value = _read_int(base + name)

@@ -155,17 +155,23 @@ class Mapping:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"at {self.address:#x}"
-        return (f"<Mapping {self.text}"
-                f" {self.backing.kind} {state}>")
+        return f"<Mapping {self.text} {self.backing.kind} {state}>"
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for JSON: the region, the map, the backing."""
         return {
-            "gpa": self.gpa, "size": self.size, "uaddr": self.uaddr,
-            "mmap_offset": self.mmap_offset, "fd_offset": self.fd_offset,
-            "remainder": self.remainder, "length": self.length,
-            "map_base": self.map_base, "address": self.address, "fds_held": self.fds_held,
-            "closed": self._closed, "backing": self.backing.as_dict(),
+            "gpa": self.gpa,
+            "size": self.size,
+            "uaddr": self.uaddr,
+            "mmap_offset": self.mmap_offset,
+            "fd_offset": self.fd_offset,
+            "remainder": self.remainder,
+            "length": self.length,
+            "map_base": self.map_base,
+            "address": self.address,
+            "fds_held": self.fds_held,
+            "closed": self._closed,
+            "backing": self.backing.as_dict(),
             "warnings": list(self.warnings),
         }
 
@@ -196,7 +202,7 @@ class Mapping:
             self._prune_views()
         start = self.remainder + offset
         with memoryview(self._mm) as whole:
-            view = whole[start:start + length]
+            view = whole[start : start + length]
         self._views.append(view)
         return view
 
@@ -227,9 +233,14 @@ class Mapping:
         if length > PEEK_MAX:
             raise ValueError(f"peek length {length:#x} is above PEEK_MAX {PEEK_MAX:#x}")
         return read_region(
-            gpa=self.gpa, offset=offset, length=length, map_base=self.map_base,
-            remainder=self.remainder, fd_offset=self.fd_offset,
-            page_size=self.backing.page_size, kept_fd=self._kept_fd,
+            gpa=self.gpa,
+            offset=offset,
+            length=length,
+            map_base=self.map_base,
+            remainder=self.remainder,
+            fd_offset=self.fd_offset,
+            page_size=self.backing.page_size,
+            kept_fd=self._kept_fd,
             mem_fd=self._mapper._proc_mem_fd,
         )
 
@@ -294,8 +305,10 @@ class Mapping:
         end = self.map_base + span
         err = munmap(self.map_base, span)
         if err == 0:
-            self.warnings += (f"mmap.close() left {self.map_base:#x}-{end:#x} mapped "
-                              f"(munmap failed silently); unmapped {span:#x} bytes with munmap",)
+            self.warnings += (
+                f"mmap.close() left {self.map_base:#x}-{end:#x} mapped "
+                f"(munmap failed silently); unmapped {span:#x} bytes with munmap",
+            )
             return
         self._still_mapped = True
         raise munmap_failed(self.text, self.backing, self.map_base, span, err, self._details())
@@ -390,8 +403,15 @@ class Mapper:
             raise
 
     def _map(
-        self, fd: int, gpa: int, size: int, mmap_offset: int, request: str,
-        fail_errno: int | None, st: os.stat_result | None = None, uaddr: int | None = None,
+        self,
+        fd: int,
+        gpa: int,
+        size: int,
+        mmap_offset: int,
+        request: str,
+        fail_errno: int | None,
+        st: os.stat_result | None = None,
+        uaddr: int | None = None,
     ) -> Mapping:
         diag = Diagnosis(request, gpa, size, mmap_offset, fd, uaddr)
         if self._closed:
@@ -413,8 +433,14 @@ class Mapper:
 
         # -- numbers (the wire format makes each a u64 already) --
         end = mmap_offset + size
-        if not (0 < size and 0 <= gpa and 0 <= mmap_offset and end < U64_LIMIT
-                and gpa + size < U64_LIMIT and end <= backing.st_size):
+        if not (
+            0 < size
+            and 0 <= gpa
+            and 0 <= mmap_offset
+            and end < U64_LIMIT
+            and gpa + size < U64_LIMIT
+            and end <= backing.st_size
+        ):
             diag.refuse_numbers(backing)
 
         # -- layout (libvhost-user _vu_add_mem_reg) --
@@ -442,11 +468,21 @@ class Mapper:
             # EPERM or ENODEV, and the words should say which (not rely on the cache).
             self._proven.pop(key, None)
             backing = self._probe_and_refuse(fd, diag, cache=False)
-            layout = {"fd_offset": fd_offset, "remainder": remainder, "length": length,
-                      "page_size": page}
+            layout = {
+                "fd_offset": fd_offset,
+                "remainder": remainder,
+                "length": length,
+                "page_size": page,
+            }
             stats = self.stats
-            raise diag.mmap_failed(err, backing, layout, injected=fail_errno is not None,
-                                   maps=stats.maps, mapped_bytes=stats.mapped_bytes) from err
+            raise diag.mmap_failed(
+                err,
+                backing,
+                layout,
+                injected=fail_errno is not None,
+                maps=stats.maps,
+                mapped_bytes=stats.mapped_bytes,
+            ) from err
         except (ValueError, OverflowError) as err:
             raise diag.mmap_refused(err, fd_offset, length, page) from err
 
@@ -462,9 +498,19 @@ class Mapper:
             # dup inside mmap.mmap is not reachable from Python 3.11.
             kept_fd = fd if hugetlb else None
             mapping = Mapping(
-                mapper=self, mm=mm, map_base=map_base, kept_fd=kept_fd, request=request,
-                gpa=gpa, size=size, mmap_offset=mmap_offset, fd_offset=fd_offset,
-                length=length, backing=backing, warnings=warnings, uaddr=uaddr,
+                mapper=self,
+                mm=mm,
+                map_base=map_base,
+                kept_fd=kept_fd,
+                request=request,
+                gpa=gpa,
+                size=size,
+                mmap_offset=mmap_offset,
+                fd_offset=fd_offset,
+                length=length,
+                backing=backing,
+                warnings=warnings,
+                uaddr=uaddr,
             )
         except BaseException:
             mm.close()
@@ -553,14 +599,28 @@ class Mapper:
                 for m in maps:
                     if only is not None and m is not only:
                         continue
-                    found.append(Shortfall(
-                        request=m.request, gpa=m.gpa, size=m.size, uaddr=m.uaddr,
-                        mmap_offset=m.mmap_offset, kind=m.backing.kind, file=m.backing.target,
-                        page_size=page, region_pages=m.length // page, file_regions=len(maps),
-                        file_pages=spanned, held=held, free=pool["free"], resv=pool["resv"],
-                        total=pool["total"], other_missing=sum(lacking) - lack, short=short,
-                        mapping=m,
-                    ))
+                    found.append(
+                        Shortfall(
+                            request=m.request,
+                            gpa=m.gpa,
+                            size=m.size,
+                            uaddr=m.uaddr,
+                            mmap_offset=m.mmap_offset,
+                            kind=m.backing.kind,
+                            file=m.backing.target,
+                            page_size=page,
+                            region_pages=m.length // page,
+                            file_regions=len(maps),
+                            file_pages=spanned,
+                            held=held,
+                            free=pool["free"],
+                            resv=pool["resv"],
+                            total=pool["total"],
+                            other_missing=sum(lacking) - lack,
+                            short=short,
+                            mapping=m,
+                        )
+                    )
         return found
 
     def _forget(self, mapping: Mapping) -> None:

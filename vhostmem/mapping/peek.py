@@ -98,9 +98,15 @@ class Peek:
             "offset": self.offset,
             "length": self.length,
             "chunks": [
-                {"offset": c.offset, "length": c.length, "state": c.state,
-                 "data": None if c.data is None else c.data.hex(), "errno": c.errno,
-                 "source": c.source, "detail": c.detail}
+                {
+                    "offset": c.offset,
+                    "length": c.length,
+                    "state": c.state,
+                    "data": None if c.data is None else c.data.hex(),
+                    "errno": c.errno,
+                    "source": c.source,
+                    "detail": c.detail,
+                }
                 for c in self.chunks
             ],
         }
@@ -115,11 +121,21 @@ def _append_chunk(chunks: list[PeekChunk], chunk: PeekChunk) -> None:
     if chunks:
         prev = chunks[-1]
         if (prev.state, prev.source, prev.errno, prev.detail) == (
-            chunk.state, chunk.source, chunk.errno, chunk.detail
+            chunk.state,
+            chunk.source,
+            chunk.errno,
+            chunk.detail,
         ) and prev.offset + prev.length == chunk.offset:
             data = None if prev.data is None or chunk.data is None else prev.data + chunk.data
-            chunks[-1] = PeekChunk(prev.offset, prev.length + chunk.length, prev.state, data,
-                                   prev.errno, prev.source, prev.detail)
+            chunks[-1] = PeekChunk(
+                prev.offset,
+                prev.length + chunk.length,
+                prev.state,
+                data,
+                prev.errno,
+                prev.source,
+                prev.detail,
+            )
             return
     chunks.append(chunk)
 
@@ -175,14 +191,18 @@ def read_region(
     try:
         resident = mincore(map_base + first, last - first)
     except OSError as err:  # cannot happen while we own the map; report, never guess
-        return Peek(gpa + offset, offset, length, (
-            PeekChunk(offset, length, "fault", None, err.errno, None, f"mincore: {err}"),))
+        return Peek(
+            gpa + offset,
+            offset,
+            length,
+            (PeekChunk(offset, length, "fault", None, err.errno, None, f"mincore: {err}"),),
+        )
     per_page = page // PAGESIZE
     for page_start in range(first, last, page):
         lo = max(page_start, start)
         hi = min(page_start + page, end)
         idx = (page_start - first) // PAGESIZE
-        if any(b & 1 for b in resident[idx:idx + per_page]):
+        if any(b & 1 for b in resident[idx : idx + per_page]):
             chunk = _read_mem(mem_fd(), map_base, remainder, lo, hi)
         elif kept_fd is not None:
             chunk = _read_file(kept_fd, fd_offset, remainder, lo, hi)
@@ -197,11 +217,25 @@ def _read_mem(mem_fd: int, map_base: int, remainder: int, lo: int, hi: int) -> P
     try:
         data = pread_all(mem_fd, hi - lo, map_base + lo)
     except OSError as err:
-        return PeekChunk(lo - remainder, hi - lo, "fault", None, err.errno, "mapping",
-                         f"{errno_mod.errorcode.get(err.errno or 0, '?')}: {err.strerror}")
+        return PeekChunk(
+            lo - remainder,
+            hi - lo,
+            "fault",
+            None,
+            err.errno,
+            "mapping",
+            f"{errno_mod.errorcode.get(err.errno or 0, '?')}: {err.strerror}",
+        )
     if len(data) != hi - lo:
-        return PeekChunk(lo - remainder, hi - lo, "fault", None, errno_mod.EIO,
-                         "mapping", f"short read of /proc/self/mem: {len(data)} bytes")
+        return PeekChunk(
+            lo - remainder,
+            hi - lo,
+            "fault",
+            None,
+            errno_mod.EIO,
+            "mapping",
+            f"short read of /proc/self/mem: {len(data)} bytes",
+        )
     return PeekChunk(lo - remainder, hi - lo, "data", data, None, "mapping")
 
 
@@ -210,10 +244,24 @@ def _read_file(kept_fd: int, fd_offset: int, remainder: int, lo: int, hi: int) -
     try:
         data = pread_all(kept_fd, hi - lo, fd_offset + lo)
     except OSError as err:
-        return PeekChunk(lo - remainder, hi - lo, "fault", None, err.errno, "file",
-                         f"{errno_mod.errorcode.get(err.errno or 0, '?')}: {err.strerror}")
+        return PeekChunk(
+            lo - remainder,
+            hi - lo,
+            "fault",
+            None,
+            err.errno,
+            "file",
+            f"{errno_mod.errorcode.get(err.errno or 0, '?')}: {err.strerror}",
+        )
     if len(data) != hi - lo:
-        return PeekChunk(lo - remainder, hi - lo, "fault", None, None, "file",
-                         f"past end of file: file offset {fd_offset + lo:#x}, "
-                         f"read {len(data)} of {hi - lo} bytes (touching it would SIGBUS)")
+        return PeekChunk(
+            lo - remainder,
+            hi - lo,
+            "fault",
+            None,
+            None,
+            "file",
+            f"past end of file: file offset {fd_offset + lo:#x}, "
+            f"read {len(data)} of {hi - lo} bytes (touching it would SIGBUS)",
+        )
     return PeekChunk(lo - remainder, hi - lo, "data", data, None, "file")

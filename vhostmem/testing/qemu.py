@@ -117,7 +117,10 @@ def find_qemu(binary: str = "qemu-system-x86_64") -> tuple[str, tuple[int, int, 
         )
     props = subprocess.run(
         [path, "-device", "virtio-mem-pci,help"],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     ).stdout
     if "dynamic-memslots" not in props:
         raise PrerequisiteError(
@@ -307,8 +310,10 @@ class Guest:
             # for memory that is mostly never plugged.
             extra = "" if reserve else ",reserve=off"
             if c.hugetlb_path is not None:
-                return (f"memory-backend-file,id={mem_id},size={size},"
-                        f"mem-path={c.hugetlb_path},share=on{extra}")
+                return (
+                    f"memory-backend-file,id={mem_id},size={size},"
+                    f"mem-path={c.hugetlb_path},share=on{extra}"
+                )
             return f"memory-backend-memfd,id={mem_id},size={size},share=on{hugetlb}{extra}"
 
         mem = f"{c.boot_ram},maxmem={c.maxmem}"
@@ -318,11 +323,16 @@ class Guest:
         if c.cpu:
             argv += ["-cpu", c.cpu]
         argv += [
-            "-smp", str(c.smp),
-            "-machine", "q35,memory-backend=mem0",
-            "-m", mem,
-            "-object", backend("mem0", c.boot_ram, reserve=True),
-            "-object", backend("vmem0", c.vmem_size, reserve=False),
+            "-smp",
+            str(c.smp),
+            "-machine",
+            "q35,memory-backend=mem0",
+            "-m",
+            mem,
+            "-object",
+            backend("mem0", c.boot_ram, reserve=True),
+            "-object",
+            backend("vmem0", c.vmem_size, reserve=False),
             "-device",
             "virtio-mem-pci,id=vm0,memdev=vmem0,requested-size=0,"
             f"dynamic-memslots={'on' if c.dynamic_memslots else 'off'}"
@@ -333,23 +343,33 @@ class Guest:
             if c.reconnect_ms is not None:
                 chardev += f",reconnect-ms={c.reconnect_ms}"
             argv += [
-                "-chardev", chardev,
-                "-netdev", "vhost-user,id=n0,chardev=c0",
-                "-device", "virtio-net-pci,netdev=n0",
+                "-chardev",
+                chardev,
+                "-netdev",
+                "vhost-user,id=n0,chardev=c0",
+                "-device",
+                "virtio-net-pci,netdev=n0",
             ]
         append = "console=ttyS0" + (f" {c.append}" if c.append else "")
         argv += [
-            "-kernel", str(image.kernel),
-            "-initrd", str(image.initrd),
-            "-append", append,
+            "-kernel",
+            str(image.kernel),
+            "-initrd",
+            str(image.initrd),
+            "-append",
+            append,
             "-nographic",
             "-nodefaults",
             # Console output to a file the harness can read at any time; input from a FIFO the
             # harness holds open, so it can type into the guest's shell (run_in_guest).
-            "-chardev", f"file,id=ser0,path={self.console_path},input-path={self._console_in}",
-            "-serial", "chardev:ser0",
-            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-            "-qmp", f"unix:{self.qmp_user_path},server=on,wait=off",
+            "-chardev",
+            f"file,id=ser0,path={self.console_path},input-path={self._console_in}",
+            "-serial",
+            "chardev:ser0",
+            "-qmp",
+            f"unix:{self.qmp_path},server=on,wait=off",
+            "-qmp",
+            f"unix:{self.qmp_user_path},server=on,wait=off",
         ]
         if self.trace_path is not None:
             argv += trace_args(self.trace_path)
@@ -388,7 +408,10 @@ class Guest:
                 # A new session: a Ctrl-C in the caller's terminal must not kill QEMU behind
                 # the caller's back; the caller shuts it down in order (QEMU before vhostmem).
                 self._proc = subprocess.Popen(
-                    self.argv, stdin=subprocess.DEVNULL, stdout=err_file, stderr=err_file,
+                    self.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=err_file,
+                    stderr=err_file,
                     start_new_session=True,
                 )
             self.pid = self._proc.pid
@@ -480,14 +503,13 @@ class Guest:
         start = time.monotonic()
         deadline = start + timeout
         while True:
-            text = self.console_path.read_bytes()[self._console_mark:]
+            text = self.console_path.read_bytes()[self._console_mark :]
             if READY_MARKER.encode() in text:
                 return time.monotonic() - start
             self._check_alive("waiting for the guest to boot")
             if time.monotonic() >= deadline:
                 raise GuestTimeout(
-                    f"guest printed no {READY_MARKER} within {timeout:.0f} s"
-                    + self._evidence()
+                    f"guest printed no {READY_MARKER} within {timeout:.0f} s" + self._evidence()
                 )
             time.sleep(0.05)
 
@@ -510,19 +532,19 @@ class Guest:
         token = uuid.uuid4().hex[:12]
         begin, end = f"@@B{token}@@", f"@@E{token}@@"
         start_at = len(self.console_path.read_bytes())
-        self.console_write(
-            f"echo '@@B''{token}@@'; {command}; echo '@@E''{token}@@'\n"
-        )
+        self.console_write(f"echo '@@B''{token}@@'; {command}; echo '@@E''{token}@@'\n")
         deadline = time.monotonic() + timeout
         while True:
             text = self.console_path.read_bytes()[start_at:].decode("utf-8", "replace")
             b, e = text.find(begin), text.find(end)
             if b >= 0 and e > b:
-                return text[b + len(begin):e].strip("\r\n").replace("\r\n", "\n")
+                return text[b + len(begin) : e].strip("\r\n").replace("\r\n", "\n")
             self._check_alive(f"running {command!r} in the guest")
             if time.monotonic() >= deadline:
-                raise GuestTimeout(f"{command!r} did not finish in the guest within "
-                                   f"{timeout:.0f} s" + self._evidence())
+                raise GuestTimeout(
+                    f"{command!r} did not finish in the guest within "
+                    f"{timeout:.0f} s" + self._evidence()
+                )
             time.sleep(0.05)
 
     # ---- QMP / HMP -------------------------------------------------------------------------
@@ -550,8 +572,9 @@ class Guest:
                 # Disconnected (ExecInterruptedError, StateError...): most likely QEMU died.
                 # Drop the client so a later call reconnects if QEMU is in fact still there.
                 self._close_qmp()
-                raise QemuError(f"QMP {cmd} failed ({err!r}); {self._process_state()}"
-                                + self._evidence()) from err
+                raise QemuError(
+                    f"QMP {cmd} failed ({err!r}); {self._process_state()}" + self._evidence()
+                ) from err
 
     def hmp(self, cmdline: str) -> str:
         """Runs a human monitor command (`human-monitor-command`) and returns its text."""
@@ -584,8 +607,12 @@ class Guest:
             GuestTimeout: the device's `size` did not reach `size_bytes` in time.
         """
         start = time.monotonic()
-        self.qmp("qom-set", path=f"/machine/peripheral/{dev_id}", property="requested-size",
-                 value=size_bytes)
+        self.qmp(
+            "qom-set",
+            path=f"/machine/peripheral/{dev_id}",
+            property="requested-size",
+            value=size_bytes,
+        )
         deadline = start + timeout
         while True:
             data = self.virtio_mem(dev_id)
@@ -644,8 +671,16 @@ class Guest:
         """
         path = mem_path or f"/dev/shm/vhostmem-{self.pid}-{dimm_id}"
         created = mem_path is None and not os.path.exists(path)
-        self.qmp("object-add", **{"qom-type": "memory-backend-file", "id": f"mem-{dimm_id}",
-                                  "mem-path": path, "size": size, "share": True})
+        self.qmp(
+            "object-add",
+            **{
+                "qom-type": "memory-backend-file",
+                "id": f"mem-{dimm_id}",
+                "mem-path": path,
+                "size": size,
+                "share": True,
+            },
+        )
         if created:
             self._dimm_files.append(Path(path))
         self.qmp("device_add", driver="pc-dimm", id=dimm_id, memdev=f"mem-{dimm_id}")
@@ -674,8 +709,7 @@ class Guest:
         while not self.qmp_path.exists():
             self._check_alive("waiting for its QMP socket")
             if time.monotonic() >= deadline:
-                raise GuestTimeout(f"QMP socket {self.qmp_path} did not appear"
-                                   + self._evidence())
+                raise GuestTimeout(f"QMP socket {self.qmp_path} did not appear" + self._evidence())
             time.sleep(0.02)
         client = BoundedQMP(str(self.qmp_path), nickname=f"qemu-{self.pid}")
         try:
@@ -683,14 +717,17 @@ class Guest:
         except TimeoutError as err:
             with contextlib.suppress(Exception):
                 client.close()
-            raise GuestTimeout(f"no QMP greeting from QEMU within {self.config.qmp_timeout} s "
-                               "(is its main loop blocked, e.g. on the vhost-user back-end?)"
-                               + self._evidence()) from err
+            raise GuestTimeout(
+                f"no QMP greeting from QEMU within {self.config.qmp_timeout} s "
+                "(is its main loop blocked, e.g. on the vhost-user back-end?)" + self._evidence()
+            ) from err
         except (QMPError, OSError) as err:
             with contextlib.suppress(Exception):
                 client.close()
-            raise QemuError(f"cannot connect to QMP at {self.qmp_path} ({err!r}); "
-                            f"{self._process_state()}" + self._evidence()) from err
+            raise QemuError(
+                f"cannot connect to QMP at {self.qmp_path} ({err!r}); "
+                f"{self._process_state()}" + self._evidence()
+            ) from err
         client.settimeout(self.config.qmp_timeout)
         self._qmp = client
         return client
@@ -716,5 +753,7 @@ class Guest:
         except FileNotFoundError:
             err = ""
         tail = "\n".join(self.console_text().splitlines()[-lines:])
-        return (f"\n--- workdir: {self.workdir}\n--- qemu stderr:\n{err or '(empty)'}"
-                f"\n--- console tail:\n{tail or '(empty)'}")
+        return (
+            f"\n--- workdir: {self.workdir}\n--- qemu stderr:\n{err or '(empty)'}"
+            f"\n--- console tail:\n{tail or '(empty)'}"
+        )

@@ -79,8 +79,7 @@ def _validator(name: str) -> Any:
         ) from err
     # Every schema is in the registry, so one may $ref another by its $id (events -> event-log).
     registry = Registry().with_resources(
-        (schema["$id"], Resource.from_contents(schema))
-        for schema in map(load_schema, DOCUMENTS)
+        (schema["$id"], Resource.from_contents(schema)) for schema in map(load_schema, DOCUMENTS)
     )
     schema = load_schema(name)
     jsonschema.Draft202012Validator.check_schema(schema)
