@@ -57,7 +57,8 @@ class FdStream:
             read non-blocking. QEMU sends memory updates as a ping-pong (a request, our ack,
             the next request); waiting in the kernel for the next one costs one syscall where
             a trip through trio costs more (tools/bench --floor against --floor
-            --vhostmem-arg=--linger-ms=0: 9-10 us per round trip). While a read lingers, the process's other tasks wait too: another front-end's request
+            --vhostmem-arg=--linger-ms=0: 9-10 us per round trip). While a read lingers, the
+            process's other tasks wait too: another front-end's request
             waits until that read times out (7979 us with --linger-ms=1 in tools/bench's
             "GET_FEATURES, 2nd front-end" row).
     """
