@@ -291,7 +291,7 @@ async def test_run_serves_two_front_ends_on_one_socket_at_once(tmp_path: Path) -
                 nursery.cancel_scope.cancel()  # what SIGTERM does, with both connected
             first.close()
             second.close()
-    assert not os.path.exists(path) and not os.path.exists(control)
+    assert not await trio.Path(path).exists() and not await trio.Path(control).exists()
     assert backend.mapper.stats.maps == 0
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [e["conn"] for e in lines if e.get("event") == "connect"] == [
