@@ -305,5 +305,5 @@ def test_system_reset_follows_qemu(make_rig) -> None:  # type: ignore[no-untyped
     assert rig.qemu_memslots() == [memslot]
     requests = [r for r, g, _ in memory_requests(rig) if g != 0]
     assert requests == ["ADD_MEM_REG", "REM_MEM_REG", "ADD_MEM_REG"]
-    assert [r["gpa"] for r in rig.backend.regions()][0] == 0  # boot RAM stayed throughout
+    assert rig.backend.regions()[0]["gpa"] == 0  # boot RAM stayed throughout
     assert rig.backend.violations() == []  # unplug and replug in different batches

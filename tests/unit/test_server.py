@@ -172,7 +172,7 @@ async def test_eof_mid_message_is_an_error_and_releases() -> None:
             fe.send_raw(encode_request(Request.SET_VRING_NUM, VringState(0, 8))[:15])
             fe.close()
             await wait_until(lambda: not backend.connections(), "the connection to end")
-    reason = [e for e in backend.events if e.get("event") == "disconnect"][0]["reason"]
+    reason = next(e for e in backend.events if e.get("event") == "disconnect")["reason"]
     assert "middle of a message" in reason
     backend.cleanup()
     assert open_fds() == fds_before
