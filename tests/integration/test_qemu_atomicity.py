@@ -24,7 +24,7 @@ from vhostmem.cli import ctl_main
 from vhostmem.qemu_model import message_sequence, shadow_after
 from vhostmem.qmp import expected_regions, query_memory
 
-from .conftest import GiB, Rig
+from .conftest import GiB, MakeRig, Rig
 
 
 def recorded(rig: Rig, since: int) -> list[tuple[str, int, int]]:
@@ -36,8 +36,8 @@ def recorded(rig: Rig, since: int) -> list[tuple[str, int, int]]:
 
 @pytest.mark.parametrize("qemu_trace", [True, False], ids=["qemu-trace", "gap"])
 def test_plug_steps_are_atomic_and_as_modelled(
-    make_rig,
-    capsys: pytest.CaptureFixture[str],  # type: ignore[no-untyped-def]
+    make_rig: MakeRig,
+    capsys: pytest.CaptureFixture[str],
     qemu_trace: bool,
 ) -> None:
     rig: Rig = make_rig(qemu_trace=qemu_trace)

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from ..netns import ip, netns_exists, require_tap_and_netns
-from .conftest import GiB, Rig
+from .conftest import GiB, MakeRig, Rig
 
 NS = f"vhmq{os.getpid() % 100000}"
 TAP = f"vhmq{os.getpid() % 100000}"
@@ -67,8 +67,8 @@ def datapath(rig: Rig) -> dict:  # type: ignore[type-arg]
     return dp  # type: ignore[no-any-return]
 
 
-def test_ping_both_ways_through_vhostmem_across_plug_cycles(  # type: ignore[no-untyped-def]
-    make_rig, net_names: None
+def test_ping_both_ways_through_vhostmem_across_plug_cycles(
+    make_rig: MakeRig, net_names: None
 ) -> None:
     rig = make_rig(vhostmem_args=("--tap", TAP, "--netns", NS, "--tap-address", f"{HOST_ADDR}/24"))
     # the namespace: our TAP with its address, up, and no way out

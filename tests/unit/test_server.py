@@ -12,6 +12,7 @@ import os
 import stat
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import trio
@@ -584,7 +585,7 @@ async def test_a_booking_failure_at_disconnect_still_releases_everything() -> No
 
         calls = []
 
-        def broken_record(**kwargs: object) -> None:
+        def broken_record(**kwargs: object) -> NoReturn:
             calls.append(kwargs["request"])
             raise RuntimeError("history bug")
 
