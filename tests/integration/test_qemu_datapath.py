@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -62,9 +63,10 @@ def ping_from_namespace(count: int = 3) -> str:
     return res.stdout
 
 
-def datapath(rig: Rig) -> dict:  # type: ignore[type-arg]
+def datapath(rig: Rig) -> dict[str, Any]:
+    dp: dict[str, Any]
     [dp] = rig.backend.stats()["datapath"]
-    return dp  # type: ignore[no-any-return]
+    return dp
 
 
 def test_ping_both_ways_through_vhostmem_across_plug_cycles(

@@ -46,7 +46,8 @@ async def with_three_memslots(config: ServerConfig, query: dict[str, Any]) -> di
             nursery.cancel_scope.cancel()
     backend.cleanup()
     assert reply["ok"], reply
-    return reply["result"]  # type: ignore[no-any-return]
+    result: dict[str, Any] = reply["result"]
+    return result
 
 
 async def test_without_markers_one_merged_region() -> None:
