@@ -114,7 +114,7 @@ class FdStream:
         """Wait (through trio) until the front-end has sent something."""
         await trio.lowlevel.wait_readable(self.sock)
 
-    def send_now(self, data: bytes) -> int:
+    def send_now(self, data: bytes | memoryview) -> int:
         """Send what the socket takes right now, without waiting; returns the bytes sent.
 
         Replies are small and the socket buffer is almost always free, so the shell tries this
@@ -144,7 +144,7 @@ class FdStream:
         try:
             view = memoryview(data)
             while view:
-                sent = self.send_now(view)  # type: ignore[arg-type]
+                sent = self.send_now(view)
                 if not sent:
                     await trio.lowlevel.wait_writable(self.sock)
                 view = view[sent:]

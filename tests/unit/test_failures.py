@@ -307,7 +307,10 @@ async def test_injected_errno_ack_delay_disconnect() -> None:
         async with trio.open_nursery() as nursery:
             fe = await session_with(backend, nursery)
             memfd = make_memfd(16 * MiB)
-            add = lambda i: fe.add_region(i * 2 * MiB, MiB, 0x10000000 + i * 2 * MiB, 0, memfd)  # noqa: E731
+
+            def add(i: int) -> int:
+                return fe.add_region(i * 2 * MiB, MiB, 0x10000000 + i * 2 * MiB, 0, memfd)
+
             assert await in_thread(add, 0) == 0
             assert await in_thread(add, 1) != 0  # errno=ENOMEM: the diagnosis ran
             err = last_error(backend)

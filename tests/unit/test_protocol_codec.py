@@ -486,7 +486,7 @@ def test_bad_reply_values() -> None:
     with pytest.raises(EncodeError):
         encode_u64_reply(2**32, 0)
     with pytest.raises(EncodeError):
-        encode_reply(Request.GET_FEATURES, object())  # type: ignore[arg-type]
+        encode_reply(Request.GET_FEATURES, object())  # type: ignore[arg-type]  # on purpose
 
 
 # ------------------------------------------------------------------------------------------

@@ -556,7 +556,7 @@ async def test_an_event_log_that_cannot_be_written_costs_no_connection() -> None
 
     async with no_leaks():
         backend = Backend(ServerConfig())
-        backend.event_log = FullDisk()  # type: ignore[assignment]
+        backend.event_log = FullDisk()  # type: ignore[assignment]  # a stand-in EventLog
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
                 for name in ("first", "second"):
@@ -594,6 +594,7 @@ async def test_a_booking_failure_at_disconnect_still_releases_everything() -> No
                 fe = await start_pair(backend, nursery)
                 await in_thread(fe.handshake)
                 memfd = make_memfd(4 * MiB)
+                # A stand-in for one instance's method: mypy refuses method assignment.
                 backend.history.record = broken_record  # type: ignore[method-assign]
 
                 def add_and_leave() -> int:
