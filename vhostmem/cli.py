@@ -201,8 +201,8 @@ Then, in another terminal:
         action="append",
         default=[],
         metavar="SPEC",
-        help="make chosen requests fail on purpose (repeatable), e.g. ADD_MEM_REG:nth=2:errno=ENOMEM, "
-        "ADD_MEM_REG:nth=2:ack=1, REM_MEM_REG:every:delay=500ms, "
+        help="make chosen requests fail on purpose (repeatable), e.g. "
+        "ADD_MEM_REG:nth=2:errno=ENOMEM, ADD_MEM_REG:nth=2:ack=1, REM_MEM_REG:every:delay=500ms, "
         "ADD_MEM_REG:nth=3:disconnect. Parts: nth=N | every, count=K, errno=NAME, ack=V, "
         "delay=TIME, disconnect. Counting is per rule from when it was added; at run time: "
         "vhostmem-ctl inject SPEC",
@@ -640,7 +640,8 @@ def _check(args: argparse.Namespace) -> int:
             q = doc["qmp"]
             verdict = "matches" if q["matches"] else "DOES NOT match"
             print(
-                f"\ntable vs QEMU ({args.qmp}): {verdict} the {len(q['expected'])} region(s) QEMU should have sent"
+                f"\ntable vs QEMU ({args.qmp}): {verdict} the {len(q['expected'])} region(s) "
+                "QEMU should have sent"
             )
             for label in ("missing", "unexpected"):
                 for gpa, size, off in q[label]:

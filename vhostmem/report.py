@@ -225,16 +225,17 @@ def render_diagnose(doc: dict[str, Any]) -> str:
     """Everything that limits mapping, on one screen."""
     nofile = doc["rlimit_nofile"]
     lines = [
-        f"open files      {nofile['open']} of RLIMIT_NOFILE {nofile['soft']} (hard {nofile['hard']}); "
-        f"{doc['mapping_fds']} held for mappings (one per region, two for hugetlb)",
+        f"open files      {nofile['open']} of RLIMIT_NOFILE {nofile['soft']} "
+        f"(hard {nofile['hard']}); {doc['mapping_fds']} held for mappings "
+        "(one per region, two for hugetlb)",
         f"memory maps     {doc['process_maps']} of vm.max_map_count {doc['max_map_count']}",
         f"mapped          {human_size(doc['mapped_bytes'])} in {doc['maps']} region(s)"
         + (f" of --max-mapped {human_size(doc['max_mapped'])}" if doc.get("max_mapped") else ""),
     ]
     for pool in doc["hugepages"]:
         lines.append(
-            f"huge pages {human_size(pool['page_size']):>7}  total {pool['total']}, free {pool['free']}, "
-            f"reserved {pool['resv']}, surplus {pool['surplus']}"
+            f"huge pages {human_size(pool['page_size']):>7}  total {pool['total']}, "
+            f"free {pool['free']}, reserved {pool['resv']}, surplus {pool['surplus']}"
         )
     if not doc["hugepages"]:
         lines.append("huge pages      none configured (/sys/kernel/mm/hugepages is empty)")

@@ -903,7 +903,8 @@ class Session:
                 for uaddr in (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr):
                     if region.uaddr <= uaddr < region.uaddr_end:
                         notes.append(
-                            f"running vring {vring.index} lies in removed region {region.describe()}"
+                            f"running vring {vring.index} lies in removed region "
+                            f"{region.describe()}"
                         )
                         break
         return tuple(notes)

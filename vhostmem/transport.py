@@ -57,7 +57,8 @@ class FdStream:
             read non-blocking. QEMU sends memory updates as a ping-pong (a request, our ack,
             the next request); waiting in the kernel for the next one costs one syscall where
             a trip through trio costs more (tools/bench --floor against --floor
-            --vhostmem-arg=--linger-ms=0: 9-10 us per round trip). While a read lingers, the process's other tasks wait too: another front-end's request
+            --vhostmem-arg=--linger-ms=0: 9-10 us per round trip). While a read lingers, the
+            process's other tasks wait too: another front-end's request
             waits until that read times out (7979 us with --linger-ms=1 in tools/bench's
             "GET_FEATURES, 2nd front-end" row).
     """
@@ -113,7 +114,7 @@ class FdStream:
         """Wait (through trio) until the front-end has sent something."""
         await trio.lowlevel.wait_readable(self.sock)
 
-    def send_now(self, data: bytes) -> int:
+    def send_now(self, data: bytes | memoryview) -> int:
         """Send what the socket takes right now, without waiting; returns the bytes sent.
 
         Replies are small and the socket buffer is almost always free, so the shell tries this
@@ -143,7 +144,7 @@ class FdStream:
         try:
             view = memoryview(data)
             while view:
-                sent = self.send_now(view)  # type: ignore[arg-type]
+                sent = self.send_now(view)
                 if not sent:
                     await trio.lowlevel.wait_writable(self.sock)
                 view = view[sent:]

@@ -118,10 +118,14 @@ class Rig:
         return want
 
 
+#: What the ``make_rig`` fixture gives a test: ``make_rig(vhostmem_args=(), **guest_config)``.
+MakeRig = Callable[..., Rig]
+
+
 @pytest.fixture
 def make_rig(
     qemu_ready: None, vhostmem_factory: Callable[..., RunningBackend]
-) -> Iterator[Callable[..., Rig]]:
+) -> Iterator[MakeRig]:
     """``make_rig(vhostmem_args=(), **guest_config) -> Rig`` with the guest booted and its boot
     RAM region in vhostmem's table; everything stopped at teardown (QEMU first). vhostmem is
     started through the pytest plugin's ``vhostmem_factory``, the fixture users get."""

@@ -24,7 +24,7 @@ from vhostmem.cli import ctl_main
 from vhostmem.qemu_model import message_sequence, shadow_after
 from vhostmem.qmp import expected_regions, query_memory
 
-from .conftest import GiB, Rig
+from .conftest import GiB, MakeRig, Rig
 
 
 def recorded(rig: Rig, since: int) -> list[tuple[str, int, int]]:
@@ -36,8 +36,8 @@ def recorded(rig: Rig, since: int) -> list[tuple[str, int, int]]:
 
 @pytest.mark.parametrize("qemu_trace", [True, False], ids=["qemu-trace", "gap"])
 def test_plug_steps_are_atomic_and_as_modelled(
-    make_rig,
-    capsys: pytest.CaptureFixture[str],  # type: ignore[no-untyped-def]
+    make_rig: MakeRig,
+    capsys: pytest.CaptureFixture[str],
     qemu_trace: bool,
 ) -> None:
     rig: Rig = make_rig(qemu_trace=qemu_trace)
@@ -53,8 +53,13 @@ def test_plug_steps_are_atomic_and_as_modelled(
             ("ADD_MEM_REG" if kind == "add" else "REM_MEM_REG", r.gpa, r.size)
             for kind, r in message_sequence(shadow, after)
         ]
+        # The defaults bind this step's values (B023), though wait_for calls it before the loop
+        # moves on.
+        want = len(predicted)
         rig.backend.wait_for(
-            lambda: len(recorded(rig, seen)) >= len(predicted), 10, "the step's event-log lines"
+            lambda since=seen, n=want: len(recorded(rig, since)) >= n,
+            10,
+            "the step's event-log lines",
         )
         assert recorded(rig, seen) == predicted, size
         seen += len(predicted)

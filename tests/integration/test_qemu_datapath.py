@@ -15,11 +15,12 @@ import os
 import re
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from ..netns import ip, netns_exists, require_tap_and_netns
-from .conftest import GiB, Rig
+from .conftest import GiB, MakeRig, Rig
 
 NS = f"vhmq{os.getpid() % 100000}"
 TAP = f"vhmq{os.getpid() % 100000}"
@@ -62,13 +63,14 @@ def ping_from_namespace(count: int = 3) -> str:
     return res.stdout
 
 
-def datapath(rig: Rig) -> dict:  # type: ignore[type-arg]
+def datapath(rig: Rig) -> dict[str, Any]:
+    dp: dict[str, Any]
     [dp] = rig.backend.stats()["datapath"]
-    return dp  # type: ignore[no-any-return]
+    return dp
 
 
-def test_ping_both_ways_through_vhostmem_across_plug_cycles(  # type: ignore[no-untyped-def]
-    make_rig, net_names: None
+def test_ping_both_ways_through_vhostmem_across_plug_cycles(
+    make_rig: MakeRig, net_names: None
 ) -> None:
     rig = make_rig(vhostmem_args=("--tap", TAP, "--netns", NS, "--tap-address", f"{HOST_ADDR}/24"))
     # the namespace: our TAP with its address, up, and no way out

@@ -8,10 +8,12 @@ import pytest
 
 from vhostmem.cli import ctl_main
 
-from .conftest import GiB, Rig
+from .conftest import GiB, MakeRig, Rig
 
 
-def test_injected_enomem_on_second_memslot(make_rig, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+def test_injected_enomem_on_second_memslot(
+    make_rig: MakeRig, capsys: pytest.CaptureFixture[str]
+) -> None:
     # ADD_MEM_REG #1 is boot RAM, #2 memslot 0, #3 memslot 1.
     rig: Rig = make_rig(vhostmem_args=("--inject", "ADD_MEM_REG:nth=3:errno=ENOMEM"))
     base = rig.guest.virtio_mem()["memaddr"]

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .conftest import MiB, Rig
+from .conftest import MakeRig, MiB, Rig
 
 PLUG = 128 * MiB  # one 1 GiB memslot mapped per plug; the guest unplugs 128 MiB quickly
 
@@ -40,7 +40,7 @@ def hammer(path: str, stop: threading.Event, counts: dict[str, Any]) -> None:
                 raise
 
 
-def test_twenty_cycles_leave_nothing_behind(make_rig, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_twenty_cycles_leave_nothing_behind(make_rig: MakeRig, tmp_path: Path) -> None:
     bad = str(tmp_path / "bad.sock")
     rig: Rig = make_rig(vhostmem_args=("--socket", bad))
     before = rig.backend.stats()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vhostmem.testing.backend import start_backend
 
-from .conftest import BOOT_RAM, NR_HUGEPAGES, GiB, MiB, Rig, hugepages, require_root
+from .conftest import BOOT_RAM, NR_HUGEPAGES, GiB, MakeRig, MiB, Rig, hugepages, require_root
 
 POOL_2M = "/sys/kernel/mm/hugepages/hugepages-2048kB/"
 
@@ -44,7 +44,7 @@ def memory_requests(rig: Rig) -> list[tuple[str, int, int]]:
     ]
 
 
-def test_boot_region_and_peek_equals_xp(make_rig) -> None:  # type: ignore[no-untyped-def]
+def test_boot_region_and_peek_equals_xp(make_rig: MakeRig) -> None:
     rig = make_rig()
     [boot] = [r for r in rig.backend.regions() if r["gpa"] == 0]
     assert boot["size"] == BOOT_RAM and boot["backing"] == "memfd"
@@ -96,7 +96,7 @@ def plug_steps(rig: Rig, steps: list[int], *, memslot: int = GiB, check_peek: bo
     assert rig.backend.violations() == []
 
 
-def test_virtio_mem_plug_sequence(make_rig) -> None:  # type: ignore[no-untyped-def]
+def test_virtio_mem_plug_sequence(make_rig: MakeRig) -> None:
     rig = make_rig()
     plug_steps(rig, [GiB, 3 * GiB, GiB, 0])
     # nothing of the memslots is left mapped
@@ -104,7 +104,7 @@ def test_virtio_mem_plug_sequence(make_rig) -> None:  # type: ignore[no-untyped-
     assert stats["regions"] == 1 and stats["maps"] == 1
 
 
-def test_hugetlb_memfd_backends(make_rig) -> None:  # type: ignore[no-untyped-def]
+def test_hugetlb_memfd_backends(make_rig: MakeRig) -> None:
     with hugepages(256 + 512 + 32):
         rig = make_rig(hugetlb=True)
         [boot] = [r for r in rig.backend.regions() if r["gpa"] == 0]
@@ -113,7 +113,7 @@ def test_hugetlb_memfd_backends(make_rig) -> None:  # type: ignore[no-untyped-de
         rig.guest.close()
 
 
-def test_hugetlbfs_file_backends(make_rig, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_hugetlbfs_file_backends(make_rig: MakeRig, tmp_path: Path) -> None:
     mount = tmp_path / "hugetlbfs"
     mount.mkdir()
     require_root("mounting hugetlbfs", "deselect this test with -k 'not hugetlbfs_file'")
@@ -153,8 +153,8 @@ def free_huge_pages(pages: int) -> Iterator[None]:
         Path(NR_HUGEPAGES).write_text(str(before))
 
 
-def test_hugetlb_memslot_beyond_free_pool_is_served_with_a_shortfall_note(  # type: ignore[no-untyped-def]
-    make_rig,
+def test_hugetlb_memslot_beyond_free_pool_is_served_with_a_shortfall_note(
+    make_rig: MakeRig,
 ) -> None:
     # Boot RAM (256 pages, reserved by QEMU) plus 64 spare pages; a plugged virtio-mem memslot
     # (reserve=off) spans 512 pages. vhostmem must ack it and say the pool is short; the guest
@@ -205,7 +205,7 @@ def test_hugetlb_memslot_beyond_free_pool_is_served_with_a_shortfall_note(  # ty
         rig.guest.close()
 
 
-def test_dimm_hot_add(make_rig) -> None:  # type: ignore[no-untyped-def]
+def test_dimm_hot_add(make_rig: MakeRig) -> None:
     rig = make_rig()
     seen = len(memory_requests(rig))
     rig.guest.hot_add_dimm("dimm0", 256 * MiB)
@@ -219,7 +219,7 @@ def test_dimm_hot_add(make_rig) -> None:  # type: ignore[no-untyped-def]
     assert region["size"] == 256 * MiB and region["file"].startswith("/dev/shm/")
 
 
-def test_legacy_set_mem_table(make_rig) -> None:  # type: ignore[no-untyped-def]
+def test_legacy_set_mem_table(make_rig: MakeRig) -> None:
     rig = make_rig(vhostmem_args=("--no-mem-slots",))
     [boot] = rig.backend.regions()
     rig.guest.plug(GiB, 60)
@@ -239,7 +239,7 @@ def test_legacy_set_mem_table(make_rig) -> None:  # type: ignore[no-untyped-def]
     assert rig.backend.regions()[0]["address"] == boot["address"]
 
 
-def test_max_slots_8_falls_back_to_one_memslot(make_rig) -> None:  # type: ignore[no-untyped-def]
+def test_max_slots_8_falls_back_to_one_memslot(make_rig: MakeRig) -> None:
     """Documents QEMU's behaviour: with fewer than 509 slots on offer, virtio-mem uses a single
     memslot for the whole device even though CONFIGURE_MEM_SLOTS is negotiated."""
     rig = make_rig(vhostmem_args=("--max-slots", "8"))
@@ -250,7 +250,7 @@ def test_max_slots_8_falls_back_to_one_memslot(make_rig) -> None:  # type: ignor
     assert [r for r, _, _ in memory_requests(rig)] == ["ADD_MEM_REG", "ADD_MEM_REG"]
 
 
-def test_qemu_killed_mid_plug_releases_everything(make_rig) -> None:  # type: ignore[no-untyped-def]
+def test_qemu_killed_mid_plug_releases_everything(make_rig: MakeRig) -> None:
     rig = make_rig()
     backend = rig.backend
     idle = backend.stats()
@@ -278,7 +278,7 @@ def test_qemu_killed_mid_plug_releases_everything(make_rig) -> None:  # type: ig
     assert [r["gpa"] for r in second.backend.regions()] == [0]
 
 
-def test_reconnect_rebuilds_the_table(make_rig, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_reconnect_rebuilds_the_table(make_rig: MakeRig, tmp_path: Path) -> None:
     rig = make_rig(reconnect_ms=200)
     rig.guest.plug(GiB, 60)
     want = rig.wait_table_matches_qemu()
@@ -292,7 +292,7 @@ def test_reconnect_rebuilds_the_table(make_rig, tmp_path: Path) -> None:  # type
     assert rig.memslot_regions() == rig.qemu_memslots() == want
 
 
-def test_system_reset_follows_qemu(make_rig) -> None:  # type: ignore[no-untyped-def]
+def test_system_reset_follows_qemu(make_rig: MakeRig) -> None:
     rig = make_rig()
     rig.guest.plug(GiB, 60)
     [memslot] = rig.wait_table_matches_qemu()
@@ -305,5 +305,5 @@ def test_system_reset_follows_qemu(make_rig) -> None:  # type: ignore[no-untyped
     assert rig.qemu_memslots() == [memslot]
     requests = [r for r, g, _ in memory_requests(rig) if g != 0]
     assert requests == ["ADD_MEM_REG", "REM_MEM_REG", "ADD_MEM_REG"]
-    assert [r["gpa"] for r in rig.backend.regions()][0] == 0  # boot RAM stayed throughout
+    assert rig.backend.regions()[0]["gpa"] == 0  # boot RAM stayed throughout
     assert rig.backend.violations() == []  # unplug and replug in different batches

@@ -128,7 +128,8 @@ def run(argv: Sequence[str | Path], cwd: Path, why: str = "") -> str:
             check=False,
         )
     except subprocess.TimeoutExpired as err:
-        pytest.fail(f"{cmd} did not finish in {TIMEOUT} s{why}\n{err.stderr or ''}")
+        output = err.stderr if isinstance(err.stderr, str) else ""  # text=True: str or None
+        pytest.fail(f"{cmd} did not finish in {TIMEOUT} s{why}\n{output}")
     if done.returncode != 0:
         pytest.fail(
             f"{cmd} exited {done.returncode}{why}\n--- stdout\n{done.stdout[-3000:]}"

@@ -9,7 +9,7 @@ import gc
 import itertools
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,8 +148,8 @@ class FakeHost:
     fail_unmap: dict[int, str] = field(default_factory=dict)
     unmaps_tried: list[int] = field(default_factory=list)  # gpa of every unmap attempted
     maps_done: int = 0
-    _numbers: Any = field(default_factory=lambda: itertools.count(1000))
-    _handles: Any = field(default_factory=lambda: itertools.count(1))
+    _numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1000))
+    _handles: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def new_fd(self, file_id: tuple[int, int] | None = None) -> int:
         fd = next(self._numbers)

@@ -7,21 +7,26 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from vhostmem.cli import ctl_main
-from vhostmem.testing.backend import start_backend
+from vhostmem.testing.backend import RunningBackend, start_backend
 from vhostmem.testing.frontend import FakeFrontend, make_memfd
 
 GiB = 1 << 30
 BASE = 0x100000000
 HOST = 0x7F0000000000
 
+#: vhostmem, a front-end that shook hands with it, and a 4 GiB memfd to map.
+CheckRig = tuple[RunningBackend, FakeFrontend, int]
+
 
 @pytest.fixture
-def rig(tmp_path: Path):  # type: ignore[no-untyped-def]
+def rig(tmp_path: Path) -> Iterator[CheckRig]:
     backend = start_backend(tmp_path)
     fe = FakeFrontend.connect(backend.socket)
     fe.handshake()
@@ -32,12 +37,14 @@ def rig(tmp_path: Path):  # type: ignore[no-untyped-def]
     assert backend.stop() == 0
 
 
-def check(backend, capsys) -> tuple[int, dict]:  # type: ignore[no-untyped-def]
+def check(
+    backend: RunningBackend, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, dict[str, Any]]:
     code = ctl_main(["--control", backend.control, "check", "--json"])
     return code, json.loads(capsys.readouterr().out)
 
 
-def test_pre_82_merge_is_flagged(rig, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_pre_82_merge_is_flagged(rig: CheckRig, capsys: pytest.CaptureFixture[str]) -> None:
     backend, fe, memfd = rig
     assert fe.add_region(BASE, GiB, HOST, 0, memfd) == 0  # memslot 0 plugged
     time.sleep(0.1)  # a later commit
@@ -59,7 +66,9 @@ def test_pre_82_merge_is_flagged(rig, capsys) -> None:  # type: ignore[no-untype
     assert "NON-ATOMIC UPDATE (merge)" in backend.stderr()
 
 
-def test_rem_one_memslot_add_another_is_clean(rig, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_rem_one_memslot_add_another_is_clean(
+    rig: CheckRig, capsys: pytest.CaptureFixture[str]
+) -> None:
     backend, fe, memfd = rig
     for i in (0, 1):
         assert fe.add_region(BASE + i * GiB, GiB, HOST + i * GiB, i * GiB, memfd) == 0
@@ -83,7 +92,7 @@ def test_check_cannot_run_without_control(tmp_path: Path) -> None:
     assert ctl_main(["--control", str(tmp_path / "none.ctl"), "check"]) == 2
 
 
-def test_explain_needs_no_backend(capsys) -> None:  # type: ignore[no-untyped-def]
+def test_explain_needs_no_backend(capsys: pytest.CaptureFixture[str]) -> None:
     assert ctl_main(["explain", "0", "0,1", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["version"] == 1

@@ -571,6 +571,7 @@ async def test_the_tap_goes_to_the_first_to_start_rings_then_to_the_one_refused(
     async with rig(idle_before=True) as r:
         r.send_tx(frame, [(0x80000, NET_HDR_SIZE + len(frame))])
         assert await wait_until(r.tap.frames, "the frame on the TAP") == [frame]
+        assert r.backend.net is not None
         assert r.att.active and r.backend.net.owner is r.att
         third = await r.join()
         await third.start_rings()

@@ -121,8 +121,7 @@ async def test_failure_class(
             os.close(good)
             assert backend.mapper.stats.maps == 1
             fe.close()
-            while backend.connections():
-                await trio.sleep(0.01)
+            await wait_until(lambda: not backend.connections(), "the connection to end")
     backend.cleanup()
     assert open_fds() == fds_before and shared_maps() == maps_before
 
@@ -153,8 +152,7 @@ async def test_hugetlb_odd_offsets_map_peek_and_unmap(offset: int) -> None:
                 assert await in_thread(fe.rem_region, 0x100000000, MiB, 0x7F0000000000) == 0
                 assert not [m for m in shared_maps() if m not in maps_before]
                 fe.close()
-                while backend.connections():
-                    await trio.sleep(0.01)
+                await wait_until(lambda: not backend.connections(), "the connection to end")
         backend.cleanup()
         assert open_fds() == fds_before and shared_maps() == maps_before
 
@@ -309,7 +307,10 @@ async def test_injected_errno_ack_delay_disconnect() -> None:
         async with trio.open_nursery() as nursery:
             fe = await session_with(backend, nursery)
             memfd = make_memfd(16 * MiB)
-            add = lambda i: fe.add_region(i * 2 * MiB, MiB, 0x10000000 + i * 2 * MiB, 0, memfd)  # noqa: E731
+
+            def add(i: int) -> int:
+                return fe.add_region(i * 2 * MiB, MiB, 0x10000000 + i * 2 * MiB, 0, memfd)
+
             assert await in_thread(add, 0) == 0
             assert await in_thread(add, 1) != 0  # errno=ENOMEM: the diagnosis ran
             err = last_error(backend)
@@ -325,11 +326,9 @@ async def test_injected_errno_ack_delay_disconnect() -> None:
                 await in_thread(add, 4)  # disconnect
             os.close(memfd)
             fe.close()
-            while backend.connections():
-                await trio.sleep(0.01)
-    assert [e for e in backend.events if e.get("event") == "disconnect"][0]["reason"].startswith(
-        "ADD_MEM_REG: injected disconnect"
-    )
+            await wait_until(lambda: not backend.connections(), "the connection to end")
+    disconnect = next(e for e in backend.events if e.get("event") == "disconnect")
+    assert disconnect["reason"].startswith("ADD_MEM_REG: injected disconnect")
     assert backend.mapper.stats.maps == 0
     backend.cleanup()
     assert open_fds() == fds_before

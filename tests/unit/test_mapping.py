@@ -861,8 +861,8 @@ def test_hugetlb_region_beyond_free_pool_warns_with_the_numbers(hugepages: int) 
         end = gpa + pages * HPAGE - 1
         assert warning.startswith(
             f"ADD_MEM_REG gpa=0x{gpa:x}-0x{end:x} size=0x{pages * HPAGE:x} "
-            f"({human_size(pages * HPAGE)}) uaddr=0x{uaddr:x} mmap_offset=0x0: huge page shortfall: "
-            f"the "
+            f"({human_size(pages * HPAGE)}) uaddr=0x{uaddr:x} mmap_offset=0x0: "
+            "huge page shortfall: the "
             f"region spans {pages} pages of 2 MiB (memfd-hugetlb '/memfd:big (deleted)'); the "
             f"file holds 1 pages (allocated); the 2 MiB pool has {free} free pages, {resv} of "
             f"them reserved (of {total} in all): {pages - 1} pages still to allocate, {short} "

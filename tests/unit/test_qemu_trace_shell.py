@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,7 +58,9 @@ def start(tmp_path: Path, *args: str) -> RunningBackend:
     return start_backend(tmp_path, ["--trace-wait", "500", *args])
 
 
-def check(backend: RunningBackend, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict]:  # type: ignore[type-arg]
+def check(
+    backend: RunningBackend, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, dict[str, Any]]:
     code = ctl_main(["--control", backend.control, "check", "--json"])
     return code, json.loads(capsys.readouterr().out)
 

@@ -12,6 +12,7 @@ import os
 import stat
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import trio
@@ -172,7 +173,7 @@ async def test_eof_mid_message_is_an_error_and_releases() -> None:
             fe.send_raw(encode_request(Request.SET_VRING_NUM, VringState(0, 8))[:15])
             fe.close()
             await wait_until(lambda: not backend.connections(), "the connection to end")
-    reason = [e for e in backend.events if e.get("event") == "disconnect"][0]["reason"]
+    reason = next(e for e in backend.events if e.get("event") == "disconnect")["reason"]
     assert "middle of a message" in reason
     backend.cleanup()
     assert open_fds() == fds_before
@@ -291,7 +292,7 @@ async def test_run_serves_two_front_ends_on_one_socket_at_once(tmp_path: Path) -
                 nursery.cancel_scope.cancel()  # what SIGTERM does, with both connected
             first.close()
             second.close()
-    assert not os.path.exists(path) and not os.path.exists(control)
+    assert not await trio.Path(path).exists() and not await trio.Path(control).exists()
     assert backend.mapper.stats.maps == 0
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [e["conn"] for e in lines if e.get("event") == "connect"] == [
@@ -555,7 +556,7 @@ async def test_an_event_log_that_cannot_be_written_costs_no_connection() -> None
 
     async with no_leaks():
         backend = Backend(ServerConfig())
-        backend.event_log = FullDisk()  # type: ignore[assignment]
+        backend.event_log = FullDisk()  # type: ignore[assignment]  # a stand-in EventLog
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
                 for name in ("first", "second"):
@@ -584,7 +585,7 @@ async def test_a_booking_failure_at_disconnect_still_releases_everything() -> No
 
         calls = []
 
-        def broken_record(**kwargs: object) -> None:
+        def broken_record(**kwargs: object) -> NoReturn:
             calls.append(kwargs["request"])
             raise RuntimeError("history bug")
 
@@ -593,6 +594,7 @@ async def test_a_booking_failure_at_disconnect_still_releases_everything() -> No
                 fe = await start_pair(backend, nursery)
                 await in_thread(fe.handshake)
                 memfd = make_memfd(4 * MiB)
+                # A stand-in for one instance's method: mypy refuses method assignment.
                 backend.history.record = broken_record  # type: ignore[method-assign]
 
                 def add_and_leave() -> int:

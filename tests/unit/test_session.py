@@ -36,7 +36,7 @@ def load(name: str) -> list[dict[str, object]]:
 
 
 def drain(session: Session) -> list[Handled]:
-    out = []
+    out: list[Handled] = []
     while True:
         ev = session.next_event()
         if ev is NEED_DATA:
@@ -46,7 +46,11 @@ def drain(session: Session) -> list[Handled]:
 
 
 def feed(
-    session: Session, host: FakeHost, data: bytes, nfds: int = 0, file_id=None
+    session: Session,
+    host: FakeHost,
+    data: bytes,
+    nfds: int = 0,
+    file_id: tuple[int, int] | None = None,
 ) -> list[Handled]:
     fds = [host.new_fd(file_id) for _ in range(nfds)]
     session.receive_data(data, fds)
@@ -81,7 +85,13 @@ def qemu_session(**config: object) -> tuple[Session, FakeHost]:
 
 
 def add(
-    session: Session, host: FakeHost, gpa: int, size: int, uaddr: int, off: int = 0, file_id=None
+    session: Session,
+    host: FakeHost,
+    gpa: int,
+    size: int,
+    uaddr: int,
+    off: int = 0,
+    file_id: tuple[int, int] | None = None,
 ) -> Handled:
     msg = encode_request(
         Request.ADD_MEM_REG, MemRegMsg(MemoryRegion(gpa, size, uaddr, off)), need_reply=True

@@ -475,6 +475,35 @@ def test_missing_pip_and_python_packages_are_named_with_their_fix(host: Host) ->
     assert not [c for c in host.calls() if c.startswith("apt-get")]
 
 
+def python_deps_probe() -> str:
+    """The program setup-host feeds to `python3 - REPO` to decide whether the deps are there."""
+    text = SETUP_HOST.read_text()
+    start = text.index("<<'EOF'\n") + len("<<'EOF'\n")
+    return text[start : text.index("\nEOF\n", start)]
+
+
+@pytest.mark.parametrize("tool", ["ruff", "mypy"])
+def test_python_deps_probe_requires_the_lint_tools(tmp_path: Path, tool: str) -> None:
+    # tools/test runs the lint gate with this python's ruff and mypy: the probe that decides
+    # whether pip install -e '.[test]' must run fails while one of them does not import.
+    # A package of the tool's name that raises on import stands first on the path.
+    shadow = tmp_path / tool
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text(f"raise ImportError('{tool} shadowed by the test')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-", str(ROOT)],
+        input=python_deps_probe(),
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"cannot import {tool}: {tool} shadowed by the test"
+
+
 def test_install_on_a_bare_machine_runs_every_step_to_done(host: Host) -> None:
     # Nothing installed; apt-get installs for real (as stubs). Only the guest image is cached:
     # building it downloads a kernel, which no test does.

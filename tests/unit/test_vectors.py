@@ -97,7 +97,7 @@ def test_vector_decodes_and_re_encodes(line: Line) -> None:
 
 
 def messages(name: str, request: Request) -> list[tuple[Header, object, int]]:
-    out = []
+    out: list[tuple[Header, object, int]] = []
     for line in load(name):
         if line["dir"] == "in" and line["name"] == request.name:
             header, payload = decode_message(bytes.fromhex(line["hex"]))

@@ -47,7 +47,7 @@ def vhostmem_factory(tmp_path: Path) -> Iterator[Callable[..., RunningBackend]]:
         started.append(backend)
         return backend
 
-    factory.started = started  # type: ignore[attr-defined]
+    factory.started = started  # type: ignore[attr-defined]  # read by tests/integration
     yield factory
     failures = []
     for backend in started:
