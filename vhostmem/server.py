@@ -37,7 +37,7 @@ from vhostmem import journal
 from vhostmem.atomicity import History
 from vhostmem.control import EventLog, serve_control
 from vhostmem.datapath import NetAttachment, NetDevice
-from vhostmem.errors import RemoteProtocolError, VhostMemError
+from vhostmem.errors import FramingError, VhostMemError
 from vhostmem.events import NEED_DATA, Handled
 from vhostmem.faults import FaultPlan, parse_fault
 from vhostmem.mapping import Mapper, Mapping
@@ -489,7 +489,7 @@ class Backend:
         reason = "front-end closed the connection"
         try:
             await self._loop(conn, stream)
-        except RemoteProtocolError as err:
+        except FramingError as err:
             reason = f"protocol error: {err}"
             log.error("closing connection: %s", err)
         except trio.BrokenResourceError as err:
@@ -571,7 +571,7 @@ class Backend:
                 for fd in fds:
                     os.close(fd)
                 if session.buffered:
-                    raise RemoteProtocolError(
+                    raise FramingError(
                         f"connection closed in the middle of a message ({session.buffered} "
                         "bytes of it received)"
                     )

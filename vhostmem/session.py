@@ -23,7 +23,7 @@ States (:class:`SessionState`): ``AWAIT_OWNER`` until SET_OWNER, ``OWNED`` after
 queries are legal before SET_OWNER because QEMU asks them first (shared/vectors/); everything
 touching the device needs an owner. An illegal request is answered (a failure ack when one is
 due) and recorded, not fatal. Only broken framing (a size no payload can have) moves the session
-to ``ERROR``, after which every call raises :class:`~vhostmem.errors.RemoteProtocolError`.
+to ``ERROR``, after which every call raises :class:`~vhostmem.errors.FramingError`.
 
 Replies follow QEMU's checks (hw/virtio/vhost-user.c ``vhost_user_read_header``,
 ``process_message_reply``): flags exactly 0x5, the same request code, u64 replies of size 8.
@@ -50,13 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol, final
 
-from vhostmem.errors import (
-    LocalProtocolError,
-    MappingError,
-    RemoteProtocolError,
-    StateError,
-    TableError,
-)
+from vhostmem.errors import FramingError, MappingError, RequestRefused, StateError, TableError
 from vhostmem.events import NEED_DATA, Handled, NeedData, TableChange
 from vhostmem.faults import Fault, FaultPlan
 from vhostmem.protocol import (
@@ -302,12 +296,12 @@ class Session:
         The session owns ``fds`` from now on.
 
         Raises:
-            RemoteProtocolError: the session is already in ``ERROR`` or ``CLOSED``.
+            FramingError: the session is already in ``ERROR`` or ``CLOSED``.
         """
         if self.state in _ENDED:
             for fd in fds:
                 self.host.close_fd(fd)
-            raise RemoteProtocolError(f"session is {self.state.value}; no more data accepted")
+            raise FramingError(f"session is {self.state.value}; no more data accepted")
         if fds:
             self._pending.append(_Pending(self._consumed + len(self._buffer), list(fds)))
         self._buffer += data
@@ -341,11 +335,11 @@ class Session:
             One :class:`Handled` per request, or ``NEED_DATA``.
 
         Raises:
-            RemoteProtocolError: the framing is broken; the connection must close (the session
+            FramingError: the framing is broken; the connection must close (the session
                 has released every fd it held for unhandled messages).
         """
         if self.state in _ENDED:
-            raise RemoteProtocolError(f"session is {self.state.value}")
+            raise FramingError(f"session is {self.state.value}")
         buffer = self._buffer
         have = len(buffer)
         if have < HEADER_SIZE:
@@ -384,7 +378,7 @@ class Session:
                 self.host.close_fd(fd)
         self._pending.clear()
         self._buffer.clear()
-        raise RemoteProtocolError(why)
+        raise FramingError(why)
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -397,7 +391,10 @@ class Session:
             try:
                 if header.flags & _HEADER_CHECK_MASK != FLAG_VERSION:
                     self._check_header(header)
-                payload = decode_payload(request, raw)
+                try:
+                    payload = decode_payload(request, raw)
+                except DecodeError as err:
+                    raise RequestRefused(str(err), kind="decode") from err
                 if self.faults:
                     fault = self.faults.match(request_name(request))
                     if fault is not None and (fault.disconnect or fault.ack is not None):
@@ -412,7 +409,7 @@ class Session:
                 # looked up outside the handler's own errors (trio-websocket's KeyError pitfall)
                 handler = _HANDLERS.get(request)  # type: ignore[arg-type]
                 if handler is None:
-                    raise LocalProtocolError(
+                    raise RequestRefused(
                         f"{request_name(request)} is not implemented by vhostmem (no feature that "
                         "would allow it was offered)"
                     )
@@ -436,7 +433,7 @@ class Session:
                 change=done.change,
                 notes=done.notes,
             )
-        except (LocalProtocolError, StateError, DecodeError, TableError, MappingError) as err:
+        except RequestRefused as err:
             return self._failure(header, payload, err, nfds, fault=fault)
         finally:
             self._fail_errno = None
@@ -486,42 +483,33 @@ class Session:
                 injected=fault.spec,
                 disconnect=True,
             )
-        err = LocalProtocolError(f"injected failure ({fault.spec}); the request was not handled")
-        return self._failure(
-            header, payload, err, nfds, fault=fault, ack=fault.ack or 1, kind="injected"
+        err = RequestRefused(
+            f"injected failure ({fault.spec}); the request was not handled",
+            kind="injected",
+            ack=fault.ack or 1,
         )
+        return self._failure(header, payload, err, nfds, fault=fault)
 
     def _failure(
         self,
         header: Header,
         payload: Payload | None,
-        err: Exception,
+        err: RequestRefused,
         nfds: int,
         *,
         fault: Fault | None = None,
-        ack: int = 1,
-        kind: str | None = None,
         change: TableChange | None = None,
         notes: tuple[str, ...] = (),
     ) -> Handled:
         request = header.request
-        if kind is None:
-            kind = {
-                StateError: "state",
-                DecodeError: "decode",
-                LocalProtocolError: "protocol",
-            }.get(type(err), getattr(err, "kind", "error"))
-        details = getattr(err, "details", None)
         reply = b""
         if request in HAS_OWN_REPLY:
             # The front-end waits for this reply; an empty payload is what QEMU treats as a
             # failed answer (e.g. GET_CONFIG "size 0 = error") instead of hanging.
             reply = encode_reply(request, b"")
         elif header.need_reply and self.negotiated_reply_ack:
-            reply = encode_u64_reply(request, ack)
+            reply = encode_u64_reply(request, err.ack)
         text = str(err)
-        if isinstance(err, StateError):
-            text = f"{text} (state {err.state}; needs {err.required})"
         name = request_name(request)
         if text.startswith(name):  # the mapping layer names the request itself
             text = text[len(name) :].lstrip(": ")
@@ -532,30 +520,30 @@ class Session:
             reply=reply,
             ok=False,
             error=f"{name}: {text}",
-            error_kind=str(kind),
+            error_kind=err.kind,
             change=change,
             notes=notes,
             nfds=nfds,
-            details=details,
+            details=err.details,
             injected=fault.spec if fault else None,
             delay=fault.delay if fault else 0.0,
         )
 
     def _check_header(self, header: Header) -> None:
         if header.version != 1:
-            raise LocalProtocolError(
+            raise RequestRefused(
                 f"header flags 0x{header.flags:x} carry version {header.version}; vhost-user "
                 "version 1 is the only one"
             )
         if header.is_reply:
-            raise LocalProtocolError(
+            raise RequestRefused(
                 f"header flags 0x{header.flags:x} have the REPLY bit set on a request"
             )
 
     def _refuse_in_state(self, request: Request | int) -> NoReturn:
         """Say why ``request`` is not in the current state's transitions."""
         if not isinstance(request, Request):
-            raise LocalProtocolError(f"unknown request code {int(request)}")
+            raise RequestRefused(f"unknown request code {int(request)}")
         if self.state is SessionState.AWAIT_OWNER:
             raise StateError("is not allowed before SET_OWNER", self.state.value, "SET_OWNER first")
         raise StateError(
@@ -566,7 +554,7 @@ class Session:
 
     def _refuse_fds(self, low: int, high: int, nfds: int, payload: Payload | None) -> NoReturn:
         want = f"{low}" if low == high else f"{low} to {high}"
-        raise LocalProtocolError(
+        raise RequestRefused(
             f"came with {nfds} file descriptor(s); it takes {want}"
             + (" (NOFD bit set)" if isinstance(payload, VringFile) and payload.nofd else "")
         )
@@ -580,7 +568,7 @@ class Session:
         value = _u64(payload)
         extra = value & ~self.config.features
         if extra:
-            raise LocalProtocolError(
+            raise RequestRefused(
                 f"features 0x{value:x} include 0x{extra:x}, which vhostmem did not offer "
                 f"(offered 0x{self.config.features:x})"
             )
@@ -599,7 +587,7 @@ class Session:
         extra = value & ~self.config.protocol_features
         if extra:
             names = [f.name or hex(f.value) for f in ProtocolFeature if f.value & extra]
-            raise LocalProtocolError(
+            raise RequestRefused(
                 f"protocol features 0x{value:x} include {', '.join(names) or hex(extra)} "
                 f"(0x{extra:x}), which vhostmem did not offer "
                 f"(offered 0x{self.config.protocol_features:x})"
@@ -815,7 +803,7 @@ class Session:
 
     def _vring(self, index: int) -> Vring:
         if not 0 <= index < len(self.vrings):
-            raise LocalProtocolError(
+            raise RequestRefused(
                 f"vring index {index} is out of range: the device has {len(self.vrings)} "
                 f"vrings (--queues {self.config.queues})"
             )
@@ -825,7 +813,7 @@ class Session:
         assert isinstance(payload, VringState)
         vring = self._vring(payload.index)
         if not 0 < payload.num <= MAX_QUEUE_SIZE:
-            raise LocalProtocolError(
+            raise RequestRefused(
                 f"vring {payload.index} size {payload.num} is not in 1..{MAX_QUEUE_SIZE}"
             )
         vring.num = payload.num
@@ -852,7 +840,7 @@ class Session:
         assert isinstance(payload, VringState)
         vring = self._vring(payload.index)
         if payload.num not in (0, 1):
-            raise LocalProtocolError(f"SET_VRING_ENABLE num must be 0 or 1, got {payload.num}")
+            raise RequestRefused(f"SET_VRING_ENABLE num must be 0 or 1, got {payload.num}")
         vring.enabled = bool(payload.num)
         return b"", None, ()
 

@@ -6,7 +6,7 @@ fields, truncation, extra bytes, fd counts, order (lists come in any order) and 
 cut into ``receive_data`` chunks. What must hold for every example:
 
 * ``protocol`` decoders raise nothing but ``DecodeError``, encoders nothing but ``EncodeError``;
-* ``Session.receive_data``/``next_event`` raise nothing but ``RemoteProtocolError``, and only
+* ``Session.receive_data``/``next_event`` raise nothing but ``FramingError``, and only
   with the session in ``ERROR``;
 * every reply is one QEMU accepts (flags 0x5, the request's code, size = payload length); a
   request with its own reply always gets one; a failed request with NEED_REPLY under REPLY_ACK
@@ -42,7 +42,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
-from vhostmem.errors import RemoteProtocolError
+from vhostmem.errors import FramingError
 from vhostmem.events import NEED_DATA, Handled
 from vhostmem.faults import FaultPlan, parse_fault
 from vhostmem.mapping import Mapper
@@ -547,7 +547,7 @@ def run_case(case: Case, harness: Harness) -> Outcome:
             fds = harness.make_fds(letters)
             try:
                 session.receive_data(data, fds)
-            except RemoteProtocolError:
+            except FramingError:
                 assert session.state is SessionState.ERROR
                 harness.check_step(session)
                 continue
@@ -556,7 +556,7 @@ def run_case(case: Case, harness: Harness) -> Outcome:
                 before = table_snapshot(session)
                 try:
                     ev = session.next_event()
-                except RemoteProtocolError as err:
+                except FramingError as err:
                     assert session.state is SessionState.ERROR
                     out.framing_error = out.framing_error or str(err)
                     break

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vhostmem.errors import RemoteProtocolError
+from vhostmem.errors import FramingError
 from vhostmem.events import NEED_DATA, Handled
 from vhostmem.protocol import (
     MemoryRegion,
@@ -304,10 +304,10 @@ def test_oversized_size_field_breaks_framing_and_closes_fds() -> None:
         4, "little"
     )
     s.receive_data(bad, [host.new_fd()])
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(FramingError):
         s.next_event()
     assert s.state is SessionState.ERROR
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(FramingError):
         s.next_event()
     s.close()
     assert host.open == set()
@@ -675,3 +675,12 @@ def test_close_tries_every_region_and_reports_those_left_mapped() -> None:
         (2 * GiB, False),
     ]
     assert host.open == set()  # the vring's fd was closed although an unmap failed
+
+
+def test_region_ending_exactly_at_2_64_refused() -> None:
+    # The exclusive end must be a u64 (regions.end_fits_u64; rust-vmm message.rs is_valid).
+    s, host = qemu_session()
+    for gpa, uaddr in (((1 << 64) - 8192, 0x1000), (0, (1 << 64) - 8192)):
+        ev = add(s, host, gpa, 8192, uaddr)
+        assert not ev.ok and ev.error_kind == "bad-region" and "2^64" in (ev.error or "")
+    assert host.open == set() and host.mapped == {}
