@@ -13,10 +13,9 @@ gave (``receive_data(data, fds)``) and then calls :meth:`Session.next_event` unt
 never awaits, never touches a socket and never maps memory: it asks its :class:`Host` (the
 shell) to map a region, unmap it or close an fd, so unit tests can hand it a fake host.
 
-File descriptors arrive beside bytes (SCM_RIGHTS). They belong to the message that contains the
-first byte of the chunk they came with, which is where QEMU attaches them (it sends header,
-payload and fds in one ``sendmsg``) and where our shell reads them (``recvmsg`` of the header).
-Every fd is owned by exactly one place at a time: the pending queue, a vring slot, a mapping
+File descriptors arrive beside bytes (SCM_RIGHTS); the
+:class:`~vhostmem.receive_buffer.ReceiveBuffer` gives each message the fds that belong to it.
+Every fd is owned by exactly one place at a time: the receive buffer, a vring slot, a mapping
 (through the host), or it is closed. :meth:`Session.close` releases everything still held.
 
 States (:class:`SessionState`): ``AWAIT_OWNER`` until SET_OWNER, ``OWNED`` after it. Feature
@@ -45,9 +44,8 @@ that region, the next SET_MEM_TABLE or :meth:`Session.close`.
 from __future__ import annotations
 
 import enum
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol, final
 
 from vhostmem.errors import FramingError, MappingError, RequestRefused, StateError, TableError
@@ -80,6 +78,7 @@ from vhostmem.protocol import (
     fd_bounds,
     request_name,
 )
+from vhostmem.receive_buffer import ReceiveBuffer
 from vhostmem.regions import Identity, Region, RegionTable, identity
 from vhostmem.virtqueue import MAX_QUEUE_SIZE
 
@@ -246,14 +245,6 @@ class Vring:
         }
 
 
-@dataclass(slots=True)
-class _Pending:
-    """fds waiting for the message that starts at or before stream offset ``at``."""
-
-    at: int
-    fds: list[int] = field(default_factory=list)
-
-
 @final
 class Session:
     """One front-end connection's protocol state, without I/O.
@@ -282,10 +273,8 @@ class Session:
         self.negotiated_reply_ack = False
         self.status = 0
         self.requests = 0
-        self._buffer = bytearray()
-        self._consumed = 0  # stream offset of _buffer[0]
+        self._received = ReceiveBuffer()
         self._header: Header | None = None  # decoded header of the message in hand
-        self._pending: deque[_Pending] = deque()
         self._seq = 0
 
     # -- feeding ----------------------------------------------------------------------------
@@ -302,14 +291,12 @@ class Session:
             for fd in fds:
                 self.host.close_fd(fd)
             raise FramingError(f"session is {self.state.value}; no more data accepted")
-        if fds:
-            self._pending.append(_Pending(self._consumed + len(self._buffer), list(fds)))
-        self._buffer += data
+        self._received.feed(data, fds)
 
     @property
     def bytes_wanted(self) -> int:
         """How many more bytes complete the message in hand (the header first)."""
-        have = len(self._buffer)
+        have = len(self._received)
         if have < HEADER_SIZE:
             return HEADER_SIZE - have
         header = self._header_in_hand()
@@ -318,13 +305,13 @@ class Session:
     def _header_in_hand(self) -> Header:
         # Decoded once per message: the shell asks bytes_wanted and then next_event.
         if self._header is None:
-            self._header = decode_header(bytes(self._buffer[:HEADER_SIZE]))
+            self._header = decode_header(self._received.peek(HEADER_SIZE))
         return self._header
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet handled (a partial message)."""
-        return len(self._buffer)
+        return len(self._received)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -340,8 +327,7 @@ class Session:
         """
         if self.state in _ENDED:
             raise FramingError(f"session is {self.state.value}")
-        buffer = self._buffer
-        have = len(buffer)
+        have = len(self._received)
         if have < HEADER_SIZE:
             return NEED_DATA
         header = self._header_in_hand()
@@ -355,29 +341,15 @@ class Session:
         total = HEADER_SIZE + size
         if have < total:
             return NEED_DATA
-        raw = bytes(buffer[HEADER_SIZE:total]) if size else b""
-        del buffer[:total]
+        raw, fds = self._received.extract(total, skip=HEADER_SIZE)
         self._header = None
-        self._consumed += total
-        fds = self._take_fds(self._consumed) if self._pending else []
         self.requests += 1
         return self._handle(header, raw, fds)
 
-    def _take_fds(self, end: int) -> list[int]:
-        # Every pending chunk that starts before ``end`` belongs to this message: chunks that
-        # started before it were taken by earlier messages.
-        fds: list[int] = []
-        while self._pending and self._pending[0].at < end:
-            fds.extend(self._pending.popleft().fds)
-        return fds
-
     def _fail_framing(self, why: str) -> None:
         self._set_state(SessionState.ERROR)
-        for pending in self._pending:
-            for fd in pending.fds:
-                self.host.close_fd(fd)
-        self._pending.clear()
-        self._buffer.clear()
+        for fd in self._received.clear():
+            self.host.close_fd(fd)
         raise FramingError(why)
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -924,11 +896,8 @@ class Session:
                 if fd is not None:
                     setattr(vring, slot, None)
                     self.host.close_fd(fd)
-        for pending in self._pending:
-            for fd in pending.fds:
-                self.host.close_fd(fd)
-        self._pending.clear()
-        self._buffer.clear()
+        for fd in self._received.clear():
+            self.host.close_fd(fd)
         return gone
 
 

@@ -429,7 +429,7 @@ def cases(draw: st.DrawFn, *, with_faults: bool = False) -> Case:
 def session_fds(session: Session) -> set[int]:
     """The fds the session owns: vring slots and fds waiting for their message."""
     held = {fd for v in session.vrings for fd in (v.kick, v.call, v.err) if fd is not None}
-    held |= {fd for pending in session._pending for fd in pending.fds}
+    held |= set(session._received.held_fds())
     return held
 
 

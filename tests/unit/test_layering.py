@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Layers from the bottom up; a module may import modules of its own layer or below.
 LAYERS: list[set[str]] = [
     {"vhostmem.protocol"},
-    {"vhostmem.errors"},
+    {"vhostmem.errors", "vhostmem.receive_buffer"},
     {"vhostmem.regions", "vhostmem.events"},
     {"vhostmem.faults"},
     {
@@ -65,6 +65,7 @@ IMPURE = {"os", "trio", "socket", "mmap", "logging", "ctypes", "time", "subproce
 PURE = {
     "vhostmem.protocol",
     "vhostmem.errors",
+    "vhostmem.receive_buffer",
     "vhostmem.events",
     "vhostmem.regions",
     "vhostmem.session",
