@@ -139,7 +139,7 @@ class ShellHost:
 
     def map_region(
         self, request: str, region: MemoryRegion, fd: int, fail_errno: int | None = None
-    ) -> tuple[Any, dict[str, Any]]:
+    ) -> tuple[Mapping, dict[str, Any]]:
         known, self._stat = self._stat, None
         mapping = self.mapper.map(
             fd,
@@ -164,8 +164,7 @@ class ShellHost:
         }
         return mapping, info
 
-    def unmap_region(self, handle: Any) -> None:
-        assert isinstance(handle, Mapping)
+    def unmap_region(self, handle: Mapping) -> None:
         handle.close()
 
     def close_fd(self, fd: int) -> None:
@@ -189,7 +188,7 @@ class Connection:
 
     number: int
     socket_name: str
-    session: Session
+    session: Session[Mapping]
     peer: Peer | None
     log: logging.Logger
     datapath: NetAttachment | None = None
