@@ -44,7 +44,7 @@ from vhostmem.protocol import (
 from vhostmem.regions import Identity, Region, RegionTable, identity
 from vhostmem.virtqueue import MAX_QUEUE_SIZE
 
-__all__ = ["Device", "Host", "PartialChange", "Vring"]
+__all__ = ["Device", "ErrnoHost", "Host", "PartialChange", "Vring"]
 
 #: The shell's mapping handle (vhostmem.mapping.Mapping in the server; a number in tests).
 H = TypeVar("H")
@@ -81,6 +81,38 @@ class Host(Protocol[H]):
 
     def file_id(self, fd: int) -> tuple[int, int] | None:
         """``(st_dev, st_ino)`` of the file behind ``fd``, ``None`` if it cannot be told."""
+
+
+@final
+class ErrnoHost(Generic[H]):
+    """A :class:`Host` whose ``map_region`` fails as if the kernel returned ``errno``.
+
+    Fault injection (``errno=`` in :mod:`vhostmem.faults`) wraps the host instead of reaching
+    into dispatch: the shell still runs the whole diagnosis, so the failure reads as a real one.
+    Everything else goes to the wrapped host unchanged.
+
+    Args:
+        host: the host to decorate.
+        errno: the errno every mapping fails with.
+    """
+
+    def __init__(self, host: Host[H], errno: int) -> None:
+        self.host = host
+        self.errno = errno
+
+    def map_region(
+        self, request: str, region: MemoryRegion, fd: int, fail_errno: int | None = None
+    ) -> tuple[H, dict[str, Any]]:
+        return self.host.map_region(request, region, fd, self.errno)
+
+    def unmap_region(self, handle: H) -> None:
+        self.host.unmap_region(handle)
+
+    def close_fd(self, fd: int) -> None:
+        self.host.close_fd(fd)
+
+    def file_id(self, fd: int) -> tuple[int, int] | None:
+        return self.host.file_id(fd)
 
 
 @dataclass(slots=True)
@@ -142,8 +174,6 @@ class Device(Generic[H]):
         self.table = RegionTable(max_slots)
         self.vrings = [Vring(i) for i in range(vrings)]
         self.status = 0
-        #: Fail the next mapping with this errno (fault injection); set by the session.
-        self.fail_errno: int | None = None
         self._seq = 0
 
     # -- features and device state --------------------------------------------------------------
@@ -317,7 +347,7 @@ class Device(Generic[H]):
     def _map(
         self, request: Request, wire: MemoryRegion, fd: int, file_id: tuple[int, int] | None
     ) -> Region:
-        handle, info = self.host.map_region(request.name, wire, fd, self.fail_errno)
+        handle, info = self.host.map_region(request.name, wire, fd)
         self._seq += 1
         return Region(
             wire.guest_phys_addr,

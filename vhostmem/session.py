@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar, final
 
-from vhostmem.device import Device, H, Host, PartialChange, Vring
+from vhostmem.device import Device, ErrnoHost, H, Host, PartialChange, Vring
 from vhostmem.errors import FramingError, RequestRefused, StateError
 from vhostmem.events import NEED_DATA, Handled, NeedData, TableChange
 from vhostmem.faults import Fault, FaultPlan
@@ -116,7 +116,8 @@ TRANSITIONS: dict[SessionState, dict[Request, SessionState]] = {
     },
 }
 
-#: Requests that map memory: the only ones an injected errno can fail in the mapping step.
+#: Requests that map memory: the only ones an injected errno fails in the mapping step (through
+#: ErrnoHost); on any other an errno rule stops the request like ``ack=``.
 _MAPPING_REQUESTS = frozenset({Request.SET_MEM_TABLE, Request.ADD_MEM_REG})
 
 # Plain-int copies of the feature bits tested per request (IntFlag arithmetic is slow).
@@ -288,50 +289,49 @@ class Session(Generic[H]):
     # -- dispatch ---------------------------------------------------------------------------
 
     def _handle(self, header: Header, raw: bytes, fds: list[int]) -> Handled:
+        """Decode, gate, dispatch and answer one request; every refusal is a RequestRefused."""
         request = header.request
         payload: Payload | None = None
         nfds = len(fds)
         fault: Fault | None = None
         try:
+            if header.flags & _HEADER_CHECK_MASK != FLAG_VERSION:
+                self._check_header(header)
             try:
-                if header.flags & _HEADER_CHECK_MASK != FLAG_VERSION:
-                    self._check_header(header)
-                try:
-                    payload = decode_payload(request, raw)
-                except DecodeError as err:
-                    raise RequestRefused(str(err), kind="decode") from err
-                if self.faults:
-                    fault = self.faults.match(request_name(request))
-                    if fault is not None and (fault.disconnect or fault.ack is not None):
-                        return self._injected(header, payload, fds, fault)
-                # An unknown plain-int code misses in the Request-keyed tables (see fd_bounds).
-                next_state = self._allowed.get(request)  # type: ignore[arg-type]
-                if next_state is None:
-                    self._refuse_in_state(request)
-                low, high = fd_bounds(request, payload)
-                if not low <= nfds <= high:
-                    self._refuse_fds(low, high, nfds, payload)
-                # looked up outside the handler's own errors (trio-websocket's KeyError pitfall)
-                route = _ROUTES.get(request)  # type: ignore[arg-type]
-                if route is None:
-                    raise RequestRefused(
-                        f"{request_name(request)} is not implemented by vhostmem (no feature that "
-                        "would allow it was offered)"
-                    )
-                if fault is not None:
-                    self.device.fail_errno = fault.errno
-                    if fault.errno is not None and request not in _MAPPING_REQUESTS:
-                        return self._injected(header, payload, fds, fault)
+                payload = decode_payload(request, raw)
+            except DecodeError as err:
+                raise RequestRefused(str(err), kind="decode") from err
+            # Faults: the one check before dispatch (an errno rule on a mapping request is
+            # carried out by ErrnoHost, below).
+            if self.faults:
+                fault = self.faults.match(request_name(request))
+                if fault is not None and fault.stops(request in _MAPPING_REQUESTS):
+                    return self._injected(header, payload, fds, fault)
+            # Gates: state, fd count, a handler. An unknown plain-int code misses in the
+            # Request-keyed tables (see fd_bounds).
+            next_state = self._allowed.get(request)  # type: ignore[arg-type]
+            if next_state is None:
+                self._refuse_in_state(request)
+            low, high = fd_bounds(request, payload)
+            if not low <= nfds <= high:
+                self._refuse_fds(low, high, nfds, payload)
+            # looked up outside the handler's own errors (trio-websocket's KeyError pitfall)
+            route = _ROUTES.get(request)  # type: ignore[arg-type]
+            if route is None:
+                raise RequestRefused(
+                    f"{request_name(request)} is not implemented by vhostmem (no feature that "
+                    "would allow it was offered)"
+                )
+            if fault is not None and fault.errno is not None:
+                result = self._dispatch_failing(route, payload, fds, fault.errno)
+            else:
                 result = route(self, payload, fds)
-            except BaseException:
-                # Whatever the handler did not take ownership of is closed here.
-                for fd in fds:
-                    self.host.close_fd(fd)
-                raise
         except RequestRefused as err:
+            self._release(fds)
             return self._failure(header, payload, err, nfds, fault=fault)
-        finally:
-            self.device.fail_errno = None
+        except BaseException:
+            self._release(fds)
+            raise
         if next_state is not self.state:
             self._set_state(next_state)
         reply, change, notes = result
@@ -353,6 +353,21 @@ class Session(Generic[H]):
             None if fault is None else fault.spec,
             0.0 if fault is None else fault.delay,
         )
+
+    def _release(self, fds: list[int]) -> None:
+        """Close the fds of a refused request that no handler took."""
+        while fds:
+            self.host.close_fd(fds.pop())
+
+    def _dispatch_failing(
+        self, route: _Route[Any], payload: Payload, fds: list[int], errno: int
+    ) -> _Result:
+        """Dispatch with the device's host wrapped so that mapping fails with ``errno``."""
+        self.device.host = ErrnoHost(self.host, errno)
+        try:
+            return route(self, payload, fds)
+        finally:
+            self.device.host = self.host
 
     def _set_state(self, state: SessionState) -> None:
         self.state = state
