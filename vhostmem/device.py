@@ -344,6 +344,13 @@ class Device(Generic[H]):
             )
         return change
 
+    def mapping(self, region: Region) -> H:
+        """The host's handle of ``region``, a region of this device's table, typed as the
+        host's (``Region.handle`` is opaque to the pure table; :meth:`_map` set it from
+        :meth:`Host.map_region`)."""
+        handle: H = region.handle
+        return handle
+
     def _map(
         self, request: Request, wire: MemoryRegion, fd: int, file_id: tuple[int, int] | None
     ) -> Region:
