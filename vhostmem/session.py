@@ -322,10 +322,12 @@ class Session(Generic[H]):
                     f"{request_name(request)} is not implemented by vhostmem (no feature that "
                     "would allow it was offered)"
                 )
+            if not isinstance(payload, route.model):
+                route.refuse(payload)
             if fault is not None and fault.errno is not None:
-                result = self._dispatch_failing(route, payload, fds, fault.errno)
+                result = self._dispatch_failing(route.handler, payload, fds, fault.errno)
             else:
-                result = route(self, payload, fds)
+                result = route.handler(self, payload, fds)
         except RequestRefused as err:
             self._release(fds)
             return self._failure(header, payload, err, nfds, fault=fault)
@@ -360,12 +362,12 @@ class Session(Generic[H]):
             self.host.close_fd(fds.pop())
 
     def _dispatch_failing(
-        self, route: _Route[Any], payload: Payload, fds: list[int], errno: int
+        self, handler: _Handler[Any], payload: Payload, fds: list[int], errno: int
     ) -> _Result:
         """Dispatch with the device's host wrapped so that mapping fails with ``errno``."""
         self.device.host = ErrnoHost(self.host, errno)
         try:
-            return route(self, payload, fds)
+            return handler(self, payload, fds)
         finally:
             self.device.host = self.host
 
@@ -607,6 +609,8 @@ _Result = tuple[bytes, TableChange | None, tuple[str, ...]]
 
 #: The model type a request's payload decodes to (protocol/codec.py PAYLOAD_KINDS).
 P = TypeVar("P")
+#: A route's handler: the session, the payload as its model type, the fds of the message.
+_Handler = Callable[[Session[Any], P, list[int]], _Result]
 
 
 @final
@@ -619,15 +623,14 @@ class _Route(Generic[P]):
     """
 
     model: type[P]
-    handler: Callable[[Session[Any], P, list[int]], _Result]
+    handler: _Handler[P]
 
-    def __call__(self, session: Session[Any], payload: Payload, fds: list[int]) -> _Result:
-        if not isinstance(payload, self.model):
-            raise RequestRefused(
-                f"payload decoded to {type(payload).__name__}, not {self.model.__name__}",
-                kind="decode",
-            )
-        return self.handler(session, payload, fds)
+    def refuse(self, payload: Payload) -> NoReturn:
+        """Refuse a payload that is not of :attr:`model` (``_handle`` makes the check)."""
+        raise RequestRefused(
+            f"payload decoded to {type(payload).__name__}, not {self.model.__name__}",
+            kind="decode",
+        )
 
 
 _NONE = type(None)
