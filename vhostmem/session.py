@@ -337,24 +337,47 @@ class Session(Generic[H]):
         if next_state is not self.state:
             self._set_state(next_state)
         reply, change, notes = result
-        if not reply and header.flags & FLAG_NEED_REPLY and self.negotiated_reply_ack:
-            reply = _ACKS[request]  # type: ignore[index]  # only known requests get here
-        # Positional: keywords cost more per call, and every request builds one.
+        if not reply:
+            reply = self._reply(header, 0)
+        # Positional, each argument named by its field: every request builds one, and keyword
+        # arguments cost more per call (tools/bench).
         return Handled(
-            request,
-            header,
-            payload,
-            reply,
-            True,
-            None,
-            None,
-            change,
-            notes,
-            nfds,
-            None,
-            None if fault is None else fault.spec,
-            0.0 if fault is None else fault.delay,
+            request,  # request
+            header,  # header
+            payload,  # payload
+            reply,  # reply
+            True,  # ok
+            None,  # error
+            None,  # error_kind
+            change,  # change
+            notes,  # notes
+            nfds,  # nfds
+            None,  # details
+            None if fault is None else fault.spec,  # injected
+            0.0 if fault is None else fault.delay,  # delay
         )
+
+    def _reply(self, header: Header, ack: int) -> bytes:
+        """The one reply rule, for a request whose handler built no reply of its own.
+
+        Rule (hw/virtio/vhost-user.c ``process_message_reply``, vhost-user.rst REPLY_ACK): a
+        request with NEED_REPLY, once REPLY_ACK is negotiated, gets a u64: 0 for success,
+        ``ack`` (non-zero) for failure. A failed request that has its own reply (GET_*) gets
+        that reply with an empty payload, which QEMU treats as a failed answer (e.g. GET_CONFIG
+        "size 0 = error") instead of hanging. Anything else gets no reply.
+
+        Args:
+            header: the request's header.
+            ack: 0 when the request succeeded, else the failure value.
+        """
+        request = header.request
+        if ack and request in HAS_OWN_REPLY:
+            return encode_reply(request, b"")
+        if header.flags & FLAG_NEED_REPLY and self.negotiated_reply_ack:
+            if not ack:
+                return _ACKS[request]  # type: ignore[index]  # only known requests succeed
+            return encode_u64_reply(request, ack)
+        return b""
 
     def _release(self, fds: list[int]) -> None:
         """Close the fds of a refused request that no handler took."""
@@ -413,13 +436,7 @@ class Session(Generic[H]):
     ) -> Handled:
         request = header.request
         change = err.change if isinstance(err, PartialChange) else None
-        reply = b""
-        if request in HAS_OWN_REPLY:
-            # The front-end waits for this reply; an empty payload is what QEMU treats as a
-            # failed answer (e.g. GET_CONFIG "size 0 = error") instead of hanging.
-            reply = encode_reply(request, b"")
-        elif header.need_reply and self.negotiated_reply_ack:
-            reply = encode_u64_reply(request, err.ack)
+        reply = self._reply(header, err.ack)
         text = str(err)
         name = request_name(request)
         if text.startswith(name):  # the mapping layer names the request itself
