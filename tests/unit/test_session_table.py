@@ -17,6 +17,7 @@ import pytest
 
 from vhostmem.errors import FramingError
 from vhostmem.events import NEED_DATA, Handled
+from vhostmem.faults import FaultPlan, parse_fault
 from vhostmem.protocol import (
     MAX_PAYLOAD_SIZE,
     MemoryRegion,
@@ -317,5 +318,45 @@ def test_framing_error_ends_the_session() -> None:
         session.receive_data(msg(Request.GET_FEATURES), [host.new_fd()])
     with pytest.raises(FramingError):
         session.next_event()
+    session.close()
+    assert host.open == set() and host.mapped == {}
+
+
+@pytest.mark.parametrize(
+    ("spec", "first"),
+    [
+        # errno= on a request that maps: the host fails the mapping as the kernel would.
+        ("ADD_MEM_REG:nth=1:errno=ENOMEM", Out("ADD_MEM_REG", "injected-errno", ack(37, 1))),
+        # ack= stops the request before dispatch.
+        ("ADD_MEM_REG:nth=1:ack=3", Out("ADD_MEM_REG", "injected", ack(37, 3))),
+        # errno= on a request that maps nothing acts like ack=.
+        ("SET_VRING_NUM:nth=1:errno=EIO", None),
+    ],
+)
+def test_faults_fire_once_and_leave_the_host_as_it_was(spec: str, first: Out | None) -> None:
+    host = FakeHost()
+    session: Session[int] = Session(CONFIG, host, FaultPlan([parse_fault(spec)]))
+    for data, nfds, want in HANDSHAKE:
+        session.receive_data(data, [host.new_fd() for _ in range(nfds)])
+        event = session.next_event()
+        assert isinstance(event, Handled) and outcome(event) == want
+    steps = [(msg(Request.ADD_MEM_REG, A), 1), (msg(Request.ADD_MEM_REG, A), 1)]
+    events = []
+    for data, nfds in steps:
+        session.receive_data(data, [host.new_fd() for _ in range(nfds)])
+        event = session.next_event()
+        assert isinstance(event, Handled)
+        events.append(event)
+    if first is None:
+        assert [outcome(e) for e in events] == [ok(Request.ADD_MEM_REG), refused(37, "overlap-gpa")]
+        session.receive_data(msg(Request.SET_VRING_NUM, VringState(0, 256)))
+        event = session.next_event()
+        assert isinstance(event, Handled)
+        assert outcome(event) == refused(Request.SET_VRING_NUM, "injected")
+    else:
+        assert [outcome(e) for e in events] == [first, ok(Request.ADD_MEM_REG)]
+        assert events[0].injected == spec and events[1].injected is None
+    assert session.device.host is host, "the errno decorator outlived its request"
+    assert host.open == set() and len(host.mapped) == 1
     session.close()
     assert host.open == set() and host.mapped == {}
