@@ -29,7 +29,9 @@ from vhostmem.regions import UnmergeableRange, merged_view
 from vhostmem.transport import peer_credentials
 
 if TYPE_CHECKING:
+    from vhostmem.mapping import Mapping
     from vhostmem.server import Backend, Connection
+    from vhostmem.session import Session
 
 __all__ = ["DOC_VERSION", "ControlClient", "ControlError", "EventLog", "serve_control"]
 
@@ -237,7 +239,7 @@ def _cmd_peek(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     errors = []
     for conn in conns:
         try:
-            return _peek_in(conn.session.table, gpa, length) | {
+            return _peek_in(conn.session, gpa, length) | {
                 "socket": conn.socket_name,
                 "conn": conn.number,
             }
@@ -246,7 +248,8 @@ def _cmd_peek(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     raise ControlError("; ".join(errors))
 
 
-def _peek_in(table: Any, gpa: int, length: int) -> dict[str, Any]:
+def _peek_in(session: Session[Mapping], gpa: int, length: int) -> dict[str, Any]:
+    table = session.table
     out = bytearray()
     chunks: list[dict[str, Any]] = []
     at = gpa
@@ -259,7 +262,7 @@ def _peek_in(table: Any, gpa: int, length: int) -> dict[str, Any]:
                 kind="hole",
             )
         take = min(end, region.gpa_end) - at
-        peek = region.handle.peek(at - region.gpa, take)
+        peek = session.device.mapping(region).peek(at - region.gpa, take)
         out += peek.data()
         for chunk in peek.chunks:
             chunks.append(

@@ -467,7 +467,7 @@ class NetAttachment:
     def __init__(
         self,
         device: NetDevice,
-        session: Session,
+        session: Session[Any],
         *,
         socket_name: str,
         conn: int,
@@ -707,7 +707,7 @@ class NetDevice:
 
     def attach(
         self,
-        session: Session,
+        session: Session[Any],
         *,
         socket_name: str,
         conn: int,

@@ -1,18 +1,21 @@
-"""vhostmem's errors.
+"""vhostmem's errors, named for what happens next.
 
-Every error carries the data a reply, an event-log line or a person needs, not just text::
+A back-end judges only its peer, so the names say the consequence, not who erred (h11's
+``LocalProtocolError``/``RemoteProtocolError`` name the side; STYLE.md section 2.4). Every error
+carries the data a reply, an event-log line or a person needs, not just text::
 
     VhostMemError
-     ├── LocalProtocolError    we were asked to do something the protocol does not allow here
-     ├── RemoteProtocolError   the front-end broke framing: the connection must close
-     ├── StateError            a request that is illegal in the session's current state
-     ├── MappingError          mmap of a region failed or was refused; the text is the diagnosis
-     └── TableError            the region table refused a change (overlap, slot limit,
-                               unknown region)
+     ├── RequestRefused        the request is answered with a failure; the connection stays
+     │    │                    (carries ``kind``, ``ack`` and ``details``)
+     │    ├── StateError       illegal in the session's current state (kind ``state``)
+     │    ├── TableError       the region table refused a change (overlap, slot limit, ...)
+     │    └── MappingError     mmap of a region failed or was refused; the text is the diagnosis
+     └── FramingError          the stream cannot be trusted any more; the connection ends
 
-Inside the session, ``LocalProtocolError``, ``StateError``, ``TableError`` and ``MappingError``
-become a failed ``Handled`` (a failure ack, the connection stays); only broken framing or a
-session that has ended raises ``RemoteProtocolError`` out of ``receive_data``/``next_event``.
+The session catches :class:`RequestRefused` alone at dispatch and turns it into a failed
+``Handled`` whose reply is built from ``ack`` (vhost-user.rst REPLY_ACK: "zero on success or
+non-zero on failure"). Only broken framing, or a session that has ended, raises
+:class:`FramingError` out of ``receive_data``/``next_event``.
 """
 
 from __future__ import annotations
@@ -24,18 +27,38 @@ class VhostMemError(Exception):
     """Root of every error vhostmem raises on purpose."""
 
 
-@final
-class LocalProtocolError(VhostMemError):
-    """A request that cannot be honoured (answered with a failure; the connection stays)."""
+class RequestRefused(VhostMemError):
+    """A request that cannot be honoured: it is answered with a failure, the connection stays.
+
+    Args:
+        msg: why, in words, with the numbers.
+        kind: a short class of the refusal for the event log (``protocol``, ``decode``,
+            ``injected``, ...).
+        ack: the non-zero value of the failure ack, when REPLY_ACK makes one due.
+        details: the numbers, for JSON consumers.
+    """
+
+    def __init__(
+        self,
+        msg: str,
+        *,
+        kind: str = "protocol",
+        ack: int = 1,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(msg)
+        self.kind = kind
+        self.ack = ack
+        self.details = details
 
 
 @final
-class RemoteProtocolError(VhostMemError):
-    """The front-end broke framing; the connection must close."""
+class FramingError(VhostMemError):
+    """The front-end broke framing (or the session has ended): the connection must close."""
 
 
 @final
-class StateError(VhostMemError):
+class StateError(RequestRefused):
     """A request arrived in a state that does not allow it.
 
     Args:
@@ -45,13 +68,16 @@ class StateError(VhostMemError):
     """
 
     def __init__(self, msg: str, state: str, required: str) -> None:
-        super().__init__(msg)
+        super().__init__(msg, kind="state")
         self.state = state
         self.required = required
 
+    def __str__(self) -> str:
+        return f"{super().__str__()} (state {self.state}; needs {self.required})"
+
 
 @final
-class MappingError(VhostMemError):
+class MappingError(RequestRefused):
     """mmap of a region failed or was refused; ``str(err)`` is the whole diagnosis.
 
     Args:
@@ -69,14 +95,13 @@ class MappingError(VhostMemError):
         kind: str = "mmap",
         details: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(msg)
+        super().__init__(msg, kind=kind, details=details or {})
         self.errno = errno
-        self.kind = kind
-        self.details = details or {}
+        self.details: dict[str, Any] = details or {}
 
 
 @final
-class TableError(VhostMemError):
+class TableError(RequestRefused):
     """The region table refused a change.
 
     Args:
@@ -86,6 +111,5 @@ class TableError(VhostMemError):
     """
 
     def __init__(self, msg: str, *, kind: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(msg)
-        self.kind = kind
-        self.details = details or {}
+        super().__init__(msg, kind=kind, details=details or {})
+        self.details: dict[str, Any] = details or {}

@@ -48,11 +48,14 @@ class TableChange:
             :attr:`~vhostmem.regions.RegionTable.unreleased`).
         added: regions put in (mapped).
         kept: for SET_MEM_TABLE, regions that stayed mapped because they were unchanged.
+        notes: what a person should know about the change (a running ring in a removed
+            region, a ring part in no region); the session passes them on in ``Handled``.
     """
 
     removed: tuple[Region, ...]
     added: tuple[Region, ...]
     kept: tuple[Region, ...]
+    notes: tuple[str, ...] = ()
 
 
 @final

@@ -79,6 +79,13 @@ class Fault:
     def as_json(self) -> dict[str, object]:
         return {"spec": self.spec, "seen": self.seen, "fired": self.fired}
 
+    def stops(self, maps_memory: bool) -> bool:
+        """Whether the request is not handled at all: a disconnect, an ``ack=``, or an
+        ``errno=`` on a request that maps nothing (it acts like ``ack``; see the grammar)."""
+        return (
+            self.disconnect or self.ack is not None or (self.errno is not None and not maps_memory)
+        )
+
 
 def _parse_time(text: str) -> float:
     for suffix, scale in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0)):

@@ -43,7 +43,20 @@ __all__ = [
     "merged_view",
 ]
 
+#: Every wire number is a u64 (vhost-user.rst "Memory region description").
 U64_LIMIT = 1 << 64
+
+
+def end_fits_u64(start: int, size: int) -> bool:
+    """Whether ``[start, start + size)`` ends inside the u64 space: ``start + size < 2**64``.
+
+    The one wrap rule, for every address space of a region (gpa, uaddr, mmap_offset). The
+    exclusive end must itself be a u64: rust-vmm's ``VhostUserMemoryRegion::is_valid``
+    (vhost/src/vhost_user/message.rs) refuses a region whose ``checked_add(memory_size)``
+    overflows, and libvhost-user computes ``gpa + size`` in a ``uint64_t`` (``vu_gpa_to_va``),
+    where an end of exactly 2**64 wraps to 0 and no address would fall inside the region.
+    """
+    return start + size < U64_LIMIT
 
 
 def describe(gpa: int, size: int, uaddr: int | None = None, mmap_offset: int | None = None) -> str:
@@ -148,8 +161,9 @@ def identity(
 
 
 def validate_numbers(gpa: int, size: int, uaddr: int, mmap_offset: int) -> None:
-    """Refuse regions that are empty or wrap past 2**64 in any of their three address spaces."""
-    if size and max(gpa, uaddr, mmap_offset) + size <= U64_LIMIT:
+    """Refuse regions that are empty or reach 2**64 in any of their three address spaces
+    (:func:`end_fits_u64`)."""
+    if size and end_fits_u64(max(gpa, uaddr, mmap_offset), size):
         return  # the common case, in one test; the rest only words the refusal
     if size == 0:
         raise TableError(
@@ -158,10 +172,10 @@ def validate_numbers(gpa: int, size: int, uaddr: int, mmap_offset: int) -> None:
             details={"gpa": gpa, "size": size},
         )
     for name, start in (("gpa", gpa), ("uaddr", uaddr), ("mmap_offset", mmap_offset)):
-        if start + size > U64_LIMIT:
+        if not end_fits_u64(start, size):
             raise TableError(
                 f"region {describe(gpa, size, uaddr, mmap_offset)}: {name} 0x{start:x} + size "
-                f"0x{size:x} wraps past 2^64",
+                f"0x{size:x} reaches 2^64 (the end must fit in a u64)",
                 kind="bad-region",
                 details={"field": name, "start": start, "size": size},
             )

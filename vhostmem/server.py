@@ -37,7 +37,7 @@ from vhostmem import journal
 from vhostmem.atomicity import History
 from vhostmem.control import EventLog, serve_control
 from vhostmem.datapath import NetAttachment, NetDevice
-from vhostmem.errors import RemoteProtocolError, VhostMemError
+from vhostmem.errors import FramingError, VhostMemError
 from vhostmem.events import NEED_DATA, Handled
 from vhostmem.faults import FaultPlan, parse_fault
 from vhostmem.mapping import Mapper, Mapping
@@ -139,7 +139,7 @@ class ShellHost:
 
     def map_region(
         self, request: str, region: MemoryRegion, fd: int, fail_errno: int | None = None
-    ) -> tuple[Any, dict[str, Any]]:
+    ) -> tuple[Mapping, dict[str, Any]]:
         known, self._stat = self._stat, None
         mapping = self.mapper.map(
             fd,
@@ -164,8 +164,7 @@ class ShellHost:
         }
         return mapping, info
 
-    def unmap_region(self, handle: Any) -> None:
-        assert isinstance(handle, Mapping)
+    def unmap_region(self, handle: Mapping) -> None:
         handle.close()
 
     def close_fd(self, fd: int) -> None:
@@ -189,7 +188,7 @@ class Connection:
 
     number: int
     socket_name: str
-    session: Session
+    session: Session[Mapping]
     peer: Peer | None
     log: logging.Logger
     datapath: NetAttachment | None = None
@@ -489,7 +488,7 @@ class Backend:
         reason = "front-end closed the connection"
         try:
             await self._loop(conn, stream)
-        except RemoteProtocolError as err:
+        except FramingError as err:
             reason = f"protocol error: {err}"
             log.error("closing connection: %s", err)
         except trio.BrokenResourceError as err:
@@ -571,7 +570,7 @@ class Backend:
                 for fd in fds:
                     os.close(fd)
                 if session.buffered:
-                    raise RemoteProtocolError(
+                    raise FramingError(
                         f"connection closed in the middle of a message ({session.buffered} "
                         "bytes of it received)"
                     )

@@ -3,60 +3,49 @@
 Theory of operation
 -------------------
 Rule 1: everything that decides whether a request is legal lives in this file, in
-:data:`TRANSITIONS` and the handlers below it (the way h11 keeps its whole state machine in
-``_state.py``).
+:data:`TRANSITIONS`, the gates of :meth:`Session._handle` and the routes below it (the way h11
+keeps its whole state machine in ``_state.py``).
 
 One :class:`Session` serves one front-end connection. The shell feeds it whatever the socket
 gave (``receive_data(data, fds)``) and then calls :meth:`Session.next_event` until it returns
 :data:`~vhostmem.events.NEED_DATA`. Each call decodes one message, acts on it and returns a
 :class:`~vhostmem.events.Handled` carrying the reply bytes; the shell sends them. The session
-never awaits, never touches a socket and never maps memory: it asks its :class:`Host` (the
-shell) to map a region, unmap it or close an fd, so unit tests can hand it a fake host.
+never awaits, never touches a socket and never maps memory: its device asks the
+:class:`~vhostmem.device.Host` (the shell) to map a region, unmap it or close an fd, so unit
+tests can hand it a fake host.
 
-File descriptors arrive beside bytes (SCM_RIGHTS). They belong to the message that contains the
-first byte of the chunk they came with, which is where QEMU attaches them (it sends header,
-payload and fds in one ``sendmsg``) and where our shell reads them (``recvmsg`` of the header).
-Every fd is owned by exactly one place at a time: the pending queue, a vring slot, a mapping
+File descriptors arrive beside bytes (SCM_RIGHTS); the
+:class:`~vhostmem.receive_buffer.ReceiveBuffer` gives each message the fds that belong to it.
+Every fd is owned by exactly one place at a time: the receive buffer, a vring slot, a mapping
 (through the host), or it is closed. :meth:`Session.close` releases everything still held.
 
 States (:class:`SessionState`): ``AWAIT_OWNER`` until SET_OWNER, ``OWNED`` after it. Feature
 queries are legal before SET_OWNER because QEMU asks them first (shared/vectors/); everything
 touching the device needs an owner. An illegal request is answered (a failure ack when one is
 due) and recorded, not fatal. Only broken framing (a size no payload can have) moves the session
-to ``ERROR``, after which every call raises :class:`~vhostmem.errors.RemoteProtocolError`.
+to ``ERROR``, after which every call raises :class:`~vhostmem.errors.FramingError`.
 
 Replies follow QEMU's checks (hw/virtio/vhost-user.c ``vhost_user_read_header``,
 ``process_message_reply``): flags exactly 0x5, the same request code, u64 replies of size 8.
 A request with its own reply (GET_*) gets only that; any other request with NEED_REPLY, once
 REPLY_ACK is negotiated, gets a u64: 0 for success, 1 for failure.
 
-Memory-table semantics (DESIGN.md section 4): a failed ADD_MEM_REG leaves nothing mapped and
-nothing in the table; a failed REM_MEM_REG leaves the region; SET_MEM_TABLE replaces the table by
-difference, mapping every new region before it unmaps an old one, and is all-or-nothing until
-the old regions are unmapped; the table survives RESET_DEVICE and ring stop/start and is dropped
-only by :meth:`Session.close`.
-
-The table tells the truth about what is mapped: an unmap that fails (the kernel's munmap, or a
-view still in use) leaves its region in the table, marked with the reason
-(:attr:`~vhostmem.regions.Region.unmap_failed`), and is tried again by the next REM_MEM_REG of
-that region, the next SET_MEM_TABLE or :meth:`Session.close`.
+The session is the protocol handler; the :class:`~vhostmem.device.Device` behind it does what
+each request asks, through typed methods that take the decoded model (rust-vmm's
+``backend_req_handler.rs`` beside ``vhost-user-backend``'s ``handler.rs``). The session keeps
+the receive buffer, the transition table, the fd and feature gates and the one reply rule
+(:meth:`Session._handle`); the device keeps the memory table and the vrings.
 """
 
 from __future__ import annotations
 
 import enum
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, NoReturn, Protocol, final
+from dataclasses import dataclass
+from typing import Any, Generic, NoReturn, TypeVar, final
 
-from vhostmem.errors import (
-    LocalProtocolError,
-    MappingError,
-    RemoteProtocolError,
-    StateError,
-    TableError,
-)
+from vhostmem.device import Device, ErrnoHost, H, Host, PartialChange, Vring
+from vhostmem.errors import FramingError, RequestRefused, StateError
 from vhostmem.events import NEED_DATA, Handled, NeedData, TableChange
 from vhostmem.faults import Fault, FaultPlan
 from vhostmem.protocol import (
@@ -69,7 +58,6 @@ from vhostmem.protocol import (
     MAX_PAYLOAD_SIZE,
     DecodeError,
     Header,
-    MemoryRegion,
     MemoryTable,
     MemRegMsg,
     Payload,
@@ -86,43 +74,10 @@ from vhostmem.protocol import (
     fd_bounds,
     request_name,
 )
-from vhostmem.regions import Identity, Region, RegionTable, identity
-from vhostmem.virtqueue import MAX_QUEUE_SIZE
+from vhostmem.receive_buffer import ReceiveBuffer
+from vhostmem.regions import Region
 
-__all__ = ["TRANSITIONS", "Host", "Session", "SessionConfig", "SessionState"]
-
-
-class Host(Protocol):
-    """What the session needs from its shell: the only way it reaches the operating system."""
-
-    def map_region(
-        self, request: str, region: MemoryRegion, fd: int, fail_errno: int | None = None
-    ) -> tuple[Any, dict[str, Any]]:
-        """Map ``region`` from ``fd``; always consumes ``fd``.
-
-        ``fail_errno`` makes the mapping step fail as if the kernel returned it (fault
-        injection), so the whole diagnosis runs.
-
-        Returns:
-            The mapping handle and what to report about the backing (kind, page size, ...).
-
-        Raises:
-            MappingError: with the whole diagnosis as its text.
-        """
-
-    def unmap_region(self, handle: Any) -> None:
-        """Release a mapping made by :meth:`map_region`.
-
-        Raises:
-            MappingError: the mapping is still there (the kernel refused munmap, or a view of
-                it is in use); calling again with the same handle tries again.
-        """
-
-    def close_fd(self, fd: int) -> None:
-        """Close a file descriptor the session owns."""
-
-    def file_id(self, fd: int) -> tuple[int, int] | None:
-        """``(st_dev, st_ino)`` of the file behind ``fd``, ``None`` if it cannot be told."""
+__all__ = ["TRANSITIONS", "Host", "Session", "SessionConfig", "SessionState", "Vring"]
 
 
 class SessionState(enum.Enum):
@@ -161,7 +116,8 @@ TRANSITIONS: dict[SessionState, dict[Request, SessionState]] = {
     },
 }
 
-#: Requests that map memory: the only ones an injected errno can fail in the mapping step.
+#: Requests that map memory: the only ones an injected errno fails in the mapping step (through
+#: ErrnoHost); on any other an errno rule stops the request like ``ack=``.
 _MAPPING_REQUESTS = frozenset({Request.SET_MEM_TABLE, Request.ADD_MEM_REG})
 
 # Plain-int copies of the feature bits tested per request (IntFlag arithmetic is slow).
@@ -222,77 +178,38 @@ class SessionConfig:
         return 2 * self.queues
 
 
-@dataclass(slots=True)
-class Vring:
-    """What the front-end told us about one virtqueue."""
-
-    index: int
-    num: int = 0
-    base: int = 0
-    addr: VringAddress | None = None
-    kick: int | None = None
-    call: int | None = None
-    err: int | None = None
-    enabled: bool = False
-    started: bool = False
-
-    def as_json(self) -> dict[str, Any]:
-        addr = self.addr
-        return {
-            "index": self.index,
-            "num": self.num,
-            "base": self.base,
-            "enabled": self.enabled,
-            "started": self.started,
-            "desc": addr.desc_user_addr if addr else None,
-            "avail": addr.avail_user_addr if addr else None,
-            "used": addr.used_user_addr if addr else None,
-            "kick_fd": self.kick is not None,
-            "call_fd": self.call is not None,
-        }
-
-
-@dataclass(slots=True)
-class _Pending:
-    """fds waiting for the message that starts at or before stream offset ``at``."""
-
-    at: int
-    fds: list[int] = field(default_factory=list)
-
-
 @final
-class Session:
+class Session(Generic[H]):
     """One front-end connection's protocol state, without I/O.
 
     Args:
         config: what to offer.
-        host: the shell's services (map, unmap, close).
+        host: the shell's services (map, unmap, close), handed to the device.
         faults: injection rules (shared by the process's sessions), or ``None``.
     """
 
-    def __init__(self, config: SessionConfig, host: Host, faults: FaultPlan | None = None) -> None:
+    def __init__(
+        self, config: SessionConfig, host: Host[H], faults: FaultPlan | None = None
+    ) -> None:
         self.config = config
         self.host = host
         self.faults = faults
-        self._fail_errno: int | None = None
+        self.device = Device(host, config.max_slots, config.vrings)
+        # The device's table and vrings, under the names the shell and the tests read.
+        self.table = self.device.table
+        self.vrings = self.device.vrings
         self.state = SessionState.AWAIT_OWNER
         # The offer never changes; IntFlag arithmetic in SessionConfig.features is slow.
         self._features_reply = encode_u64_reply(Request.GET_FEATURES, config.features)
         #: TRANSITIONS of the current state, looked up once per state change, not per request.
         self._allowed = TRANSITIONS[self.state]
-        self.table = RegionTable(config.max_slots)
-        self.vrings = [Vring(i) for i in range(config.vrings)]
         self.acked_features = 0
         self.acked_protocol_features = 0
         #: REPLY_ACK negotiated; kept as a bool because every request asks.
         self.negotiated_reply_ack = False
-        self.status = 0
         self.requests = 0
-        self._buffer = bytearray()
-        self._consumed = 0  # stream offset of _buffer[0]
+        self._received = ReceiveBuffer()
         self._header: Header | None = None  # decoded header of the message in hand
-        self._pending: deque[_Pending] = deque()
-        self._seq = 0
 
     # -- feeding ----------------------------------------------------------------------------
 
@@ -302,20 +219,18 @@ class Session:
         The session owns ``fds`` from now on.
 
         Raises:
-            RemoteProtocolError: the session is already in ``ERROR`` or ``CLOSED``.
+            FramingError: the session is already in ``ERROR`` or ``CLOSED``.
         """
         if self.state in _ENDED:
             for fd in fds:
                 self.host.close_fd(fd)
-            raise RemoteProtocolError(f"session is {self.state.value}; no more data accepted")
-        if fds:
-            self._pending.append(_Pending(self._consumed + len(self._buffer), list(fds)))
-        self._buffer += data
+            raise FramingError(f"session is {self.state.value}; no more data accepted")
+        self._received.feed(data, fds)
 
     @property
     def bytes_wanted(self) -> int:
         """How many more bytes complete the message in hand (the header first)."""
-        have = len(self._buffer)
+        have = len(self._received)
         if have < HEADER_SIZE:
             return HEADER_SIZE - have
         header = self._header_in_hand()
@@ -324,13 +239,13 @@ class Session:
     def _header_in_hand(self) -> Header:
         # Decoded once per message: the shell asks bytes_wanted and then next_event.
         if self._header is None:
-            self._header = decode_header(bytes(self._buffer[:HEADER_SIZE]))
+            self._header = decode_header(self._received.peek(HEADER_SIZE))
         return self._header
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet handled (a partial message)."""
-        return len(self._buffer)
+        return len(self._received)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -341,13 +256,12 @@ class Session:
             One :class:`Handled` per request, or ``NEED_DATA``.
 
         Raises:
-            RemoteProtocolError: the framing is broken; the connection must close (the session
+            FramingError: the framing is broken; the connection must close (the session
                 has released every fd it held for unhandled messages).
         """
         if self.state in _ENDED:
-            raise RemoteProtocolError(f"session is {self.state.value}")
-        buffer = self._buffer
-        have = len(buffer)
+            raise FramingError(f"session is {self.state.value}")
+        have = len(self._received)
         if have < HEADER_SIZE:
             return NEED_DATA
         header = self._header_in_hand()
@@ -361,106 +275,124 @@ class Session:
         total = HEADER_SIZE + size
         if have < total:
             return NEED_DATA
-        raw = bytes(buffer[HEADER_SIZE:total]) if size else b""
-        del buffer[:total]
+        raw, fds = self._received.extract(total, skip=HEADER_SIZE)
         self._header = None
-        self._consumed += total
-        fds = self._take_fds(self._consumed) if self._pending else []
         self.requests += 1
         return self._handle(header, raw, fds)
 
-    def _take_fds(self, end: int) -> list[int]:
-        # Every pending chunk that starts before ``end`` belongs to this message: chunks that
-        # started before it were taken by earlier messages.
-        fds: list[int] = []
-        while self._pending and self._pending[0].at < end:
-            fds.extend(self._pending.popleft().fds)
-        return fds
-
     def _fail_framing(self, why: str) -> None:
         self._set_state(SessionState.ERROR)
-        for pending in self._pending:
-            for fd in pending.fds:
-                self.host.close_fd(fd)
-        self._pending.clear()
-        self._buffer.clear()
-        raise RemoteProtocolError(why)
+        for fd in self._received.clear():
+            self.host.close_fd(fd)
+        raise FramingError(why)
 
     # -- dispatch ---------------------------------------------------------------------------
 
     def _handle(self, header: Header, raw: bytes, fds: list[int]) -> Handled:
+        """Decode, gate, dispatch and answer one request; every refusal is a RequestRefused."""
         request = header.request
         payload: Payload | None = None
         nfds = len(fds)
         fault: Fault | None = None
         try:
+            if header.flags & _HEADER_CHECK_MASK != FLAG_VERSION:
+                self._check_header(header)
             try:
-                if header.flags & _HEADER_CHECK_MASK != FLAG_VERSION:
-                    self._check_header(header)
                 payload = decode_payload(request, raw)
-                if self.faults:
-                    fault = self.faults.match(request_name(request))
-                    if fault is not None and (fault.disconnect or fault.ack is not None):
-                        return self._injected(header, payload, fds, fault)
-                # An unknown plain-int code misses in the Request-keyed tables (see fd_bounds).
-                next_state = self._allowed.get(request)  # type: ignore[arg-type]
-                if next_state is None:
-                    self._refuse_in_state(request)
-                low, high = fd_bounds(request, payload)
-                if not low <= nfds <= high:
-                    self._refuse_fds(low, high, nfds, payload)
-                # looked up outside the handler's own errors (trio-websocket's KeyError pitfall)
-                handler = _HANDLERS.get(request)  # type: ignore[arg-type]
-                if handler is None:
-                    raise LocalProtocolError(
-                        f"{request_name(request)} is not implemented by vhostmem (no feature that "
-                        "would allow it was offered)"
-                    )
-                if fault is not None:
-                    self._fail_errno = fault.errno
-                    if fault.errno is not None and request not in _MAPPING_REQUESTS:
-                        return self._injected(header, payload, fds, fault)
-                result = handler(self, header, payload, fds)
-            except BaseException:
-                # Whatever the handler did not take ownership of is closed here.
-                for fd in fds:
-                    self.host.close_fd(fd)
-                raise
-        except _Incomplete as done:
-            return self._failure(
-                header,
-                payload,
-                done.error,
-                nfds,
-                fault=fault,
-                change=done.change,
-                notes=done.notes,
-            )
-        except (LocalProtocolError, StateError, DecodeError, TableError, MappingError) as err:
+            except DecodeError as err:
+                raise RequestRefused(str(err), kind="decode") from err
+            # Faults: the one check before dispatch (an errno rule on a mapping request is
+            # carried out by ErrnoHost, below).
+            if self.faults:
+                fault = self.faults.match(request_name(request))
+                if fault is not None and fault.stops(request in _MAPPING_REQUESTS):
+                    return self._injected(header, payload, fds, fault)
+            # Gates: state, fd count, a handler. An unknown plain-int code misses in the
+            # Request-keyed tables (see fd_bounds).
+            next_state = self._allowed.get(request)  # type: ignore[arg-type]
+            if next_state is None:
+                self._refuse_in_state(request)
+            low, high = fd_bounds(request, payload)
+            if not low <= nfds <= high:
+                self._refuse_fds(low, high, nfds, payload)
+            # looked up outside the handler's own errors (trio-websocket's KeyError pitfall)
+            route = _ROUTES.get(request)  # type: ignore[arg-type]
+            if route is None:
+                raise RequestRefused(
+                    f"{request_name(request)} is not implemented by vhostmem (no feature that "
+                    "would allow it was offered)"
+                )
+            if not isinstance(payload, route.model):
+                route.refuse(payload)
+            if fault is not None and fault.errno is not None:
+                result = self._dispatch_failing(route.handler, payload, fds, fault.errno)
+            else:
+                result = route.handler(self, payload, fds)
+        except RequestRefused as err:
+            self._release(fds)
             return self._failure(header, payload, err, nfds, fault=fault)
-        finally:
-            self._fail_errno = None
+        except BaseException:
+            self._release(fds)
+            raise
         if next_state is not self.state:
             self._set_state(next_state)
         reply, change, notes = result
-        if not reply and header.flags & FLAG_NEED_REPLY and self.negotiated_reply_ack:
-            reply = _ACKS[request]  # type: ignore[index]  # only known requests get here
-        # Positional: keywords cost more per call, and every request builds one.
+        if not reply:
+            reply = self._reply(header, 0)
+        # Positional, each argument named by its field: every request builds one, and keyword
+        # arguments cost more per call (tools/bench).
         return Handled(
-            request,
-            header,
-            payload,
-            reply,
-            True,
-            None,
-            None,
-            change,
-            notes,
-            nfds,
-            None,
-            None if fault is None else fault.spec,
-            0.0 if fault is None else fault.delay,
+            request,  # request
+            header,  # header
+            payload,  # payload
+            reply,  # reply
+            True,  # ok
+            None,  # error
+            None,  # error_kind
+            change,  # change
+            notes,  # notes
+            nfds,  # nfds
+            None,  # details
+            None if fault is None else fault.spec,  # injected
+            0.0 if fault is None else fault.delay,  # delay
         )
+
+    def _reply(self, header: Header, ack: int) -> bytes:
+        """The one reply rule, for a request whose handler built no reply of its own.
+
+        Rule (hw/virtio/vhost-user.c ``process_message_reply``, vhost-user.rst REPLY_ACK): a
+        request with NEED_REPLY, once REPLY_ACK is negotiated, gets a u64: 0 for success,
+        ``ack`` (non-zero) for failure. A failed request that has its own reply (GET_*) gets
+        that reply with an empty payload, which QEMU treats as a failed answer (e.g. GET_CONFIG
+        "size 0 = error") instead of hanging. Anything else gets no reply.
+
+        Args:
+            header: the request's header.
+            ack: 0 when the request succeeded, else the failure value.
+        """
+        request = header.request
+        if ack and request in HAS_OWN_REPLY:
+            return encode_reply(request, b"")
+        if header.flags & FLAG_NEED_REPLY and self.negotiated_reply_ack:
+            if not ack:
+                return _ACKS[request]  # type: ignore[index]  # only known requests succeed
+            return encode_u64_reply(request, ack)
+        return b""
+
+    def _release(self, fds: list[int]) -> None:
+        """Close the fds of a refused request that no handler took."""
+        while fds:
+            self.host.close_fd(fds.pop())
+
+    def _dispatch_failing(
+        self, handler: _Handler[Any], payload: Payload, fds: list[int], errno: int
+    ) -> _Result:
+        """Dispatch with the device's host wrapped so that mapping fails with ``errno``."""
+        self.device.host = ErrnoHost(self.host, errno)
+        try:
+            return handler(self, payload, fds)
+        finally:
+            self.device.host = self.host
 
     def _set_state(self, state: SessionState) -> None:
         self.state = state
@@ -486,42 +418,26 @@ class Session:
                 injected=fault.spec,
                 disconnect=True,
             )
-        err = LocalProtocolError(f"injected failure ({fault.spec}); the request was not handled")
-        return self._failure(
-            header, payload, err, nfds, fault=fault, ack=fault.ack or 1, kind="injected"
+        err = RequestRefused(
+            f"injected failure ({fault.spec}); the request was not handled",
+            kind="injected",
+            ack=fault.ack or 1,
         )
+        return self._failure(header, payload, err, nfds, fault=fault)
 
     def _failure(
         self,
         header: Header,
         payload: Payload | None,
-        err: Exception,
+        err: RequestRefused,
         nfds: int,
         *,
         fault: Fault | None = None,
-        ack: int = 1,
-        kind: str | None = None,
-        change: TableChange | None = None,
-        notes: tuple[str, ...] = (),
     ) -> Handled:
         request = header.request
-        if kind is None:
-            kind = {
-                StateError: "state",
-                DecodeError: "decode",
-                LocalProtocolError: "protocol",
-            }.get(type(err), getattr(err, "kind", "error"))
-        details = getattr(err, "details", None)
-        reply = b""
-        if request in HAS_OWN_REPLY:
-            # The front-end waits for this reply; an empty payload is what QEMU treats as a
-            # failed answer (e.g. GET_CONFIG "size 0 = error") instead of hanging.
-            reply = encode_reply(request, b"")
-        elif header.need_reply and self.negotiated_reply_ack:
-            reply = encode_u64_reply(request, ack)
+        change = err.change if isinstance(err, PartialChange) else None
+        reply = self._reply(header, err.ack)
         text = str(err)
-        if isinstance(err, StateError):
-            text = f"{text} (state {err.state}; needs {err.required})"
         name = request_name(request)
         if text.startswith(name):  # the mapping layer names the request itself
             text = text[len(name) :].lstrip(": ")
@@ -532,30 +448,30 @@ class Session:
             reply=reply,
             ok=False,
             error=f"{name}: {text}",
-            error_kind=str(kind),
+            error_kind=err.kind,
             change=change,
-            notes=notes,
+            notes=change.notes if change is not None else (),
             nfds=nfds,
-            details=details,
+            details=err.details,
             injected=fault.spec if fault else None,
             delay=fault.delay if fault else 0.0,
         )
 
     def _check_header(self, header: Header) -> None:
         if header.version != 1:
-            raise LocalProtocolError(
+            raise RequestRefused(
                 f"header flags 0x{header.flags:x} carry version {header.version}; vhost-user "
                 "version 1 is the only one"
             )
         if header.is_reply:
-            raise LocalProtocolError(
+            raise RequestRefused(
                 f"header flags 0x{header.flags:x} have the REPLY bit set on a request"
             )
 
     def _refuse_in_state(self, request: Request | int) -> NoReturn:
         """Say why ``request`` is not in the current state's transitions."""
         if not isinstance(request, Request):
-            raise LocalProtocolError(f"unknown request code {int(request)}")
+            raise RequestRefused(f"unknown request code {int(request)}")
         if self.state is SessionState.AWAIT_OWNER:
             raise StateError("is not allowed before SET_OWNER", self.state.value, "SET_OWNER first")
         raise StateError(
@@ -566,40 +482,36 @@ class Session:
 
     def _refuse_fds(self, low: int, high: int, nfds: int, payload: Payload | None) -> NoReturn:
         want = f"{low}" if low == high else f"{low} to {high}"
-        raise LocalProtocolError(
+        raise RequestRefused(
             f"came with {nfds} file descriptor(s); it takes {want}"
             + (" (NOFD bit set)" if isinstance(payload, VringFile) and payload.nofd else "")
         )
 
-    # -- feature negotiation ----------------------------------------------------------------
+    # -- feature negotiation (the session's own: the gates read what was acked) ------------------
 
-    def _get_features(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+    def _get_features(self, _: None, fds: list[int]) -> _Result:
         return self._features_reply, None, ()
 
-    def _set_features(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
-        value = _u64(payload)
+    def _set_features(self, value: int, fds: list[int]) -> _Result:
         extra = value & ~self.config.features
         if extra:
-            raise LocalProtocolError(
+            raise RequestRefused(
                 f"features 0x{value:x} include 0x{extra:x}, which vhostmem did not offer "
                 f"(offered 0x{self.config.features:x})"
             )
         self.acked_features = value
-        if not value & VirtioFeature.PROTOCOL_FEATURES:
-            # Without PROTOCOL_FEATURES rings start enabled (vhost-user.rst "Ring states").
-            for vring in self.vrings:
-                vring.enabled = True
+        self.device.set_features(value)
         return b"", None, ()
 
-    def _get_protocol_features(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
-        return encode_u64_reply(header.request, self.config.protocol_features), None, ()
+    def _get_protocol_features(self, _: None, fds: list[int]) -> _Result:
+        reply = encode_u64_reply(Request.GET_PROTOCOL_FEATURES, self.config.protocol_features)
+        return reply, None, ()
 
-    def _set_protocol_features(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
-        value = _u64(payload)
+    def _set_protocol_features(self, value: int, fds: list[int]) -> _Result:
         extra = value & ~self.config.protocol_features
         if extra:
             names = [f.name or hex(f.value) for f in ProtocolFeature if f.value & extra]
-            raise LocalProtocolError(
+            raise RequestRefused(
                 f"protocol features 0x{value:x} include {', '.join(names) or hex(extra)} "
                 f"(0x{extra:x}), which vhostmem did not offer "
                 f"(offered 0x{self.config.protocol_features:x})"
@@ -608,313 +520,88 @@ class Session:
         self.negotiated_reply_ack = bool(value & _REPLY_ACK)
         return b"", None, ()
 
-    def _get_queue_num(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
-        return encode_u64_reply(header.request, self.config.queues), None, ()
+    def _get_queue_num(self, _: None, fds: list[int]) -> _Result:
+        return encode_u64_reply(Request.GET_QUEUE_NUM, self.config.queues), None, ()
 
-    def _get_max_mem_slots(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
-        return encode_u64_reply(header.request, self.config.max_slots), None, ()
+    def _get_max_mem_slots(self, _: None, fds: list[int]) -> _Result:
+        return encode_u64_reply(Request.GET_MAX_MEM_SLOTS, self.config.max_slots), None, ()
 
-    def _set_owner(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+    def _set_owner(self, _: None, fds: list[int]) -> _Result:
         return b"", None, ()
-
-    def _reset(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
-        # RESET_DEVICE (and the deprecated RESET_OWNER) stop the rings but keep the memory table:
-        # QEMU does not resend unchanged regions afterwards (vhost_user_reset_device leaves its
-        # shadow table alone), so dropping ours would lose them.
-        for vring in self.vrings:
-            vring.started = False
-            vring.enabled = False
-            vring.base = 0
-        self.status = 0
-        return b"", None, ()
-
-    def _set_status(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
-        self.status = _u64(payload) & 0xFF
-        return b"", None, ()
-
-    def _get_status(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
-        return encode_u64_reply(header.request, self.status), None, ()
 
     def _refuse_protocol_feature(self, feature: ProtocolFeature, request: Request) -> NoReturn:
         """Say that ``request`` needs ``feature``; the caller made the bit test (inline, since
-        ADD/REM_MEM_REG are the hot path and a method call per request costs more)."""
+        ADD/REM_MEM_REG are the hot path)."""
         raise StateError(
             f"{request.name} needs protocol feature {feature.name}, which was not negotiated",
             self.state.value,
             f"{feature.name} in SET_PROTOCOL_FEATURES",
         )
 
-    # -- memory table -------------------------------------------------------------------------
+    # -- device requests: the gates, then the device's typed method -------------------------------
 
-    def _new_region(
-        self,
-        region: MemoryRegion,
-        handle: Any,
-        info: dict[str, Any],
-        file_id: tuple[int, int] | None,
-    ) -> Region:
-        self._seq += 1
-        return Region(
-            region.guest_phys_addr,
-            region.memory_size,
-            region.userspace_addr,
-            region.mmap_offset,
-            file_id,
-            info,
-            handle,
-            self._seq,
-        )
+    def _reset(self, _: None, fds: list[int]) -> _Result:
+        self.device.reset()
+        return b"", None, ()
 
-    def _map(
-        self, request: Request, region: MemoryRegion, fd: int, file_id: tuple[int, int] | None
-    ) -> Region:
-        handle, info = self.host.map_region(request.name, region, fd, self._fail_errno)
-        return self._new_region(region, handle, info, file_id)
+    def _set_status(self, value: int, fds: list[int]) -> _Result:
+        self.device.set_status(value)
+        return b"", None, ()
 
-    def _add_mem_reg(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+    def _get_status(self, _: None, fds: list[int]) -> _Result:
+        return encode_u64_reply(Request.GET_STATUS, self.device.status), None, ()
+
+    def _set_mem_table(self, table: MemoryTable, fds: list[int]) -> _Result:
+        change = self.device.set_mem_table(table, fds)
+        return b"", change, change.notes
+
+    def _add_mem_reg(self, msg: MemRegMsg, fds: list[int]) -> _Result:
         if not self.acked_protocol_features & _CONFIGURE_MEM_SLOTS:
             self._refuse_protocol_feature(ProtocolFeature.CONFIGURE_MEM_SLOTS, Request.ADD_MEM_REG)
-        assert isinstance(payload, MemRegMsg)
-        wire = payload.region
-        table = self.table
-        table.check_add(*_numbers(wire))
-        fd = fds.pop()
-        region = self._map(Request.ADD_MEM_REG, wire, fd, self.host.file_id(fd))
-        table.insert(region)
-        notes = self._ring_notes_after_change()
-        return b"", TableChange((), (region,), ()), notes
+        change = self.device.add_mem_reg(msg.region, fds.pop())
+        return b"", change, change.notes
 
-    def _rem_mem_reg(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
+    def _rem_mem_reg(self, msg: MemRegMsg, fds: list[int]) -> _Result:
         if not self.acked_protocol_features & _CONFIGURE_MEM_SLOTS:
             self._refuse_protocol_feature(ProtocolFeature.CONFIGURE_MEM_SLOTS, Request.REM_MEM_REG)
-        assert isinstance(payload, MemRegMsg)
         # vhost-user.rst: "If a file descriptor is passed, the back-end MUST close it without
         # using it otherwise." QEMU 5.1-7.0 sent one.
         while fds:
             self.host.close_fd(fds.pop())
-        wire = payload.region
-        region = self.table.find_or_refuse(
-            wire.guest_phys_addr, wire.userspace_addr, wire.memory_size
-        )
-        notes = self._rings_in(region)
-        # Unmap first: a region whose unmap fails stays mapped, so it stays in the table, marked,
-        # and the request fails (DESIGN.md section 4: "a failed REM leaves the region"). QEMU
-        # keeps it in its shadow table too and sends REM_MEM_REG for it again with its next
-        # change (hw/virtio/vhost-user.c send_remove_regions deletes a shadow entry only after a
-        # zero ack), which retries the unmap here.
-        err = self._unmap(region)
-        if err is not None:
-            raise MappingError(
-                f"the unmap of region {region.describe()} failed, so the region stays mapped and "
-                f"stays in the table, marked unmap_failed; a REM_MEM_REG of the same region tries "
-                f"the unmap again. Cause: {err}",
-                errno=err.errno,
-                kind=err.kind,
-                details={"unmap_failed": [region.as_json()]},
-            )
-        self.table.remove(region)
-        return b"", TableChange((region,), (), ()), notes
+        change = self.device.rem_mem_reg(msg.region)
+        return b"", change, change.notes
 
-    def _set_mem_table(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
-        assert isinstance(payload, MemoryTable)
-        wanted = payload.regions
-        # Validate the new table on its own first: nothing is mapped until it is consistent.
-        # The resulting table must fit in max_slots: refuse before anything is mapped.
-        self.table.check_table([_numbers(wire) for wire in wanted])
-        current: dict[Identity, Region] = {}
-        # A region an earlier unmap left mapped cannot be kept: its mapping may be half torn
-        # down (Mapping.close released it before munmap failed). It goes, with another try.
-        doomed: list[Region] = []
-        for region in self.table:
-            if region.unmap_failed is None:
-                current[region.identity] = region
-            else:
-                doomed.append(region)
-        kept: list[Region] = []
-        added: list[Region] = []
-        try:
-            for wire in wanted:  # fd i belongs to region i (the count was checked)
-                fd = fds.pop(0)  # from here on ours: closed, kept or mapped below
-                file_id = self.host.file_id(fd)
-                same = (
-                    current.pop(identity(*_numbers(wire), file_id), None)
-                    if file_id is not None
-                    else None
-                )
-                if same is not None:
-                    # Unchanged region: keep its mapping, as DPDK's vhost_memory_changed and
-                    # libvhost-user's "regions that did not change" shortcut intend.
-                    self.host.close_fd(fd)
-                    kept.append(same)
-                    continue
-                added.append(self._map(Request.SET_MEM_TABLE, wire, fd, file_id))
-        except BaseException as err:
-            # All or nothing: the old table is untouched; what this request mapped goes again.
-            stuck = [region for region in added if self._unmap(region) is not None]
-            if not stuck:
-                raise
-            self.table.set_unreleased(self.table.unreleased + tuple(stuck))
-            if not isinstance(err, (MappingError, TableError)):
-                raise
-            raise MappingError(
-                f"{err}; undoing it, {_stuck_text(stuck, 'new')}",
-                errno=getattr(err, "errno", None),
-                kind=err.kind,
-                details={**err.details, "unmap_failed": [r.as_json() for r in stuck]},
-            ) from err
-        removed = tuple(current.values()) + tuple(doomed)
-        earlier = self.table.unreleased  # left mapped by an earlier SET_MEM_TABLE: try again
-        self.table.replace(kept + added)  # checked above as a whole
-        # Every old region is tried, whatever happens to the others; those that stay mapped stay
-        # in the table (RegionTable.unreleased, marked), so the table equals what is mapped.
-        failures = [(region, self._unmap(region)) for region in removed]
-        stuck = [region for region, err in failures if err is not None]
-        still = [region for region in earlier if self._unmap(region) is not None]
-        self.table.set_unreleased(still + stuck)
-        change = TableChange(
-            removed=removed,
-            added=tuple(added),
-            kept=tuple(kept),
-        )
-        notes = self._ring_notes_after_change()
-        if still:
-            notes += (
-                f"still mapped after an earlier failed unmap: {_stuck_text(still, 'earlier')}",
-            )
-        if stuck:
-            # The new table is in force (every new region is mapped and translates), yet the
-            # request did not do all it asks: memory the front-end dropped is still mapped here,
-            # so its pages stay allocated. vhost-user.rst (REPLY_ACK): the back-end replies
-            # "zero on success or non-zero on failure", so it is a failure ack. QEMU logs it
-            # ("vhost_set_mem_table failed", hw/virtio/vhost.c vhost_commit; reference/
-            # vhost-user-facts.md 1.8) and goes on with its new table, so the two sides stay in
-            # step; the error and the event say which regions stayed mapped and why.
-            raise _Incomplete(
-                MappingError(
-                    f"the new table is in force, but {_stuck_text(stuck)}; the next "
-                    "SET_MEM_TABLE or the end of the connection tries again",
-                    kind=next(err.kind for _, err in failures if err is not None),
-                    details={"unmap_failed": [region.as_json() for region in stuck]},
-                ),
-                change,
-                notes,
-            )
-        return b"", change, notes
-
-    def _unmap(self, region: Region) -> MappingError | None:
-        """Unmap ``region``; on failure mark it (:attr:`Region.unmap_failed`) and return why."""
-        try:
-            self.host.unmap_region(region.handle)
-        except MappingError as err:
-            region.unmap_failed = str(err)
-            return err
-        region.unmap_failed = None
-        return None
-
-    # -- vrings -------------------------------------------------------------------------------
-
-    def _vring(self, index: int) -> Vring:
-        if not 0 <= index < len(self.vrings):
-            raise LocalProtocolError(
-                f"vring index {index} is out of range: the device has {len(self.vrings)} "
-                f"vrings (--queues {self.config.queues})"
-            )
-        return self.vrings[index]
-
-    def _set_vring_num(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
-        assert isinstance(payload, VringState)
-        vring = self._vring(payload.index)
-        if not 0 < payload.num <= MAX_QUEUE_SIZE:
-            raise LocalProtocolError(
-                f"vring {payload.index} size {payload.num} is not in 1..{MAX_QUEUE_SIZE}"
-            )
-        vring.num = payload.num
+    def _set_vring_num(self, state: VringState, fds: list[int]) -> _Result:
+        self.device.set_vring_num(state)
         return b"", None, ()
 
-    def _set_vring_base(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
-        assert isinstance(payload, VringState)
-        self._vring(payload.index).base = payload.num
+    def _set_vring_base(self, state: VringState, fds: list[int]) -> _Result:
+        self.device.set_vring_base(state)
         return b"", None, ()
 
-    def _get_vring_base(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
-        assert isinstance(payload, VringState)
-        vring = self._vring(payload.index)
-        # GET_VRING_BASE stops the ring (vhost-user.rst "Ring states").
-        vring.started = False
-        return encode_reply(header.request, VringState(vring.index, vring.base)), None, ()
+    def _get_vring_base(self, state: VringState, fds: list[int]) -> _Result:
+        reply = encode_reply(Request.GET_VRING_BASE, self.device.get_vring_base(state))
+        return reply, None, ()
 
-    def _set_vring_addr(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
-        assert isinstance(payload, VringAddress)
-        self._vring(payload.index).addr = payload
+    def _set_vring_addr(self, addr: VringAddress, fds: list[int]) -> _Result:
+        self.device.set_vring_addr(addr)
         return b"", None, ()
 
-    def _set_vring_enable(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
-        assert isinstance(payload, VringState)
-        vring = self._vring(payload.index)
-        if payload.num not in (0, 1):
-            raise LocalProtocolError(f"SET_VRING_ENABLE num must be 0 or 1, got {payload.num}")
-        vring.enabled = bool(payload.num)
+    def _set_vring_enable(self, state: VringState, fds: list[int]) -> _Result:
+        self.device.set_vring_enable(state)
         return b"", None, ()
 
-    def _set_vring_fd(self, header: Header, payload: Payload, fds: list[int]) -> _Result:
-        assert isinstance(payload, VringFile)
-        vring = self._vring(payload.index)
-        slot = {
-            Request.SET_VRING_KICK: "kick",
-            Request.SET_VRING_CALL: "call",
-            Request.SET_VRING_ERR: "err",
-        }[
-            header.request  # type: ignore[index]
-        ]
-        old = getattr(vring, slot)
-        new = fds.pop() if fds else None
-        setattr(vring, slot, new)
-        if old is not None:
-            self.host.close_fd(old)
-        notes: tuple[str, ...] = ()
-        if slot == "kick":
-            # A ring starts when its kick arrives (vhost-user.rst "Ring states").
-            vring.started = True
-            notes = self._check_ring(vring)
+    def _set_vring_kick(self, file: VringFile, fds: list[int]) -> _Result:
+        notes = self.device.set_vring_kick(file.index, fds.pop() if fds else None)
         return b"", None, notes
 
-    def _check_ring(self, vring: Vring) -> tuple[str, ...]:
-        addr = vring.addr
-        if addr is None:
-            return (f"vring {vring.index} started without SET_VRING_ADDR",)
-        problems = []
-        for part, uaddr in (
-            ("desc", addr.desc_user_addr),
-            ("avail", addr.avail_user_addr),
-            ("used", addr.used_user_addr),
-        ):
-            if self.table.lookup_uaddr(uaddr) is None:
-                problems.append(
-                    f"vring {vring.index} {part} ring at front-end address 0x{uaddr:x} is in no "
-                    "region of the memory table"
-                )
-        return tuple(problems)
+    def _set_vring_call(self, file: VringFile, fds: list[int]) -> _Result:
+        self.device.set_vring_call(file.index, fds.pop() if fds else None)
+        return b"", None, ()
 
-    def _rings_in(self, region: Region) -> tuple[str, ...]:
-        notes = []
-        for vring in self.vrings:
-            addr = vring.addr
-            if vring.started and addr is not None:
-                for uaddr in (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr):
-                    if region.uaddr <= uaddr < region.uaddr_end:
-                        notes.append(
-                            f"running vring {vring.index} lies in removed region "
-                            f"{region.describe()}"
-                        )
-                        break
-        return tuple(notes)
-
-    def _ring_notes_after_change(self) -> tuple[str, ...]:
-        notes: list[str] = []
-        for vring in self.vrings:
-            if vring.started:
-                notes.extend(self._check_ring(vring))
-        return tuple(notes)
+    def _set_vring_err(self, file: VringFile, fds: list[int]) -> _Result:
+        self.device.set_vring_err(file.index, fds.pop() if fds else None)
+        return b"", None, ()
 
     # -- end of life ----------------------------------------------------------------------------
 
@@ -928,75 +615,65 @@ class Session:
         if self.state is SessionState.CLOSED:
             return ()
         self._set_state(SessionState.CLOSED)
-        gone = self.table.clear()
-        for region in gone:
-            self._unmap(region)  # each one tried; a failure is marked on it, nothing skipped
-        for vring in self.vrings:
-            for slot in ("kick", "call", "err"):
-                fd = getattr(vring, slot)
-                if fd is not None:
-                    setattr(vring, slot, None)
-                    self.host.close_fd(fd)
-        for pending in self._pending:
-            for fd in pending.fds:
-                self.host.close_fd(fd)
-        self._pending.clear()
-        self._buffer.clear()
+        gone = self.device.close()
+        for fd in self._received.clear():
+            self.host.close_fd(fd)
         return gone
 
 
+#: What a route returns: reply bytes (empty: the one reply rule decides), the table change, notes.
 _Result = tuple[bytes, TableChange | None, tuple[str, ...]]
 
-
-class _Incomplete(Exception):
-    """A handler changed the table yet failed: the failure reply carries the change."""
-
-    def __init__(self, error: MappingError, change: TableChange, notes: tuple[str, ...]) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.change = change
-        self.notes = notes
+#: The model type a request's payload decodes to (protocol/codec.py PAYLOAD_KINDS).
+P = TypeVar("P")
+#: A route's handler: the session, the payload as its model type, the fds of the message.
+_Handler = Callable[[Session[Any], P, list[int]], _Result]
 
 
-def _stuck_text(regions: list[Region], which: str = "old") -> str:
-    """Words for regions whose unmap failed: how many, each region, then its reason."""
-    parts = [
-        f"region {region.describe()} stays mapped: {region.unmap_failed}" for region in regions
-    ]
-    return f"{len(regions)} {which} region(s) could not be unmapped ({'; '.join(parts)})"
+@final
+@dataclass(frozen=True, slots=True)
+class _Route(Generic[P]):
+    """A request's handler and the model its payload decodes to: typed dispatch in one place.
+
+    The codec decodes each request to one model type, so the check never fails on a payload
+    the codec made; it is the one place where a decoded ``Payload`` becomes its own type.
+    """
+
+    model: type[P]
+    handler: _Handler[P]
+
+    def refuse(self, payload: Payload) -> NoReturn:
+        """Refuse a payload that is not of :attr:`model` (``_handle`` makes the check)."""
+        raise RequestRefused(
+            f"payload decoded to {type(payload).__name__}, not {self.model.__name__}",
+            kind="decode",
+        )
 
 
-def _numbers(wire: MemoryRegion) -> tuple[int, int, int, int]:
-    """A wire region's (gpa, size, uaddr, mmap_offset), the order the table takes them in."""
-    return (wire.guest_phys_addr, wire.memory_size, wire.userspace_addr, wire.mmap_offset)
+_NONE = type(None)
 
-
-def _u64(payload: Payload) -> int:
-    assert isinstance(payload, int)
-    return payload
-
-
-_HANDLERS: dict[Request, Callable[[Session, Header, Payload, list[int]], _Result]] = {
-    Request.GET_FEATURES: Session._get_features,
-    Request.SET_FEATURES: Session._set_features,
-    Request.GET_PROTOCOL_FEATURES: Session._get_protocol_features,
-    Request.SET_PROTOCOL_FEATURES: Session._set_protocol_features,
-    Request.GET_QUEUE_NUM: Session._get_queue_num,
-    Request.GET_MAX_MEM_SLOTS: Session._get_max_mem_slots,
-    Request.SET_OWNER: Session._set_owner,
-    Request.RESET_OWNER: Session._reset,
-    Request.RESET_DEVICE: Session._reset,
-    Request.SET_STATUS: Session._set_status,
-    Request.GET_STATUS: Session._get_status,
-    Request.SET_MEM_TABLE: Session._set_mem_table,
-    Request.ADD_MEM_REG: Session._add_mem_reg,
-    Request.REM_MEM_REG: Session._rem_mem_reg,
-    Request.SET_VRING_NUM: Session._set_vring_num,
-    Request.SET_VRING_BASE: Session._set_vring_base,
-    Request.GET_VRING_BASE: Session._get_vring_base,
-    Request.SET_VRING_ADDR: Session._set_vring_addr,
-    Request.SET_VRING_ENABLE: Session._set_vring_enable,
-    Request.SET_VRING_KICK: Session._set_vring_fd,
-    Request.SET_VRING_CALL: Session._set_vring_fd,
-    Request.SET_VRING_ERR: Session._set_vring_fd,
+#: Request -> its handler, taking the decoded model type.
+_ROUTES: dict[Request, _Route[Any]] = {
+    Request.GET_FEATURES: _Route(_NONE, Session._get_features),
+    Request.SET_FEATURES: _Route(int, Session._set_features),
+    Request.GET_PROTOCOL_FEATURES: _Route(_NONE, Session._get_protocol_features),
+    Request.SET_PROTOCOL_FEATURES: _Route(int, Session._set_protocol_features),
+    Request.GET_QUEUE_NUM: _Route(_NONE, Session._get_queue_num),
+    Request.GET_MAX_MEM_SLOTS: _Route(_NONE, Session._get_max_mem_slots),
+    Request.SET_OWNER: _Route(_NONE, Session._set_owner),
+    Request.RESET_OWNER: _Route(_NONE, Session._reset),
+    Request.RESET_DEVICE: _Route(_NONE, Session._reset),
+    Request.SET_STATUS: _Route(int, Session._set_status),
+    Request.GET_STATUS: _Route(_NONE, Session._get_status),
+    Request.SET_MEM_TABLE: _Route(MemoryTable, Session._set_mem_table),
+    Request.ADD_MEM_REG: _Route(MemRegMsg, Session._add_mem_reg),
+    Request.REM_MEM_REG: _Route(MemRegMsg, Session._rem_mem_reg),
+    Request.SET_VRING_NUM: _Route(VringState, Session._set_vring_num),
+    Request.SET_VRING_BASE: _Route(VringState, Session._set_vring_base),
+    Request.GET_VRING_BASE: _Route(VringState, Session._get_vring_base),
+    Request.SET_VRING_ADDR: _Route(VringAddress, Session._set_vring_addr),
+    Request.SET_VRING_ENABLE: _Route(VringState, Session._set_vring_enable),
+    Request.SET_VRING_KICK: _Route(VringFile, Session._set_vring_kick),
+    Request.SET_VRING_CALL: _Route(VringFile, Session._set_vring_call),
+    Request.SET_VRING_ERR: _Route(VringFile, Session._set_vring_err),
 }

@@ -26,7 +26,7 @@ from typing import final
 
 import trio
 
-from vhostmem.errors import RemoteProtocolError
+from vhostmem.errors import FramingError
 
 __all__ = ["MAX_FDS_PER_READ", "FdStream", "Peer", "peer_credentials"]
 
@@ -86,7 +86,7 @@ class FdStream:
             The bytes (``b""`` at end of stream) and the fds that came with them.
 
         Raises:
-            RemoteProtocolError: the kernel cut off fds (MSG_CTRUNC) or the socket failed.
+            FramingError: the kernel cut off fds (MSG_CTRUNC) or the socket failed.
         """
         try:
             data, ancdata, flags, _ = self.sock.recvmsg(
@@ -97,14 +97,14 @@ class FdStream:
         except OSError as err:
             if err.errno in (errno.ECONNRESET, errno.EPIPE):
                 return b"", []
-            raise RemoteProtocolError(f"receive failed: {err}") from err
+            raise FramingError(f"receive failed: {err}") from err
         if not ancdata:
             return data, []
         fds = _unpack_fds(ancdata)
         if flags & socket.MSG_CTRUNC:
             for fd in fds:
                 os.close(fd)
-            raise RemoteProtocolError(
+            raise FramingError(
                 "the front-end sent more file descriptors than fit in one message "
                 f"({MAX_FDS_PER_READ}); the kernel cut them off (MSG_CTRUNC)"
             )

@@ -6,7 +6,7 @@ fields, truncation, extra bytes, fd counts, order (lists come in any order) and 
 cut into ``receive_data`` chunks. What must hold for every example:
 
 * ``protocol`` decoders raise nothing but ``DecodeError``, encoders nothing but ``EncodeError``;
-* ``Session.receive_data``/``next_event`` raise nothing but ``RemoteProtocolError``, and only
+* ``Session.receive_data``/``next_event`` raise nothing but ``FramingError``, and only
   with the session in ``ERROR``;
 * every reply is one QEMU accepts (flags 0x5, the request's code, size = payload length); a
   request with its own reply always gets one; a failed request with NEED_REPLY under REPLY_ACK
@@ -42,7 +42,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
-from vhostmem.errors import RemoteProtocolError
+from vhostmem.errors import FramingError
 from vhostmem.events import NEED_DATA, Handled
 from vhostmem.faults import FaultPlan, parse_fault
 from vhostmem.mapping import Mapper
@@ -426,10 +426,10 @@ def cases(draw: st.DrawFn, *, with_faults: bool = False) -> Case:
 # running a case against a host
 
 
-def session_fds(session: Session) -> set[int]:
+def session_fds(session: Session[Any]) -> set[int]:
     """The fds the session owns: vring slots and fds waiting for their message."""
     held = {fd for v in session.vrings for fd in (v.kick, v.call, v.err) if fd is not None}
-    held |= {fd for pending in session._pending for fd in pending.fds}
+    held |= set(session._received.held_fds())
     return held
 
 
@@ -443,13 +443,13 @@ class FakeHarness:
         ids = {"a": (7, 1), "b": (7, 2), "c": (7, 3)}
         return [self.host.new_fd(ids.get(letter)) for letter in letters]
 
-    def check_step(self, session: Session) -> None:
+    def check_step(self, session: Session[Any]) -> None:
         assert self.host.open == session_fds(session), "fds open that the session does not own"
         assert set(self.host.mapped) == {r.handle for r in session.table}, (
             "mapping outside the table"
         )
 
-    def finish(self, session: Session) -> None:
+    def finish(self, session: Session[Any]) -> None:
         session.close()
         assert self.host.open == set(), f"fds left open after close: {self.host.open}"
         assert self.host.mapped == {}, f"mappings left after close: {self.host.mapped}"
@@ -477,7 +477,7 @@ class RealHarness:
                 fds.append(make_memfd(MEMFD_SIZE, name="fuzz-m"))
         return fds
 
-    def check_step(self, session: Session) -> None:
+    def check_step(self, session: Session[Any]) -> None:
         extra = live_fds() - self.baseline
         owned = session_fds(session)
         assert owned <= extra, f"the session holds fds that are closed: {owned - extra}"
@@ -488,7 +488,7 @@ class RealHarness:
         live = {id(m) for m in self.mapper.mappings()}
         assert live == {id(r.handle) for r in session.table}, "mapping outside the table"
 
-    def finish(self, session: Session) -> None:
+    def finish(self, session: Session[Any]) -> None:
         session.close()
         self.mapper.close()
         for fd in self.shared.values():
@@ -524,7 +524,7 @@ def check_reply(ev: Handled, reply_ack: bool) -> None:
         assert isinstance(ev.error_kind, str) and ev.error_kind
 
 
-def table_snapshot(session: Session) -> list[tuple[Any, ...]]:
+def table_snapshot(session: Session[Any]) -> list[tuple[Any, ...]]:
     return [(r.gpa, r.size, r.uaddr, r.mmap_offset, id(r.handle)) for r in session.table]
 
 
@@ -547,7 +547,7 @@ def run_case(case: Case, harness: Harness) -> Outcome:
             fds = harness.make_fds(letters)
             try:
                 session.receive_data(data, fds)
-            except RemoteProtocolError:
+            except FramingError:
                 assert session.state is SessionState.ERROR
                 harness.check_step(session)
                 continue
@@ -556,7 +556,7 @@ def run_case(case: Case, harness: Harness) -> Outcome:
                 before = table_snapshot(session)
                 try:
                     ev = session.next_event()
-                except RemoteProtocolError as err:
+                except FramingError as err:
                     assert session.state is SessionState.ERROR
                     out.framing_error = out.framing_error or str(err)
                     break

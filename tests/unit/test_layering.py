@@ -17,13 +17,14 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Layers from the bottom up; a module may import modules of its own layer or below.
 LAYERS: list[set[str]] = [
     {"vhostmem.protocol"},
-    {"vhostmem.errors"},
+    {"vhostmem.errors", "vhostmem.receive_buffer"},
     {"vhostmem.regions", "vhostmem.events"},
     {"vhostmem.faults"},
     {
         "vhostmem.atomicity",
         "vhostmem.qemu_model",
         "vhostmem.session",
+        "vhostmem.device",
         "vhostmem.virtqueue",
         "vhostmem.qemu_trace",
         "vhostmem.journal",
@@ -65,9 +66,11 @@ IMPURE = {"os", "trio", "socket", "mmap", "logging", "ctypes", "time", "subproce
 PURE = {
     "vhostmem.protocol",
     "vhostmem.errors",
+    "vhostmem.receive_buffer",
     "vhostmem.events",
     "vhostmem.regions",
     "vhostmem.session",
+    "vhostmem.device",
     "vhostmem.atomicity",
     "vhostmem.qemu_model",
     "vhostmem.faults",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from vhostmem.errors import RemoteProtocolError
+from vhostmem.errors import FramingError
 from vhostmem.events import NEED_DATA, Handled
 from vhostmem.protocol import (
     MemoryRegion,
@@ -35,7 +36,7 @@ def load(name: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in (VECTORS / name).read_text().splitlines() if line]
 
 
-def drain(session: Session) -> list[Handled]:
+def drain(session: Session[Any]) -> list[Handled]:
     out: list[Handled] = []
     while True:
         ev = session.next_event()
@@ -46,7 +47,7 @@ def drain(session: Session) -> list[Handled]:
 
 
 def feed(
-    session: Session,
+    session: Session[Any],
     host: FakeHost,
     data: bytes,
     nfds: int = 0,
@@ -64,7 +65,7 @@ def u64(reply: bytes) -> int:
     return int.from_bytes(reply[12:20], "little")
 
 
-def qemu_session(**config: object) -> tuple[Session, FakeHost]:
+def qemu_session(**config: object) -> tuple[Session[Any], FakeHost]:
     """A session after QEMU's handshake with REPLY_ACK and CONFIGURE_MEM_SLOTS negotiated."""
     host = FakeHost()
     session = Session(SessionConfig(**config), host)  # type: ignore[arg-type]
@@ -85,7 +86,7 @@ def qemu_session(**config: object) -> tuple[Session, FakeHost]:
 
 
 def add(
-    session: Session,
+    session: Session[Any],
     host: FakeHost,
     gpa: int,
     size: int,
@@ -101,7 +102,7 @@ def add(
 
 
 def rem(
-    session: Session, host: FakeHost, gpa: int, size: int, uaddr: int, nfds: int = 0
+    session: Session[Any], host: FakeHost, gpa: int, size: int, uaddr: int, nfds: int = 0
 ) -> Handled:
     msg = encode_request(
         Request.REM_MEM_REG, MemRegMsg(MemoryRegion(gpa, size, uaddr, 0)), need_reply=True
@@ -314,10 +315,10 @@ def test_oversized_size_field_breaks_framing_and_closes_fds() -> None:
         4, "little"
     )
     s.receive_data(bad, [host.new_fd()])
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(FramingError):
         s.next_event()
     assert s.state is SessionState.ERROR
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(FramingError):
         s.next_event()
     s.close()
     assert host.open == set()
@@ -600,7 +601,7 @@ def test_rem_whose_unmap_fails_keeps_the_region_marked_and_a_retry_unmaps_it() -
     assert "unmap_failed" not in region.as_json()
 
 
-def _set_table(s: Session, host: FakeHost, *regions: tuple[int, int, int, int]) -> Handled:
+def _set_table(s: Session[Any], host: FakeHost, *regions: tuple[int, int, int, int]) -> Handled:
     table = MemoryTable(tuple(MemoryRegion(*r) for r in regions))
     s.receive_data(
         encode_request(Request.SET_MEM_TABLE, table, need_reply=True),
@@ -685,3 +686,12 @@ def test_close_tries_every_region_and_reports_those_left_mapped() -> None:
         (2 * GiB, False),
     ]
     assert host.open == set()  # the vring's fd was closed although an unmap failed
+
+
+def test_region_ending_exactly_at_2_64_refused() -> None:
+    # The exclusive end must be a u64 (regions.end_fits_u64; rust-vmm message.rs is_valid).
+    s, host = qemu_session()
+    for gpa, uaddr in (((1 << 64) - 8192, 0x1000), (0, (1 << 64) - 8192)):
+        ev = add(s, host, gpa, 8192, uaddr)
+        assert not ev.ok and ev.error_kind == "bad-region" and "2^64" in (ev.error or "")
+    assert host.open == set() and host.mapped == {}

@@ -30,14 +30,10 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, final
 from vhostmem.errors import MappingError
 from vhostmem.mapping.backing import Backing
 from vhostmem.mapping.linux import hugetlb_pool, max_map_count, process_map_count
-from vhostmem.regions import human_size
+from vhostmem.regions import U64_LIMIT, end_fits_u64, human_size
 
 if TYPE_CHECKING:
     from vhostmem.mapping.mapper import Mapping
-
-#: One past the largest u64: gpa, size and mmap_offset are u64 fields (vhost-user.rst,
-#: "Memory region description").
-U64_LIMIT: Final = 1 << 64
 
 
 def region_text(
@@ -208,14 +204,14 @@ class Diagnosis:
                 "the front-end sent a zero-sized region (a front-end bug): "
                 "check the memory table it sends",
             )
-        if mmap_offset + size >= U64_LIMIT:
+        if not end_fits_u64(mmap_offset, size):
             raise fail(
                 "overflow",
                 f"mmap_offset + size = {mmap_offset + size:#x} overflows 2^64",
                 "the front-end sent a corrupt region (mmap_offset + size must fit in 64 bits)",
                 end=mmap_offset + size,
             )
-        if gpa + size >= U64_LIMIT:
+        if not end_fits_u64(gpa, size):
             raise fail(
                 "overflow",
                 f"gpa + size = {gpa + size:#x} overflows 2^64",

@@ -24,7 +24,6 @@ from typing import Any, Final, final
 from vhostmem.errors import MappingError
 from vhostmem.mapping.backing import Backing, probe_backing
 from vhostmem.mapping.diagnosis import (
-    U64_LIMIT,
     Diagnosis,
     Shortfall,
     munmap_failed,
@@ -44,6 +43,7 @@ from vhostmem.mapping.linux import (
     vma_at,
 )
 from vhostmem.mapping.peek import PEEK_MAX, Peek, read_region
+from vhostmem.regions import end_fits_u64
 
 #: Proven backings a Mapper remembers at most (QEMU uses one memfd or file per backend).
 _PROVEN_MAX: Final = 4096
@@ -437,8 +437,8 @@ class Mapper:
             0 < size
             and 0 <= gpa
             and 0 <= mmap_offset
-            and end < U64_LIMIT
-            and gpa + size < U64_LIMIT
+            and end_fits_u64(mmap_offset, size)
+            and end_fits_u64(gpa, size)
             and end <= backing.st_size
         ):
             diag.refuse_numbers(backing)
