@@ -1,4 +1,4 @@
-"""Observability: the control socket (JSON lines), its client, and the event log writer.
+"""Observability: the control socket (JSON lines) and its client.
 
 Protocol: one JSON object per line each way. A request is ``{"cmd": NAME, "args": {...}}``; the
 answer is ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": TEXT}``. Every result
@@ -17,7 +17,7 @@ import resource
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TextIO, final
+from typing import TYPE_CHECKING, Any, final
 
 import trio
 
@@ -31,7 +31,7 @@ from vhostmem.transport import peer_credentials
 if TYPE_CHECKING:
     from vhostmem.server import Backend, Connection
 
-__all__ = ["DOC_VERSION", "ControlClient", "ControlError", "EventLog", "serve_control"]
+__all__ = ["DOC_VERSION", "ControlClient", "ControlError", "serve_control"]
 
 #: Version of every JSON document vhostmem produces.
 DOC_VERSION = 1
@@ -41,24 +41,6 @@ _MAX_PEEK = 1 << 20
 
 class ControlError(VhostMemError):
     """A control request failed; the text says why."""
-
-
-@final
-class EventLog:
-    """Appends one JSON object per line to a file, flushed per line so ``tail -f`` sees it."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._file: TextIO | None = open(path, "a", encoding="utf-8", buffering=1)
-
-    def write(self, doc: dict[str, Any]) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(doc, sort_keys=True) + "\n")
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 # -- server side -----------------------------------------------------------------------------
@@ -153,8 +135,8 @@ def _markers(backend: Backend, extra: list[Any]) -> list[UnmergeableRange]:
 
 
 def _cmd_events(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
-    limit = _int_arg(args, "limit", len(backend.events))
-    events = list(backend.events)[-limit:] if limit > 0 else []
+    limit = _int_arg(args, "limit", len(backend.booking.events))
+    events = list(backend.booking.events)[-limit:] if limit > 0 else []
     return {"version": DOC_VERSION, "events": events}
 
 
@@ -354,7 +336,7 @@ def _cmd_diagnose(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cmd_check(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
-    return backend.history.report()
+    return backend.booking.history.report()
 
 
 _Command = Callable[["Backend", dict[str, Any]], dict[str, Any]]
@@ -387,7 +369,7 @@ def answer(backend: Backend, line: bytes) -> dict[str, Any]:
     except (ValueError, ControlError) as err:
         return {"ok": False, "error": str(err)}
     try:
-        backend.flush_all()  # requests acknowledged but not yet booked count too
+        backend.booking.book_pending()  # requests acknowledged but not yet booked count too
         return {"ok": True, "result": command(backend, args)}
     except VhostMemError as err:
         return {"ok": False, "error": str(err)}
@@ -411,7 +393,7 @@ async def _serve_one(backend: Backend, sock: trio.socket.SocketType) -> None:
                 return
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
-                await backend.settle_trace()  # a verdict waits, bounded, for QEMU's lines
+                await backend.booking.settle_trace()  # a verdict waits, bounded, for QEMU's lines
                 reply = (json.dumps(answer(backend, line)) + "\n").encode()
                 try:
                     await stream.send_all(reply)
@@ -431,7 +413,9 @@ async def serve_control(listener: socket.socket, backend: Backend) -> None:
                 refusal = backend.refuse_peer(peer)
                 if refusal is not None:
                     raw.close()
-                    backend.record(journal.refused(socket="control", reason=refusal, peer=peer))
+                    backend.booking.book(
+                        journal.refused(socket="control", reason=refusal, peer=peer)
+                    )
                     continue
                 nursery.start_soon(_serve_one, backend, trio.socket.from_stdlib_socket(raw))
 

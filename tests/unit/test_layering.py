@@ -37,6 +37,7 @@ LAYERS: list[set[str]] = [
         "vhostmem.tap",
         "vhostmem.tracefile",
     },
+    {"vhostmem.booking"},
     {"vhostmem.control", "vhostmem.qmp"},
     {"vhostmem.server"},
     {"vhostmem.cli", "vhostmem.__main__"},
