@@ -7,6 +7,9 @@ come out of ``vhostmem-ctl ... --json``.
 
 Nothing from the wire is used as a path or a format string: arguments are numbers or are looked
 up in our own tables.
+
+The control socket reads the back-end through :class:`BackendView` (an interface the server's
+``Backend`` meets), so it depends on the booking module and the core, never on the server.
 """
 
 from __future__ import annotations
@@ -16,22 +19,31 @@ import os
 import resource
 import socket
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, final
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, final
 
 import trio
 
 from vhostmem import journal
 from vhostmem.errors import TableError, VhostMemError
-from vhostmem.faults import FaultSpecError, parse_fault
-from vhostmem.mapping import hugetlb_pool, max_map_count, process_map_count
-from vhostmem.regions import UnmergeableRange, merged_view
-from vhostmem.transport import peer_credentials
+from vhostmem.faults import FaultPlan, FaultSpecError, parse_fault
+from vhostmem.mapping import Mapper, hugetlb_pool, max_map_count, process_map_count
+from vhostmem.regions import Region, UnmergeableRange, merged_view
+from vhostmem.transport import Peer, peer_credentials
 
 if TYPE_CHECKING:
-    from vhostmem.server import Backend, Connection
+    from vhostmem.booking import Booking
+    from vhostmem.datapath import NetAttachment, NetDevice
+    from vhostmem.session import Session
 
-__all__ = ["DOC_VERSION", "ControlClient", "ControlError", "serve_control"]
+__all__ = [
+    "DOC_VERSION",
+    "BackendView",
+    "ConnectionView",
+    "ControlClient",
+    "ControlError",
+    "serve_control",
+]
 
 #: Version of every JSON document vhostmem produces.
 DOC_VERSION = 1
@@ -41,6 +53,65 @@ _MAX_PEEK = 1 << 20
 
 class ControlError(VhostMemError):
     """A control request failed; the text says why."""
+
+
+class SessionLimits(Protocol):
+    """What the control socket reads of the sessions' configuration."""
+
+    @property
+    def max_slots(self) -> int: ...
+
+
+class ConfigView(Protocol):
+    """What the control socket reads of the command line's decisions."""
+
+    @property
+    def session(self) -> SessionLimits: ...
+    @property
+    def merge(self) -> bool: ...
+    @property
+    def unmergeable(self) -> tuple[tuple[int, int], ...]: ...
+    @property
+    def max_mapped(self) -> int | None: ...
+
+
+class ConnectionView(Protocol):
+    """One live front-end connection, as the control socket reads it."""
+
+    @property
+    def number(self) -> int: ...
+    @property
+    def socket_name(self) -> str: ...
+    @property
+    def session(self) -> Session: ...
+    @property
+    def peer(self) -> Peer | None: ...
+    @property
+    def datapath(self) -> NetAttachment | None: ...
+
+
+class BackendView(Protocol):
+    """The back-end as the control socket reads it (the server's ``Backend`` meets it)."""
+
+    @property
+    def config(self) -> ConfigView: ...
+    @property
+    def live(self) -> Mapping[str, Mapping[int, ConnectionView]]: ...
+    @property
+    def counters(self) -> Mapping[str, int]: ...
+    @property
+    def started(self) -> float: ...
+    @property
+    def mapper(self) -> Mapper: ...
+    @property
+    def faults(self) -> FaultPlan: ...
+    @property
+    def net(self) -> NetDevice | None: ...
+    @property
+    def booking(self) -> Booking: ...
+    def connections(self) -> Sequence[ConnectionView]: ...
+    def regions(self) -> Sequence[tuple[ConnectionView, Region]]: ...
+    def refuse_peer(self, peer: Peer | None) -> str | None: ...
 
 
 # -- server side -----------------------------------------------------------------------------
@@ -60,7 +131,7 @@ def _int_arg(args: dict[str, Any], name: str, default: int | None = None) -> int
     return value
 
 
-def _sockets(backend: Backend) -> list[dict[str, Any]]:
+def _sockets(backend: BackendView) -> list[dict[str, Any]]:
     """Every socket served, each with every live connection on it (several front-ends may share
     one socket): its number, peer, slots used and regions."""
     max_slots = backend.config.session.max_slots
@@ -86,7 +157,7 @@ def _sockets(backend: Backend) -> list[dict[str, Any]]:
     return sockets
 
 
-def _cmd_regions(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
+def _cmd_regions(backend: BackendView, args: dict[str, Any]) -> dict[str, Any]:
     regions = []
     for owner, region in backend.regions():
         entry = region.as_json()
@@ -119,7 +190,7 @@ def _cmd_regions(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def _markers(backend: Backend, extra: list[Any]) -> list[UnmergeableRange]:
+def _markers(backend: BackendView, extra: list[Any]) -> list[UnmergeableRange]:
     markers = [
         UnmergeableRange(start, end, f"--unmergeable 0x{start:x}-0x{end:x}")
         for start, end in backend.config.unmergeable
@@ -134,7 +205,7 @@ def _markers(backend: Backend, extra: list[Any]) -> list[UnmergeableRange]:
     return markers
 
 
-def _cmd_events(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
+def _cmd_events(backend: BackendView, args: dict[str, Any]) -> dict[str, Any]:
     limit = _int_arg(args, "limit", len(backend.booking.events))
     events = list(backend.booking.events)[-limit:] if limit > 0 else []
     return {"version": DOC_VERSION, "events": events}
@@ -157,7 +228,7 @@ def _shared_maps() -> int:
         return -1
 
 
-def _cmd_stats(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
+def _cmd_stats(backend: BackendView, args: dict[str, Any]) -> dict[str, Any]:
     mapper = backend.mapper.stats
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     vrings = []
@@ -186,7 +257,7 @@ def _cmd_stats(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _datapath_stats(backend: Backend) -> dict[str, Any]:
+def _datapath_stats(backend: BackendView) -> dict[str, Any]:
     """``tap`` and per-connection ``datapath`` counters (translations per region), with --tap."""
     net = backend.net
     if net is None:
@@ -197,7 +268,7 @@ def _datapath_stats(backend: Backend) -> dict[str, Any]:
     }
 
 
-def _cmd_peek(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
+def _cmd_peek(backend: BackendView, args: dict[str, Any]) -> dict[str, Any]:
     gpa = _int_arg(args, "gpa")
     length = _int_arg(args, "len")
     if not 0 < length <= _MAX_PEEK:
@@ -263,7 +334,7 @@ def _peek_in(table: Any, gpa: int, length: int) -> dict[str, Any]:
     }
 
 
-def _cmd_inject(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
+def _cmd_inject(backend: BackendView, args: dict[str, Any]) -> dict[str, Any]:
     if args.get("clear"):
         backend.faults.clear()
     spec = args.get("spec")
@@ -277,12 +348,12 @@ def _cmd_inject(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     return {"version": DOC_VERSION, "faults": [f.as_json() for f in backend.faults.faults]}
 
 
-def _or_none(conns: list[Connection]) -> list[Connection | None]:
+def _or_none(conns: list[ConnectionView]) -> list[ConnectionView | None]:
     """``conns``, or ``[None]`` for a socket with no live connection (its free slots show)."""
     return [*conns] if conns else [None]
 
 
-def _cmd_diagnose(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
+def _cmd_diagnose(backend: BackendView, args: dict[str, Any]) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     pools = []
     try:
@@ -335,11 +406,11 @@ def _cmd_diagnose(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _cmd_check(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
+def _cmd_check(backend: BackendView, args: dict[str, Any]) -> dict[str, Any]:
     return backend.booking.history.report()
 
 
-_Command = Callable[["Backend", dict[str, Any]], dict[str, Any]]
+_Command = Callable[["BackendView", dict[str, Any]], dict[str, Any]]
 
 COMMANDS: dict[str, _Command] = {
     "regions": _cmd_regions,
@@ -352,7 +423,7 @@ COMMANDS: dict[str, _Command] = {
 }
 
 
-def answer(backend: Backend, line: bytes) -> dict[str, Any]:
+def answer(backend: BackendView, line: bytes) -> dict[str, Any]:
     """Answer one request line; never raises."""
     try:
         request = json.loads(line)
@@ -377,7 +448,7 @@ def answer(backend: Backend, line: bytes) -> dict[str, Any]:
         return {"ok": False, "error": f"internal error in {request['cmd']}: {err!r}"}
 
 
-async def _serve_one(backend: Backend, sock: trio.socket.SocketType) -> None:
+async def _serve_one(backend: BackendView, sock: trio.socket.SocketType) -> None:
     stream = trio.SocketStream(sock)
     async with stream:
         buffer = b""
@@ -401,7 +472,7 @@ async def _serve_one(backend: Backend, sock: trio.socket.SocketType) -> None:
                     return
 
 
-async def serve_control(listener: socket.socket, backend: Backend) -> None:
+async def serve_control(listener: socket.socket, backend: BackendView) -> None:
     """Answer control requests on ``listener`` until cancelled."""
     tsock = trio.socket.from_stdlib_socket(listener)
     with tsock:
