@@ -571,7 +571,8 @@ def _regions_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from vhostmem.qemu_model import explain, render_explain
+    from vhostmem.qemu_model import explain
+    from vhostmem.report import render_explain
 
     steps: list[set[int]] = []
     for text in args.steps or ["0", "0,1,2", "0", "-"]:
@@ -600,8 +601,8 @@ def _explain(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from qemu.qmp import QMPError
 
-    from vhostmem.atomicity import render_report
     from vhostmem.control import ControlClient, ControlError
+    from vhostmem.report import render_check
 
     client = ControlClient(args.control)
     try:
@@ -635,16 +636,7 @@ def _check(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         print(json.dumps(doc, indent=2, sort_keys=True))
     else:
-        print(render_report(doc))
-        if "qmp" in doc:
-            q = doc["qmp"]
-            verdict = "matches" if q["matches"] else "DOES NOT match"
-            print(
-                f"\ntable vs QEMU ({args.qmp}): {verdict} the {len(q['expected'])} region(s) QEMU should have sent"
-            )
-            for label in ("missing", "unexpected"):
-                for gpa, size, off in q[label]:
-                    print(f"  {label}: gpa=0x{gpa:x} size=0x{size:x} mmap_offset=0x{off:x}")
+        print(render_check(doc, args.qmp))
     return 0 if ok else 1
 
 
