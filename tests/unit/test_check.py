@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vhostmem.cli import ctl_main
+from vhostmem.ctl import ctl_main
 from vhostmem.testing.backend import start_backend
 from vhostmem.testing.frontend import FakeFrontend, make_memfd
 

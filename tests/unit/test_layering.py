@@ -40,7 +40,7 @@ LAYERS: list[set[str]] = [
     {"vhostmem.booking"},
     {"vhostmem.control", "vhostmem.qmp"},
     {"vhostmem.server"},
-    {"vhostmem.cli", "vhostmem.__main__"},
+    {"vhostmem.cli", "vhostmem.ctl", "vhostmem.__main__"},
     {"vhostmem.testing"},
 ]
 

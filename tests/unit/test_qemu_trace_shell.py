@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vhostmem.cli import ctl_main
+from vhostmem.ctl import ctl_main
 from vhostmem.protocol import ProtocolFeature
 from vhostmem.testing.backend import RunningBackend, start_backend
 from vhostmem.testing.frontend import FakeFrontend, make_memfd

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from vhostmem import journal
-from vhostmem.cli import ctl_main
+from vhostmem.ctl import ctl_main
 from vhostmem.faults import parse_fault
 from vhostmem.protocol import Request, encode_request
 from vhostmem.report import render_events
