@@ -21,9 +21,9 @@ from vhostmem.faults import FaultSpecError, parse_fault
 if TYPE_CHECKING:
     from vhostmem.sockets import BoundSockets
 
-# The back-end binds its sockets before importing trio, construct and the rest (about 0.2 s of
-# imports, python -X importtime), so the socket accepts before they load (tools/bench's launch
-# row: 84-134 ms from exec, most of it the interpreter's own start); the rest loads in main().
+# The back-end binds its sockets before importing trio, construct and the rest (python -X
+# importtime lists them), so the socket accepts before they load (tools/bench's launch row
+# times exec to accepting); the rest loads in main().
 
 __all__ = ["main", "parse_size"]
 
