@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TextIO, final
+from typing import Any, TextIO, final, overload
 
 import trio
 
@@ -131,6 +131,12 @@ class Booking:
 
     # -- the two verbs ---------------------------------------------------------------------
 
+    @overload
+    def book(self, what: dict[str, Any]) -> None: ...
+    @overload
+    def book(
+        self, what: Handled, ledger: Ledger, *, arrived: float, replied: float | None = None
+    ) -> None: ...
     def book(
         self,
         what: Handled | dict[str, Any],
