@@ -191,9 +191,9 @@ class Connection:
 
 @final
 class Backend:
-    """The process's state: sockets, live connections, recent events, the mapper.
+    """The process's state: sockets, live connections, the mapper, the books (:attr:`booking`).
 
-    The control socket reads everything through this object.
+    The control socket reads it through :class:`vhostmem.control.BackendView`.
     """
 
     def __init__(self, config: ServerConfig) -> None:
