@@ -162,7 +162,8 @@ class HeaderFlags(IntFlag):
 
 
 # The HeaderFlags bits as plain ints, for the tests every message makes: IntFlag arithmetic
-# costs about 0.8 us per operation against 0.02 us for ints (timeit, Python 3.11.7).
+# runs Python code per operation and builds a member for its result (CPython Lib/enum.py,
+# Flag.__and__ / __or__), where int arithmetic is one C operation.
 #: ``HeaderFlags.VERSION``: version 1.
 FLAG_VERSION: Final = int(HeaderFlags.VERSION)
 #: ``HeaderFlags.VERSION_MASK``: the version field, bits 0-1.

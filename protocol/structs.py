@@ -7,11 +7,11 @@ vhostmem runs on little-endian hosts (x86-64, aarch64), hence ``Int32ul``/``Int6
 Padding is named and never validated (``c.Padding`` parses any bytes, builds zeros), as QEMU and
 libvhost-user ignore it too.
 
-The hot definitions also exist compiled (``*_COMPILED``, construct's ``.compile()``), which
-parses 3.4 to 6 times faster (HEADER 3.1 us against 10.9 us, MEM_REG_MSG 4.4-5.2 us against
-19-29 us, MEMORY_TABLE of one region 5.5 us against 33.6 us; timeit, Python 3.11.7, construct
-2.10.70; the bare U64 gains nothing) but fails with a bare ``struct.error`` and no path. The
-flat twins (``*_FLAT``, ``flat_format``) go further: one ``struct`` call, 0.1 to 0.2 us.
+The hot definitions also exist compiled (``*_COMPILED``, construct's ``.compile()``: generated
+Python source instead of a walk over the Struct tree per parse, construct's "Compilation
+feature" documentation), which fails with a bare ``struct.error`` and no path. The flat twins
+(``*_FLAT``, ``flat_format``) go further: one ``struct`` call per fixed-size message.
+``tools/bench`` measures the decode path.
 ``PAYLOAD_STRUCTS`` maps each ``PayloadKind`` to the struct ``codec`` uses. Containers built here
 never leave ``protocol``: ``codec`` turns them into ``model`` dataclasses.
 """

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from vhostmem import control
+from vhostmem.booking import Booking
 from vhostmem.server import Backend
 from vhostmem.testing import schema
 from vhostmem.testing.backend import RunningBackend
@@ -36,10 +37,10 @@ def pytest_configure(config: pytest.Config) -> None:
 def event_lines_match_schema(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Fail the test if any event-log line or control document it made breaks its schema."""
     found: list[str] = []
-    keep = Backend._keep
+    keep = Booking._keep
     stop = RunningBackend.stop
 
-    def checked_keep(self: Backend, doc: dict[str, Any]) -> None:
+    def checked_keep(self: Booking, doc: dict[str, Any]) -> None:
         keep(self, doc)
         found.extend(
             f"{p}\n    in {json.dumps(doc, sort_keys=True, default=repr)[:600]}"
@@ -59,7 +60,7 @@ def event_lines_match_schema(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
         return run
 
-    monkeypatch.setattr(Backend, "_keep", checked_keep)
+    monkeypatch.setattr(Booking, "_keep", checked_keep)
     monkeypatch.setattr(RunningBackend, "stop", checked_stop)
     for name, command in list(control.COMMANDS.items()):
         monkeypatch.setitem(control.COMMANDS, name, checked_command(name, command))

@@ -92,7 +92,6 @@ The module is pure: times are plain floats (monotonic seconds) the shell passes 
 
 from __future__ import annotations
 
-import textwrap
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -116,7 +115,7 @@ __all__ = [
     "Violation",
     "classify_batch",
     "is_qemu",
-    "render_report",
+    "range_text",
 ]
 
 # The request names as literals: importing protocol would pull construct into every reader of
@@ -272,7 +271,7 @@ def _overlap(a: RegionRef, b: RegionRef) -> Range | None:
     return (start, end) if start < end else None
 
 
-def _range_text(r: Range) -> str:
+def range_text(r: Range) -> str:
     return f"0x{r[0]:x}-0x{r[1] - 1:x} ({human_size(r[1] - r[0])})"
 
 
@@ -412,7 +411,7 @@ def _how(kind: str, xs: Sequence[RegionRef], adds: Sequence[RegionRef]) -> str:
     if kind == "merge":
         extra = _subtract([(a.gpa, a.end) for a in adds], [(x.gpa, x.end) for x in xs])
         if extra:
-            return f"merged with {', '.join(map(_range_text, extra))} as {listed}"
+            return f"merged with {', '.join(map(range_text, extra))} as {listed}"
         return f"merged into {listed}"
     if kind == "split":
         return f"split into {len(adds)} regions: {listed}"
@@ -452,7 +451,7 @@ def _remaps(
             kind = {"merge": "grow", "resize": "shrink"}.get(kind, kind)
         how = _how({"grow": "merge", "shrink": "resize"}.get(kind, kind), xs, adds)
         owners = " and ".join(f"region {x.describe()}" for x in xs)
-        span = ", ".join(map(_range_text, ranges))
+        span = ", ".join(map(range_text, ranges))
         why = (
             f"{label} replaced {owners} over {span}, {how}, in one message: the whole new table "
             "arrives at once and the back-end maps it before it unmaps the old one, so this is "
@@ -603,7 +602,7 @@ class _Batch:
         unmapped_ms: float | None = None
         if arrived is not None and None not in times:
             unmapped_ms = max(0.0, arrived - min(t for t in times if t is not None)) * 1000.0
-        span = ", ".join(map(_range_text, ranges))
+        span = ", ".join(map(range_text, ranges))
         owners = " and ".join(f"region {x.describe()}" for x in xs)
         how = _how(kind, xs, adds)
         removers = " and ".join(dict.fromkeys(r.label for r in removals))
@@ -1192,81 +1191,3 @@ class History:
             "wire": {"checked": bool(traced), "mismatches": list(self._wire)},
             "batches": [b.as_json() for b in self.batches()],
         }
-
-
-def _batching_line(doc: Mapping[str, Any]) -> list[str]:
-    b = doc.get("batching")
-    if not b:
-        return []
-    gap = f"{b['gap_ms']:g} ms gap (heuristic; give --qemu-trace for exact batches)"
-    if b["method"] == "qemu-trace":
-        lines = [f"batches: QEMU trace, {b['commits']} commits"]
-    elif b["method"] == "gap":
-        lines = [f"batches: {gap}"]
-    else:
-        lines = [
-            f"batches: mixed: QEMU trace for {b['requests']['qemu-trace']} requests in "
-            f"{b['commits']} commits, then {gap} for {b['requests']['gap']} requests"
-        ]
-    for f in b["fallbacks"]:
-        lines.append(f"  FALLBACK to the gap rule ({f['socket']} conn {f['conn']}): {f['reason']}")
-    wire = doc.get("wire") or {}
-    if wire.get("checked"):
-        mismatches = wire.get("mismatches", [])
-        lines.append(
-            "wire vs QEMU trace: "
-            + ("matches" if not mismatches else f"{len(mismatches)} MISMATCH(ES)")
-        )
-        lines.extend(f"  {m['socket']} conn {m['conn']}: {m['mismatch']}" for m in mismatches)
-    return lines
-
-
-def render_report(doc: Mapping[str, Any]) -> str:
-    """:meth:`History.report` as text a person reads in one go.
-
-    Args:
-        doc: the report document.
-
-    Returns:
-        A verdict line, each violation with its reason, then one line per batch.
-    """
-    counts = doc["counts"]
-    head = f"{counts['requests']} memory-table requests in {counts['batches']} batches"
-    if counts["failed"]:
-        head += f" ({counts['failed']} failed)"
-    lines = [
-        f"atomic: yes, {head}, no violations"
-        if not counts["violations"]
-        else f"atomic: NO, {counts['violations']} violation(s) in {head}"
-    ]
-    lines += _batching_line(doc)
-    for v in doc["violations"]:
-        unmapped = v["unmapped"]
-        lines.append("")
-        lines.append(
-            f"{v['kind'].upper()}: {v['request']} #{v['seq']} (batch {v['batch']}, "
-            f"{v['socket']} conn {v['conn']}), unmapped "
-            f"{_range_text((unmapped['start'], unmapped['end']))}"
-        )
-        lines.extend(textwrap.wrap(v["why"], 96, initial_indent="  ", subsequent_indent="  "))
-    for m in doc.get("remaps", []):
-        lines.append("")
-        lines.append(
-            f"remap ({m['kind']}, not a violation): {m['request']} #{m['seq']} "
-            f"(batch {m['batch']}, {m['socket']} conn {m['conn']})"
-        )
-        lines.extend(textwrap.wrap(m["why"], 96, initial_indent="  ", subsequent_indent="  "))
-    if doc["batches"]:
-        lines.append("")
-        lines.append(f"{'batch':>5}  {'requests':<14} {'plugged':<32} {'unplugged':<32} violations")
-        for b in doc["batches"]:
-            counts_ = {n: b["names"].count(n) for n in dict.fromkeys(b["names"])}
-            names = ", ".join(f"{c} {n.split('_')[0]}" for n, c in counts_.items())
-            plugged = ", ".join(_range_text((r["start"], r["end"])) for r in b["plugged"]) or "-"
-            unplugged = (
-                ", ".join(_range_text((r["start"], r["end"])) for r in b["unplugged"]) or "-"
-            )
-            lines.append(
-                f"{b['batch']:>5}  {names:<14} {plugged:<32} {unplugged:<32} {b['violations']}"
-            )
-    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Observability: the control socket (JSON lines), its client, and the event log writer.
+"""Observability: the control socket (JSON lines) and its client.
 
 Protocol: one JSON object per line each way. A request is ``{"cmd": NAME, "args": {...}}``; the
 answer is ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": TEXT}``. Every result
@@ -7,6 +7,9 @@ come out of ``vhostmem-ctl ... --json``.
 
 Nothing from the wire is used as a path or a format string: arguments are numbers or are looked
 up in our own tables.
+
+The control socket reads the back-end through :class:`BackendView` (an interface the server's
+``Backend`` meets), so it depends on the booking module and the core, never on the server.
 """
 
 from __future__ import annotations
@@ -16,24 +19,32 @@ import os
 import resource
 import socket
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TextIO, final
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, final
 
 import trio
 
 from vhostmem import journal
 from vhostmem.errors import TableError, VhostMemError
-from vhostmem.faults import FaultSpecError, parse_fault
-from vhostmem.mapping import hugetlb_pool, max_map_count, process_map_count
-from vhostmem.regions import UnmergeableRange, merged_view
-from vhostmem.transport import peer_credentials
+from vhostmem.faults import FaultPlan, FaultSpecError, parse_fault
+from vhostmem.mapping import Mapper, hugetlb_pool, max_map_count, process_map_count
+from vhostmem.regions import Region, UnmergeableRange, merged_view
+from vhostmem.transport import Peer, peer_credentials
 
 if TYPE_CHECKING:
-    from vhostmem.mapping import Mapping
-    from vhostmem.server import Backend, Connection
+    from vhostmem.mapping import Mapping as RegionMapping
+    from vhostmem.booking import Booking
+    from vhostmem.datapath import NetAttachment, NetDevice
     from vhostmem.session import Session
 
-__all__ = ["DOC_VERSION", "ControlClient", "ControlError", "EventLog", "serve_control"]
+__all__ = [
+    "DOC_VERSION",
+    "BackendView",
+    "ConnectionView",
+    "ControlClient",
+    "ControlError",
+    "serve_control",
+]
 
 #: Version of every JSON document vhostmem produces.
 DOC_VERSION = 1
@@ -45,22 +56,63 @@ class ControlError(VhostMemError):
     """A control request failed; the text says why."""
 
 
-@final
-class EventLog:
-    """Appends one JSON object per line to a file, flushed per line so ``tail -f`` sees it."""
+class SessionLimits(Protocol):
+    """What the control socket reads of the sessions' configuration."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._file: TextIO | None = open(path, "a", encoding="utf-8", buffering=1)
+    @property
+    def max_slots(self) -> int: ...
 
-    def write(self, doc: dict[str, Any]) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(doc, sort_keys=True) + "\n")
 
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+class ConfigView(Protocol):
+    """What the control socket reads of the command line's decisions."""
+
+    @property
+    def session(self) -> SessionLimits: ...
+    @property
+    def merge(self) -> bool: ...
+    @property
+    def unmergeable(self) -> tuple[tuple[int, int], ...]: ...
+    @property
+    def max_mapped(self) -> int | None: ...
+
+
+class ConnectionView(Protocol):
+    """One live front-end connection, as the control socket reads it."""
+
+    @property
+    def number(self) -> int: ...
+    @property
+    def socket_name(self) -> str: ...
+    @property
+    def session(self) -> Session: ...
+    @property
+    def peer(self) -> Peer | None: ...
+    @property
+    def datapath(self) -> NetAttachment | None: ...
+
+
+class BackendView(Protocol):
+    """The back-end as the control socket reads it (the server's ``Backend`` meets it)."""
+
+    @property
+    def config(self) -> ConfigView: ...
+    @property
+    def live(self) -> Mapping[str, Mapping[int, ConnectionView]]: ...
+    @property
+    def counters(self) -> Mapping[str, int]: ...
+    @property
+    def started(self) -> float: ...
+    @property
+    def mapper(self) -> Mapper: ...
+    @property
+    def faults(self) -> FaultPlan: ...
+    @property
+    def net(self) -> NetDevice | None: ...
+    @property
+    def booking(self) -> Booking: ...
+    def connections(self) -> Sequence[ConnectionView]: ...
+    def regions(self) -> Sequence[tuple[ConnectionView, Region]]: ...
+    def refuse_peer(self, peer: Peer | None) -> str | None: ...
 
 
 # -- server side -----------------------------------------------------------------------------
@@ -80,7 +132,7 @@ def _int_arg(args: dict[str, Any], name: str, default: int | None = None) -> int
     return value
 
 
-def _sockets(backend: Backend) -> list[dict[str, Any]]:
+def _sockets(backend: BackendView) -> list[dict[str, Any]]:
     """Every socket served, each with every live connection on it (several front-ends may share
     one socket): its number, peer, slots used and regions."""
     max_slots = backend.config.session.max_slots
@@ -106,7 +158,7 @@ def _sockets(backend: Backend) -> list[dict[str, Any]]:
     return sockets
 
 
-def _cmd_regions(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
+def _cmd_regions(backend: BackendView, args: dict[str, Any]) -> dict[str, Any]:
     regions = []
     for owner, region in backend.regions():
         entry = region.as_json()
@@ -139,7 +191,7 @@ def _cmd_regions(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def _markers(backend: Backend, extra: list[Any]) -> list[UnmergeableRange]:
+def _markers(backend: BackendView, extra: list[Any]) -> list[UnmergeableRange]:
     markers = [
         UnmergeableRange(start, end, f"--unmergeable 0x{start:x}-0x{end:x}")
         for start, end in backend.config.unmergeable
@@ -154,9 +206,9 @@ def _markers(backend: Backend, extra: list[Any]) -> list[UnmergeableRange]:
     return markers
 
 
-def _cmd_events(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
-    limit = _int_arg(args, "limit", len(backend.events))
-    events = list(backend.events)[-limit:] if limit > 0 else []
+def _cmd_events(backend: BackendView, args: dict[str, Any]) -> dict[str, Any]:
+    limit = _int_arg(args, "limit", len(backend.booking.events))
+    events = list(backend.booking.events)[-limit:] if limit > 0 else []
     return {"version": DOC_VERSION, "events": events}
 
 
@@ -177,7 +229,7 @@ def _shared_maps() -> int:
         return -1
 
 
-def _cmd_stats(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
+def _cmd_stats(backend: BackendView, args: dict[str, Any]) -> dict[str, Any]:
     mapper = backend.mapper.stats
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     vrings = []
@@ -206,7 +258,7 @@ def _cmd_stats(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _datapath_stats(backend: Backend) -> dict[str, Any]:
+def _datapath_stats(backend: BackendView) -> dict[str, Any]:
     """``tap`` and per-connection ``datapath`` counters (translations per region), with --tap."""
     net = backend.net
     if net is None:
@@ -217,7 +269,7 @@ def _datapath_stats(backend: Backend) -> dict[str, Any]:
     }
 
 
-def _cmd_peek(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
+def _cmd_peek(backend: BackendView, args: dict[str, Any]) -> dict[str, Any]:
     gpa = _int_arg(args, "gpa")
     length = _int_arg(args, "len")
     if not 0 < length <= _MAX_PEEK:
@@ -248,7 +300,7 @@ def _cmd_peek(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     raise ControlError("; ".join(errors))
 
 
-def _peek_in(session: Session[Mapping], gpa: int, length: int) -> dict[str, Any]:
+def _peek_in(session: Session[RegionMapping], gpa: int, length: int) -> dict[str, Any]:
     table = session.table
     out = bytearray()
     chunks: list[dict[str, Any]] = []
@@ -284,7 +336,7 @@ def _peek_in(session: Session[Mapping], gpa: int, length: int) -> dict[str, Any]
     }
 
 
-def _cmd_inject(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
+def _cmd_inject(backend: BackendView, args: dict[str, Any]) -> dict[str, Any]:
     if args.get("clear"):
         backend.faults.clear()
     spec = args.get("spec")
@@ -298,12 +350,12 @@ def _cmd_inject(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     return {"version": DOC_VERSION, "faults": [f.as_json() for f in backend.faults.faults]}
 
 
-def _or_none(conns: list[Connection]) -> list[Connection | None]:
+def _or_none(conns: list[ConnectionView]) -> list[ConnectionView | None]:
     """``conns``, or ``[None]`` for a socket with no live connection (its free slots show)."""
     return [*conns] if conns else [None]
 
 
-def _cmd_diagnose(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
+def _cmd_diagnose(backend: BackendView, args: dict[str, Any]) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     pools = []
     try:
@@ -356,11 +408,11 @@ def _cmd_diagnose(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _cmd_check(backend: Backend, args: dict[str, Any]) -> dict[str, Any]:
-    return backend.history.report()
+def _cmd_check(backend: BackendView, args: dict[str, Any]) -> dict[str, Any]:
+    return backend.booking.history.report()
 
 
-_Command = Callable[["Backend", dict[str, Any]], dict[str, Any]]
+_Command = Callable[["BackendView", dict[str, Any]], dict[str, Any]]
 
 COMMANDS: dict[str, _Command] = {
     "regions": _cmd_regions,
@@ -373,7 +425,7 @@ COMMANDS: dict[str, _Command] = {
 }
 
 
-def answer(backend: Backend, line: bytes) -> dict[str, Any]:
+def answer(backend: BackendView, line: bytes) -> dict[str, Any]:
     """Answer one request line; never raises."""
     try:
         request = json.loads(line)
@@ -390,7 +442,7 @@ def answer(backend: Backend, line: bytes) -> dict[str, Any]:
     except (ValueError, ControlError) as err:
         return {"ok": False, "error": str(err)}
     try:
-        backend.flush_all()  # requests acknowledged but not yet booked count too
+        backend.booking.book_pending()  # requests acknowledged but not yet booked count too
         return {"ok": True, "result": command(backend, args)}
     except VhostMemError as err:
         return {"ok": False, "error": str(err)}
@@ -398,7 +450,7 @@ def answer(backend: Backend, line: bytes) -> dict[str, Any]:
         return {"ok": False, "error": f"internal error in {request['cmd']}: {err!r}"}
 
 
-async def _serve_one(backend: Backend, sock: trio.socket.SocketType) -> None:
+async def _serve_one(backend: BackendView, sock: trio.socket.SocketType) -> None:
     stream = trio.SocketStream(sock)
     async with stream:
         buffer = b""
@@ -414,7 +466,7 @@ async def _serve_one(backend: Backend, sock: trio.socket.SocketType) -> None:
                 return
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
-                await backend.settle_trace()  # a verdict waits, bounded, for QEMU's lines
+                await backend.booking.settle_trace()  # a verdict waits, bounded, for QEMU's lines
                 reply = (json.dumps(answer(backend, line)) + "\n").encode()
                 try:
                     await stream.send_all(reply)
@@ -422,7 +474,7 @@ async def _serve_one(backend: Backend, sock: trio.socket.SocketType) -> None:
                     return
 
 
-async def serve_control(listener: socket.socket, backend: Backend) -> None:
+async def serve_control(listener: socket.socket, backend: BackendView) -> None:
     """Answer control requests on ``listener`` until cancelled."""
     tsock = trio.socket.from_stdlib_socket(listener)
     with tsock:
@@ -434,7 +486,9 @@ async def serve_control(listener: socket.socket, backend: Backend) -> None:
                 refusal = backend.refuse_peer(peer)
                 if refusal is not None:
                     raw.close()
-                    backend.record(journal.refused(socket="control", reason=refusal, peer=peer))
+                    backend.booking.book(
+                        journal.refused(socket="control", reason=refusal, peer=peer)
+                    )
                     continue
                 nursery.start_soon(_serve_one, backend, trio.socket.from_stdlib_socket(raw))
 

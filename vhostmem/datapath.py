@@ -681,7 +681,7 @@ class NetDevice:
 
     Args:
         tap: the host side (a :class:`vhostmem.tap.Tap`, or a socketpair in unit tests).
-        record: the back-end's event recorder (``Backend.record``).
+        record: the back-end's event recorder (``Booking.book``).
         nursery: where ring tasks run; it must outlive every connection. The shell may set
             ``nursery`` later (it opens the TAP before its nursery exists).
         poll_interval: seconds a waiting ring looks at its ring anyway.

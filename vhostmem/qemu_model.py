@@ -27,13 +27,11 @@ Pure: integers in, integers out.
 
 from __future__ import annotations
 
-import textwrap
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, final
 
 from vhostmem.atomicity import ADD_MEM_REG, REM_MEM_REG, History
-from vhostmem.regions import human_size
 
 __all__ = [
     "DEFAULT_BOOT_RAM",
@@ -41,7 +39,6 @@ __all__ = [
     "Section",
     "explain",
     "message_sequence",
-    "render_explain",
     "shadow_after",
     "vhost_regions",
     "virtio_mem_layout",
@@ -453,52 +450,3 @@ def explain(
         "steps": step_docs,
         "totals": totals,
     }
-
-
-def _message_line(m: Mapping[str, Any]) -> str:
-    verb = "ADD" if m["request"] == ADD_MEM_REG else "REM"
-    text = f"{verb} 0x{m['gpa']:x}-0x{m['gpa'] + m['size'] - 1:x} {human_size(m['size'])}"
-    if m["violation"]:
-        text += f"  !! {m['classification']}"
-    return text
-
-
-def render_explain(doc: Mapping[str, Any], width: int = 46) -> str:
-    """:func:`explain` as two columns, one per QEMU variant, with the non-atomic messages marked.
-
-    Args:
-        doc: the explain document.
-        width: the width of one column.
-
-    Returns:
-        Text: per step the messages side by side, then each violation's reason, then totals.
-    """
-    variants = doc["variants"]
-    lines = ["".join(f"{v['title']:<{width}}" for v in variants).rstrip()]
-    lines.append("".join(f"{'-' * (width - 2):<{width}}" for _ in variants).rstrip())
-    reasons: list[str] = []
-    for step in doc["steps"]:
-        plugged = ",".join(map(str, step["plugged"])) or "none"
-        lines.append(f"{step['label']}: memslots {plugged}")
-        columns = [
-            [_message_line(m) for m in step["variants"][v["name"]]["messages"]] or ["(no message)"]
-            for v in variants
-        ]
-        for row in range(max(map(len, columns))):
-            cells = [col[row] if row < len(col) else "" for col in columns]
-            lines.append("  " + "".join(f"{c:<{width}}" for c in cells).rstrip())
-        for v in variants:
-            for m in step["variants"][v["name"]]["messages"]:
-                if m["violation"]:
-                    reasons.append(f"{step['label']}, {v['title']}: {m['violation']['why']}")
-    totals = doc["totals"]
-    lines.append("")
-    cells = [
-        f"{totals[v['name']]['messages']} messages, {totals[v['name']]['violations']} non-atomic"
-        for v in variants
-    ]
-    lines.append("".join(f"{c:<{width}}" for c in cells).rstrip())
-    for reason in reasons:
-        lines.append("")
-        lines.extend(textwrap.wrap(reason, 96, subsequent_indent="  "))
-    return "\n".join(lines)

@@ -1,24 +1,32 @@
-"""Text for people: turns the control socket's JSON documents into terminal tables and pictures.
+"""Text for people: turns vhostmem's JSON documents into terminal tables and pictures.
 
-Pure formatting; ``vhostmem-ctl`` prints what these functions return.
+Every text renderer lives here: the control socket's documents, the atomicity report
+(``check``) and the plug-sequence explanation (``explain``). Pure formatting; ``vhostmem-ctl``
+prints what these functions return.
 """
 
 from __future__ import annotations
 
 import json
+import textwrap
 import time
+from collections.abc import Mapping
 from typing import Any
 
+from vhostmem.atomicity import ADD_MEM_REG, range_text
 from vhostmem.regions import human_size
 
 __all__ = [
+    "render_check",
     "render_diagnose",
     "render_events",
+    "render_explain",
     "render_faults",
     "render_map",
     "render_merged",
     "render_peek",
     "render_regions",
+    "render_report",
     "render_stats",
 ]
 
@@ -302,3 +310,153 @@ def _merged_rows(groups: list[dict[str, Any]]) -> list[str]:
         if g["boundary_after"]:
             lines.append(f"      boundary kept: {g['boundary_after']}")
     return lines
+
+
+# -- check and explain ---------------------------------------------------------------------
+
+
+def _batching_line(doc: Mapping[str, Any]) -> list[str]:
+    b = doc.get("batching")
+    if not b:
+        return []
+    gap = f"{b['gap_ms']:g} ms gap (heuristic; give --qemu-trace for exact batches)"
+    if b["method"] == "qemu-trace":
+        lines = [f"batches: QEMU trace, {b['commits']} commits"]
+    elif b["method"] == "gap":
+        lines = [f"batches: {gap}"]
+    else:
+        lines = [
+            f"batches: mixed: QEMU trace for {b['requests']['qemu-trace']} requests in "
+            f"{b['commits']} commits, then {gap} for {b['requests']['gap']} requests"
+        ]
+    for f in b["fallbacks"]:
+        lines.append(f"  FALLBACK to the gap rule ({f['socket']} conn {f['conn']}): {f['reason']}")
+    wire = doc.get("wire") or {}
+    if wire.get("checked"):
+        mismatches = wire.get("mismatches", [])
+        lines.append(
+            "wire vs QEMU trace: "
+            + ("matches" if not mismatches else f"{len(mismatches)} MISMATCH(ES)")
+        )
+        lines.extend(f"  {m['socket']} conn {m['conn']}: {m['mismatch']}" for m in mismatches)
+    return lines
+
+
+def render_report(doc: Mapping[str, Any]) -> str:
+    """:meth:`History.report` as text a person reads in one go.
+
+    Args:
+        doc: the report document.
+
+    Returns:
+        A verdict line, each violation with its reason, then one line per batch.
+    """
+    counts = doc["counts"]
+    head = f"{counts['requests']} memory-table requests in {counts['batches']} batches"
+    if counts["failed"]:
+        head += f" ({counts['failed']} failed)"
+    lines = [
+        f"atomic: yes, {head}, no violations"
+        if not counts["violations"]
+        else f"atomic: NO, {counts['violations']} violation(s) in {head}"
+    ]
+    lines += _batching_line(doc)
+    for v in doc["violations"]:
+        unmapped = v["unmapped"]
+        lines.append("")
+        lines.append(
+            f"{v['kind'].upper()}: {v['request']} #{v['seq']} (batch {v['batch']}, "
+            f"{v['socket']} conn {v['conn']}), unmapped "
+            f"{range_text((unmapped['start'], unmapped['end']))}"
+        )
+        lines.extend(textwrap.wrap(v["why"], 96, initial_indent="  ", subsequent_indent="  "))
+    for m in doc.get("remaps", []):
+        lines.append("")
+        lines.append(
+            f"remap ({m['kind']}, not a violation): {m['request']} #{m['seq']} "
+            f"(batch {m['batch']}, {m['socket']} conn {m['conn']})"
+        )
+        lines.extend(textwrap.wrap(m["why"], 96, initial_indent="  ", subsequent_indent="  "))
+    if doc["batches"]:
+        lines.append("")
+        lines.append(f"{'batch':>5}  {'requests':<14} {'plugged':<32} {'unplugged':<32} violations")
+        for b in doc["batches"]:
+            counts_ = {n: b["names"].count(n) for n in dict.fromkeys(b["names"])}
+            names = ", ".join(f"{c} {n.split('_')[0]}" for n, c in counts_.items())
+            plugged = ", ".join(range_text((r["start"], r["end"])) for r in b["plugged"]) or "-"
+            unplugged = ", ".join(range_text((r["start"], r["end"])) for r in b["unplugged"]) or "-"
+            lines.append(
+                f"{b['batch']:>5}  {names:<14} {plugged:<32} {unplugged:<32} {b['violations']}"
+            )
+    return "\n".join(lines)
+
+
+def render_check(doc: Mapping[str, Any], qmp: str | None = None) -> str:
+    """``vhostmem-ctl check``: :func:`render_report`, then the comparison with QEMU's view.
+
+    Args:
+        doc: the check document; its ``qmp`` part, when present, compares the table with the
+            regions QEMU should have sent.
+        qmp: QEMU's QMP socket the comparison asked (named in the text).
+    """
+    lines = [render_report(doc)]
+    q = doc.get("qmp")
+    if q is not None:
+        verdict = "matches" if q["matches"] else "DOES NOT match"
+        lines.append(
+            f"\ntable vs QEMU ({qmp}): {verdict} the {len(q['expected'])} region(s) "
+            "QEMU should have sent"
+        )
+        for label in ("missing", "unexpected"):
+            for gpa, size, off in q[label]:
+                lines.append(f"  {label}: gpa=0x{gpa:x} size=0x{size:x} mmap_offset=0x{off:x}")
+    return "\n".join(lines)
+
+
+def _message_line(m: Mapping[str, Any]) -> str:
+    verb = "ADD" if m["request"] == ADD_MEM_REG else "REM"
+    text = f"{verb} 0x{m['gpa']:x}-0x{m['gpa'] + m['size'] - 1:x} {human_size(m['size'])}"
+    if m["violation"]:
+        text += f"  !! {m['classification']}"
+    return text
+
+
+def render_explain(doc: Mapping[str, Any], width: int = 46) -> str:
+    """:func:`explain` as two columns, one per QEMU variant, with the non-atomic messages marked.
+
+    Args:
+        doc: the explain document.
+        width: the width of one column.
+
+    Returns:
+        Text: per step the messages side by side, then each violation's reason, then totals.
+    """
+    variants = doc["variants"]
+    lines = ["".join(f"{v['title']:<{width}}" for v in variants).rstrip()]
+    lines.append("".join(f"{'-' * (width - 2):<{width}}" for _ in variants).rstrip())
+    reasons: list[str] = []
+    for step in doc["steps"]:
+        plugged = ",".join(map(str, step["plugged"])) or "none"
+        lines.append(f"{step['label']}: memslots {plugged}")
+        columns = [
+            [_message_line(m) for m in step["variants"][v["name"]]["messages"]] or ["(no message)"]
+            for v in variants
+        ]
+        for row in range(max(map(len, columns))):
+            cells = [col[row] if row < len(col) else "" for col in columns]
+            lines.append("  " + "".join(f"{c:<{width}}" for c in cells).rstrip())
+        for v in variants:
+            for m in step["variants"][v["name"]]["messages"]:
+                if m["violation"]:
+                    reasons.append(f"{step['label']}, {v['title']}: {m['violation']['why']}")
+    totals = doc["totals"]
+    lines.append("")
+    cells = [
+        f"{totals[v['name']]['messages']} messages, {totals[v['name']]['violations']} non-atomic"
+        for v in variants
+    ]
+    lines.append("".join(f"{c:<{width}}" for c in cells).rstrip())
+    for reason in reasons:
+        lines.append("")
+        lines.extend(textwrap.wrap(reason, 96, subsequent_indent="  "))
+    return "\n".join(lines)

@@ -11,12 +11,10 @@ handler exception would crash the server). With ``--tap`` the TAP bridges the ri
 connection, the first to start them; another's are refused, loudly (``vhostmem.datapath``).
 
 The shell loop is the sans-IO one (h11's ``examples/trio-server.py``): read what the session
-wants, ``receive_data``, drain ``next_event``, send each reply, record each event. Recording
-(vhostmem's log, the event log, the atomicity history) of a request that succeeded quietly waits
+wants, ``receive_data``, drain ``next_event``, send each reply, book each request
+(:mod:`vhostmem.booking`). A request that succeeded quietly waits on its connection's ledger
 until the front-end has paused (``book_after``; the wait goes through trio, so nothing else
-waits), at most 64 requests (:meth:`Backend.flush`), so QEMU's round trip pays only for the
-mapping and the ack; failures, notes and injected faults are recorded at once, in order, and the
-control socket books everything before it answers.
+waits), so QEMU's round trip pays only for the mapping and the ack.
 """
 
 from __future__ import annotations
@@ -27,37 +25,31 @@ import os
 import signal
 import socket
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, final
 
 import trio
 
 from vhostmem import journal
-from vhostmem.atomicity import History
-from vhostmem.control import EventLog, serve_control
+from vhostmem.booking import Booking, Ledger
+from vhostmem.control import serve_control
 from vhostmem.datapath import NetAttachment, NetDevice
 from vhostmem.errors import FramingError, VhostMemError
 from vhostmem.events import NEED_DATA, Handled
 from vhostmem.faults import FaultPlan, parse_fault
 from vhostmem.mapping import Mapper, Mapping
-from vhostmem.protocol import MemoryRegion, Request
-from vhostmem.qemu_trace import Pairer, Resolution
+from vhostmem.protocol import MemoryRegion
 from vhostmem.regions import Region
 from vhostmem.session import Session, SessionConfig
 from vhostmem.sockets import BoundSockets, open_sockets
 from vhostmem.tap import TapConfig, open_tap
-from vhostmem.tracefile import POLL_INTERVAL, TraceFollower
+from vhostmem.tracefile import POLL_INTERVAL
 from vhostmem.transport import FdStream, Peer, peer_credentials
 
 __all__ = ["Backend", "ServerConfig", "run"]
 
 logger = logging.getLogger(__name__)
 
-_MEMORY_REQUESTS = frozenset({Request.SET_MEM_TABLE, Request.ADD_MEM_REG, Request.REM_MEM_REG})
-_EVENT_HISTORY = 10000
-#: Acknowledged requests booked together at most (the front-end going quiet books them sooner).
-_FLUSH_EVERY = 64
 #: Messages handled back to back before the connection's task lets others run.
 _YIELD_EVERY = 64
 
@@ -191,26 +183,16 @@ class Connection:
     session: Session[Mapping]
     peer: Peer | None
     log: logging.Logger
+    #: What waits to be booked for this connection (:mod:`vhostmem.booking`).
+    ledger: Ledger
     datapath: NetAttachment | None = None
-    #: Acknowledged requests not yet booked: (handled, arrived, replied) in monotonic seconds.
-    pending: list[tuple[Handled, float, float]] = field(default_factory=list)
-    #: Pairs memory requests with QEMU's trace (``--qemu-trace``), else ``None``.
-    pairer: Pairer | None = None
-    #: Resolutions of pending memory requests, by ``id(handled)``, until booked.
-    paired: dict[int, Resolution] = field(default_factory=dict)
-    #: Memory requests paired so far (numbers them in the pairer's messages).
-    paired_count: int = 0
-    #: The connection has ended: what the trace lacks now will not come.
-    closing: bool = False
-    #: The front-end's process name (/proc/PID/comm), for explanations.
-    peer_name: str | None = None
 
 
 @final
 class Backend:
-    """The process's state: sockets, live connections, recent events, the mapper.
+    """The process's state: sockets, live connections, the mapper, the books (:attr:`booking`).
 
-    The control socket reads everything through this object.
+    The control socket reads it through :class:`vhostmem.control.BackendView`.
     """
 
     def __init__(self, config: ServerConfig) -> None:
@@ -219,55 +201,22 @@ class Backend:
         self.host = ShellHost(self.mapper)
         #: Live connections by socket name, then by connection number (in connect order).
         self.live: dict[str, dict[int, Connection]] = {}
-        self.events: deque[dict[str, Any]] = deque(maxlen=_EVENT_HISTORY)
-        self.event_log = EventLog(config.event_log) if config.event_log else None
         self.counters = {"connections": 0, "requests": 0, "errors": 0, "replies": 0}
+        #: Requests and events booked: recent events, the event log, the atomicity history.
+        self.booking = Booking(
+            lambda: [conn.ledger for conn in self.connections()],
+            self.counters,
+            event_log=config.event_log,
+            batch_gap=config.batch_gap,
+            qemu_trace=config.qemu_trace,
+            trace_wait=config.trace_wait,
+        )
         self.started = time.time()
         self._numbers = 0
         self.faults = FaultPlan()
-        self.history = History()
-        self.history.trace_configured = bool(config.qemu_trace)
-        self.followers = {
-            path: TraceFollower(path, config.trace_wait) for _, path in config.qemu_trace
-        }
-        self._event_log_failing = False
         self.net: NetDevice | None = None
         for spec in config.inject:
             self.faults.add(parse_fault(spec))
-
-    # -- events ----------------------------------------------------------------------------
-
-    def record(self, doc: dict[str, Any]) -> None:
-        """Book an event now (connect, disconnect, a refusal, a ring error): a line built by
-        :mod:`vhostmem.journal`.
-
-        Every connection's acknowledged requests are booked first: they happened earlier, and
-        the events stay in time order across connections.
-        """
-        self.flush_all()
-        self._keep(doc)
-
-    def _keep(self, doc: dict[str, Any]) -> None:
-        """Keep an event for ``vhostmem-ctl events`` and append it to the event log.
-
-        An event log that cannot be written (a full disk) costs no connection: the failure is
-        logged once, the events stay in memory, and writing resumes when it works again.
-        """
-        doc.setdefault("ts", time.time())
-        self.events.append(doc)
-        if self.event_log is not None:
-            try:
-                self.event_log.write(doc)
-            except OSError as err:
-                if not self._event_log_failing:
-                    logger.error(
-                        "cannot write the event log (%s); events stay in memory "
-                        "(vhostmem-ctl events) until it can be written again",
-                        err,
-                    )
-                self._event_log_failing = True
-            else:
-                self._event_log_failing = False
 
     def _take_map_notes(self, handled: Handled) -> None:
         """Move the warnings of the request's mappings into its notes (log and event log).
@@ -278,169 +227,6 @@ class Backend:
         if handled.ok:
             handled.notes = (*handled.notes, *self.host.notes)
         self.host.notes.clear()
-
-    def _record_handled(
-        self, conn: Connection, handled: Handled, arrived: float, replied: float
-    ) -> None:
-        self.counters["requests"] += 1
-        if not handled.ok:
-            self.counters["errors"] += 1
-        log = conn.log
-        if handled.ok:
-            log.debug(
-                "<-- %s ok%s",
-                handled.name,
-                f" ({'; '.join(handled.notes)})" if handled.notes else "",
-            )
-        else:
-            log.warning("%s failed: %s", handled.name, handled.error)
-        for note in handled.notes:
-            log.warning("%s", note)
-        if (
-            handled.request not in _MEMORY_REQUESTS
-            and handled.ok
-            and not handled.notes
-            and not handled.injected
-        ):
-            return
-        # Booked after the reply, maybe later: the time is the reply's, not the booking's.
-        ts = time.time() - (time.monotonic() - replied)
-        peer_pid = conn.peer.pid if conn.peer is not None else None
-        if handled.request not in _MEMORY_REQUESTS:
-            doc = journal.request(
-                handled, ts=ts, socket=conn.socket_name, conn=conn.number, peer_pid=peer_pid
-            )
-        else:
-            change = handled.change
-            requested = handled.requested
-            trace = self._resolution(conn, handled, arrived, replied)
-            record = self.history.record(
-                socket=conn.socket_name,
-                conn=conn.number,
-                request=handled.name,
-                ok=handled.ok,
-                removed=change.removed if change else (),
-                added=change.added if change else (),
-                kept=change.kept if change else (),
-                requested=requested,
-                arrived=arrived,
-                replied=replied,
-                batch_gap=self.config.batch_gap,
-                batching=trace.batching,
-                commit=trace.commit,
-                commit_text=trace.edge_text,
-                fallback=trace.fallback,
-                peer=conn.peer_name,
-                peer_pid=peer_pid,
-            )
-            if trace.fallback:
-                log.warning("QEMU TRACE PAIRING ENDS, gap rule from here: %s", trace.fallback)
-            for text in trace.wire:
-                self._wire_mismatch(conn, text)
-            for violation in record.violations:
-                log.warning("NON-ATOMIC UPDATE (%s): %s", violation.kind, violation.why)
-            doc = journal.memory_table(
-                handled,
-                record,
-                ts=ts,
-                socket=conn.socket_name,
-                conn=conn.number,
-                peer_pid=peer_pid,
-                requested=requested,
-                fallback=trace.fallback,
-            )
-        self._keep(doc)
-
-    # -- QEMU's trace (--qemu-trace) ---------------------------------------------------------
-
-    def _wire_mismatch(self, conn: Connection, text: str) -> None:
-        conn.log.warning("WIRE MISMATCH with QEMU's trace: %s", text)
-        self.history.wire_mismatch(socket=conn.socket_name, conn=conn.number, text=text)
-
-    def _follower(self, socket_name: str) -> TraceFollower | None:
-        """The trace file of a socket: its own ``SOCKET=FILE``, else a ``FILE`` for all."""
-        path = dict(self.config.qemu_trace).get(socket_name) or dict(self.config.qemu_trace).get("")
-        return self.followers.get(path) if path else None
-
-    def _pair_pending(self, conn: Connection) -> bool:
-        """Pair ``conn``'s pending memory requests with the trace lines read so far, in order.
-
-        Returns:
-            Whether every pending request is resolved (paired, or fallen back).
-        """
-        pairer = conn.pairer
-        if pairer is None:
-            return True
-        follower = self._follower(conn.socket_name)
-        if follower is not None:
-            try:
-                follower.poll()
-            except OSError as err:
-                conn.log.warning("cannot read QEMU's trace file: %s", err)
-        now_mono, now_wall = time.monotonic(), time.time()
-        for handled, arrived, _ in conn.pending:
-            if handled.request not in _MEMORY_REQUESTS or id(handled) in conn.paired:
-                continue
-            res = pairer.pair(
-                handled.name,
-                conn.paired_count + 1,
-                arrived=now_wall - (now_mono - arrived),
-                # The reply went out after the request arrived: a time taken after sending
-                # can be late (the process descheduled), so the arrival bounds it soundly.
-                replied=now_wall - (now_mono - arrived) if handled.reply else None,
-                now=now_wall,
-                final=conn.closing,
-            )
-            if res is None:
-                return False
-            conn.paired[id(handled)] = res
-            conn.paired_count += 1
-        return True
-
-    def _resolution(
-        self, conn: Connection, handled: Handled, arrived: float, replied: float
-    ) -> Resolution:
-        """How a memory request being booked was batched (``gap`` without a trace)."""
-        if conn.pairer is None:
-            return Resolution("gap")
-        res = conn.paired.pop(id(handled), None)
-        if res is None:  # booked at once (not through pending): pair it now, for good
-            conn.pending.insert(0, (handled, arrived, replied))
-            closing, conn.closing = conn.closing, True
-            try:
-                self._pair_pending(conn)
-            finally:
-                conn.closing = closing
-                conn.pending.pop(0)
-            res = conn.paired.pop(id(handled), Resolution("gap"))
-        return res
-
-    def _bookable(self, conn: Connection) -> list[tuple[Handled, float, float]]:
-        """Take from ``conn.pending`` what can be booked now: with a trace, the requests up to
-        the first one whose lines have not come yet (the rest waits, in order)."""
-        pending = conn.pending
-        if conn.pairer is not None and not self._pair_pending(conn):
-            cut = next(
-                i
-                for i, (handled, _, _) in enumerate(pending)
-                if handled.request in _MEMORY_REQUESTS and id(handled) not in conn.paired
-            )
-            conn.pending = pending[cut:]
-            return pending[:cut]
-        conn.pending = []
-        return pending
-
-    async def settle_trace(self) -> None:
-        """Wait, at most ``trace_wait``, until every pending memory request met its trace
-        lines, so a verdict asked for now has them (the control socket calls it)."""
-        if not self.followers:
-            return
-        with trio.move_on_after(self.config.trace_wait + POLL_INTERVAL):
-            while True:
-                # Every connection, not only until the first that waits: each pairs what it can.
-                if all([self._pair_pending(c) for c in self.connections()]):
-                    return
-                await trio.sleep(POLL_INTERVAL / 5)
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -455,7 +241,9 @@ class Backend:
         if refusal is not None:
             sock.close()
             log.warning("refused a front-end on %s: %s", socket_name, refusal)
-            self.record(journal.refused(socket=socket_name, reason=refusal, conn=number, peer=peer))
+            self.booking.book(
+                journal.refused(socket=socket_name, reason=refusal, conn=number, peer=peer)
+            )
             return
         try:
             stream = FdStream(sock, self.config.linger)
@@ -464,11 +252,14 @@ class Backend:
             log.error("cannot set up the connection on %s: %s", socket_name, err)
             return
         session = Session(self.config.session, self.host, self.faults)
-        conn = Connection(number, socket_name, session, peer, log)
-        conn.peer_name = _process_name(peer.pid) if peer is not None else None
-        follower = self._follower(socket_name)
-        if follower is not None:
-            conn.pairer = follower.attach()
+        ledger = self.booking.open(
+            socket_name,
+            number,
+            log,
+            peer_pid=peer.pid if peer is not None else None,
+            peer_name=_process_name(peer.pid) if peer is not None else None,
+        )
+        conn = Connection(number, socket_name, session, peer, log, ledger)
         if self.net is not None:
             conn.datapath = self.net.attach(
                 session,
@@ -484,7 +275,7 @@ class Backend:
             peer.pid if peer else "?",
             peer.uid if peer else "?",
         )
-        self.record(journal.connect(socket=socket_name, conn=number, peer=peer))
+        self.booking.book(journal.connect(socket=socket_name, conn=number, peer=peer))
         reason = "front-end closed the connection"
         try:
             await self._loop(conn, stream)
@@ -521,26 +312,20 @@ class Backend:
                     region.unmap_failed,
                 )
             try:
-                conn.closing = True  # what QEMU's trace lacks now will not come
-                self.flush(conn)  # booking reads only the numbers of what was released
-                if conn.pairer is not None:
-                    for text in conn.pairer.finish(ended=time.time()):
-                        self._wire_mismatch(conn, text)
-                self.history.close_batch(socket=socket_name, conn=number)
-                self.record(
-                    journal.disconnect(
+                # Booking reads only the numbers of what was released.
+                self.booking.close(
+                    ledger,
+                    ended=time.time(),
+                    last=journal.disconnect(
                         socket=socket_name,
                         conn=number,
                         reason=reason,
                         released=len(gone) - len(stuck),
                         unmap_failed=[region.as_json() for region in stuck],
-                    )
+                    ),
                 )
             except Exception:  # the connection is gone either way; the server goes on
                 log.exception("could not book the end of the connection")
-            finally:
-                if follower is not None and conn.pairer is not None:
-                    follower.detach(conn.pairer)
 
     async def _loop(self, conn: Connection, stream: FdStream) -> None:
         session = conn.session
@@ -549,7 +334,7 @@ class Backend:
             got = stream.try_receive(session.bytes_wanted)
             if got is None:
                 unyielded = 0  # waiting below lets the other tasks run
-                if conn.pending:
+                if conn.ledger.pending:
                     # Book only once the front-end has paused: in a burst (QEMU plugging
                     # memslot after memslot) its next request is already on its way, and
                     # booking now would make it wait. A lingering read has paused already.
@@ -557,12 +342,12 @@ class Backend:
                         with trio.move_on_after(self.config.book_after):
                             await stream.wait_readable()
                             continue
-                    if not self._pair_pending(conn):
+                    if not self.booking.ready(conn.ledger):
                         # QEMU traces a write after the write: wait for its line, serving on.
                         with trio.move_on_after(POLL_INTERVAL / 5):
                             await stream.wait_readable()
                         continue
-                    self.flush(conn)
+                    self.booking.book_pending(conn.ledger)
                 await stream.wait_readable()
                 continue
             data, fds = got
@@ -589,7 +374,7 @@ class Backend:
             quiet_success = handled.ok and not handled.notes and not handled.injected
             if not quiet_success:
                 if handled.disconnect:
-                    self._book_now(conn, handled, arrived)
+                    self.booking.book(handled, conn.ledger, arrived=arrived)
                     raise InjectedDisconnect(handled.error or "injected disconnect")
                 if handled.delay:
                     await trio.sleep(handled.delay)
@@ -599,53 +384,15 @@ class Backend:
                 if sent < len(reply):
                     await self._send_rest(conn, stream, handled, reply[sent:], arrived)
                 self.counters["replies"] += 1
-            if quiet_success:
-                # The common case: acked now, booked later (when the front-end pauses or every
-                # _FLUSH_EVERY requests), so the event log and the atomicity history never
-                # cost the front-end's round trip.
-                conn.pending.append((handled, arrived, time.monotonic()))
-                if len(conn.pending) >= _FLUSH_EVERY:
-                    self.flush(conn)
-            else:
-                self._book_now(conn, handled, arrived)
+            # A quiet success waits on the ledger until the front-end pauses (above), so the
+            # event log and the atomicity history never cost its round trip.
+            self.booking.book(handled, conn.ledger, arrived=arrived)
             unyielded += 1
             if unyielded >= _YIELD_EVERY:
                 # A front-end that never pauses must not keep the other tasks (control socket,
                 # other connections, signals) or cancellation waiting.
                 unyielded = 0
                 await trio.lowlevel.checkpoint()
-
-    def flush(self, conn: Connection) -> None:
-        """Book what ``conn``'s acknowledged requests left for later (log, events, history)."""
-        if not conn.pending:
-            return
-        # Take first: recording may log, and nothing must be booked twice.
-        pending = self._bookable(conn)
-        for handled, arrived, replied in pending:
-            self._record_handled(conn, handled, arrived, replied)
-
-    def flush_all(self) -> None:
-        """Book every connection's deferred requests, in the order they were replied to.
-
-        Runs before the control socket answers and before an event booked now.
-        """
-        merged: list[tuple[float, Connection, Handled, float]] = []
-        for conn in self.connections():
-            # Take first, as flush does: recording may log, and nothing is booked twice.
-            pending = self._bookable(conn) if conn.pending else []
-            merged += [(replied, conn, handled, arrived) for handled, arrived, replied in pending]
-        merged.sort(key=lambda entry: entry[0])  # stable: one connection's stay in their order
-        for replied, conn, handled, arrived in merged:
-            self._record_handled(conn, handled, arrived, replied)
-
-    def _book_now(self, conn: Connection, handled: Handled, arrived: float) -> None:
-        """Book ``handled`` at once, after what every connection left for later (in order)."""
-        if conn.pairer is not None and handled.request in _MEMORY_REQUESTS:
-            # Its batch needs its trace lines: booked in order with the rest, when they came.
-            conn.pending.append((handled, arrived, time.monotonic()))
-            return
-        self.flush_all()
-        self._record_handled(conn, handled, arrived, time.monotonic())
 
     async def _send_rest(
         self, conn: Connection, stream: FdStream, handled: Handled, rest: bytes, arrived: float
@@ -654,7 +401,7 @@ class Backend:
         with trio.move_on_after(self.config.send_timeout) as scope:
             await stream.send_all(rest)
         if scope.cancelled_caught:
-            self._book_now(conn, handled, arrived)
+            self.booking.book(handled, conn.ledger, arrived=arrived)
             raise StalledFrontEnd(
                 f"the front-end has not read its replies for "
                 f"{self.config.send_timeout:g} s (socket buffer full); dropping it"
@@ -740,10 +487,7 @@ class Backend:
             self.net.close()
             self.net = None
         self.mapper.close()
-        for follower in self.followers.values():
-            follower.close()
-        if self.event_log is not None:
-            self.event_log.close()
+        self.booking.close_files()
 
 
 async def run(
@@ -765,14 +509,14 @@ async def run(
         if bound is None:
             bound = open_sockets(config.sockets, config.fds, config.control, config.socket_mode)
         if config.tap is not None:
-            backend.net = NetDevice(open_tap(config.tap), backend.record)
+            backend.net = NetDevice(open_tap(config.tap), backend.booking.book)
         async with trio.open_nursery() as nursery:
             # Signals first: a connection may keep the loop busy from its first message on
             # (the linger), and SIGTERM must find trio's handler by then.
             await nursery.start(_watch_signals, nursery.cancel_scope)
             if backend.net is not None:
                 backend.net.nursery = nursery
-            for follower in backend.followers.values():
+            for follower in backend.booking.followers.values():
                 nursery.start_soon(follower.run)
             if bound.control is not None:
                 nursery.start_soon(serve_control, bound.control, backend)

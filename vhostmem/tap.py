@@ -27,8 +27,9 @@ from typing import Any, final
 
 from vhostmem.errors import VhostMemError
 
-# pyroute2 (about 0.2 s to import) is imported inside the functions that talk netlink, so a
-# vhostmem without --tap never loads it (STYLE.md: no pyroute2 where nothing needs netlink).
+# pyroute2 (a large import: python -X importtime shows it) is imported inside the functions that
+# talk netlink, so a vhostmem without --tap never loads it (STYLE.md: no pyroute2 where nothing
+# needs netlink).
 
 
 def _pyroute2() -> None:

@@ -52,15 +52,14 @@ class FdStream:
     Args:
         sock: a connected ``AF_UNIX``/``SOCK_STREAM`` socket; the stream owns it.
         linger: seconds a read may wait in the kernel for the front-end's next message before
-            it gives up with "nothing yet" (``SO_RCVTIMEO``, in whole kernel ticks plus one:
-            1 ms and 4 ms both waited 8 ms at HZ=250); 0 (vhostmem's default) makes every
-            read non-blocking. QEMU sends memory updates as a ping-pong (a request, our ack,
-            the next request); waiting in the kernel for the next one costs one syscall where
-            a trip through trio costs more (tools/bench --floor against --floor
-            --vhostmem-arg=--linger-ms=0: 9-10 us per round trip). While a read lingers, the
-            process's other tasks wait too: another front-end's request
-            waits until that read times out (7979 us with --linger-ms=1 in tools/bench's
-            "GET_FEATURES, 2nd front-end" row).
+            it gives up with "nothing yet" (``SO_RCVTIMEO``; Linux rounds it up to whole
+            ticks, net/core/sock.c ``sock_set_timeout``, and the wait can end a tick later);
+            0 (vhostmem's default) makes every read non-blocking. QEMU sends memory updates
+            as a ping-pong (a request, our ack, the next request); waiting in the kernel for
+            the next one costs one syscall where a trip through trio costs several. While a
+            read lingers, the process's other tasks wait too: another front-end's request
+            waits until that read times out (tools/bench's "GET_FEATURES, 2nd front-end" row
+            shows it).
     """
 
     def __init__(self, sock: socket.socket, linger: float = 0.0) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from vhostmem.cli import ctl_main
+from vhostmem.ctl import ctl_main
 from vhostmem.qemu_model import message_sequence, shadow_after
 from vhostmem.qmp import expected_regions, query_memory
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from vhostmem.cli import ctl_main
+from vhostmem.ctl import ctl_main
 
 from .conftest import GiB, MakeRig, Rig
 

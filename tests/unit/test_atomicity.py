@@ -23,10 +23,10 @@ from vhostmem.atomicity import (
     Record,
     RegionRef,
     classify_batch,
-    render_report,
 )
 from vhostmem.protocol import Request
 from vhostmem.regions import Region
+from vhostmem.report import render_report
 
 GiB = 1 << 30
 BASE = 0x240000000

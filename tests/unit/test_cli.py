@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from vhostmem.cli import ctl_main, main
+from vhostmem.cli import main
 from vhostmem.control import ControlClient
+from vhostmem.ctl import ctl_main
 from vhostmem.protocol import Request, encode_request
 from vhostmem.testing.backend import start_backend
 from vhostmem.testing.frontend import FakeFrontend, make_memfd

@@ -217,7 +217,7 @@ class Rig:
         return head
 
     def events(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.backend.events if e.get("event") == kind]
+        return [e for e in self.backend.booking.events if e.get("event") == kind]
 
     def stats(self) -> dict[str, Any]:
         reply = answer(self.backend, json.dumps({"cmd": "stats"}).encode())
@@ -254,7 +254,7 @@ async def rig(
     idle: list[FakeFrontend] = []
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            backend.net = NetDevice(fake, backend.record, nursery, poll_interval=0.05)
+            backend.net = NetDevice(fake, backend.booking.book, nursery, poll_interval=0.05)
             if idle_before:
                 idle.append(await start_pair(backend, nursery))
                 await in_thread(lambda: idle[0].handshake(features=features))

@@ -55,7 +55,7 @@ async def session_with(backend: Backend, nursery: trio.Nursery) -> FakeFrontend:
 
 
 def last_error(backend: Backend) -> dict[str, Any]:
-    return [e for e in backend.events if e.get("result") == "error"][-1]
+    return [e for e in backend.booking.events if e.get("result") == "error"][-1]
 
 
 def make_pipe_fd() -> int:
@@ -214,8 +214,8 @@ async def test_hugetlb_shortfall_is_said_in_log_event_log_and_diagnose(
                     "page is touched. Served anyway:"
                 )
                 # the event line
-                backend.flush_all()
-                [line] = [e for e in backend.events if e.get("request") == "ADD_MEM_REG"]
+                backend.booking.book_pending()
+                [line] = [e for e in backend.booking.events if e.get("request") == "ADD_MEM_REG"]
                 assert line["result"] == "ok" and line.get("notes"), line
                 [note] = line["notes"]
                 assert note.startswith(head) and "SIGBUS" in note
@@ -327,7 +327,7 @@ async def test_injected_errno_ack_delay_disconnect() -> None:
             os.close(memfd)
             fe.close()
             await wait_until(lambda: not backend.connections(), "the connection to end")
-    disconnect = next(e for e in backend.events if e.get("event") == "disconnect")
+    disconnect = next(e for e in backend.booking.events if e.get("event") == "disconnect")
     assert disconnect["reason"].startswith("ADD_MEM_REG: injected disconnect")
     assert backend.mapper.stats.maps == 0
     backend.cleanup()

@@ -17,11 +17,11 @@ from vhostmem.qemu_model import (
     Section,
     explain,
     message_sequence,
-    render_explain,
     shadow_after,
     vhost_regions,
     virtio_mem_layout,
 )
+from vhostmem.report import render_explain
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -21,10 +21,10 @@ from vhostmem.atomicity import (
     REM_MEM_REG,
     SET_MEM_TABLE,
     History,
-    render_report,
 )
 from vhostmem.qemu_trace import Pairer, parse_line, parse_lines
 from vhostmem.regions import Region
+from vhostmem.report import render_report
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from vhostmem.cli import ctl_main
+from vhostmem.ctl import ctl_main
 from vhostmem.protocol import ProtocolFeature
 from vhostmem.testing.backend import RunningBackend, start_backend
 from vhostmem.testing.frontend import FakeFrontend, make_memfd

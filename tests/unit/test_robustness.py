@@ -120,12 +120,14 @@ async def refused(
 def error_event(w: Wire, name: str, socket_name: str = "a") -> dict[str, Any]:
     events = [
         e
-        for e in w.backend.events
+        for e in w.backend.booking.events
         if (e.get("request") or e.get("name")) == name
         and e.get("result") == "error"
         and e.get("socket") == socket_name
     ]
-    assert events, f"no error event for {name} on {socket_name}: {list(w.backend.events)[-5:]}"
+    assert events, (
+        f"no error event for {name} on {socket_name}: {list(w.backend.booking.events)[-5:]}"
+    )
     event = events[-1]
     assert event["error"].startswith(name), event
     assert event["error_kind"], event
@@ -143,7 +145,7 @@ async def still_up(w: Wire) -> None:
 def disconnect_reason(backend: Backend, socket_name: str) -> str:
     events = [
         e
-        for e in backend.events
+        for e in backend.booking.events
         if e.get("event") == "disconnect" and e.get("socket") == socket_name
     ]
     assert events, f"no disconnect event on {socket_name}"
@@ -474,7 +476,7 @@ async def test_disconnect_reports_a_region_left_mapped(caplog: pytest.LogCapture
         region = w.conn_a.session.table.lookup_gpa(4 * MiB)
         w.a.close()
         await wait_until(lambda: w.backend.sockets.get("a") is None, "connection a to end")
-        [event] = [e for e in w.backend.events if e.get("event") == "disconnect"]
+        [event] = [e for e in w.backend.booking.events if e.get("event") == "disconnect"]
         assert event["released"] == 1
         [stuck] = event["unmap_failed"]
         assert stuck["gpa"] == 4 * MiB and "memoryview" in stuck["unmap_failed"]
@@ -677,7 +679,7 @@ async def test_stalled_frontend_stalls_only_itself_and_is_dropped(tmp_path: Path
             assert await in_thread(fe.call, Request.GET_FEATURES) is not None
             assert [
                 e
-                for e in backend.events
+                for e in backend.booking.events
                 if e.get("socket") == good and e.get("event") == "disconnect"
             ] == []
             fe.close()
@@ -802,7 +804,7 @@ async def test_frontend_killed(tmp_path: Path, mode: str, cut: int, released: in
                 assert child.stdout is not None
                 child.stdout.close()
             await wait_until(lambda: backend.sockets[path] is None, "the connection to end")
-            [event] = [e for e in backend.events if e.get("event") == "disconnect"]
+            [event] = [e for e in backend.booking.events if e.get("event") == "disconnect"]
             assert "middle of a message" in event["reason"] and event["released"] == released
             assert event.get("conn") == 1
             assert backend.mapper.stats.maps == 0
@@ -850,7 +852,9 @@ async def test_second_frontend_is_served_and_the_first_is_undisturbed(tmp_path: 
             first.close()
             await wait_until(lambda: len(backend.connections()) == 1, "the first to end")
             assert backend.mapper.stats.maps == 0  # the first's regions went with it
-            assert [e["released"] for e in backend.events if e.get("event") == "disconnect"] == [4]
+            assert [
+                e["released"] for e in backend.booking.events if e.get("event") == "disconnect"
+            ] == [4]
             second.close()
             os.close(memfd)
             nursery.cancel_scope.cancel()
@@ -879,7 +883,7 @@ async def test_thousand_connect_disconnect_cycles(tmp_path: Path) -> None:
             )
             elapsed = time.monotonic() - t0
             assert elapsed < 20, f"1000 cycles took {elapsed:.1f} s"
-            disconnects = [e for e in backend.events if e.get("event") == "disconnect"]
+            disconnects = [e for e in backend.booking.events if e.get("event") == "disconnect"]
             assert len(disconnects) == 1000
             assert all(e["reason"] == "front-end closed the connection" for e in disconnects)
             assert backend.counters["errors"] == 0 and backend.mapper.stats.maps == 0
@@ -971,12 +975,12 @@ async def test_misbehaving_socket_does_not_disturb_another(tmp_path: Path) -> No
                 both.start_soon(in_thread, bad_connections, bad, 40)
             assert results["acks"] == [0] * 300
             await wait_until(lambda: not backend.connections(), "all connections to end")
-            on_good = [e for e in backend.events if e.get("socket") == good]
+            on_good = [e for e in backend.booking.events if e.get("socket") == good]
             assert [e for e in on_good if e.get("result") == "error"] == []
             assert [e["event"] for e in on_good if "request" not in e] == ["connect", "disconnect"]
             bad_disconnects = [
                 e
-                for e in backend.events
+                for e in backend.booking.events
                 if e.get("socket") == bad and e.get("event") == "disconnect"
             ]
             assert len(bad_disconnects) == 40
@@ -1060,7 +1064,9 @@ async def test_allow_uid_refuses_other_peers_with_a_logged_reason(
             with pytest.raises(ControlError):
                 await in_thread(ControlClient(path + ".ctl", timeout=5).call, "stats")
             await wait_until(
-                lambda: len([e for e in backend.events if e.get("event") == "refused"]) == 2,
+                lambda: (
+                    len([e for e in backend.booking.events if e.get("event") == "refused"]) == 2
+                ),
                 "two refusals",
             )
             assert backend.connections() == []

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from vhostmem import journal
-from vhostmem.cli import ctl_main
+from vhostmem.ctl import ctl_main
 from vhostmem.faults import parse_fault
 from vhostmem.protocol import Request, encode_request
 from vhostmem.report import render_events
@@ -126,7 +126,7 @@ def test_the_event_log_schema_refuses_what_breaks_a_reader(
 
 
 def memory_lines(backend: Backend) -> list[dict[str, Any]]:
-    return [e for e in backend.events if e.get("event") == "memory-table"]
+    return [e for e in backend.booking.events if e.get("event") == "memory-table"]
 
 
 async def test_every_event_kind_matches_the_schema(tmp_path: Path) -> None:
@@ -152,19 +152,19 @@ async def test_every_event_kind_matches_the_schema(tmp_path: Path) -> None:
             # and one succeeds with an injected delay
             w.backend.faults.add(parse_fault("GET_QUEUE_NUM:delay=1ms"))
             assert await in_thread(a.call, Request.GET_QUEUE_NUM) is not None
-            w.backend.flush_all()
+            w.backend.booking.book_pending()
             backend = w.backend
         # a peer --allow-uid refuses
         refusing = Backend(ServerConfig(allow_uids=(os.getuid() + 4242,)))
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 fe = await start_pair(refusing, nursery, "refusing")
-                await wait_until(lambda: refusing.events, "the refusal")
+                await wait_until(lambda: refusing.booking.events, "the refusal")
                 fe.close()
         refusing.cleanup()
     finally:
         os.close(memfd)
-    events = [*backend.events, *refusing.events]
+    events = [*backend.booking.events, *refusing.booking.events]
     # what only --tap books (test_datapath drives each end to end): a ring that stopped, a
     # connection whose rings the TAP refused, the TAP handed over when its holder ended
     peer = {"pid": 1, "uid": 0, "gid": 0}
@@ -204,7 +204,7 @@ async def test_every_event_kind_matches_the_schema(tmp_path: Path) -> None:
         schema.check(doc, "event-log")
     assert {e["event"] for e in events} == set(journal.EVENT_KINDS)
     assert [json.loads(line) for line in log.read_text().splitlines()] == [
-        json.loads(json.dumps(e)) for e in backend.events
+        json.loads(json.dumps(e)) for e in backend.booking.events
     ]
     assert all(e["version"] == 1 for e in events)
 

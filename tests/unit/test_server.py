@@ -46,12 +46,12 @@ def region_maps(address: int) -> list[str]:
 def acked_but_not_booked(
     backend: Backend, conn: Connection, adds: int, seconds: float = 2.0
 ) -> None:
-    """In the front-end's thread, right after the acks: wait until ``conn.pending`` holds the
+    """In the front-end's thread, right after the acks: wait until ``conn.ledger.pending`` holds the
     ``adds`` acknowledged ADD_MEM_REGs (the ack goes out just before the request joins
     ``pending``, so poll), then check that none of them is booked yet."""
     deadline = time.monotonic() + seconds
     while True:
-        pending = [h for h, _, _ in list(conn.pending) if h.request is Request.ADD_MEM_REG]
+        pending = [h for h, _, _ in list(conn.ledger.pending) if h.request is Request.ADD_MEM_REG]
         if len(pending) >= adds:
             break
         assert time.monotonic() < deadline, (
@@ -59,7 +59,7 @@ def acked_but_not_booked(
         )
         time.sleep(0.001)
     assert len(pending) == adds, pending
-    booked = [e for e in list(backend.events) if e.get("request") == "ADD_MEM_REG"]
+    booked = [e for e in list(backend.booking.events) if e.get("request") == "ADD_MEM_REG"]
     assert booked == [], f"booked before the front-end went quiet: {booked}"
 
 
@@ -117,7 +117,7 @@ async def test_disconnect_releases_all_maps_and_fds() -> None:
                 fe.close()
                 await wait_until(lambda: not backend.connections(), "the connection to end")
                 assert backend.mapper.stats.maps == 0
-        events = [e for e in backend.events if e.get("event") == "disconnect"]
+        events = [e for e in backend.booking.events if e.get("event") == "disconnect"]
         assert events and events[0]["released"] == 8
         backend.cleanup()
 
@@ -135,7 +135,7 @@ async def test_failure_ack_names_region_and_connection_stays_up() -> None:
             ack = await in_thread(fe.add_region, 0x100000000, MiB, 0x7F0000000000, 0, memfd)
             assert ack == 0
             os.close(memfd)
-            errors = [e for e in backend.events if e.get("result") == "error"]
+            errors = [e for e in backend.booking.events if e.get("result") == "error"]
             assert errors[0]["request"] == "ADD_MEM_REG"
             assert "0x100000000" in errors[0]["error"]
             assert errors[0]["region"]["size"] == 2 * MiB
@@ -155,7 +155,7 @@ async def test_broken_framing_closes_only_that_connection() -> None:
             await wait_until(lambda: backend.sockets.get("bad") is None, "bad to be closed")
             reply = await in_thread(good.call, Request.GET_FEATURES)
             assert reply is not None and reply.u64 != 0
-            disconnect = [e for e in backend.events if e.get("event") == "disconnect"]
+            disconnect = [e for e in backend.booking.events if e.get("event") == "disconnect"]
             assert "cannot be trusted" in disconnect[0]["reason"]
             good.close()
             bad.close()
@@ -173,7 +173,7 @@ async def test_eof_mid_message_is_an_error_and_releases() -> None:
             fe.send_raw(encode_request(Request.SET_VRING_NUM, VringState(0, 8))[:15])
             fe.close()
             await wait_until(lambda: not backend.connections(), "the connection to end")
-    reason = next(e for e in backend.events if e.get("event") == "disconnect")["reason"]
+    reason = next(e for e in backend.booking.events if e.get("event") == "disconnect")["reason"]
     assert "middle of a message" in reason
     backend.cleanup()
     assert open_fds() == fds_before
@@ -335,7 +335,7 @@ async def test_one_front_end_leaving_releases_only_its_own_mappings(tmp_path: Pa
                 assert all(region_maps(a) for a in bases[1])
                 assert backend.mapper.stats.maps == 2
                 assert backend.mapper.stats.fds_held == held // 2
-                [gone] = [e for e in backend.events if e.get("event") == "disconnect"]
+                [gone] = [e for e in backend.booking.events if e.get("event") == "disconnect"]
                 assert gone["conn"] == conns[0].number and gone["released"] == 2
                 # the second's memory is still there, and it still serves
                 reply = answer(backend, b'{"cmd": "peek", "args": {"gpa": 4096, "len": 7}}')
@@ -378,7 +378,7 @@ async def test_quiet_successes_are_booked_later_but_in_order_and_before_control_
                 acks.append(fe.add_region(0, 4 * MiB, 0x20000000, 0, memfd))
                 return acks, acked_at
 
-            before = len(backend.events)
+            before = len(backend.booking.events)
             acks, acked_at = await in_thread(burst)
             assert acks == [0, 0, 0, 1]
             # The control socket books what is pending before it answers.
@@ -397,7 +397,7 @@ async def test_quiet_successes_are_booked_later_but_in_order_and_before_control_
             assert check["result"]["counts"]["requests"] == 4
             assert check["result"]["counts"]["failed"] == 1
             assert backend.connections()[0] is conn
-            assert conn.pending == []
+            assert conn.ledger.pending == []
             os.close(memfd)
             fe.close()
             await wait_until(lambda: not backend.connections(), "the connection to end")
@@ -423,10 +423,10 @@ async def test_booking_happens_when_the_front_end_goes_quiet() -> None:
             os.close(memfd)
             # No control request: the connection's own task books it once reads time out.
             await wait_until(
-                lambda: any(e.get("request") == "ADD_MEM_REG" for e in backend.events),
+                lambda: any(e.get("request") == "ADD_MEM_REG" for e in backend.booking.events),
                 "the ADD_MEM_REG to be booked",
             )
-            assert backend.connections()[0].pending == []
+            assert backend.connections()[0].ledger.pending == []
             fe.close()
             await wait_until(lambda: not backend.connections(), "the connection to end")
     backend.cleanup()
@@ -445,7 +445,7 @@ async def test_events_stay_in_time_order_across_connections() -> None:
             assert w.b.add_region(8 * MiB, 4 * MiB, 0x30000000, 8 * MiB, memfd) != 0
 
         await in_thread(requests)
-        events = [e for e in w.backend.events if e.get("request") == "ADD_MEM_REG"]
+        events = [e for e in w.backend.booking.events if e.get("request") == "ADD_MEM_REG"]
         assert [(e["socket"], e["result"]) for e in events] == [
             ("a", "ok"),
             ("b", "ok"),
@@ -479,9 +479,9 @@ async def test_without_a_linger_booking_waits_for_a_pause_and_nobody_else_waits(
         start = trio.current_time()
         took = await in_thread(burst_then_other_front_end)
         assert took < 0.5, f"the second front-end waited {took:.3f} s"
-        await wait_until(lambda: not conn.pending, "the acked requests to be booked")
+        await wait_until(lambda: not conn.ledger.pending, "the acked requests to be booked")
         assert trio.current_time() - start >= 1.0  # booked after the pause, not before
-        booked = [e for e in w.backend.events if e.get("request") == "ADD_MEM_REG"]
+        booked = [e for e in w.backend.booking.events if e.get("request") == "ADD_MEM_REG"]
         assert [e["region"]["gpa"] for e in booked] == [0, 4 * MiB]
         os.close(memfd)
 
@@ -524,16 +524,16 @@ async def test_control_answers_book_pending_requests_first() -> None:
             fe = await start_pair(backend, nursery)
             await in_thread(fe.handshake)
             await wait_until(
-                lambda: not backend.connections()[0].pending, "the handshake to be booked"
+                lambda: not backend.connections()[0].ledger.pending, "the handshake to be booked"
             )
             conn = backend.connections()[0]
             before = answer(backend, b'{"cmd": "stats"}')["result"]["requests"]
             request = Request.GET_FEATURES
             handled = Handled(request, Header(request, 1, 0), None, b"", True)
-            conn.pending.append((handled, 0.0, 0.0))
+            conn.ledger.pending.append((handled, 0.0, 0.0))
             after = answer(backend, b'{"cmd": "stats"}')["result"]["requests"]
             assert after == before + 1
-            assert conn.pending == []
+            assert conn.ledger.pending == []
             fe.close()
             await wait_until(lambda: not backend.connections(), "the connection to end")
     backend.cleanup()
@@ -556,7 +556,7 @@ async def test_an_event_log_that_cannot_be_written_costs_no_connection() -> None
 
     async with no_leaks():
         backend = Backend(ServerConfig())
-        backend.event_log = FullDisk()  # type: ignore[assignment]  # a stand-in EventLog
+        backend.booking.event_log = FullDisk()  # type: ignore[assignment]  # a stand-in EventLog
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
                 for name in ("first", "second"):
@@ -568,12 +568,16 @@ async def test_an_event_log_that_cannot_be_written_costs_no_connection() -> None
                     fe.close()
                     await wait_until(lambda: not backend.connections(), "the connection to end")
         assert FullDisk.writes > 0
-        assert [e["socket"] for e in backend.events if e.get("request") == "ADD_MEM_REG"] == [
+        assert [
+            e["socket"] for e in backend.booking.events if e.get("request") == "ADD_MEM_REG"
+        ] == [
             "first",
             "second",
         ]
-        assert [e["released"] for e in backend.events if e.get("event") == "disconnect"] == [1, 1]
-        backend.event_log = None
+        assert [
+            e["released"] for e in backend.booking.events if e.get("event") == "disconnect"
+        ] == [1, 1]
+        backend.booking.event_log = None
         backend.cleanup()
 
 
@@ -595,7 +599,7 @@ async def test_a_booking_failure_at_disconnect_still_releases_everything() -> No
                 await in_thread(fe.handshake)
                 memfd = make_memfd(4 * MiB)
                 # A stand-in for one instance's method: mypy refuses method assignment.
-                backend.history.record = broken_record  # type: ignore[method-assign]
+                backend.booking.history.record = broken_record  # type: ignore[method-assign]
 
                 def add_and_leave() -> int:
                     # Close right behind the ack, while the lingering read holds the loop: the
