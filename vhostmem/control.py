@@ -32,9 +32,9 @@ from vhostmem.regions import Region, UnmergeableRange, merged_view
 from vhostmem.transport import Peer, peer_credentials
 
 if TYPE_CHECKING:
-    from vhostmem.mapping import Mapping as RegionMapping
     from vhostmem.booking import Booking
     from vhostmem.datapath import NetAttachment, NetDevice
+    from vhostmem.mapping import Mapping as RegionMapping
     from vhostmem.session import Session
 
 __all__ = [
@@ -84,7 +84,7 @@ class ConnectionView(Protocol):
     @property
     def socket_name(self) -> str: ...
     @property
-    def session(self) -> Session: ...
+    def session(self) -> Session[RegionMapping]: ...
     @property
     def peer(self) -> Peer | None: ...
     @property
