@@ -339,22 +339,17 @@ class Session(Generic[H]):
         reply, change, notes = result
         if not reply:
             reply = self._reply(header, 0)
-        # Positional, each argument named by its field: every request builds one, and keyword
-        # arguments cost more per call (tools/bench).
         return Handled(
-            request,  # request
-            header,  # header
-            payload,  # payload
-            reply,  # reply
-            True,  # ok
-            None,  # error
-            None,  # error_kind
-            change,  # change
-            notes,  # notes
-            nfds,  # nfds
-            None,  # details
-            None if fault is None else fault.spec,  # injected
-            0.0 if fault is None else fault.delay,  # delay
+            request=request,
+            header=header,
+            payload=payload,
+            reply=reply,
+            ok=True,
+            change=change,
+            notes=notes,
+            nfds=nfds,
+            injected=None if fault is None else fault.spec,
+            delay=0.0 if fault is None else fault.delay,
         )
 
     def _reply(self, header: Header, ack: int) -> bytes:
