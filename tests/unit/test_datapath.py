@@ -43,7 +43,9 @@ from vhostmem.testing.frontend import FakeFrontend, make_memfd
 from vhostmem.virtqueue import NET_HDR, NET_HDR_SIZE, RingLayout, build_net_header
 
 from ..netns import ip, netns_exists, require_tap_and_netns
-from .helpers import in_thread, open_fds, shared_maps, start_pair, wait_until
+from .helpers.leaks import open_fds, shared_maps
+from .helpers.waiting import in_thread, wait_until
+from .helpers.wire import start_pair
 from .test_virtqueue import Driver
 
 MiB = 1 << 20

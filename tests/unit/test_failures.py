@@ -26,7 +26,8 @@ from vhostmem.report import render_diagnose
 from vhostmem.server import Backend, ServerConfig
 from vhostmem.testing.frontend import FakeFrontend, make_memfd
 
-from .helpers import in_thread, open_fds, shared_maps, wait_until
+from .helpers.leaks import open_fds, shared_maps
+from .helpers.waiting import in_thread, wait_until
 
 MiB = 1 << 20
 KiB = 1 << 10

@@ -76,7 +76,8 @@ from vhostmem.server import ShellHost
 from vhostmem.session import Session, SessionConfig, SessionState
 from vhostmem.testing.frontend import make_memfd
 
-from .helpers import FakeHost, live_fds, open_fds, shared_maps
+from .helpers.fakes import FakeHost
+from .helpers.leaks import live_fds, open_fds, shared_maps
 
 MiB = 1 << 20
 U64 = 1 << 64

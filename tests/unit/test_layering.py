@@ -364,3 +364,23 @@ def test_annotations_point_down_too(path: Path) -> None:
         assert layer_of(target) <= layer_of(me), (
             f"{me} (layer {layer_of(me)}) names {target} (layer {layer_of(target)}) for types"
         )
+
+
+def _top_imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize(
+    "name", ["tests/unit/helpers/fakes.py", "tests/unit/test_session_table.py"]
+)
+def test_pure_session_tests_need_no_sockets(name: str) -> None:
+    # The sans-IO session is tested as bytes and fds in, events out (h11 tests/test_io.py):
+    # the fake host and the table tests reach neither sockets nor trio nor the shell.
+    shell = {"socket", "trio", "vhostmem.server", "vhostmem.transport", "vhostmem.mapping"}
+    assert _top_imports(ROOT / name) & shell == set()

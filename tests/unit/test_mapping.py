@@ -31,7 +31,7 @@ from vhostmem.mapping import (
 )
 from vhostmem.regions import human_size
 
-from .helpers import map_lines, open_fds, shared_maps
+from .helpers.leaks import map_lines, open_fds, shared_maps
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -53,17 +53,9 @@ from vhostmem.sockets import SocketError, bind_unix_socket
 from vhostmem.testing.backend import start_backend
 from vhostmem.testing.frontend import QEMU_PROTOCOL_FEATURES, FakeFrontend, make_memfd
 
-from .helpers import (
-    Wire,
-    baseline,
-    in_thread,
-    live_fds,
-    map_lines,
-    no_leaks,
-    shared_maps,
-    wait_until,
-    wired,
-)
+from .helpers.leaks import baseline, live_fds, map_lines, no_leaks, shared_maps
+from .helpers.waiting import in_thread, wait_until
+from .helpers.wire import Wire, wired
 
 MiB = 1 << 20
 GiB = 1 << 30

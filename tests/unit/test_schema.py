@@ -28,7 +28,8 @@ from vhostmem.testing import schema
 from vhostmem.testing.backend import start_backend
 from vhostmem.testing.frontend import FakeFrontend, make_memfd
 
-from .helpers import in_thread, start_pair, wait_until, wired
+from .helpers.waiting import in_thread, wait_until
+from .helpers.wire import start_pair, wired
 
 MiB = 1 << 20
 GiB = 1 << 30

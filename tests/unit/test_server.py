@@ -25,15 +25,9 @@ from vhostmem.session import SessionConfig
 from vhostmem.sockets import SocketError, bind_unix_socket
 from vhostmem.testing.frontend import FakeFrontend, make_memfd
 
-from .helpers import (
-    in_thread,
-    map_lines,
-    no_leaks,
-    open_fds,
-    start_pair,
-    wait_until,
-    wired,
-)
+from .helpers.leaks import map_lines, no_leaks, open_fds
+from .helpers.waiting import in_thread, wait_until
+from .helpers.wire import start_pair, wired
 
 MiB = 1 << 20
 GiB = 1 << 30

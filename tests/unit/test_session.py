@@ -25,7 +25,7 @@ from vhostmem.protocol import (
 )
 from vhostmem.session import TRANSITIONS, Session, SessionConfig, SessionState
 
-from .helpers import FakeHost
+from .helpers.fakes import FakeHost
 
 VECTORS = Path(__file__).parent.parent / "vectors"
 GiB = 1 << 30

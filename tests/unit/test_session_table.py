@@ -35,7 +35,7 @@ from vhostmem.protocol import (
 )
 from vhostmem.session import Session, SessionConfig, SessionState
 
-from .helpers import FakeHost
+from .helpers.fakes import FakeHost
 
 MiB = 1 << 20
 CONFIG = SessionConfig()
