@@ -18,9 +18,12 @@ nothing, a disconnect unmaps everything its connection held.
 Limits of the inputs, said once here:
 
 - A line's ``ts`` is the time of vhostmem's *reply*; the event log does not hold the arrival.
-  With QEMU's trace, a memory-table request's slice starts at the ``vhost_user_write`` line that
-  carried it (paired in order, same request code, no later than the reply); without it, the
-  slice is a marker of :data:`MARK_NS` ending at the reply.
+  With QEMU's trace, memory-table requests are paired in order with QEMU's memory-table
+  ``vhost_user_write`` lines (same request code; the first disagreement ends the pairing: one
+  QEMU, one vhost-user device), and a request's slice starts at its write line. QEMU traces the
+  write after sending it (:mod:`vhostmem.qemu_trace`, fact 2), so a line stamped after our
+  reply cannot start the slice; that slice, and every slice without a trace, is a marker of
+  :data:`MARK_NS` ending at the reply. The slice's ``qemu_write_line`` names the line.
 - A region's backing (file, huge page size) is not on the event-log lines; the region's
   numbers are (front-end address, file offset), and the mapping slice carries them.
 - Lines recorded before the schema had ``event`` (tests/vectors/qemu-10.0.2-*.events.jsonl)
@@ -213,7 +216,7 @@ def replay(events: Sequence[Mapping[str, Any]], trace: Sequence[TraceLine] = ())
     story.commits = [t for t in trace if t.event in ("commit", "start") and t.ts is not None]
     story.messages = _qemu_messages(trace)
     writes = [w for w, _ in story.messages]
-    w_next = 0
+    w_next: int | None = 0
     open_: dict[tuple[str, int], dict[tuple[int, int, int, int], Mapped]] = {}
     history = History()
     carries = True
@@ -241,15 +244,23 @@ def replay(events: Sequence[Mapping[str, Any]], trace: Sequence[TraceLine] = ())
             carries = carries and "violations" in line
         start, started_by = ts - MARK_NS / _NS, "reply time only (the event log has no arrival)"
         code = _CODES.get(name)
-        while code is not None and w_next < len(writes):
+        if code is not None and w_next is not None and w_next < len(writes):
+            # In order, as QEMU writes them one at a time (vhost_user_write waits for the ack);
+            # the first disagreement ends the pairing for the rest of the log.
             w = writes[w_next]
-            assert w.ts is not None
-            if w.ts > ts + 0.002:
-                break  # QEMU wrote it after our reply: a later request's
-            w_next += 1
             if w.request == code:
-                start, started_by = w.ts, f"QEMU's vhost_user_write (trace line {w.lineno})"
-                break
+                w_next += 1
+                line["qemu_write_line"] = w.lineno
+                assert w.ts is not None
+                if w.ts < ts:
+                    start, started_by = w.ts, f"QEMU's vhost_user_write (trace line {w.lineno})"
+                else:
+                    started_by += (
+                        f"; QEMU traced its write (trace line {w.lineno}) after the reply: "
+                        "the line is written once the message is sent"
+                    )
+            else:
+                w_next = None
         start = min(max(start, last_end.get(where, start)), ts)
         last_end[where] = ts
         req = Request(
@@ -404,6 +415,7 @@ def _request_args(req: Request) -> dict[str, Any]:
     line = req.line
     args: dict[str, Any] = {"result": line.get("result", "ok"), "start": req.started_by}
     for key in (
+        "qemu_write_line",
         "seq",
         "batch",
         "classification",
