@@ -10,6 +10,8 @@ event-log schema.
 
 from __future__ import annotations
 
+import os
+import time
 from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
@@ -22,6 +24,8 @@ from vhostmem.atomicity import History
 from vhostmem.ctl import ctl_main
 from vhostmem.qemu_trace import parse_lines
 from vhostmem.testing import schema
+from vhostmem.testing.backend import start_backend
+from vhostmem.testing.frontend import FakeFrontend, make_memfd
 from vhostmem.timeline import MARK_NS, Story, build_trace, render_html, replay
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
@@ -294,3 +298,42 @@ def test_ctl_timeline_needs_an_output_and_an_input(
     assert ctl_main(["timeline", "-o", str(tmp_path / "x.pftrace")]) == 2
     missing = tmp_path / "absent.jsonl"
     assert ctl_main(["timeline", "--event-log", str(missing), "-o", str(tmp_path / "x")]) == 2
+
+
+def test_timeline_of_a_running_vhostmem_and_of_its_event_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real vhostmem flags the pre-8.2 merge (as in test_check.py); the timeline read from its
+    control socket and the one read from its event log both hold the violation as one flow."""
+    backend = start_backend(tmp_path)
+    fe = FakeFrontend.connect(backend.socket)
+    memfd = make_memfd(2 * GIB)
+    try:
+        fe.handshake()
+        host = 0x7F0000000000
+        assert fe.add_region(BASE, GIB, host, 0, memfd) == 0
+        time.sleep(0.1)  # a later commit (the gap rule's batch edge)
+        assert fe.rem_region(BASE, GIB, host) == 0
+        assert fe.add_region(BASE, 2 * GIB, host, 0, memfd) == 0
+        backend.wait_for(backend.violations, 5, "the violation in the event log")
+        live = tmp_path / "live.pftrace"
+        assert ctl_main(["--control", backend.control, "timeline", "-o", str(live)]) == 0
+    finally:
+        fe.close()
+        os.close(memfd)
+        assert backend.stop() == 0
+    logged, page = tmp_path / "logged.pftrace", tmp_path / "logged.html"
+    argv = ["timeline", "--event-log", str(backend.event_log), "-o", str(logged)]
+    assert ctl_main([*argv, "--html", str(page)]) == 0
+    assert "1 violation(s)" in capsys.readouterr().out
+    for out in (live, logged):
+        names, packets = _parse(out.read_bytes())
+        slices = _slices(names, packets)
+        assert [(e.name, list(e.flow_ids)) for _, e, _ in slices if e.flow_ids] == [
+            ("REM_MEM_REG", [1])
+        ]
+        ends = [(e.name, list(e.terminating_flow_ids)) for _, e, _ in slices]
+        assert ("ADD_MEM_REG", [1]) in ends
+        assert [e.name for track, e, _ in slices if track == "violations"] == ["merge"]
+    checker = _check_html(page.read_text())
+    assert checker.classes["rect.violation"] == 1 and checker.classes["rect.region"] == 2
