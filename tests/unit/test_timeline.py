@@ -10,7 +10,10 @@ event-log schema.
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import os
+import sys
 import time
 from collections import Counter
 from html.parser import HTMLParser
@@ -337,3 +340,22 @@ def test_timeline_of_a_running_vhostmem_and_of_its_event_log(
         assert [e.name for track, e, _ in slices if track == "violations"] == ["merge"]
     checker = _check_html(page.read_text())
     assert checker.classes["rect.violation"] == 1 and checker.classes["rect.region"] == 2
+
+
+def test_run_guest_writes_the_timeline_of_its_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tools/run-guest's stop step, fed the recorded run's files: both files, every request."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts its checkout first
+    script = Path(__file__).resolve().parents[2] / "tools" / "run-guest"
+    loader = importlib.machinery.SourceFileLoader("run_guest", str(script))
+    spec = importlib.util.spec_from_loader("run_guest", loader)
+    assert spec is not None
+    run_guest = importlib.util.module_from_spec(spec)
+    loader.exec_module(run_guest)
+    written = run_guest.write_timeline(tmp_path, PLUG_EVENTS, PLUG_TRACE)
+    assert written == [tmp_path / "timeline.pftrace", tmp_path / "timeline.html"]
+    names, packets = _parse(written[0].read_bytes())
+    requests = [e for track, e, _ in _slices(names, packets) if track == "vhost-user conn 0"]
+    assert len(requests) == len(PLUG_EVENTS.read_text().splitlines()) == 7
+    assert _check_html(written[1].read_text()).classes["rect.region"] == 4
