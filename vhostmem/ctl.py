@@ -119,6 +119,20 @@ def build_ctl_parser() -> argparse.ArgumentParser:
         "fds, slots",
     )
     _json_flag(p)
+    p = sub.add_parser(
+        "timeline",
+        help="a run's memory table over time: a Perfetto trace (ui.perfetto.dev) and/or a "
+        "self-contained HTML page, from an event log (or a running vhostmem's events)",
+    )
+    p.add_argument(
+        "--event-log",
+        metavar="FILE",
+        help="vhostmem's event log (--event-log); without it, the events of the vhostmem at "
+        "--control",
+    )
+    p.add_argument("--qemu-trace", metavar="FILE", help="QEMU's trace log (-trace vhost_* -D FILE)")
+    p.add_argument("-o", "--output", metavar="OUT.pftrace", help="write the Perfetto trace")
+    p.add_argument("--html", metavar="OUT.html", help="write the HTML page")
     return parser
 
 
@@ -225,6 +239,63 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _timeline(args: argparse.Namespace) -> int:
+    from vhostmem.qemu_trace import parse_lines
+    from vhostmem.timeline import build_trace, parse_event_lines, render_html, replay
+
+    if not args.output and not args.html:
+        print(
+            "vhostmem-ctl timeline: say what to write: -o OUT.pftrace, --html OUT.html or both",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        if args.event_log:
+            with open(args.event_log, encoding="utf-8") as f:
+                events = parse_event_lines(f)
+        elif args.control:
+            from vhostmem.control import ControlClient, ControlError
+
+            try:
+                events = ControlClient(args.control).call("events", limit=1 << 30)["events"]
+            except ControlError as err:
+                print(f"vhostmem-ctl: {err}", file=sys.stderr)
+                return 2
+        else:
+            print(
+                "vhostmem-ctl timeline: --event-log FILE is required (or --control PATH / "
+                "VHOSTMEM_CONTROL to read a running vhostmem's events)",
+                file=sys.stderr,
+            )
+            return 2
+        trace = []
+        if args.qemu_trace:
+            with open(args.qemu_trace, encoding="utf-8", errors="replace") as f:
+                trace = parse_lines(f.read().splitlines())
+    except (OSError, ValueError) as err:
+        print(f"vhostmem-ctl timeline: cannot read the input: {err}", file=sys.stderr)
+        return 2
+    story = replay(events, trace)
+    try:
+        if args.output:
+            data = build_trace(story)
+            with open(args.output, "wb") as out:
+                out.write(data)
+        if args.html:
+            with open(args.html, "w", encoding="utf-8") as out:
+                out.write(render_html(story, f"vhostmem timeline: {args.event_log or 'events'}"))
+    except OSError as err:
+        print(f"vhostmem-ctl timeline: cannot write: {err}", file=sys.stderr)
+        return 2
+    v = story.verdict
+    print(
+        f"{v['requests']} memory-table request(s), {len(story.mappings)} region mapping(s), "
+        f"{v['violations']} violation(s), {v['failed']} failed request(s)"
+        + "".join(f"; wrote {p}" for p in (args.output, args.html) if p)
+    )
+    return 0
+
+
 def ctl_main(argv: Sequence[str] | None = None) -> int:
     """``vhostmem-ctl``; returns the exit status."""
     parser = build_ctl_parser()
@@ -234,6 +305,8 @@ def ctl_main(argv: Sequence[str] | None = None) -> int:
         return 2 if exc.code not in (0, None) else 0
     if args.command == "explain":
         return _explain(args)
+    if args.command == "timeline":
+        return _timeline(args)
     if not args.control:
         print("vhostmem-ctl: --control PATH is required (or set VHOSTMEM_CONTROL)", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ LAYERS: list[set[str]] = [
         "vhostmem.datapath",
         "vhostmem.tap",
         "vhostmem.tracefile",
+        "vhostmem.timeline",
     },
     {"vhostmem.booking"},
     {"vhostmem.control", "vhostmem.qmp"},
