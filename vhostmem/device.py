@@ -471,6 +471,13 @@ class Device(Generic[H]):
         self._release_stale_logs()
         return self.log
 
+    def log_json(self) -> dict[str, Any] | None:
+        """The mapped dirty log for ``vhostmem-ctl stats``/``regions``, ``None`` when none is."""
+        area = self.log
+        if area is None:
+            return None
+        return {**area.as_json(), "logging": self.logging}
+
     def set_log_fd(self, fd: int) -> None:
         """SET_LOG_FD: an eventfd to signal after logging. QEMU never sends it (hw/virtio/
         vhost-user.c has no sender) and the spec asks nothing of a back-end that does not use

@@ -11,12 +11,14 @@ and ``used.idx`` are in page 0x11, its ``avail_event`` in page 0x12, so each is 
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 from collections.abc import Iterator
 
 import pytest
 
+from vhostmem.control import answer
 from vhostmem.protocol import (
     ProtocolFeature,
     Request,
@@ -24,6 +26,8 @@ from vhostmem.protocol import (
     VringAddress,
     VringState,
 )
+from vhostmem.report import render_regions, render_stats
+from vhostmem.testing import schema
 from vhostmem.testing.frontend import make_memfd
 from vhostmem.virtqueue import NET_HDR_SIZE, RingLayout
 
@@ -139,6 +143,32 @@ async def test_logging_marks_exactly_the_pages_written(log: Log) -> None:
         [dp] = r.stats()["datapath"]
         assert dp["rx_packets"] == 1 and dp["tx_packets"] == 1
         assert r.conn.session.device.log.marked == 5
+        check_documents(r, marked=5, logging=True)
+
+
+def check_documents(r: Rig, *, marked: int, logging: bool) -> None:
+    """``stats`` and ``regions`` carry the log, valid against their schemas, and say it in
+    words."""
+    for cmd in ("stats", "regions"):
+        reply = answer(r.backend, json.dumps({"cmd": cmd}).encode())
+        assert reply["ok"], reply
+        doc = reply["result"]
+        assert schema.problems(doc, cmd) == []
+        [conn] = [c for s in doc["sockets"] for c in s["connections"] if c["conn"] == r.conn.number]
+        assert conn["dirty_log"] == {
+            "size": LOG_SIZE,
+            "mmap_offset": 0,
+            "pages": LOG_SIZE * 8,
+            "backing": "memfd",
+            "marked": marked,
+            "beyond": 0,
+            "logging": logging,
+        }
+        text = (render_stats if cmd == "stats" else render_regions)(doc)
+        assert (
+            f"dirty log: 4 KiB (memfd, mmap_offset 0x0) covering 128 MiB of guest memory; "
+            f"{marked} page(s) marked; logging {'on' if logging else 'off'}"
+        ) in text, text
 
 
 async def test_nothing_is_marked_with_logging_off(log: Log) -> None:
@@ -149,6 +179,7 @@ async def test_nothing_is_marked_with_logging_off(log: Log) -> None:
         await wait_until(lambda: logged_rings(r, True), "both rings running with F_LOG")
         await traffic(r)
         assert log.pages() == set()
+        check_documents(r, marked=0, logging=False)
         # on, then off again (QEMU's vhost_dev_set_log(false) at the end of migration)
         await set_features(r, NET_FEATURES | VirtioFeature.LOG_ALL)
         await traffic(r)
