@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar, final
 
-from vhostmem.device import LOG_PAGE, Device, ErrnoHost, H, Host, PartialChange, Vring
+from vhostmem.device import Device, ErrnoHost, H, Host, PartialChange, Vring
 from vhostmem.errors import FramingError, RequestRefused, StateError
 from vhostmem.events import NEED_DATA, Handled, NeedData, TableChange
 from vhostmem.faults import Fault, FaultPlan
@@ -219,6 +219,8 @@ class Session(Generic[H]):
         self.requests = 0
         self._received = ReceiveBuffer()
         self._header: Header | None = None  # decoded header of the message in hand
+        #: The request in hand mapped a dirty log or turned logging on or off.
+        self._dirty_log_changed = False
 
     # -- feeding ----------------------------------------------------------------------------
 
@@ -350,7 +352,7 @@ class Session(Generic[H]):
             reply = self._reply(header, 0)
         # Positional, each argument named by its field: every request builds one, and keyword
         # arguments cost more per call (tools/bench).
-        return Handled(
+        handled = Handled(
             request,  # request
             header,  # header
             payload,  # payload
@@ -365,6 +367,20 @@ class Session(Generic[H]):
             None if fault is None else fault.spec,  # injected
             0.0 if fault is None else fault.delay,  # delay
         )
+        if self._dirty_log_changed:
+            self._dirty_log_changed = False
+            handled.dirty_log = self._dirty_log_state()
+        return handled
+
+    def _dirty_log_state(self) -> dict[str, Any]:
+        """Whether the data path logs its writes now, and the log mapped, if any."""
+        device = self.device
+        state: dict[str, Any] = {"logging": device.logging}
+        log = device.log_json()
+        if log is not None:
+            del log["logging"]
+            state["log"] = {key: value for key, value in log.items() if value is not None}
+        return state
 
     def _reply(self, header: Header, ack: int) -> bytes:
         """The one reply rule, for a request whose handler built no reply of its own.
@@ -514,7 +530,10 @@ class Session(Generic[H]):
                 f"(offered 0x{self.config.features:x})"
             )
         self.acked_features = value
+        logging = self.device.logging
         self.device.set_features(value)
+        if self.device.logging != logging:
+            self._dirty_log_changed = True
         return b"", None, ()
 
     def _get_protocol_features(self, _: None, fds: list[int]) -> _Result:
@@ -620,13 +639,9 @@ class Session(Generic[H]):
     def _set_log_base(self, log: Log, fds: list[int]) -> _Result:
         if not self.acked_protocol_features & _LOG_SHMFD:
             self._refuse_protocol_feature(ProtocolFeature.LOG_SHMFD, Request.SET_LOG_BASE)
-        area = self.device.set_log_base(log, fds.pop() if fds else None)
-        note = (
-            f"dirty log mapped: 0x{area.size:x} bytes at mmap_offset 0x{area.offset:x} "
-            f"({area.info.get('backing')}), covering 0x{area.size * 8 * LOG_PAGE:x} bytes of guest "
-            f"memory; logging {'on' if self.device.logging else 'off until LOG_ALL is acked'}"
-        )
-        return b"", None, (note,)
+        self.device.set_log_base(log, fds.pop() if fds else None)
+        self._dirty_log_changed = True
+        return b"", None, ()
 
     def _set_log_fd(self, _: None, fds: list[int]) -> _Result:
         self.device.set_log_fd(fds.pop())

@@ -191,6 +191,22 @@ async def test_nothing_is_marked_with_logging_off(log: Log) -> None:
         await traffic(r)
         assert log.pages() == set()
         assert r.conn.session.device.log.beyond == 0
+        # the event log tells where logging started and ended, with the log in force
+        events = r.events("dirty-log")
+        assert [(e["name"], e["logging"]) for e in events] == [
+            ("SET_LOG_BASE", False),
+            ("SET_FEATURES", True),
+            ("SET_FEATURES", False),
+        ]
+        assert events[0]["log"] == {
+            "size": LOG_SIZE,
+            "mmap_offset": 0,
+            "pages": LOG_SIZE * 8,
+            "backing": "memfd",
+            "marked": 0,
+            "beyond": 0,
+        }
+        assert events[2]["log"]["marked"] >= 3  # the RX buffer's two pages and the used ring
 
 
 async def test_a_new_log_replaces_the_old_one_and_nothing_stays_mapped(log: Log) -> None:
