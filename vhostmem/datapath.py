@@ -67,6 +67,7 @@ from vhostmem.virtqueue import (
     RxResult,
     SplitQueue,
     net_header_size,
+    rarp_frame,
     rx_deliver,
     tx_frame,
 )
@@ -554,6 +555,7 @@ class NetAttachment:
                 "calls",
                 "poll_wakeups",
                 "ring_errors",
+                "rarp_sent",
             ),
             0,
         )
@@ -585,6 +587,24 @@ class NetAttachment:
                     self.removed.translations += counter.translations
                     self.removed.bytes += counter.bytes
         self.sync_rings()
+        if self.session.device.rarp and self.active:
+            self.send_rarp()
+
+    def send_rarp(self) -> None:
+        """Send the RARP announcements SEND_RARP queued, out of the TAP (the guest's frames go
+        there, so the network learns where the guest is now: vhost-user.rst SEND_RARP). A
+        connection that does not hold the TAP keeps them until it does."""
+        queued = self.session.device.rarp
+        while queued:
+            mac = queued.pop(0)
+            name = ":".join(f"{b:02x}" for b in mac)
+            try:
+                os.write(self.device.tap.fd, rarp_frame(mac))
+            except OSError as err:
+                self.drop("tx_dropped", f"RARP for {name} to {self.device.tap.name}: {err}")
+            else:
+                self.count("rarp_sent")
+                self.log.info("RARP announcement for %s sent on %s", name, self.device.tap.name)
 
     def _runnable(self, vring: Vring) -> bool:
         return (

@@ -222,6 +222,8 @@ class Device(Generic[H]):
         self.log_all = False
         #: Logs whose unmap failed; tried again by the next SET_LOG_BASE and by close.
         self.stale_logs: list[DirtyLogArea] = []
+        #: MAC addresses SEND_RARP asked to announce, not yet sent (the data path sends them).
+        self.rarp: list[bytes] = []
 
     # -- features and device state --------------------------------------------------------------
 
@@ -470,6 +472,17 @@ class Device(Generic[H]):
             self.stale_logs.append(old)
         self._release_stale_logs()
         return self.log
+
+    def send_rarp(self, value: int) -> bytes:
+        """SEND_RARP: announce the guest's MAC (the first 6 bytes of the u64, as QEMU's
+        ``vhost_user_migration_done`` copies it) once the data path can send it.
+
+        Returns:
+            The MAC address.
+        """
+        mac = value.to_bytes(8, "little")[:6]
+        self.rarp.append(mac)
+        return mac
 
     def log_json(self) -> dict[str, Any] | None:
         """The mapped dirty log for ``vhostmem-ctl stats``/``regions``, ``None`` when none is."""

@@ -125,6 +125,7 @@ _MAPPING_REQUESTS = frozenset({Request.SET_MEM_TABLE, Request.ADD_MEM_REG})
 _REPLY_ACK = int(ProtocolFeature.REPLY_ACK)
 _CONFIGURE_MEM_SLOTS = int(ProtocolFeature.CONFIGURE_MEM_SLOTS)
 _LOG_SHMFD = int(ProtocolFeature.LOG_SHMFD)
+_RARP = int(ProtocolFeature.RARP)
 
 _ENDED = frozenset({SessionState.ERROR, SessionState.CLOSED})
 # Header flags checked per request: version (bits 0-1) must be 1, REPLY (bit 2) must be clear;
@@ -179,6 +180,9 @@ class SessionConfig:
             offered |= ProtocolFeature.CONFIGURE_MEM_SLOTS
         if self.dirty_log:
             offered |= ProtocolFeature.LOG_SHMFD
+        if self.net:
+            # SEND_RARP's frame goes out of the TAP: only a data path can send it.
+            offered |= ProtocolFeature.RARP
         return int(offered)
 
     @property
@@ -643,6 +647,13 @@ class Session(Generic[H]):
         self._dirty_log_changed = True
         return b"", None, ()
 
+    def _send_rarp(self, value: int, fds: list[int]) -> _Result:
+        if not self.acked_protocol_features & _RARP:
+            self._refuse_protocol_feature(ProtocolFeature.RARP, Request.SEND_RARP)
+        mac = self.device.send_rarp(value)
+        text = ":".join(f"{b:02x}" for b in mac)
+        return b"", None, (f"RARP announcement for {text} queued for the TAP",)
+
     def _set_log_fd(self, _: None, fds: list[int]) -> _Result:
         self.device.set_log_fd(fds.pop())
         return b"", None, ("SET_LOG_FD: the eventfd is closed; vhostmem does not signal it",)
@@ -722,4 +733,5 @@ _ROUTES: dict[Request, _Route[Any]] = {
     Request.SET_VRING_ERR: _Route(VringFile, Session._set_vring_err),
     Request.SET_LOG_BASE: _Route(Log, Session._set_log_base),
     Request.SET_LOG_FD: _Route(_NONE, Session._set_log_fd),
+    Request.SEND_RARP: _Route(int, Session._send_rarp),
 }

@@ -510,6 +510,42 @@ class SplitQueue:
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
 
+#: EtherType of RARP (RFC 903) and its opcode "request reverse".
+_ETH_P_RARP = 0x8035
+_RARP_REQUEST_REVERSE = 3
+_RARP = struct.Struct("!6s6sHHHBBH6s4s6s4s")
+#: Shortest Ethernet frame without its FCS: the RARP frame is padded to it.
+_ETH_MIN = 60
+
+
+def rarp_frame(mac: bytes) -> bytes:
+    """The RARP announcement for ``mac`` that a back-end sends after live migration (vhost-user.rst
+    SEND_RARP: "broadcast a fake RARP to notify the migration is terminated"), as DPDK's
+    ``make_rarp_packet`` builds it: broadcast from ``mac``, RARP request reverse (RFC 903) with
+    ``mac`` as sender and target hardware address and zero protocol addresses, padded to 60 bytes.
+
+    Raises:
+        ValueError: ``mac`` is not 6 bytes.
+    """
+    if len(mac) != 6:
+        raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
+    frame = _RARP.pack(
+        b"\xff" * 6,  # destination: broadcast
+        mac,  # source
+        _ETH_P_RARP,
+        1,  # hardware type: Ethernet
+        0x0800,  # protocol type: IPv4
+        6,  # hardware address length
+        4,  # protocol address length
+        _RARP_REQUEST_REVERSE,
+        mac,  # sender hardware address
+        bytes(4),  # sender protocol address
+        mac,  # target hardware address
+        bytes(4),  # target protocol address
+    )
+    return frame + bytes(_ETH_MIN - len(frame))
+
+
 def net_header_size(features: int) -> int:
     """Bytes of the virtio-net header for these negotiated features (virtio 1.x 5.1.6.1)."""
     if features & (VirtioFeature.VERSION_1 | VirtioFeature.NET_F_MRG_RXBUF):

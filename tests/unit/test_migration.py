@@ -1,4 +1,5 @@
-"""Dirty logging for live migration (vhost-user.rst "Migration", "Dirty pages logging").
+"""Live migration: dirty logging (vhost-user.rst "Migration", "Dirty pages logging") and the
+RARP announcement after it (SEND_RARP).
 
 A fake front-end maps a dirty log (SET_LOG_BASE, LOG_SHMFD), acks VHOST_F_LOG_ALL and sets
 VHOST_VRING_F_LOG on both rings, as QEMU's ``vhost_dev_set_log`` does when a migration starts;
@@ -32,7 +33,7 @@ from vhostmem.testing.frontend import make_memfd
 from vhostmem.virtqueue import NET_HDR_SIZE, RingLayout
 
 from . import test_datapath
-from .helpers import in_thread, shared_maps, wait_until
+from .helpers import in_thread, shared_maps, wait_until, wired
 from .test_datapath import NET_FEATURES, Rig, gpa_to_uaddr, rig
 
 #: The RX used ring straddles 0x12000: entries in page 0x11, avail_event (+4+8*64) in 0x12.
@@ -234,9 +235,9 @@ async def test_a_new_log_replaces_the_old_one_and_nothing_stays_mapped(log: Log)
     ("case", "expected"),
     [
         ("size-0", ["mmap_size 0x0", "0 bytes"]),
-        ("past-eof", ["0x100000"]),
+        ("past-eof", ["dirty log size=0x1000 (4 KiB) mmap_offset=0x100000", "past the end"]),
         ("no-fd", ["without a file descriptor", "mmap_size 0x1000"]),
-        ("pipe", ["pipe"]),
+        ("pipe", ["dirty log size=0x1000 (4 KiB) mmap_offset=0x0", "a pipe cannot be mmapped"]),
     ],
 )
 async def test_hostile_set_log_base_fails_clearly_and_keeps_serving(
@@ -279,3 +280,29 @@ def test_log_all_and_log_shmfd_are_offered() -> None:
     off = SessionConfig(dirty_log=False)
     assert not off.features & VirtioFeature.LOG_ALL
     assert not off.protocol_features & ProtocolFeature.LOG_SHMFD
+
+
+#: The guest's MAC, as QEMU's vhost_user_migration_done puts it in the u64 (first 6 bytes).
+MAC = bytes.fromhex("525400123456")
+
+
+async def test_send_rarp_announces_the_guest_mac_on_the_tap() -> None:
+    async with rig() as r:
+        value = int.from_bytes(MAC + bytes(2), "little")
+        assert await in_thread(r.fe.ack, Request.SEND_RARP, value) == 0
+        [frame] = await wait_until(r.tap.frames, "the RARP frame on the TAP")
+        # DPDK make_rarp_packet: broadcast from the MAC, RARP (0x8035) request reverse (3),
+        # Ethernet/IPv4, the MAC as sender and target, zero IPs, padded to 60 bytes
+        assert frame == bytes.fromhex(
+            "ffffffffffff525400123456803500010800060400035254001234560000000052540012345600000000"
+        ) + bytes(18)
+        assert r.att.counters["rarp_sent"] == 1
+
+
+async def test_send_rarp_without_a_tap_is_refused_and_names_the_feature() -> None:
+    async with wired() as w:
+        assert not w.conn_a.session.config.protocol_features & ProtocolFeature.RARP
+        assert await in_thread(w.a.ack, Request.SEND_RARP, 1) != 0
+        [failed] = [e for e in w.backend.booking.events if e.get("name") == "SEND_RARP"]
+        assert "RARP" in failed["error"] and "not negotiated" in failed["error"]
+        assert await in_thread(w.a.ack, Request.SET_VRING_ENABLE, VringState(0, 1)) == 0

@@ -38,8 +38,8 @@ from vhostmem.protocol import (
 __all__ = ["FakeFrontend", "Reply", "make_memfd"]
 
 #: What QEMU 10 acks when offered everything vhostmem offers (observed SET_PROTOCOL_FEATURES
-#: 0x8009 = MQ | REPLY_ACK | CONFIGURE_MEM_SLOTS; RESET_DEVICE, STATUS and LOG_SHMFD too when
-#: offered: hw/virtio/vhost-user.c VHOST_USER_PROTOCOL_FEATURE_MASK).
+#: 0x8009 = MQ | REPLY_ACK | CONFIGURE_MEM_SLOTS; RESET_DEVICE, STATUS, LOG_SHMFD and RARP too
+#: when offered: hw/virtio/vhost-user.c VHOST_USER_PROTOCOL_FEATURE_MASK).
 QEMU_PROTOCOL_FEATURES = (
     ProtocolFeature.MQ
     | ProtocolFeature.REPLY_ACK
@@ -47,6 +47,7 @@ QEMU_PROTOCOL_FEATURES = (
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.STATUS
     | ProtocolFeature.LOG_SHMFD
+    | ProtocolFeature.RARP
 )
 
 
