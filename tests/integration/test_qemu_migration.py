@@ -15,12 +15,15 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from qemu.qmp import ExecuteError
+
+from vhostmem.testing.backend import RunningBackend
+from vhostmem.testing.qemu import Guest, GuestConfig
 
 from ..netns import ip, netns_exists, require_tap_and_netns
 from .conftest import GiB, MakeRig, Rig
@@ -101,3 +104,93 @@ def test_without_dirty_log_qemu_refuses_to_migrate(
     with pytest.raises(ExecuteError) as caught:
         rig.guest.qmp("migrate", uri=f"file:{tmp_path / 'state'}")
     assert "LOG_SHMFD" in str(caught.value), str(caught.value)
+
+
+NS_DST = f"vhmd{os.getpid() % 100000}"
+TAP_DST = f"vhmd{os.getpid() % 100000}"
+
+
+@pytest.fixture
+def dst_names() -> Iterator[None]:
+    if netns_exists(NS_DST):
+        pytest.fail(f"network namespace {NS_DST} exists already; remove it: ip netns del {NS_DST}")
+    yield
+    if netns_exists(NS_DST):
+        ip("netns", "del", NS_DST, check=False)
+    ip("link", "del", TAP_DST, check=False)
+
+
+def ping_from(ns: str, count: int = 3) -> str:
+    res = subprocess.run(
+        ["ip", "netns", "exec", ns, "busybox", "ping", "-c", str(count), "-W", "1", GUEST_ADDR],
+        capture_output=True,
+        text=True,
+        timeout=30 + 2 * count,
+        check=False,
+    )
+    assert received(res.stdout) >= count - 1, res.stdout + res.stderr
+    return res.stdout
+
+
+def test_migrate_to_a_second_qemu_and_vhostmem(
+    make_rig: MakeRig,
+    net_names: None,
+    dst_names: None,
+    vhostmem_factory: Callable[..., RunningBackend],
+    tmp_path: Path,
+) -> None:
+    rig = start(make_rig)
+    rig.guest.plug(3 * GiB, 90)
+    src_table = rig.wait_table_matches_qemu()
+    assert len(src_table) == 3, src_table  # three 1 GiB memslots
+    # the destination: its own vhostmem with its own TAP and namespace, QEMU waiting
+    dst = vhostmem_factory(
+        ("--tap", TAP_DST, "--netns", NS_DST, "--tap-address", f"{HOST_ADDR}/24"),
+        name="vu-dst.sock",
+    )
+    incoming = tmp_path / "migrate.sock"
+    guest = Guest(
+        GuestConfig(
+            vhost_socket=dst.socket,
+            extra_args=["-incoming", f"unix:{incoming}"],
+            qemu_trace=dst.qemu_trace or False,
+        )
+    )
+    try:
+        guest.start()
+        dst.wait_for(incoming.exists, 30, "the destination QEMU to listen for the migration")
+        pinger = subprocess.Popen(
+            ["ip", "netns", "exec", NS, "busybox", "ping", "-c", "30", "-i", "0.1", GUEST_ADDR],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            rig.guest.qmp("migrate", uri=f"unix:{incoming}")
+            info = wait_migrated(rig, 240)
+        finally:
+            pinger.wait(timeout=60)
+        assert info["status"] == "completed", info
+        dst.wait_for(
+            lambda: guest.qmp("query-status")["status"] == "running", 60, "the guest to run"
+        )
+        # the destination's table is QEMU's memslots, reached without a violation
+        want = [(s.gpa_start, s.size, s.offset) for s in guest.memslots()]
+        assert len(want) == 3, want
+
+        def dst_table() -> list[tuple[int, int, int]]:
+            return sorted(
+                (r["gpa"], r["size"], r["mmap_offset"]) for r in dst.regions() if r["gpa"] != 0
+            )
+
+        dst.wait_for(lambda: dst_table() == want, 30, f"the destination table to be {want}")
+        ping_from(NS_DST)
+        # resize on the destination, 3 -> 1 GiB, and check again
+        guest.plug(GiB, 90)
+        want = [(s.gpa_start, s.size, s.offset) for s in guest.memslots()]
+        dst.wait_for(lambda: dst_table() == want, 30, f"the destination table to be {want}")
+        ping_from(NS_DST, 2)
+        assert dst.violations() == []
+        dp = dst.stats()["datapath"][0]
+        assert dp["ring_errors"] == 0, dp
+    finally:
+        guest.close()
