@@ -12,6 +12,7 @@ Root, /dev/net/tun and busybox are prerequisites: missing, the test fails (never
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 from qemu.qmp import ExecuteError
 
+from vhostmem.ctl import ctl_main
 from vhostmem.testing.backend import RunningBackend
 from vhostmem.testing.qemu import Guest, GuestConfig
 
@@ -132,12 +134,24 @@ def ping_from(ns: str, count: int = 3) -> str:
     return res.stdout
 
 
+def check_qmp(backend: RunningBackend, guest: Guest, capsys: pytest.CaptureFixture[str]) -> None:
+    """``vhostmem-ctl check --qmp`` against ``guest``'s QEMU exits 0: the table is what QEMU
+    should send and no violation was seen."""
+    capsys.readouterr()
+    code = ctl_main(
+        ["--control", backend.control, "check", "--json", "--qmp", str(guest.qmp_user_path)]
+    )
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["qmp"]["matches"] and doc["clean"], doc
+
+
 def test_migrate_to_a_second_qemu_and_vhostmem(
     make_rig: MakeRig,
     net_names: None,
     dst_names: None,
     vhostmem_factory: Callable[..., RunningBackend],
     tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     rig = start(make_rig)
     rig.guest.plug(3 * GiB, 90)
@@ -183,11 +197,15 @@ def test_migrate_to_a_second_qemu_and_vhostmem(
             )
 
         dst.wait_for(lambda: dst_table() == want, 30, f"the destination table to be {want}")
+        check_qmp(dst, guest, capsys)
         ping_from(NS_DST)
+        [conn] = [c for s in rig.backend.stats()["sockets"] for c in s["connections"]]
+        assert conn["dirty_log"] is not None and conn["dirty_log"]["marked"] > 0, conn
         # resize on the destination, 3 -> 1 GiB, and check again
         guest.plug(GiB, 90)
         want = [(s.gpa_start, s.size, s.offset) for s in guest.memslots()]
         dst.wait_for(lambda: dst_table() == want, 30, f"the destination table to be {want}")
+        check_qmp(dst, guest, capsys)
         ping_from(NS_DST, 2)
         assert dst.violations() == []
         dp = dst.stats()["datapath"][0]
