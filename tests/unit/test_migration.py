@@ -18,8 +18,10 @@ import os
 from collections.abc import Iterator
 
 import pytest
+import trio
 
 from vhostmem.control import answer
+from vhostmem.protocol import Log as ProtocolLog
 from vhostmem.protocol import (
     ProtocolFeature,
     Request,
@@ -28,12 +30,14 @@ from vhostmem.protocol import (
     VringState,
 )
 from vhostmem.report import render_regions, render_stats
+from vhostmem.server import Backend, ServerConfig
+from vhostmem.session import SessionConfig
 from vhostmem.testing import schema
-from vhostmem.testing.frontend import make_memfd
+from vhostmem.testing.frontend import QEMU_PROTOCOL_FEATURES, make_memfd
 from vhostmem.virtqueue import NET_HDR_SIZE, RingLayout
 
 from . import test_datapath
-from .helpers import in_thread, shared_maps, wait_until, wired
+from .helpers import in_thread, no_leaks, shared_maps, start_pair, wait_until, wired
 from .test_datapath import NET_FEATURES, Rig, gpa_to_uaddr, rig
 
 #: The RX used ring straddles 0x12000: entries in page 0x11, avail_event (+4+8*64) in 0x12.
@@ -272,8 +276,6 @@ async def test_hostile_set_log_base_fails_clearly_and_keeps_serving(
 
 
 def test_log_all_and_log_shmfd_are_offered() -> None:
-    from vhostmem.session import SessionConfig
-
     config = SessionConfig()
     assert config.features & VirtioFeature.LOG_ALL
     assert config.protocol_features & ProtocolFeature.LOG_SHMFD
@@ -306,3 +308,49 @@ async def test_send_rarp_without_a_tap_is_refused_and_names_the_feature() -> Non
         [failed] = [e for e in w.backend.booking.events if e.get("name") == "SEND_RARP"]
         assert "RARP" in failed["error"] and "not negotiated" in failed["error"]
         assert await in_thread(w.a.ack, Request.SET_VRING_ENABLE, VringState(0, 1)) == 0
+
+
+async def test_set_log_fd_closes_its_eventfd_and_acks() -> None:
+    async with no_leaks(), wired() as w:
+        efd = os.eventfd(0, os.EFD_CLOEXEC)
+        try:
+            assert await in_thread(lambda: w.a.ack(Request.SET_LOG_FD, fds=[efd])) == 0
+        finally:
+            os.close(efd)
+        # no_leaks(): the back-end's copy is closed (nothing keeps it)
+        assert w.conn_a.session.device.log is None
+        assert await in_thread(w.a.ack, Request.SET_VRING_ENABLE, VringState(0, 1)) == 0
+
+
+async def test_set_log_base_without_log_shmfd_is_refused_and_its_fd_closed() -> None:
+    backend = Backend(ServerConfig(session=SessionConfig()))
+    async with no_leaks():
+        try:
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    fe = await start_pair(backend, nursery)
+                    wanted = QEMU_PROTOCOL_FEATURES & ~ProtocolFeature.LOG_SHMFD
+                    await in_thread(lambda: fe.handshake(protocol_features=wanted))
+                    area = Log()
+                    try:
+                        reply = await in_thread(
+                            lambda: fe.call(
+                                Request.SET_LOG_BASE,
+                                ProtocolLog(LOG_SIZE, 0),
+                                fds=[area.fd],
+                                need_reply=True,
+                            )
+                        )
+                    finally:
+                        area.close()
+                    assert reply is not None and reply.u64 != 0
+                    [failed] = [
+                        e for e in backend.booking.events if e.get("name") == "SET_LOG_BASE"
+                    ]
+                    assert "LOG_SHMFD" in failed["error"], failed
+                    assert await in_thread(fe.ack, Request.SET_VRING_ENABLE, VringState(0, 1)) == 0
+                    fe.close()
+                    await wait_until(lambda: not backend.connections(), "the connection to end")
+                    nursery.cancel_scope.cancel()
+        finally:
+            backend.cleanup()
