@@ -15,10 +15,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from qemu.qmp import ExecuteError
@@ -55,17 +53,6 @@ def start(make_rig: MakeRig, *extra: str) -> Rig:
     return rig
 
 
-def wait_migrated(rig: Rig, timeout: float = 120.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        info: dict[str, Any] = rig.guest.qmp("query-migrate")
-        if info.get("status") in ("completed", "failed", "cancelled"):
-            return info
-        if time.monotonic() > deadline:
-            raise AssertionError(f"migration not finished after {timeout:g} s: {info}")
-        time.sleep(0.2)
-
-
 def test_migration_logs_the_pages_vhostmem_writes(
     make_rig: MakeRig, net_names: None, tmp_path: Path
 ) -> None:
@@ -79,8 +66,7 @@ def test_migration_logs_the_pages_vhostmem_writes(
         stderr=subprocess.DEVNULL,
     )
     try:
-        rig.guest.qmp("migrate", uri=f"file:{tmp_path / 'state'}")
-        info = wait_migrated(rig)
+        info = rig.guest.migrate(f"file:{tmp_path / 'state'}")
     finally:
         pinger.wait(timeout=30)
     assert info["status"] == "completed", info
@@ -104,7 +90,7 @@ def test_without_dirty_log_qemu_refuses_to_migrate(
 ) -> None:
     rig = start(make_rig, "--no-dirty-log")
     with pytest.raises(ExecuteError) as caught:
-        rig.guest.qmp("migrate", uri=f"file:{tmp_path / 'state'}")
+        rig.guest.migrate(f"file:{tmp_path / 'state'}")
     assert "LOG_SHMFD" in str(caught.value), str(caught.value)
 
 
@@ -166,7 +152,7 @@ def test_migrate_to_a_second_qemu_and_vhostmem(
     guest = Guest(
         GuestConfig(
             vhost_socket=dst.socket,
-            extra_args=["-incoming", f"unix:{incoming}"],
+            incoming=f"unix:{incoming}",
             qemu_trace=dst.qemu_trace or False,
         )
     )
@@ -179,14 +165,11 @@ def test_migrate_to_a_second_qemu_and_vhostmem(
             stderr=subprocess.DEVNULL,
         )
         try:
-            rig.guest.qmp("migrate", uri=f"unix:{incoming}")
-            info = wait_migrated(rig, 240)
+            info = rig.guest.migrate(f"unix:{incoming}")
         finally:
             pinger.wait(timeout=60)
         assert info["status"] == "completed", info
-        dst.wait_for(
-            lambda: guest.qmp("query-status")["status"] == "running", 60, "the guest to run"
-        )
+        guest.wait_running(60)
         # the destination's table is QEMU's memslots, reached without a violation
         want = [(s.gpa_start, s.size, s.offset) for s in guest.memslots()]
         assert len(want) == 3, want
