@@ -327,11 +327,26 @@ class Booking:
             and handled.ok
             and not handled.notes
             and not handled.injected
+            and handled.dirty_log is None
         ):
             return
         # Booked after the reply, maybe later: the time is the reply's, not the booking's.
         ts = time.time() - (time.monotonic() - replied)
-        if handled.request not in MEMORY_REQUESTS:
+        if handled.dirty_log is not None:
+            doc = journal.dirty_log(
+                handled, ts=ts, socket=ledger.socket, conn=ledger.conn, peer_pid=ledger.peer_pid
+            )
+            area = doc.get("log")
+            log.info(
+                "%s: dirty logging %s%s",
+                handled.name,
+                "on" if doc["logging"] else "off",
+                f"; log of {area['size']} bytes at mmap_offset {area['mmap_offset']:#x}, "
+                f"{area['marked']} page(s) marked so far"
+                if area
+                else "; no log mapped",
+            )
+        elif handled.request not in MEMORY_REQUESTS:
             doc = journal.request(
                 handled, ts=ts, socket=ledger.socket, conn=ledger.conn, peer_pid=ledger.peer_pid
             )

@@ -145,6 +145,12 @@ Then, in another terminal:
         "regions instead of ADD_MEM_REG/REM_MEM_REG",
     )
     offer.add_argument(
+        "--no-dirty-log",
+        action="store_true",
+        help="withhold VHOST_F_LOG_ALL and LOG_SHMFD: QEMU then refuses to migrate the guest "
+        "(a migration blocker naming LOG_SHMFD)",
+    )
+    offer.add_argument(
         "--queues", type=int, default=1, metavar="N", help="queue pairs (GET_QUEUE_NUM, default 1)"
     )
     offer.add_argument(
@@ -381,6 +387,7 @@ def _serve(args: argparse.Namespace, control: str, bound: BoundSockets) -> int:
             max_slots=args.max_slots,
             mem_slots=not args.no_mem_slots,
             net=args.tap is not None,
+            dirty_log=not args.no_dirty_log,
         ),
         socket_mode=args.socket_mode,
         max_mapped=args.max_mapped,

@@ -144,6 +144,7 @@ def _sockets(backend: BackendView) -> list[dict[str, Any]]:
                 "peer": conn.peer.as_json() if conn.peer else None,
                 "slots_used": len(conn.session.table),
                 "regions": [region.as_json() for region in conn.session.table.mapped],
+                "dirty_log": conn.session.device.log_json(),
             }
             for conn in live.values()
         ]

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Protocol, final
 import trio
 
 from vhostmem import journal
+from vhostmem.device import LOG_PAGE, Device
 from vhostmem.protocol import VirtioFeature
 from vhostmem.regions import Region, RegionTable
 from vhostmem.session import Session, SessionState, Vring
@@ -66,6 +67,7 @@ from vhostmem.virtqueue import (
     RxResult,
     SplitQueue,
     net_header_size,
+    rarp_frame,
     rx_deliver,
     tx_frame,
 )
@@ -73,7 +75,7 @@ from vhostmem.virtqueue import (
 if TYPE_CHECKING:
     from vhostmem.events import Handled
 
-__all__ = ["NetAttachment", "NetDevice", "RegionMemory", "TapLike"]
+__all__ = ["DirtyMarker", "NetAttachment", "NetDevice", "RegionMemory", "TapLike"]
 
 #: Chains (TX) or frames (RX) per step before a checkpoint.
 _BUDGET = 64
@@ -196,6 +198,48 @@ class RegionMemory:
         self._views.clear()
 
 
+#: VHOST_VRING_F_LOG (linux/vhost_types.h): SET_VRING_ADDR's flag to log used ring writes.
+_VRING_F_LOG = 1
+
+
+@final
+class DirtyMarker:
+    """:class:`vhostmem.virtqueue.DirtyLog` over the device's mapped log (SET_LOG_BASE).
+
+    The rule (vhost-user.rst "Dirty pages logging"): while VHOST_F_LOG_ALL is acked, the
+    back-end sets, for every page of guest memory it writes, bit ``page % 8`` of byte
+    ``page // 8`` of the log (a page is :data:`~vhostmem.device.LOG_PAGE` bytes of guest
+    physical memory), with an atomic OR, because the front-end reads and clears the log while
+    the back-end writes it (QEMU ``vhost_dev_sync_region`` takes 64 bits at a time with
+    ``qatomic_xchg``) and other back-ends of the same guest may share it (``vhost_log_get``).
+    libvhost-user ``vu_log_page`` uses ``__sync_fetch_and_or``. vhostmem has one writer (the
+    trio thread) but shares the bytes with those processes, so a read-modify-write from Python
+    could put back a bit QEMU had just taken or drop one another back-end had just set:
+    :meth:`~vhostmem.mapping.Mapping.atomic_or` calls libatomic's ``__atomic_fetch_or_1``, the
+    same locked OR. The device's log is looked up on every mark, so a log replaced by
+    SET_LOG_BASE while rings run is the one written from the next mark on.
+    """
+
+    def __init__(self, device: Device[Any]) -> None:
+        self.device = device
+
+    def mark(self, gpa: int, length: int) -> None:
+        device = self.device
+        area = device.log
+        if area is None or not device.log_all or length <= 0:
+            return
+        handle = area.handle
+        size = area.size
+        for page in range(gpa // LOG_PAGE, (gpa + length - 1) // LOG_PAGE + 1):
+            byte = page >> 3
+            if byte >= size:
+                area.beyond += 1
+                continue
+            bit = 1 << (page & 7)
+            if not handle.atomic_or(byte, bit) & bit:
+                area.marked += 1
+
+
 class _Wait(enum.Enum):
     MORE = "more"  # budget used up: checkpoint and go on
     KICK = "kick"  # ring empty: wait for the driver
@@ -282,7 +326,13 @@ class _Ring:
         )
         try:
             self.queue = SplitQueue(
-                mem, layout, last_avail_idx=vring.base, event_idx=self.event_idx, name=self.name
+                mem,
+                layout,
+                last_avail_idx=vring.base,
+                event_idx=self.event_idx,
+                name=self.name,
+                log=self.att.dirty,
+                used_log=addr.log_guest_addr if addr.flags & _VRING_F_LOG else None,
             )
         finally:
             mem.release()
@@ -487,6 +537,7 @@ class NetAttachment:
         self.region_counters: dict[Region, RegionCounter] = {}
         self.removed = RegionCounter()
         self.mem = RegionMemory(session.table, self.region_counters)
+        self.dirty = DirtyMarker(session.device)
         self.rings: dict[int, _Ring] = {}
         self.broken: dict[int, tuple[Any, ...]] = {}
         self.errors: dict[int, str] = {}
@@ -504,6 +555,7 @@ class NetAttachment:
                 "calls",
                 "poll_wakeups",
                 "ring_errors",
+                "rarp_sent",
             ),
             0,
         )
@@ -535,6 +587,24 @@ class NetAttachment:
                     self.removed.translations += counter.translations
                     self.removed.bytes += counter.bytes
         self.sync_rings()
+        if self.session.device.rarp and self.active:
+            self.send_rarp()
+
+    def send_rarp(self) -> None:
+        """Send the RARP announcements SEND_RARP queued, out of the TAP (the guest's frames go
+        there, so the network learns where the guest is now: vhost-user.rst SEND_RARP). A
+        connection that does not hold the TAP keeps them until it does."""
+        queued = self.session.device.rarp
+        while queued:
+            mac = queued.pop(0)
+            name = ":".join(f"{b:02x}" for b in mac)
+            try:
+                os.write(self.device.tap.fd, rarp_frame(mac))
+            except OSError as err:
+                self.drop("tx_dropped", f"RARP for {name} to {self.device.tap.name}: {err}")
+            else:
+                self.count("rarp_sent")
+                self.log.info("RARP announcement for %s sent on %s", name, self.device.tap.name)
 
     def _runnable(self, vring: Vring) -> bool:
         return (

@@ -34,6 +34,7 @@ from typing import Any, Generic, Protocol, TypeVar, final
 from vhostmem.errors import MappingError, RequestRefused, TableError
 from vhostmem.events import TableChange
 from vhostmem.protocol import (
+    Log,
     MemoryRegion,
     MemoryTable,
     Request,
@@ -44,7 +45,10 @@ from vhostmem.protocol import (
 from vhostmem.regions import Identity, Region, RegionTable, identity
 from vhostmem.virtqueue import MAX_QUEUE_SIZE
 
-__all__ = ["Device", "ErrnoHost", "Host", "PartialChange", "Vring"]
+__all__ = ["LOG_PAGE", "Device", "DirtyLogArea", "ErrnoHost", "Host", "PartialChange", "Vring"]
+
+#: Bytes of guest memory per bit of the dirty log (VHOST_LOG_PAGE, hw/virtio/vhost.c).
+LOG_PAGE = 0x1000
 
 #: The shell's mapping handle (vhostmem.mapping.Mapping in the server; a number in tests).
 H = TypeVar("H")
@@ -146,6 +150,43 @@ class Vring:
 
 
 @final
+@dataclass(slots=True)
+class DirtyLogArea:
+    """The dirty log of SET_LOG_BASE, mapped (vhost-user.rst "Dirty pages logging").
+
+    One bit per :data:`LOG_PAGE` of guest physical memory: page ``p`` is bit ``p % 8`` of byte
+    ``p // 8``. The shell's data path sets the bits (``mark``); the front-end reads and clears
+    them.
+
+    Attributes:
+        size: ``mmap_size`` of SET_LOG_BASE, bytes of log (it covers ``size * 8`` pages).
+        offset: ``mmap_offset`` of SET_LOG_BASE.
+        handle: the host's mapping.
+        info: what the host reported about the backing.
+        marked: bits this back-end found clear and set.
+        beyond: pages written past what the log covers (not marked; QEMU sizes the log for
+            all its memory, so this stays 0 unless the front-end sent a log too small).
+    """
+
+    size: int
+    offset: int
+    handle: Any
+    info: dict[str, Any]
+    marked: int = 0
+    beyond: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "mmap_offset": self.offset,
+            "pages": self.size * 8,
+            "backing": self.info.get("backing"),
+            "marked": self.marked,
+            "beyond": self.beyond,
+        }
+
+
+@final
 class PartialChange(RequestRefused):
     """A table request that changed the table yet failed: the failure reply carries the change.
 
@@ -175,11 +216,24 @@ class Device(Generic[H]):
         self.vrings = [Vring(i) for i in range(vrings)]
         self.status = 0
         self._seq = 0
+        #: The mapped dirty log (SET_LOG_BASE), or ``None``.
+        self.log: DirtyLogArea | None = None
+        #: VHOST_F_LOG_ALL is acked: the data path marks what it writes in :attr:`log`.
+        self.log_all = False
+        #: Logs whose unmap failed; tried again by the next SET_LOG_BASE and by close.
+        self.stale_logs: list[DirtyLogArea] = []
+        #: MAC addresses SEND_RARP asked to announce, not yet sent (the data path sends them).
+        self.rarp: list[bytes] = []
 
     # -- features and device state --------------------------------------------------------------
 
     def set_features(self, features: int) -> None:
-        """Features acked by the front-end (the session checked them against the offer)."""
+        """Features acked by the front-end (the session checked them against the offer).
+
+        VHOST_F_LOG_ALL turns dirty logging on and off (hw/virtio/vhost.c
+        ``vhost_dev_set_log`` sends the features with it set or clear).
+        """
+        self.log_all = bool(features & VirtioFeature.LOG_ALL)
         if not features & VirtioFeature.PROTOCOL_FEATURES:
             # Without PROTOCOL_FEATURES rings start enabled (vhost-user.rst "Ring states").
             for vring in self.vrings:
@@ -381,6 +435,77 @@ class Device(Generic[H]):
         while fds:
             self.host.close_fd(fds.pop())
 
+    # -- dirty log ----------------------------------------------------------------------------
+
+    @property
+    def logging(self) -> bool:
+        """The data path marks what it writes: LOG_ALL acked and a log mapped."""
+        return self.log_all and self.log is not None
+
+    def set_log_base(self, log: Log, fd: int | None) -> DirtyLogArea:
+        """SET_LOG_BASE: map the dirty log from ``fd`` (consumed); it replaces the old one.
+
+        The new log is mapped before the old one is unmapped (hw/virtio/vhost.c
+        ``vhost_dev_log_resize`` sends the new base while the old log is still in use).
+
+        Raises:
+            RequestRefused: no fd, or a size of 0; nothing changed.
+            MappingError: the log could not be mapped (the whole diagnosis); nothing changed.
+        """
+        where = f"mmap_size 0x{log.mmap_size:x}, mmap_offset 0x{log.mmap_offset:x}"
+        if fd is None:
+            raise RequestRefused(
+                f"({where}) came without a file descriptor: with LOG_SHMFD the dirty log is "
+                "shared memory passed as one fd; send the log's memfd with the message"
+            )
+        if log.mmap_size == 0:
+            self.host.close_fd(fd)
+            raise RequestRefused(
+                f"({where}) asks for a dirty log of 0 bytes, which covers no page; the log "
+                f"needs one bit per 0x{LOG_PAGE:x} bytes of guest memory (QEMU "
+                "vhost_get_log_size); send its real size"
+            )
+        region = MemoryRegion(0, log.mmap_size, 0, log.mmap_offset)
+        handle, info = self.host.map_region(Request.SET_LOG_BASE.name, region, fd)
+        old, self.log = self.log, DirtyLogArea(log.mmap_size, log.mmap_offset, handle, info)
+        if old is not None:
+            self.stale_logs.append(old)
+        self._release_stale_logs()
+        return self.log
+
+    def send_rarp(self, value: int) -> bytes:
+        """SEND_RARP: announce the guest's MAC (the first 6 bytes of the u64, as QEMU's
+        ``vhost_user_migration_done`` copies it) once the data path can send it.
+
+        Returns:
+            The MAC address.
+        """
+        mac = value.to_bytes(8, "little")[:6]
+        self.rarp.append(mac)
+        return mac
+
+    def log_json(self) -> dict[str, Any] | None:
+        """The mapped dirty log for ``vhostmem-ctl stats``/``regions``, ``None`` when none is."""
+        area = self.log
+        if area is None:
+            return None
+        return {**area.as_json(), "logging": self.logging}
+
+    def set_log_fd(self, fd: int) -> None:
+        """SET_LOG_FD: an eventfd to signal after logging. QEMU never sends it (hw/virtio/
+        vhost-user.c has no sender) and the spec asks nothing of a back-end that does not use
+        it, so it is closed: vhostmem marks the log and signals nothing."""
+        self.host.close_fd(fd)
+
+    def _release_stale_logs(self) -> None:
+        kept = []
+        for area in self.stale_logs:
+            try:
+                self.host.unmap_region(area.handle)
+            except MappingError:
+                kept.append(area)
+        self.stale_logs = kept
+
     # -- vrings -------------------------------------------------------------------------------
 
     def vring(self, index: int) -> Vring:
@@ -508,6 +633,10 @@ class Device(Generic[H]):
         gone = self.table.clear()
         for region in gone:
             self._unmap(region)  # each one tried; a failure is marked on it, nothing skipped
+        if self.log is not None:
+            self.stale_logs.append(self.log)
+            self.log = None
+        self._release_stale_logs()
         for vring in self.vrings:
             for slot in ("kick", "call", "err"):
                 fd = getattr(vring, slot)

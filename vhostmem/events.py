@@ -77,6 +77,8 @@ class Handled:
         injected: the fault SPEC that fired on this request, if one did.
         delay: seconds the shell holds the reply back (an injected delay).
         disconnect: the shell must close the connection now (an injected disconnect).
+        dirty_log: the request mapped a dirty log or turned logging on or off (live
+            migration): ``{"logging": bool, "log": {...}}``, ``log`` absent when none is mapped.
     """
 
     request: Request | int
@@ -93,6 +95,7 @@ class Handled:
     injected: str | None = None
     delay: float = 0.0
     disconnect: bool = False
+    dirty_log: dict[str, Any] | None = None
 
     @property
     def requested(self) -> tuple[dict[str, int], ...]:

@@ -35,6 +35,7 @@ __all__ = [
     "connect",
     "datapath_handover",
     "datapath_refused",
+    "dirty_log",
     "disconnect",
     "memory_table",
     "party",
@@ -57,6 +58,7 @@ EVENT_KINDS: Final = (
     "ring-error",
     "datapath-refused",
     "datapath-handover",
+    "dirty-log",
 )
 
 
@@ -138,6 +140,27 @@ def request(
     doc["name"] = handled.name
     doc["result"] = "ok" if handled.ok else "error"
     _outcome(doc, handled)
+    return doc
+
+
+def dirty_log(
+    handled: Handled, *, ts: float, socket: str, conn: int, peer_pid: int | None
+) -> dict[str, Any]:
+    """The line of a request that mapped a dirty log (SET_LOG_BASE) or turned logging on or off
+    (SET_FEATURES with or without VHOST_F_LOG_ALL): on the source of a live migration, where
+    it starts and ends (hw/virtio/vhost.c ``vhost_migration_log``).
+
+    Returns:
+        A JSON-ready dict: ``name``, ``logging`` and, while a log is mapped, ``log``.
+    """
+    doc = _head("dirty-log", socket, conn, ts)
+    if peer_pid is not None:
+        doc["peer_pid"] = peer_pid
+    doc["name"] = handled.name
+    state = handled.dirty_log or {}
+    doc["logging"] = bool(state.get("logging"))
+    if state.get("log") is not None:
+        doc["log"] = dict(state["log"])
     return doc
 
 

@@ -57,9 +57,24 @@ def render_regions(doc: dict[str, Any]) -> str:
         lines.append(_socket_line(sock))
         for conn in sock["connections"]:
             lines.append(f"  {_connection_line(sock, conn)}")
+            if conn.get("dirty_log"):
+                lines.append(f"    {_dirty_log_line(conn['dirty_log'])}")
             if conn["regions"]:
                 lines.extend(_region_rows(conn["regions"]))
     return "\n".join(lines) if lines else "no sockets"
+
+
+def _dirty_log_line(log: dict[str, Any]) -> str:
+    """The mapped dirty log of a connection (SET_LOG_BASE): size, backing, what it covers, the
+    pages marked so far and whether logging is on (LOG_ALL acked)."""
+    text = (
+        f"dirty log: {human_size(log['size'])} ({log['backing']}, mmap_offset "
+        f"{hex(log['mmap_offset'])}) covering {human_size(log['pages'] * 4096)} of guest memory; "
+        f"{log['marked']} page(s) marked; logging {'on' if log['logging'] else 'off'}"
+    )
+    if log["beyond"]:
+        text += f"; {log['beyond']} write(s) past the log's end not marked"
+    return text
 
 
 def _region_rows(regions: list[dict[str, Any]]) -> list[str]:
@@ -188,6 +203,8 @@ def render_stats(doc: dict[str, Any]) -> str:
             lines.append(
                 f"{'':>18}  {_connection_line(sock, conn)}" + (f"; {ranges}" if ranges else "")
             )
+            if conn.get("dirty_log"):
+                lines.append(f"{'':>18}    {_dirty_log_line(conn['dirty_log'])}")
     for ring in doc.get("vrings", []):
         lines.append(
             f"{'vring':>18}: {ring['socket']} conn {ring['conn']} #{ring['index']} "

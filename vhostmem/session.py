@@ -58,6 +58,7 @@ from vhostmem.protocol import (
     MAX_PAYLOAD_SIZE,
     DecodeError,
     Header,
+    Log,
     MemoryTable,
     MemRegMsg,
     Payload,
@@ -123,6 +124,8 @@ _MAPPING_REQUESTS = frozenset({Request.SET_MEM_TABLE, Request.ADD_MEM_REG})
 # Plain-int copies of the feature bits tested per request (IntFlag arithmetic is slow).
 _REPLY_ACK = int(ProtocolFeature.REPLY_ACK)
 _CONFIGURE_MEM_SLOTS = int(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+_LOG_SHMFD = int(ProtocolFeature.LOG_SHMFD)
+_RARP = int(ProtocolFeature.RARP)
 
 _ENDED = frozenset({SessionState.ERROR, SessionState.CLOSED})
 # Header flags checked per request: version (bits 0-1) must be 1, REPLY (bit 2) must be clear;
@@ -144,12 +147,15 @@ class SessionConfig:
         mem_slots: offer CONFIGURE_MEM_SLOTS; without it QEMU sends whole SET_MEM_TABLEs.
         net: a data path is attached (``--tap``): offer what it implements (MRG_RXBUF,
             EVENT_IDX); without it the rings are accepted and pass no traffic.
+        dirty_log: offer VHOST_F_LOG_ALL and LOG_SHMFD, so QEMU can migrate the guest (without
+            them QEMU 10 refuses: "vhost-user backend lacks VHOST_USER_PROTOCOL_F_LOG_SHMFD").
     """
 
     queues: int = 1
     max_slots: int = 509
     mem_slots: bool = True
     net: bool = False
+    dirty_log: bool = True
 
     @property
     def features(self) -> int:
@@ -157,6 +163,8 @@ class SessionConfig:
         offered = VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES
         if self.net:
             offered |= VirtioFeature.NET_F_MRG_RXBUF | VirtioFeature.RING_F_EVENT_IDX
+        if self.dirty_log:
+            offered |= VirtioFeature.LOG_ALL
         return int(offered)
 
     @property
@@ -170,6 +178,11 @@ class SessionConfig:
         )
         if self.mem_slots:
             offered |= ProtocolFeature.CONFIGURE_MEM_SLOTS
+        if self.dirty_log:
+            offered |= ProtocolFeature.LOG_SHMFD
+        if self.net:
+            # SEND_RARP's frame goes out of the TAP: only a data path can send it.
+            offered |= ProtocolFeature.RARP
         return int(offered)
 
     @property
@@ -210,6 +223,8 @@ class Session(Generic[H]):
         self.requests = 0
         self._received = ReceiveBuffer()
         self._header: Header | None = None  # decoded header of the message in hand
+        #: The request in hand mapped a dirty log or turned logging on or off.
+        self._dirty_log_changed = False
 
     # -- feeding ----------------------------------------------------------------------------
 
@@ -339,7 +354,7 @@ class Session(Generic[H]):
         reply, change, notes = result
         if not reply:
             reply = self._reply(header, 0)
-        return Handled(
+        handled = Handled(
             request=request,
             header=header,
             payload=payload,
@@ -351,6 +366,20 @@ class Session(Generic[H]):
             injected=None if fault is None else fault.spec,
             delay=0.0 if fault is None else fault.delay,
         )
+        if self._dirty_log_changed:
+            self._dirty_log_changed = False
+            handled.dirty_log = self._dirty_log_state()
+        return handled
+
+    def _dirty_log_state(self) -> dict[str, Any]:
+        """Whether the data path logs its writes now, and the log mapped, if any."""
+        device = self.device
+        state: dict[str, Any] = {"logging": device.logging}
+        log = device.log_json()
+        if log is not None:
+            del log["logging"]
+            state["log"] = {key: value for key, value in log.items() if value is not None}
+        return state
 
     def _reply(self, header: Header, ack: int) -> bytes:
         """The one reply rule, for a request whose handler built no reply of its own.
@@ -366,6 +395,11 @@ class Session(Generic[H]):
             ack: 0 when the request succeeded, else the failure value.
         """
         request = header.request
+        if request == Request.SET_LOG_BASE and self.acked_protocol_features & _LOG_SHMFD:
+            # With LOG_SHMFD QEMU waits for a reply to SET_LOG_BASE whatever the flags
+            # (hw/virtio/vhost-user.c vhost_user_set_log_base reads one and checks only its
+            # request code; libvhost-user vu_set_log_base_exec answers a u64): 0, or the failure.
+            return encode_u64_reply(request, ack)
         if ack and request in HAS_OWN_REPLY:
             return encode_reply(request, b"")
         if header.flags & FLAG_NEED_REPLY and self.negotiated_reply_ack:
@@ -495,7 +529,10 @@ class Session(Generic[H]):
                 f"(offered 0x{self.config.features:x})"
             )
         self.acked_features = value
+        logging = self.device.logging
         self.device.set_features(value)
+        if self.device.logging != logging:
+            self._dirty_log_changed = True
         return b"", None, ()
 
     def _get_protocol_features(self, _: None, fds: list[int]) -> _Result:
@@ -598,6 +635,24 @@ class Session(Generic[H]):
         self.device.set_vring_err(file.index, fds.pop() if fds else None)
         return b"", None, ()
 
+    def _set_log_base(self, log: Log, fds: list[int]) -> _Result:
+        if not self.acked_protocol_features & _LOG_SHMFD:
+            self._refuse_protocol_feature(ProtocolFeature.LOG_SHMFD, Request.SET_LOG_BASE)
+        self.device.set_log_base(log, fds.pop() if fds else None)
+        self._dirty_log_changed = True
+        return b"", None, ()
+
+    def _send_rarp(self, value: int, fds: list[int]) -> _Result:
+        if not self.acked_protocol_features & _RARP:
+            self._refuse_protocol_feature(ProtocolFeature.RARP, Request.SEND_RARP)
+        mac = self.device.send_rarp(value)
+        text = ":".join(f"{b:02x}" for b in mac)
+        return b"", None, (f"RARP announcement for {text} queued for the TAP",)
+
+    def _set_log_fd(self, _: None, fds: list[int]) -> _Result:
+        self.device.set_log_fd(fds.pop())
+        return b"", None, ("SET_LOG_FD: the eventfd is closed; vhostmem does not signal it",)
+
     # -- end of life ----------------------------------------------------------------------------
 
     def close(self) -> tuple[Region, ...]:
@@ -671,4 +726,7 @@ _ROUTES: dict[Request, _Route[Any]] = {
     Request.SET_VRING_KICK: _Route(VringFile, Session._set_vring_kick),
     Request.SET_VRING_CALL: _Route(VringFile, Session._set_vring_call),
     Request.SET_VRING_ERR: _Route(VringFile, Session._set_vring_err),
+    Request.SET_LOG_BASE: _Route(Log, Session._set_log_base),
+    Request.SET_LOG_FD: _Route(_NONE, Session._set_log_fd),
+    Request.SEND_RARP: _Route(int, Session._send_rarp),
 }

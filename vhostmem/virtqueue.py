@@ -115,6 +115,14 @@ class GuestMemory(Protocol):
         """
 
 
+class DirtyLog(Protocol):
+    """Where the ring reports the guest memory it wrote, for live migration (the shell's dirty
+    log; vhost-user.rst "Dirty pages logging")."""
+
+    def mark(self, gpa: int, length: int) -> None:
+        """Mark the pages of ``[gpa, gpa + length)`` dirty (nothing while logging is off)."""
+
+
 class GuestMemoryError(VhostMemError):
     """A guest physical range is not (wholly) in the memory table.
 
@@ -273,6 +281,17 @@ class SplitQueue:
         last_avail_idx: where to resume (the front-end's SET_VRING_BASE).
         event_idx: EVENT_IDX was negotiated.
         name: how messages name the ring (``vring 1 (tx)``).
+        log: where writes into guest memory are marked for migration, or ``None``.
+        used_log: ``log_guest_addr`` of SET_VRING_ADDR when its flags carry VHOST_VRING_F_LOG,
+            else ``None``.
+
+    Dirty logging (vhost-user.rst "Dirty pages logging"; Linux ``drivers/vhost/vhost.c``
+    ``vhost_add_used_n``/``log_used``): every write is marked in ``log`` right after it is
+    made, so the entries of a used ring update are marked before the ``used.idx`` write that
+    publishes them, and QEMU, which clears the log while copying pages, never clears a bit
+    before the write it stands for. Buffers are marked at their own GPA; the used ring
+    (entries, ``used.idx``, ``avail_event``) at ``used_log`` plus the offset into the ring, and
+    only when the front-end set VHOST_VRING_F_LOG (the kernel's ``vq->log_used``).
 
     The used index is read from guest memory, as libvhost-user ``vu_set_vring_addr_exec`` does:
     the driver may have been running with another back-end before.
@@ -289,9 +308,14 @@ class SplitQueue:
         last_avail_idx: int,
         event_idx: bool,
         name: str = "vring",
+        log: DirtyLog | None = None,
+        used_log: int | None = None,
     ) -> None:
         layout.check()
         self.mem = mem
+        self.log = log
+        self.used_log = used_log
+        self._used_end = layout.used + RingLayout.sizes(layout.num)[2]
         self.layout = layout
         self.num = layout.num
         self.name = name
@@ -325,6 +349,13 @@ class SplitQueue:
                 gpa=err.gpa,
                 details={**err.details, "ring": self.name, "what": what},
             ) from err
+        log = self.log
+        if log is not None:
+            used = self.layout.used
+            if not used <= gpa < self._used_end:
+                log.mark(gpa, len(data))
+            elif self.used_log is not None:
+                log.mark(self.used_log + (gpa - used), len(data))
 
     def _read_u16(self, gpa: int, what: str) -> int:
         value: int = _U16.unpack(self._read(gpa, 2, what))[0]
@@ -477,6 +508,42 @@ class SplitQueue:
             return need_event(event, new, old)
         flags = self._read_u16(self.layout.avail, "avail.flags")
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+
+#: EtherType of RARP (RFC 903) and its opcode "request reverse".
+_ETH_P_RARP = 0x8035
+_RARP_REQUEST_REVERSE = 3
+_RARP = struct.Struct("!6s6sHHHBBH6s4s6s4s")
+#: Shortest Ethernet frame without its FCS: the RARP frame is padded to it.
+_ETH_MIN = 60
+
+
+def rarp_frame(mac: bytes) -> bytes:
+    """The RARP announcement for ``mac`` that a back-end sends after live migration (vhost-user.rst
+    SEND_RARP: "broadcast a fake RARP to notify the migration is terminated"), as DPDK's
+    ``make_rarp_packet`` builds it: broadcast from ``mac``, RARP request reverse (RFC 903) with
+    ``mac`` as sender and target hardware address and zero protocol addresses, padded to 60 bytes.
+
+    Raises:
+        ValueError: ``mac`` is not 6 bytes.
+    """
+    if len(mac) != 6:
+        raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
+    frame = _RARP.pack(
+        b"\xff" * 6,  # destination: broadcast
+        mac,  # source
+        _ETH_P_RARP,
+        1,  # hardware type: Ethernet
+        0x0800,  # protocol type: IPv4
+        6,  # hardware address length
+        4,  # protocol address length
+        _RARP_REQUEST_REVERSE,
+        mac,  # sender hardware address
+        bytes(4),  # sender protocol address
+        mac,  # target hardware address
+        bytes(4),  # target protocol address
+    )
+    return frame + bytes(_ETH_MIN - len(frame))
 
 
 def net_header_size(features: int) -> int:

@@ -233,9 +233,12 @@ async def test_unknown_request_with_and_without_need_reply() -> None:
         # a known request vhostmem does not implement, with the fd it carries
         efd = os.eventfd(0, os.EFD_CLOEXEC)
         ack = await refused(
-            w, Request.SET_LOG_FD, encode_request(Request.SET_LOG_FD, need_reply=True), [efd]
+            w,
+            Request.SET_BACKEND_REQ_FD,
+            encode_request(Request.SET_BACKEND_REQ_FD, need_reply=True),
+            [efd],
         )
-        assert ack == 1 and "not implemented" in error_event(w, "SET_LOG_FD")["error"]
+        assert ack == 1 and "not implemented" in error_event(w, "SET_BACKEND_REQ_FD")["error"]
         await still_up(w)
 
 
@@ -501,10 +504,10 @@ async def test_vring_index_out_of_range() -> None:
 
 async def test_protocol_features_that_were_not_offered() -> None:
     async with no_leaks(), wired() as w:
-        wanted = int(QEMU_PROTOCOL_FEATURES | ProtocolFeature.LOG_SHMFD)
+        wanted = int(QEMU_PROTOCOL_FEATURES | ProtocolFeature.BACKEND_REQ)
         data = encode_request(Request.SET_PROTOCOL_FEATURES, wanted, need_reply=True)
         assert await refused(w, Request.SET_PROTOCOL_FEATURES, data) == 1
-        assert "LOG_SHMFD" in error_event(w, "SET_PROTOCOL_FEATURES")["error"]
+        assert "BACKEND_REQ" in error_event(w, "SET_PROTOCOL_FEATURES")["error"]
         assert w.conn_a.session.acked_protocol_features & ProtocolFeature.REPLY_ACK
         data = encode_request(
             Request.SET_FEATURES, int(VirtioFeature.VERSION_1 | (1 << 15)), need_reply=True

@@ -20,8 +20,9 @@ import trio
 
 from vhostmem import journal
 from vhostmem.ctl import ctl_main
+from vhostmem.events import Handled
 from vhostmem.faults import parse_fault
-from vhostmem.protocol import Request, encode_request
+from vhostmem.protocol import Header, Request, encode_request
 from vhostmem.report import render_events
 from vhostmem.server import Backend, ServerConfig
 from vhostmem.testing import schema
@@ -199,8 +200,32 @@ async def test_every_event_kind_matches_the_schema(tmp_path: Path) -> None:
             previous=journal.party(socket="a", conn=1, peer=None),
             ts=1.0,
         ),
+        journal.dirty_log(
+            Handled(
+                Request.SET_FEATURES,
+                Header(Request.SET_FEATURES, 1, 8),
+                0,
+                b"",
+                True,
+                dirty_log={
+                    "logging": True,
+                    "log": {
+                        "size": 8,
+                        "mmap_offset": 0,
+                        "pages": 64,
+                        "backing": "memfd",
+                        "marked": 0,
+                        "beyond": 0,
+                    },
+                },
+            ),
+            ts=1.0,
+            socket="a",
+            conn=1,
+            peer_pid=None,
+        ),
     ]
-    assert "peer" not in events[-2] and "peer" not in events[-1]["previous"]
+    assert "peer" not in events[-3] and "peer" not in events[-2]["previous"]
     for doc in events:
         schema.check(doc, "event-log")
     assert {e["event"] for e in events} == set(journal.EVENT_KINDS)

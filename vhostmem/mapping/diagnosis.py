@@ -41,8 +41,14 @@ def region_text(
 ) -> str:
     """The request and the region: GPA start-end (inclusive), size, front-end address, offset.
 
-    ``uaddr`` is None only for a Mapper used directly, without a front-end.
+    ``uaddr`` is None only for a Mapper used directly, without a front-end. The dirty log of
+    SET_LOG_BASE is no guest memory: it has a size and an offset, no GPA or front-end address.
     """
+    if request == "SET_LOG_BASE":
+        return (
+            f"{request} dirty log size=0x{size:x} ({human_size(size)}) "
+            f"mmap_offset=0x{mmap_offset:x}"
+        )
     span = f"0x{gpa:x}-0x{gpa + size - 1:x}" if size > 0 else f"0x{gpa:x} (empty)"
     text = f"{request} gpa={span} size=0x{size:x} ({human_size(size)})"
     if uaddr is not None:

@@ -46,6 +46,13 @@ _libc.munmap.restype = ctypes.c_int
 _libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 _libc.fstatfs.restype = ctypes.c_int
 
+# libatomic (GCC's runtime for the __atomic builtins): ``__atomic_fetch_or_1`` is the same
+# locked OR that libvhost-user's ``vu_log_page`` gets from ``__sync_fetch_and_or``. Loaded on
+# first use, so a system without it fails only when a dirty log is written.
+_libatomic: ctypes.CDLL | None = None
+#: ``__ATOMIC_SEQ_CST`` (GCC builtins documentation, "__atomic Builtins").
+_ATOMIC_SEQ_CST: Final = 5
+
 
 def fstatfs_type(fd: int) -> int | None:
     """``fstatfs(fd).f_type``, or None if the call fails (Python 3.11 has no os.fstatfs).
@@ -82,6 +89,22 @@ def mincore(address: int, length: int) -> bytes:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return vec.raw
+
+
+def atomic_or_u8(address: int, mask: int) -> int:
+    """OR ``mask`` into the byte at ``address`` atomically; returns the byte as it was.
+
+    Raises:
+        OSError: libatomic.so.1 cannot be loaded (the fix is to install it: libatomic1).
+    """
+    global _libatomic
+    lib = _libatomic
+    if lib is None:
+        lib = ctypes.CDLL("libatomic.so.1")
+        lib.__atomic_fetch_or_1.argtypes = [ctypes.c_void_p, ctypes.c_uint8, ctypes.c_int]
+        lib.__atomic_fetch_or_1.restype = ctypes.c_uint8
+        _libatomic = lib
+    return int(lib.__atomic_fetch_or_1(address, mask, _ATOMIC_SEQ_CST))
 
 
 def munmap(address: int, length: int) -> int:

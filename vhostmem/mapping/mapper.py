@@ -35,6 +35,7 @@ from vhostmem.mapping.linux import (
     MAP_NORESERVE,
     align_down,
     align_up,
+    atomic_or_u8,
     buffer_address,
     close_quietly,
     hugetlb_pool,
@@ -186,6 +187,16 @@ class Mapping:
                 f"gpa={self.gpa:#x} size={self.size:#x}: need 0 <= offset, 0 <= length and "
                 f"offset + length = {offset + length:#x} <= size {self.size:#x}"
             )
+
+    def atomic_or(self, offset: int, mask: int) -> int:
+        """OR ``mask`` into the byte at ``offset`` atomically (a dirty log shared with the
+        front-end, which clears it concurrently); returns the byte as it was.
+
+        Raises:
+            ValueError: the byte is outside the region or the mapping is closed.
+        """
+        self._check_range("atomic_or", offset, 1)
+        return atomic_or_u8(self.address + offset, mask)
 
     def view(self, offset: int, length: int) -> memoryview:
         """A writable memoryview of ``length`` bytes at ``offset`` into the region.

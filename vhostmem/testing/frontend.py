@@ -19,6 +19,7 @@ from vhostmem.protocol import (
     HEADER_SIZE,
     REPLY_FLAGS,
     Header,
+    Log,
     MemoryRegion,
     MemoryTable,
     MemRegMsg,
@@ -37,13 +38,16 @@ from vhostmem.protocol import (
 __all__ = ["FakeFrontend", "Reply", "make_memfd"]
 
 #: What QEMU 10 acks when offered everything vhostmem offers (observed SET_PROTOCOL_FEATURES
-#: 0x8009 = MQ | REPLY_ACK | CONFIGURE_MEM_SLOTS; RESET_DEVICE and STATUS too when offered).
+#: 0x8009 = MQ | REPLY_ACK | CONFIGURE_MEM_SLOTS; RESET_DEVICE, STATUS, LOG_SHMFD and RARP too
+#: when offered: hw/virtio/vhost-user.c VHOST_USER_PROTOCOL_FEATURE_MASK).
 QEMU_PROTOCOL_FEATURES = (
     ProtocolFeature.MQ
     | ProtocolFeature.REPLY_ACK
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.STATUS
+    | ProtocolFeature.LOG_SHMFD
+    | ProtocolFeature.RARP
 )
 
 
@@ -230,6 +234,12 @@ class FakeFrontend:
         """SET_MEM_TABLE of (gpa, size, uaddr, mmap_offset, fd) tuples; returns the ack."""
         table = MemoryTable(tuple(MemoryRegion(g, s, u, o) for g, s, u, o, _ in regions))
         return self.ack(Request.SET_MEM_TABLE, table, fds=[r[4] for r in regions])
+
+    def set_log_base(self, size: int, offset: int, fds: Sequence[int]) -> int:
+        """SET_LOG_BASE as QEMU sends it with LOG_SHMFD (no NEED_REPLY, a reply all the same:
+        hw/virtio/vhost-user.c vhost_user_set_log_base); returns the reply's u64."""
+        self.send(Request.SET_LOG_BASE, Log(size, offset), fds=fds)
+        return self.recv_reply(Request.SET_LOG_BASE).u64
 
     def start_ring(self, index: int, desc: int, avail: int, used: int, num: int = 256) -> None:
         """SET_VRING_NUM/BASE/ADDR/KICK as vhost_virtqueue_start sends them."""

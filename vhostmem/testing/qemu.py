@@ -171,6 +171,9 @@ class GuestConfig:
     smp: int = 2
     #: Appended to the kernel command line after `console=ttyS0`.
     append: str = ""
+    #: `-incoming URI`: this QEMU waits for a migration (e.g. `unix:/path`) instead of booting;
+    #: its guest is the one the source sends (see `Guest.migrate`). None = boot normally.
+    incoming: str | None = None
     #: Extra QEMU arguments, appended last.
     extra_args: list[str] = field(default_factory=list)
     #: QEMU binary name or path.
@@ -373,6 +376,8 @@ class Guest:
         ]
         if self.trace_path is not None:
             argv += trace_args(self.trace_path)
+        if c.incoming is not None:
+            argv += ["-incoming", c.incoming]
         return argv + list(c.extra_args)
 
     def start(self) -> Guest:
@@ -641,6 +646,52 @@ class Guest:
             n = min(4096, length - len(out))
             out += parse_xp(self.hmp(f"xp /{n}xb {addr:#x}"), addr, n)
         return bytes(out)
+
+    def migrate(self, uri: str, timeout: float = 240.0) -> dict[str, Any]:
+        """Migrates this guest to ``uri`` (QMP ``migrate``: ``unix:PATH`` of a QEMU started with
+        ``GuestConfig.incoming``, or ``file:PATH``) and waits until it ends.
+
+        Returns:
+            ``query-migrate``'s answer at the end; ``status`` is ``completed`` when it worked.
+
+        Raises:
+            qemu.qmp.ExecuteError: QEMU refused to start it (a migration blocker, e.g. a
+                vhost-user back-end without LOG_SHMFD).
+            GuestTimeout: it did not end within ``timeout`` seconds.
+        """
+        self.qmp("migrate", uri=uri)
+        deadline = time.monotonic() + timeout
+        while True:
+            info: dict[str, Any] = self.qmp("query-migrate")
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                return info
+            if time.monotonic() > deadline:
+                raise GuestTimeout(
+                    f"migration to {uri} not finished after {timeout:g} s: {info}"
+                    + self._evidence()
+                )
+            time.sleep(0.2)
+
+    def wait_running(self, timeout: float = 60.0) -> float:
+        """Waits until the VM runs (``query-status``), e.g. a destination after migration.
+
+        Returns:
+            Seconds it took.
+
+        Raises:
+            GuestTimeout: it was not running within ``timeout`` seconds.
+        """
+        start = time.monotonic()
+        while True:
+            status = self.qmp("query-status")
+            if status.get("status") == "running":
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                raise GuestTimeout(
+                    f"the VM is {status.get('status')}, not running, after {timeout:g} s"
+                    + self._evidence()
+                )
+            time.sleep(0.2)
 
     def stop(self) -> None:
         """Pauses the vCPUs (QMP `stop`); QEMU keeps running and serving QMP."""
