@@ -143,6 +143,16 @@ def check_qmp(backend: RunningBackend, guest: Guest, capsys: pytest.CaptureFixtu
     assert code == 0 and doc["qmp"]["matches"] and doc["clean"], doc
 
 
+def region_table(backend: RunningBackend) -> list[dict[str, int]]:
+    """``backend``'s live region table, by GPA: what the run's JSON line quotes."""
+    keys = ("gpa", "size", "uaddr", "mmap_offset")
+    return sorted(({k: r[k] for k in keys} for r in backend.regions()), key=lambda r: r["gpa"])
+
+
+def gpa_ranges(table: list[dict[str, int]]) -> list[tuple[int, int]]:
+    return [(r["gpa"], r["size"]) for r in table]
+
+
 def test_migrate_to_a_second_qemu_and_vhostmem(
     make_rig: MakeRig,
     net_names: None,
@@ -184,6 +194,8 @@ def test_migrate_to_a_second_qemu_and_vhostmem(
             )
         ]
         try:
+            # the source's table as it stands when the migration starts
+            src_before = region_table(rig.backend)
             info = rig.guest.migrate(f"unix:{incoming}")
         finally:
             for proc in traffic:
@@ -201,7 +213,14 @@ def test_migrate_to_a_second_qemu_and_vhostmem(
 
         dst.wait_for(lambda: dst_table() == want, 30, f"the destination table to be {want}")
         check_qmp(dst, guest, capsys)
-        ping_from(NS_DST)
+        dst_after_migration = region_table(dst)
+        # the same guest-physical layout on both sides; only the uaddrs (each QEMU's own
+        # mappings) differ
+        assert gpa_ranges(dst_after_migration) == gpa_ranges(src_before), (
+            src_before,
+            dst_after_migration,
+        )
+        pings = ping_from(NS_DST)
         [conn] = [c for s in rig.backend.stats()["sockets"] for c in s["connections"]]
         assert conn["dirty_log"] is not None and conn["dirty_log"]["marked"] > 0, conn
         # resize on the destination, 3 -> 1 GiB, and check again
@@ -209,7 +228,8 @@ def test_migrate_to_a_second_qemu_and_vhostmem(
         want = [(s.gpa_start, s.size, s.offset) for s in guest.memslots()]
         dst.wait_for(lambda: dst_table() == want, 30, f"the destination table to be {want}")
         check_qmp(dst, guest, capsys)
-        ping_from(NS_DST, 2)
+        pings_after_resize = ping_from(NS_DST, 2)
+        dst_after_resize = region_table(dst)
         assert dst.violations() == []
         dp = dst.stats()["datapath"][0]
         assert dp["ring_errors"] == 0, dp
@@ -220,10 +240,14 @@ def test_migrate_to_a_second_qemu_and_vhostmem(
         print(
             json.dumps(
                 {
-                    "migration": {k: info.get(k) for k in ("status", "total-time", "downtime")},
+                    "query_migrate": info,
+                    "source_table_before_migration": src_before,
+                    "destination_table_after_migration": dst_after_migration,
+                    "destination_table_after_resize": dst_after_resize,
                     "source_dirty_log": conn["dirty_log"],
-                    "destination_table": want,
                     "destination_rx_tx": [dp["rx_packets"], dp["tx_packets"]],
+                    "destination_ping": pings.strip().splitlines(),
+                    "destination_ping_after_resize": pings_after_resize.strip().splitlines(),
                 }
             )
         )

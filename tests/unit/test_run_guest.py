@@ -1,0 +1,52 @@
+"""tools/run-guest's command line: --migrate and what it needs."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+
+def load_run_guest(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts its checkout first
+    script = Path(__file__).resolve().parents[2] / "tools" / "run-guest"
+    loader = importlib.machinery.SourceFileLoader("run_guest", str(script))
+    spec = importlib.util.spec_from_loader("run_guest", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_migrate_with_start_vhostmem_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    run_guest = load_run_guest(monkeypatch)
+    args = run_guest.parse_args(["--start-vhostmem", "--plug", "3G", "--migrate"])
+    assert args.migrate and args.start_vhostmem and args.plug == "3G"
+    assert not run_guest.parse_args(["--start-vhostmem"]).migrate
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--migrate"], "--migrate needs --start-vhostmem"),
+        (
+            ["--start-vhostmem", "--migrate", "--hot-add-dimm", "1G"],
+            "--migrate does not go with --hot-add-dimm",
+        ),
+    ],
+)
+def test_migrate_refuses_what_it_cannot_pair(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+) -> None:
+    run_guest = load_run_guest(monkeypatch)
+    with pytest.raises(SystemExit) as caught:
+        run_guest.parse_args(argv)
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
