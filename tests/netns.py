@@ -5,9 +5,11 @@ Missing prerequisites fail the test with what is missing and how to get it; they
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 
 import pytest
 
@@ -38,3 +40,16 @@ def ip(*args: str, check: bool = True) -> str:
 
 def netns_exists(name: str) -> bool:
     return name in ip("netns", "list").split()
+
+
+@contextlib.contextmanager
+def fresh_tap_and_netns(netns: str, tap: str) -> Iterator[None]:
+    """A test's own namespace and TAP names: refused if the namespace is left from elsewhere,
+    removed afterwards (what vhostmem --netns created, should vhostmem not have)."""
+    require_tap_and_netns("vhostmem --tap/--netns")
+    if netns_exists(netns):
+        pytest.fail(f"network namespace {netns} exists already; remove it: ip netns del {netns}")
+    yield
+    if netns_exists(netns):
+        ip("netns", "del", netns, check=False)
+    ip("link", "del", tap, check=False)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from ..netns import ip, netns_exists, require_tap_and_netns
+from ..netns import fresh_tap_and_netns, ip, netns_exists
 from .conftest import GiB, MakeRig, Rig
 
 NS = f"vhmq{os.getpid() % 100000}"
@@ -30,13 +30,8 @@ GUEST_ADDR = "192.0.2.2"
 
 @pytest.fixture
 def net_names() -> Iterator[None]:
-    require_tap_and_netns("vhostmem --tap/--netns")
-    if netns_exists(NS):
-        pytest.fail(f"network namespace {NS} exists already; remove it: ip netns del {NS}")
-    yield
-    if netns_exists(NS):
-        ip("netns", "del", NS, check=False)
-    ip("link", "del", TAP, check=False)
+    with fresh_tap_and_netns(NS, TAP):
+        yield
 
 
 def received(output: str) -> int:

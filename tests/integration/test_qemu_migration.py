@@ -25,7 +25,7 @@ from vhostmem.ctl import ctl_main
 from vhostmem.testing.backend import RunningBackend
 from vhostmem.testing.qemu import Guest, GuestConfig
 
-from ..netns import ip, netns_exists, require_tap_and_netns
+from ..netns import fresh_tap_and_netns, ip, netns_exists
 from .conftest import GiB, MakeRig, Rig
 from .test_qemu_datapath import GUEST_ADDR, HOST_ADDR, received
 
@@ -35,13 +35,8 @@ TAP = f"vhmm{os.getpid() % 100000}"
 
 @pytest.fixture
 def net_names() -> Iterator[None]:
-    require_tap_and_netns("vhostmem --tap/--netns")
-    if netns_exists(NS):
-        pytest.fail(f"network namespace {NS} exists already; remove it: ip netns del {NS}")
-    yield
-    if netns_exists(NS):
-        ip("netns", "del", NS, check=False)
-    ip("link", "del", TAP, check=False)
+    with fresh_tap_and_netns(NS, TAP):
+        yield
 
 
 def start(make_rig: MakeRig, *extra: str) -> Rig:
