@@ -46,9 +46,10 @@ def ping_from_guest(rig: Rig, count: int = 3) -> str:
     return out
 
 
-def ping_from_namespace(count: int = 3) -> str:
+def ping_from_namespace(count: int = 3, ns: str = NS) -> str:
+    """Ping the guest from a namespace (the TAP's side); most of ``count`` must come back."""
     res = subprocess.run(
-        ["ip", "netns", "exec", NS, "busybox", "ping", "-c", str(count), "-W", "1", GUEST_ADDR],
+        ["ip", "netns", "exec", ns, "busybox", "ping", "-c", str(count), "-W", "1", GUEST_ADDR],
         capture_output=True,
         text=True,
         timeout=30 + 2 * count,

@@ -25,9 +25,9 @@ from vhostmem.ctl import ctl_main
 from vhostmem.testing.backend import RunningBackend
 from vhostmem.testing.qemu import Guest, GuestConfig
 
-from ..netns import fresh_tap_and_netns, ip, netns_exists
+from ..netns import fresh_tap_and_netns
 from .conftest import GiB, MakeRig, Rig
-from .test_qemu_datapath import GUEST_ADDR, HOST_ADDR, received
+from .test_qemu_datapath import GUEST_ADDR, HOST_ADDR, ping_from_namespace, received
 
 NS = f"vhmm{os.getpid() % 100000}"
 TAP = f"vhmm{os.getpid() % 100000}"
@@ -107,24 +107,8 @@ TAP_DST = f"vhmd{os.getpid() % 100000}"
 
 @pytest.fixture
 def dst_names() -> Iterator[None]:
-    if netns_exists(NS_DST):
-        pytest.fail(f"network namespace {NS_DST} exists already; remove it: ip netns del {NS_DST}")
-    yield
-    if netns_exists(NS_DST):
-        ip("netns", "del", NS_DST, check=False)
-    ip("link", "del", TAP_DST, check=False)
-
-
-def ping_from(ns: str, count: int = 3) -> str:
-    res = subprocess.run(
-        ["ip", "netns", "exec", ns, "busybox", "ping", "-c", str(count), "-W", "1", GUEST_ADDR],
-        capture_output=True,
-        text=True,
-        timeout=30 + 2 * count,
-        check=False,
-    )
-    assert received(res.stdout) >= count - 1, res.stdout + res.stderr
-    return res.stdout
+    with fresh_tap_and_netns(NS_DST, TAP_DST):
+        yield
 
 
 def check_qmp(backend: RunningBackend, guest: Guest, capsys: pytest.CaptureFixture[str]) -> None:
@@ -215,7 +199,7 @@ def test_migrate_to_a_second_qemu_and_vhostmem(
             src_before,
             dst_after_migration,
         )
-        pings = ping_from(NS_DST)
+        pings = ping_from_namespace(ns=NS_DST)
         [conn] = [c for s in rig.backend.stats()["sockets"] for c in s["connections"]]
         assert conn["dirty_log"] is not None and conn["dirty_log"]["marked"] > 0, conn
         # resize on the destination, 3 -> 1 GiB, and check again
@@ -223,7 +207,7 @@ def test_migrate_to_a_second_qemu_and_vhostmem(
         want = [(s.gpa_start, s.size, s.offset) for s in guest.memslots()]
         dst.wait_for(lambda: dst_table() == want, 30, f"the destination table to be {want}")
         check_qmp(dst, guest, capsys)
-        pings_after_resize = ping_from(NS_DST, 2)
+        pings_after_resize = ping_from_namespace(2, ns=NS_DST)
         dst_after_resize = region_table(dst)
         assert dst.violations() == []
         dp = dst.stats()["datapath"][0]
