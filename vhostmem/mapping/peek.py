@@ -214,54 +214,51 @@ def read_region(
 
 def _read_mem(mem_fd: int, map_base: int, remainder: int, lo: int, hi: int) -> PeekChunk:
     """Map offsets ``[lo, hi)`` read through ``/proc/self/mem``; EIO there is a fault chunk."""
-    try:
-        data = pread_all(mem_fd, hi - lo, map_base + lo)
-    except OSError as err:
-        return PeekChunk(
-            lo - remainder,
-            hi - lo,
-            "fault",
-            None,
-            err.errno,
-            "mapping",
-            f"{errno_mod.errorcode.get(err.errno or 0, '?')}: {err.strerror}",
-        )
-    if len(data) != hi - lo:
-        return PeekChunk(
-            lo - remainder,
-            hi - lo,
-            "fault",
-            None,
-            errno_mod.EIO,
-            "mapping",
-            f"short read of /proc/self/mem: {len(data)} bytes",
-        )
-    return PeekChunk(lo - remainder, hi - lo, "data", data, None, "mapping")
+    return _read(
+        mem_fd,
+        map_base + lo,
+        remainder,
+        lo,
+        hi,
+        "mapping",
+        lambda got: (errno_mod.EIO, f"short read of /proc/self/mem: {got} bytes"),
+    )
 
 
 def _read_file(kept_fd: int, fd_offset: int, remainder: int, lo: int, hi: int) -> PeekChunk:
     """Map offsets ``[lo, hi)`` read with ``pread`` on the kept hugetlb fd."""
-    try:
-        data = pread_all(kept_fd, hi - lo, fd_offset + lo)
-    except OSError as err:
-        return PeekChunk(
-            lo - remainder,
-            hi - lo,
-            "fault",
+    return _read(
+        kept_fd,
+        fd_offset + lo,
+        remainder,
+        lo,
+        hi,
+        "file",
+        lambda got: (
             None,
-            err.errno,
-            "file",
-            f"{errno_mod.errorcode.get(err.errno or 0, '?')}: {err.strerror}",
-        )
-    if len(data) != hi - lo:
-        return PeekChunk(
-            lo - remainder,
-            hi - lo,
-            "fault",
-            None,
-            None,
-            "file",
             f"past end of file: file offset {fd_offset + lo:#x}, "
-            f"read {len(data)} of {hi - lo} bytes (touching it would SIGBUS)",
-        )
-    return PeekChunk(lo - remainder, hi - lo, "data", data, None, "file")
+            f"read {got} of {hi - lo} bytes (touching it would SIGBUS)",
+        ),
+    )
+
+
+def _read(
+    fd: int,
+    position: int,
+    remainder: int,
+    lo: int,
+    hi: int,
+    source: str,
+    short: Callable[[int], tuple[int | None, str]],
+) -> PeekChunk:
+    """Map offsets ``[lo, hi)`` read with ``pread`` at ``position`` of ``fd``: a data chunk, or a
+    fault chunk for an error or a short read (``short(bytes_read)`` gives its errno and words)."""
+    try:
+        data = pread_all(fd, hi - lo, position)
+    except OSError as err:
+        why = f"{errno_mod.errorcode.get(err.errno or 0, '?')}: {err.strerror}"
+        return PeekChunk(lo - remainder, hi - lo, "fault", None, err.errno, source, why)
+    if len(data) != hi - lo:
+        code, why = short(len(data))
+        return PeekChunk(lo - remainder, hi - lo, "fault", None, code, source, why)
+    return PeekChunk(lo - remainder, hi - lo, "data", data, None, source)
