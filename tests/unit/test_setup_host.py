@@ -34,8 +34,8 @@ CHMOD = shutil.which("chmod") or "/bin/chmod"
 
 # A stub records "NAME ARGS..." in $STUB_LOG. apt-get installs only when STUB_APT_INSTALL is ok
 # (it installs nothing) or works (QEMU's packages drop a QEMU 10.0.2 stub and qemu-img into
-# $STUB_BIN, other packages are listed in $STUB_DB for dpkg-query); otherwise an install attempt
-# exits 99 saying so.
+# $STUB_BIN, dpdk-dev drops a dpdk-testpmd stub there unless STUB_DPDK_TESTPMD=no, and every package
+# but QEMU's is listed in $STUB_DB for dpkg-query); otherwise an install attempt exits 99 saying so.
 STUB_APT_GET = r"""
 echo "apt-get $*" >> "$STUB_LOG"
 case " $* " in
@@ -53,6 +53,12 @@ case " $* " in
                         qemu-utils)
                             printf '#!@BASH@\nexit 0\n' > "$STUB_BIN/qemu-img"
                             @CHMOD@ +x "$STUB_BIN/qemu-img" ;;
+                        dpdk-dev)
+                            echo "$pkg" >> "$STUB_DB"
+                            if [ "${STUB_DPDK_TESTPMD:-yes}" = yes ]; then
+                                printf '#!@BASH@\nexit 0\n' > "$STUB_BIN/dpdk-testpmd"
+                                @CHMOD@ +x "$STUB_BIN/dpdk-testpmd"
+                            fi ;;
                         *) echo "$pkg" >> "$STUB_DB" ;;
                     esac
                 done ;;
@@ -263,7 +269,11 @@ def test_check_reports_qemu_missing_with_its_fix(host: Host) -> None:
         "  fix: apt-get install -y busybox-static cpio" in out
     )
     assert "setup-host: guest image: MISSING: busybox-static is not installed" in out
-    assert "setup-host: check: 3 thing(s) missing" in out
+    assert (
+        "setup-host: dpdk-dev: MISSING (not installed; the DPDK tests run dpdk-testpmd)\n"
+        "  fix: apt-get install -y dpdk-dev" in out
+    )
+    assert "setup-host: check: 4 thing(s) missing" in out
     # Detection only: no install, no apt-get at all, nothing written.
     assert installs(host.calls()) == []
     assert not [c for c in host.calls() if c.startswith("apt-get")]
@@ -369,10 +379,12 @@ def load_build_guest() -> ModuleType:
 
 
 def complete_host(host: Host) -> None:
-    """Everything present: QEMU 10, busybox-static and cpio, an up-to-date guest image."""
+    """Everything present: QEMU 10, busybox-static, cpio, dpdk-dev with its testpmd, an
+    up-to-date guest image."""
     host.stub("qemu-system-x86_64", stub_qemu("10.0.2"))
     host.stub("qemu-img", "exit 0\n")
-    host.env["STUB_INSTALLED"] = "busybox-static cpio"
+    host.stub("dpdk-testpmd", "exit 0\n")
+    host.env["STUB_INSTALLED"] = "busybox-static cpio dpdk-dev"
     guest_image(host)
 
 
@@ -407,6 +419,7 @@ def test_check_passes_when_everything_is_there(host: Host) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "setup-host: qemu: ok (QEMU 10.0.2 >= 8.2" in proc.stdout
     assert "setup-host: guest image: ok (up to date: 6.1.0-99-amd64" in proc.stdout
+    assert f"setup-host: dpdk-dev: ok (9.9-stub, {host.bin / 'dpdk-testpmd'})" in proc.stdout
     assert "setup-host: check: everything is there" in proc.stdout
     assert "MISSING" not in proc.stdout
     assert installs(host.calls()) == []
@@ -517,6 +530,7 @@ def test_install_on_a_bare_machine_runs_every_step_to_done(host: Host) -> None:
         f"setup-host: apt: added {host.sources_dir / 'bookworm-backports.list'}",
         "setup-host: qemu: installed QEMU 10.0.2",
         "setup-host: busybox-static cpio: installed",
+        "setup-host: dpdk-dev: installed",
         f"setup-host: guest image: ok ({host.cache / 'vmlinuz'} {host.cache / 'initrd.gz'})",
         "setup-host: done",
     ):
@@ -526,8 +540,55 @@ def test_install_on_a_bare_machine_runs_every_step_to_done(host: Host) -> None:
         "apt-get update -qq",
         "apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils",
         "apt-get install -y -qq busybox-static cpio",
+        "apt-get install -y -qq dpdk-dev",
     ]
     # and then --check finds everything
     proc = host.run("--check")
     assert proc.returncode == 0, proc.stdout
     assert "setup-host: check: everything is there" in proc.stdout
+
+
+def test_dpdk_dev_step_checks_for_testpmd_and_installs_it(host: Host) -> None:
+    complete_host(host)
+    os.unlink(host.bin / "dpdk-testpmd")
+    host.env["STUB_INSTALLED"] = "busybox-static cpio"
+    proc = host.run("--check")
+    assert proc.returncode == 1
+    assert (
+        "setup-host: dpdk-dev: MISSING (not installed; the DPDK tests run dpdk-testpmd)\n"
+        "  fix: apt-get install -y dpdk-dev\n"
+    ) in proc.stdout
+    assert "setup-host: check: 1 thing(s) missing" in proc.stdout
+    assert installs(host.calls()) == []
+    # The package without its program (a broken or partial install) is not "ok" either.
+    host.env["STUB_INSTALLED"] = "busybox-static cpio dpdk-dev"
+    proc = host.run("--check")
+    assert (
+        "setup-host: dpdk-dev: MISSING (installed, but dpdk-testpmd is not on PATH; the DPDK "
+        "tests run dpdk-testpmd)"
+    ) in proc.stdout
+    # Not root: installing names sudo and touches nothing.
+    host.env.update(STUB_INSTALLED="busybox-static cpio", STUB_UID="1000")
+    proc = host.run()
+    assert proc.returncode == 1
+    assert (
+        "setup-host: FAILED: installing dpdk-dev (not installed) needs root (apt-get)\n"
+        f"  fix: sudo {SETUP_HOST}"
+    ) in proc.stderr
+    assert installs(host.calls()) == []
+    # Root: apt-get installs it, and the step checks that testpmd is there afterwards.
+    host.env.update(STUB_UID="0", STUB_APT_INSTALL="works", STUB_DPDK_TESTPMD="no")
+    proc = host.run()
+    assert proc.returncode == 1
+    assert "apt-get install -y -qq dpdk-dev" in host.calls()
+    assert (
+        "setup-host: FAILED: dpdk-dev: installed, but dpdk-testpmd is not on PATH after "
+        "installing it\n  fix: apt-get install --reinstall -y dpdk-dev"
+    ) in proc.stderr
+    host.env["STUB_DPDK_TESTPMD"] = "yes"
+    proc = host.run()
+    assert proc.returncode == 0, proc.stderr
+    assert "setup-host: dpdk-dev: installed" in proc.stdout.splitlines()
+    assert f"setup-host: dpdk-dev: ok (9.9-stub, {host.bin / 'dpdk-testpmd'})" in (
+        host.run("--check").stdout
+    )
