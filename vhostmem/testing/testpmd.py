@@ -363,6 +363,10 @@ class Testpmd:
         if proc is None:
             return None
         self._signal(signal.SIGINT)
+        # Interactive testpmd's SIGINT handler asks its command line to quit
+        # (app/test-pmd/testpmd.c, signal_handler -> prompt_exit), which happens once the
+        # read it sits in returns: end of file on stdin makes it return.
+        self._close_stdin(proc)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -412,6 +416,7 @@ class Testpmd:
             self._signal(signal.SIGINT)
             proc = self._proc
             assert proc is not None
+            self._close_stdin(proc)
             try:
                 proc.wait(5)
             except subprocess.TimeoutExpired:
@@ -422,12 +427,16 @@ class Testpmd:
             self._watchdog.cancel()
         if self._reader is not None:
             self._reader.join(5)
-        if proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
+        self._close_stdin(proc)
         self.returncode = proc.returncode
         self.cleanup()
         return self.returncode
+
+    def _close_stdin(self, proc: subprocess.Popen[bytes]) -> None:
+        with self._signal_lock:  # not while a command is being written
+            if proc.stdin is not None and not proc.stdin.closed:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
 
     def cleanup(self) -> None:
         """Remove what DPDK leaves behind an exited process of this prefix: its runtime
@@ -531,9 +540,10 @@ class Testpmd:
         start = self.mark()
         assert proc.stdin is not None
         try:
-            proc.stdin.write(line.encode() + b"\n")
-            proc.stdin.flush()
-        except OSError as err:
+            with self._signal_lock:
+                proc.stdin.write(line.encode() + b"\n")
+                proc.stdin.flush()
+        except (OSError, ValueError) as err:  # ValueError: stdin closed by stop()
             raise TestpmdError(f"cannot send {line!r}: {err}\n{self._evidence()}") from err
         pattern = until if until is not None else re.escape(PROMPT)
         m = self.wait_output(pattern, timeout, since=start)
