@@ -217,6 +217,31 @@ def test_connect_mode_retries_until_frontend_listens(tmp_path: Path) -> None:
         assert proc.wait(20) == 0
 
 
+def test_start_backend_in_client_mode(tmp_path: Path) -> None:
+    # vhostmem.testing's runner for a front-end that listens (DPDK's server=1, QEMU's
+    # server=on): --connect PATH, and name names the control socket and the logs.
+    path = str(tmp_path / "frontend.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen()
+        listener.settimeout(10)
+        backend = start_backend(tmp_path, name="client", connect=path)
+        try:
+            assert backend.socket == path
+            assert backend.control == str(tmp_path / "client.ctl")
+            args = list(backend.process.args)  # type: ignore[arg-type]  # a list, as given
+            assert "--connect" in args and "--socket" not in args
+            conn, _ = listener.accept()
+            fe = FakeFrontend(conn)
+            fe.handshake()
+            backend.wait_for(lambda: backend.stats()["connections_live"] == 1, 10, "the peer")
+            fe.close()
+        finally:
+            assert backend.stop() == 0, backend.stderr()
+    # (and then it connects again, as --connect does after each disconnect)
+    assert [e["event"] for e in backend.log_lines()][:2] == ["connect", "disconnect"]
+
+
 @pytest.mark.parametrize(
     ("flags", "violations"), [(("--batch-gap", "5000"), 1), (("--batch-gap", "0"), 0)]
 )

@@ -127,6 +127,7 @@ def start_backend(
     name: str = "vu.sock",
     timeout: float = 10.0,
     qemu_trace: str | None = None,
+    connect: str | os.PathLike[str] | None = None,
 ) -> RunningBackend:
     """Start ``python -m vhostmem`` on ``directory/name`` and wait until it accepts.
 
@@ -137,10 +138,14 @@ def start_backend(
         timeout: seconds to wait for the socket to appear.
         qemu_trace: QEMU's trace log for ``--qemu-trace`` (QEMU started with
             ``vhostmem.testing.qemu.trace_args(qemu_trace)``); ``None``: no trace.
+        connect: client mode: connect to the front-end listening there (``--connect``)
+            instead of listening on ``directory/name``, which then names only the control
+            socket, event log and stderr files; waits for the control socket only.
     """
     base = Path(directory)
-    sock = str(base / name)
-    control = sock + ".ctl"
+    control = str(base / name) + ".ctl"
+    sock = str(connect) if connect is not None else str(base / name)
+    serve = ["--connect", sock] if connect is not None else ["--socket", sock]
     event_log = str(base / (name + ".events.jsonl"))
     stderr_path = str(base / (name + ".stderr"))
     with open(stderr_path, "wb") as err:
@@ -149,8 +154,7 @@ def start_backend(
                 sys.executable,
                 "-m",
                 "vhostmem",
-                "--socket",
-                sock,
+                *serve,
                 "--control",
                 control,
                 "--event-log",
@@ -164,9 +168,14 @@ def start_backend(
         )
     backend = RunningBackend(sock, control, event_log, stderr_path, process, qemu_trace)
     try:
-        backend.wait_for(
-            lambda: os.path.exists(sock) and os.path.exists(control), timeout, f"{sock} to accept"
-        )
+        if connect is not None:
+            backend.wait_for(lambda: os.path.exists(control), timeout, f"{control} to accept")
+        else:
+            backend.wait_for(
+                lambda: os.path.exists(sock) and os.path.exists(control),
+                timeout,
+                f"{sock} to accept",
+            )
     except BaseException:
         backend.stop()
         raise

@@ -35,15 +35,19 @@ __all__ = ["vhostmem_backend", "vhostmem_factory"]
 
 @pytest.fixture
 def vhostmem_factory(tmp_path: Path) -> Iterator[Callable[..., RunningBackend]]:
-    """A function ``(args=(), name="vu.sock", qemu_trace=True) -> RunningBackend``; all are
-    stopped at teardown."""
+    """A function ``(args=(), name="vu.sock", qemu_trace=True, connect=None) ->
+    RunningBackend``; all are stopped at teardown. With ``connect=PATH`` vhostmem connects to
+    a front-end listening on PATH (client mode) and ``name`` names its other files."""
     started: list[RunningBackend] = []
 
     def factory(
-        args: Sequence[str] = (), name: str = "vu.sock", qemu_trace: bool = True
+        args: Sequence[str] = (),
+        name: str = "vu.sock",
+        qemu_trace: bool = True,
+        connect: str | None = None,
     ) -> RunningBackend:
         trace = str(tmp_path / f"{name}.qemu-trace.log") if qemu_trace else None
-        backend = start_backend(tmp_path, args, name=name, qemu_trace=trace)
+        backend = start_backend(tmp_path, args, name=name, qemu_trace=trace, connect=connect)
         started.append(backend)
         return backend
 
