@@ -9,7 +9,6 @@ import logging
 import mmap
 import os
 import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from vhostmem.report import render_diagnose
 from vhostmem.server import Backend, ServerConfig
 from vhostmem.testing.frontend import FakeFrontend, make_memfd
 
+from ..hugetlbfs import hugetlbfs_mount
 from .helpers.leaks import open_fds, shared_maps
 from .helpers.waiting import in_thread, wait_until
 
@@ -164,23 +164,6 @@ HPAGE = 2 * MiB
 
 def pool_2m(name: str) -> int:
     return int(Path(POOL_2M, name).read_text())
-
-
-@contextmanager
-def hugetlbfs_mount(where: Path) -> Iterator[Path]:
-    where.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", str(where)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.fail(f"cannot mount hugetlbfs on {where} (needs root): {done.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=True)
 
 
 async def test_hugetlb_shortfall_is_said_in_log_event_log_and_diagnose(
