@@ -156,6 +156,13 @@ def render_events(doc: dict[str, Any]) -> str:
         stamp += f".{int(ev.get('ts', 0) * 1000) % 1000:03d}"
         # memory-table lines name their request; request-failed/-note lines name it "name"
         what = ev.get("request") or ev.get("name") or ev.get("event", "?")
+        if ev.get("event") == "protocol-deviation":
+            peer = ev.get("peer")
+            who = f" from pid {peer['pid']} uid {peer['uid']}" if peer else ""
+            what = (
+                f"PROTOCOL DEVIATION ({ev.get('deviation')}): {what} served in state "
+                f"{ev.get('state')}{who}"
+            )
         text = f"{stamp} {ev.get('socket', '')} {what}"
         if "result" in ev:
             text += f" {ev['result']}"
@@ -171,6 +178,8 @@ def render_events(doc: dict[str, Any]) -> str:
             text += f" ({ev['reason']})"
         if ev.get("error"):
             text += f"\n    {ev['error']}"
+        if ev.get("rule"):
+            text += f"\n    {ev['rule']}"
         for violation in ev.get("violations", ()):
             text += f"\n    VIOLATION {violation.get('kind')}: {violation.get('why', '')}"
         lines.append(text)

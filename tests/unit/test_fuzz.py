@@ -150,6 +150,7 @@ CONFIGS = {
     "legacy": SessionConfig(mem_slots=False),
     "legacy-slots4": SessionConfig(mem_slots=False, max_slots=4),
     "queues2": SessionConfig(queues=2),
+    "strict": SessionConfig(strict=True),
 }
 FAULTS = [
     "ADD_MEM_REG:nth=2:errno=ENOMEM",
