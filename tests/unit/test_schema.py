@@ -364,3 +364,25 @@ def test_the_readme_shows_one_valid_line_of_each_event_kind() -> None:
     assert sorted(e["event"] for e in lines) == sorted(journal.EVENT_KINDS)
     for line in lines:
         schema.check(line, "event-log")
+
+
+def test_events_say_a_deviation_rule_once_per_connection_and_kind() -> None:
+    def line(conn: int, name: str) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "event": "protocol-deviation",
+            "ts": 1.0,
+            "socket": "s",
+            "conn": conn,
+            "name": name,
+            "deviation": "request-before-owner",
+            "state": "await-owner",
+            "rule": "THE RULE",
+        }
+
+    events = [line(1, "SET_FEATURES"), line(1, "SET_MEM_TABLE"), line(2, "SET_FEATURES")]
+    for doc in events:
+        schema.check(doc, "event-log")
+    text = render_events({"version": 1, "events": events})
+    assert text.count("THE RULE") == 2, text  # conn 1 once, conn 2 once
+    assert text.count("PROTOCOL DEVIATION (request-before-owner)") == 3, text
