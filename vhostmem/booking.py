@@ -91,6 +91,11 @@ class Ledger:
     paired_count: int = 0
     #: The connection has ended: what the trace lacks now will not come.
     closing: bool = False
+    #: The front-end's SO_PEERCRED (``pid``, ``uid``, ``gid``), ``None`` when unknown.
+    peer: Mapping[str, int] | None = None
+    #: Deviation kinds logged so far: each is logged once per connection (every one is in
+    #: the event log).
+    deviations_logged: set[str] = field(default_factory=set)
 
 
 @final
@@ -167,7 +172,7 @@ class Booking:
         assert ledger is not None, "a request is booked on its connection's ledger"
         handled = what
         replied = time.monotonic() if replied is None else replied
-        if handled.ok and not handled.notes and not handled.injected:
+        if handled.ok and not handled.notes and not handled.injected and not handled.deviation:
             ledger.pending.append((handled, arrived, replied))
             if len(ledger.pending) >= BOOK_EVERY:
                 self.book_pending(ledger)
@@ -210,9 +215,10 @@ class Booking:
         *,
         peer_pid: int | None = None,
         peer_name: str | None = None,
+        peer: Mapping[str, int] | None = None,
     ) -> Ledger:
         """A new connection's ledger, paired with QEMU's trace of its socket if one is given."""
-        ledger = Ledger(socket, conn, log, peer_pid, peer_name)
+        ledger = Ledger(socket, conn, log, peer_pid, peer_name, peer=peer)
         follower = self._follower(socket)
         if follower is not None:
             ledger.pairer = follower.attach()
@@ -322,6 +328,10 @@ class Booking:
             log.warning("%s failed: %s", handled.name, handled.error)
         for note in handled.notes:
             log.warning("%s", note)
+        # Booked after the reply, maybe later: the time is the reply's, not the booking's.
+        ts = time.time() - (time.monotonic() - replied)
+        if handled.deviation is not None:
+            self._book_deviation(ledger, handled, ts)
         if (
             handled.request not in MEMORY_REQUESTS
             and handled.ok
@@ -330,8 +340,6 @@ class Booking:
             and handled.dirty_log is None
         ):
             return
-        # Booked after the reply, maybe later: the time is the reply's, not the booking's.
-        ts = time.time() - (time.monotonic() - replied)
         if handled.dirty_log is not None:
             doc = journal.dirty_log(
                 handled, ts=ts, socket=ledger.socket, conn=ledger.conn, peer_pid=ledger.peer_pid
@@ -390,6 +398,36 @@ class Booking:
                 fallback=trace.fallback,
             )
         self._keep(doc)
+
+    def _book_deviation(self, ledger: Ledger, handled: Handled, ts: float) -> None:
+        """The protocol-deviation line of a request served against the spec's order, and its
+        log line: the first of each kind per connection at warning level, the rest at debug."""
+        deviation = handled.deviation
+        assert deviation is not None
+        peer = ledger.peer
+        who = (
+            f"pid {peer['pid']}{f' ({ledger.peer_name})' if ledger.peer_name else ''} "
+            f"uid {peer['uid']}"
+            if peer is not None
+            else "a peer whose credentials could not be read"
+        )
+        first = deviation.kind not in ledger.deviations_logged
+        ledger.deviations_logged.add(deviation.kind)
+        ledger.log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "PROTOCOL DEVIATION (%s): %s in state %s from %s, served: %s%s",
+            deviation.kind,
+            handled.name,
+            deviation.state,
+            who,
+            deviation.rule,
+            "; further ones on this connection go to the event log only" if first else "",
+        )
+        self._keep(
+            journal.protocol_deviation(
+                handled, ts=ts, socket=ledger.socket, conn=ledger.conn, peer=peer
+            )
+        )
 
     def _wire_mismatch(self, ledger: Ledger, text: str) -> None:
         ledger.log.warning("WIRE MISMATCH with QEMU's trace: %s", text)

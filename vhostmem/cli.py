@@ -151,6 +151,14 @@ Then, in another terminal:
         "(a migration blocker naming LOG_SHMFD)",
     )
     offer.add_argument(
+        "--strict-protocol",
+        action="store_true",
+        help="refuse every request the vhost-user spec's order does not allow, as a failure. "
+        "By default the orderings real front-ends take (a request before SET_OWNER, as DPDK's "
+        "virtio-user sends after a reconnect; a second SET_OWNER) are served like libvhost-user "
+        "and DPDK serve them, each with a protocol-deviation event and a log line",
+    )
+    offer.add_argument(
         "--queues", type=int, default=1, metavar="N", help="queue pairs (GET_QUEUE_NUM, default 1)"
     )
     offer.add_argument(
@@ -388,6 +396,7 @@ def _serve(args: argparse.Namespace, control: str, bound: BoundSockets) -> int:
             mem_slots=not args.no_mem_slots,
             net=args.tap is not None,
             dirty_log=not args.no_dirty_log,
+            strict=args.strict_protocol,
         ),
         socket_mode=args.socket_mode,
         max_mapped=args.max_mapped,

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from vhostmem.protocol import Header, Payload, Request
     from vhostmem.regions import Region
 
-__all__ = ["NEED_DATA", "Handled", "NeedData", "TableChange"]
+__all__ = ["NEED_DATA", "Deviation", "Handled", "NeedData", "TableChange"]
 
 
 @final
@@ -58,6 +58,22 @@ class TableChange:
 
 
 @final
+@dataclass(frozen=True, slots=True)
+class Deviation:
+    """A request served although vhost-user.rst does not allow it where it came.
+
+    Attributes:
+        kind: a short class (``request-before-owner``, ``owner-again``).
+        state: the session state the request arrived in (``await-owner``, ``owned``).
+        rule: what the spec says, and why the request was served anyway, in words.
+    """
+
+    kind: str
+    state: str
+    rule: str
+
+
+@final
 @dataclass(slots=True)
 class Handled:
     """One request, handled.
@@ -79,6 +95,8 @@ class Handled:
         disconnect: the shell must close the connection now (an injected disconnect).
         dirty_log: the request mapped a dirty log or turned logging on or off (live
             migration): ``{"logging": bool, "log": {...}}``, ``log`` absent when none is mapped.
+        deviation: the request broke vhost-user's ordering and was served anyway (not with
+            ``--strict-protocol``); ``None`` for most requests.
     """
 
     request: Request | int
@@ -96,6 +114,7 @@ class Handled:
     delay: float = 0.0
     disconnect: bool = False
     dirty_log: dict[str, Any] | None = None
+    deviation: Deviation | None = None
 
     @property
     def requested(self) -> tuple[dict[str, int], ...]:

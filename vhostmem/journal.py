@@ -39,6 +39,7 @@ __all__ = [
     "disconnect",
     "memory_table",
     "party",
+    "protocol_deviation",
     "refused",
     "request",
     "ring_error",
@@ -59,6 +60,7 @@ EVENT_KINDS: Final = (
     "datapath-refused",
     "datapath-handover",
     "dirty-log",
+    "protocol-deviation",
 )
 
 
@@ -161,6 +163,32 @@ def dirty_log(
     doc["logging"] = bool(state.get("logging"))
     if state.get("log") is not None:
         doc["log"] = dict(state["log"])
+    return doc
+
+
+def protocol_deviation(
+    handled: Handled,
+    *,
+    ts: float,
+    socket: str,
+    conn: int,
+    peer: Mapping[str, int] | None,
+) -> dict[str, Any]:
+    """A request broke vhost-user's ordering and was served anyway (``handled.deviation``):
+    ``name`` the request, ``deviation`` its kind, ``state`` the session state it came in,
+    ``rule`` what the spec says and why it was served; ``peer`` left out when SO_PEERCRED could
+    not be read. The request's own line (memory-table, request-failed, ...) follows it.
+
+    Returns:
+        A JSON-ready dict.
+    """
+    deviation = handled.deviation
+    assert deviation is not None, "only a request served with a deviation has this line"
+    doc = _head("protocol-deviation", socket, conn, ts)
+    if peer is not None:
+        doc["peer"] = dict(peer)
+    doc.update(name=handled.name, deviation=deviation.kind, state=deviation.state)
+    doc["rule"] = deviation.rule
     return doc
 
 

@@ -149,13 +149,21 @@ def _map_rows(regions: list[dict[str, Any]], top: int, width: int) -> list[str]:
 
 def render_events(doc: dict[str, Any]) -> str:
     """One line per event (vhostmem/schemas/event-log.schema.json), then its error and each
-    violation it completed."""
+    violation it completed; a protocol deviation's rule once per connection and kind."""
     lines = []
+    ruled: set[tuple[Any, ...]] = set()
     for ev in doc["events"]:
         stamp = time.strftime("%H:%M:%S", time.localtime(ev.get("ts", 0)))
         stamp += f".{int(ev.get('ts', 0) * 1000) % 1000:03d}"
         # memory-table lines name their request; request-failed/-note lines name it "name"
         what = ev.get("request") or ev.get("name") or ev.get("event", "?")
+        if ev.get("event") == "protocol-deviation":
+            peer = ev.get("peer")
+            who = f" from pid {peer['pid']} uid {peer['uid']}" if peer else ""
+            what = (
+                f"PROTOCOL DEVIATION ({ev.get('deviation')}): {what} served in state "
+                f"{ev.get('state')}{who}"
+            )
         text = f"{stamp} {ev.get('socket', '')} {what}"
         if "result" in ev:
             text += f" {ev['result']}"
@@ -171,6 +179,10 @@ def render_events(doc: dict[str, Any]) -> str:
             text += f" ({ev['reason']})"
         if ev.get("error"):
             text += f"\n    {ev['error']}"
+        said = (ev.get("socket"), ev.get("conn"), ev.get("deviation"))
+        if ev.get("rule") and said not in ruled:
+            ruled.add(said)
+            text += f"\n    {ev['rule']}"
         for violation in ev.get("violations", ()):
             text += f"\n    VIOLATION {violation.get('kind')}: {violation.get('why', '')}"
         lines.append(text)

@@ -258,6 +258,7 @@ class Backend:
             log,
             peer_pid=peer.pid if peer is not None else None,
             peer_name=_process_name(peer.pid) if peer is not None else None,
+            peer=peer.as_json() if peer is not None else None,
         )
         conn = Connection(number, socket_name, session, peer, log, ledger)
         if self.net is not None:
@@ -371,7 +372,9 @@ class Backend:
                 self._take_map_notes(handled)
             if conn.datapath is not None:
                 conn.datapath.sync(handled)  # before any await: rings follow the request
-            quiet_success = handled.ok and not handled.notes and not handled.injected
+            quiet_success = (
+                handled.ok and not handled.notes and not handled.injected and not handled.deviation
+            )
             if not quiet_success:
                 if handled.disconnect:
                     self.booking.book(handled, conn.ledger, arrived=arrived)

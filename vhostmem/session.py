@@ -20,9 +20,13 @@ Every fd is owned by exactly one place at a time: the receive buffer, a vring sl
 (through the host), or it is closed. :meth:`Session.close` releases everything still held.
 
 States (:class:`SessionState`): ``AWAIT_OWNER`` until SET_OWNER, ``OWNED`` after it. Feature
-queries are legal before SET_OWNER because QEMU asks them first (shared/vectors/); everything
-touching the device needs an owner. An illegal request is answered (a failure ack when one is
-due) and recorded, not fatal. Only broken framing (a size no payload can have) moves the session
+queries are legal before SET_OWNER because QEMU asks them first (shared/vectors/); by the spec
+everything touching the device needs an owner. Real front-ends bend that order where the
+reference back-ends let them, so a request outside :data:`TRANSITIONS` that
+:meth:`Session._deviation` names is served and its ``Handled`` carries the
+:class:`~vhostmem.events.Deviation`; with :attr:`SessionConfig.strict` (``--strict-protocol``)
+it is refused. An illegal request is answered (a failure ack when one is due) and recorded, not
+fatal. Only broken framing (a size no payload can have) moves the session
 to ``ERROR``, after which every call raises :class:`~vhostmem.errors.FramingError`.
 
 Replies follow QEMU's checks (hw/virtio/vhost-user.c ``vhost_user_read_header``,
@@ -46,7 +50,7 @@ from typing import Any, Generic, NoReturn, TypeVar, final
 
 from vhostmem.device import Device, ErrnoHost, H, Host, PartialChange, Vring
 from vhostmem.errors import FramingError, RequestRefused, StateError
-from vhostmem.events import NEED_DATA, Handled, NeedData, TableChange
+from vhostmem.events import NEED_DATA, Deviation, Handled, NeedData, TableChange
 from vhostmem.faults import Fault, FaultPlan
 from vhostmem.protocol import (
     FLAG_NEED_REPLY,
@@ -117,6 +121,28 @@ TRANSITIONS: dict[SessionState, dict[Request, SessionState]] = {
     },
 }
 
+#: The orderings served although vhost-user.rst rules them out (not with SessionConfig.strict).
+#: Each is one a real front-end takes, and both reference back-ends accept it: neither
+#: libvhost-user (subprojects/libvhost-user/libvhost-user.c ``vu_process_message`` dispatches on
+#: the request alone; ``vu_set_owner_exec`` does nothing) nor DPDK (lib/vhost/vhost_user.c
+#: ``vhost_user_msg_handler`` has no state check; ``vhost_user_set_owner`` returns OK) keeps
+#: an owner state.
+_BEFORE_OWNER_SERVED = Deviation(
+    "request-before-owner",
+    SessionState.AWAIT_OWNER.value,
+    "vhost-user.rst has SET_OWNER issued when a connection is established, before the rest; "
+    "served anyway, as libvhost-user and DPDK's vhost library do (DPDK's virtio-user in "
+    "server mode reconnects without SET_OWNER: virtio_user_dev_server_reconnect); "
+    "--strict-protocol refuses it",
+)
+_OWNER_AGAIN_SERVED = Deviation(
+    "owner-again",
+    SessionState.OWNED.value,
+    "vhost-user.rst has one SET_OWNER per connection; a second one is served as a no-op, as "
+    "libvhost-user (vu_set_owner_exec) and DPDK's vhost library (vhost_user_set_owner) do; "
+    "--strict-protocol refuses it",
+)
+
 #: Requests that map memory: the only ones an injected errno fails in the mapping step (through
 #: ErrnoHost); on any other an errno rule stops the request like ``ack=``.
 _MAPPING_REQUESTS = frozenset({Request.SET_MEM_TABLE, Request.ADD_MEM_REG})
@@ -149,6 +175,9 @@ class SessionConfig:
             EVENT_IDX); without it the rings are accepted and pass no traffic.
         dirty_log: offer VHOST_F_LOG_ALL and LOG_SHMFD, so QEMU can migrate the guest (without
             them QEMU 10 refuses: "vhost-user backend lacks VHOST_USER_PROTOCOL_F_LOG_SHMFD").
+        strict: refuse every request the spec's order does not allow (``--strict-protocol``);
+            by default the orderings real front-ends take are served, each with a
+            :class:`~vhostmem.events.Deviation`.
     """
 
     queues: int = 1
@@ -156,6 +185,7 @@ class SessionConfig:
     mem_slots: bool = True
     net: bool = False
     dirty_log: bool = True
+    strict: bool = False
 
     @property
     def features(self) -> int:
@@ -309,6 +339,7 @@ class Session(Generic[H]):
         payload: Payload | None = None
         nfds = len(fds)
         fault: Fault | None = None
+        deviation: Deviation | None = None
         try:
             if header.flags & _HEADER_CHECK_MASK != FLAG_VERSION:
                 self._check_header(header)
@@ -326,7 +357,8 @@ class Session(Generic[H]):
             # Request-keyed tables (see fd_bounds).
             next_state = self._allowed.get(request)  # type: ignore[arg-type]
             if next_state is None:
-                self._refuse_in_state(request)
+                deviation = self._deviation(request)
+                next_state = self.state
             low, high = fd_bounds(request, payload)
             if not low <= nfds <= high:
                 self._refuse_fds(low, high, nfds, payload)
@@ -345,7 +377,9 @@ class Session(Generic[H]):
                 result = route.handler(self, payload, fds)
         except RequestRefused as err:
             self._release(fds)
-            return self._failure(header, payload, err, nfds, fault=fault)
+            failed = self._failure(header, payload, err, nfds, fault=fault)
+            failed.deviation = deviation
+            return failed
         except BaseException:
             self._release(fds)
             raise
@@ -365,6 +399,7 @@ class Session(Generic[H]):
             nfds=nfds,
             injected=None if fault is None else fault.spec,
             delay=0.0 if fault is None else fault.delay,
+            deviation=deviation,
         )
         if self._dirty_log_changed:
             self._dirty_log_changed = False
@@ -496,6 +531,17 @@ class Session(Generic[H]):
             raise RequestRefused(
                 f"header flags 0x{header.flags:x} have the REPLY bit set on a request"
             )
+
+    def _deviation(self, request: Request | int) -> Deviation:
+        """A request the current state does not allow: the deviation it is served with, when
+        real front-ends take it and the reference back-ends accept it (:data:`_BEFORE_OWNER_SERVED`,
+        :data:`_OWNER_AGAIN_SERVED`); otherwise, and always with ``strict``, a StateError."""
+        if not self.config.strict and isinstance(request, Request):
+            if self.state is SessionState.AWAIT_OWNER:
+                return _BEFORE_OWNER_SERVED
+            if request is Request.SET_OWNER:
+                return _OWNER_AGAIN_SERVED
+        self._refuse_in_state(request)
 
     def _refuse_in_state(self, request: Request | int) -> NoReturn:
         """Say why ``request`` is not in the current state's transitions."""

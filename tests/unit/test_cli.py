@@ -353,3 +353,31 @@ def test_qemu_trace_option_is_checked(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit) as exc:
         main(["--socket", "/tmp/never-bound.sock", "--trace-wait", "0"])
     assert exc.value.code == 2
+
+
+def test_strict_protocol_and_deviations_where_people_look(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # SET_FEATURES before SET_OWNER, as DPDK's virtio-user sends it after a reconnect: served
+    # and shown by `vhostmem-ctl events` and the log; refused with --strict-protocol.
+    for flags, want in (((), 0), (("--strict-protocol",), 1)):
+        directory = tmp_path / ("strict" if flags else "lenient")
+        directory.mkdir()
+        backend = start_backend(directory, flags)
+        try:
+            with FakeFrontend.connect(backend.socket) as fe:
+                fe.call(Request.SET_PROTOCOL_FEATURES, 1 << 3, need_reply=False)  # REPLY_ACK
+                fe.reply_ack = True
+                assert fe.ack(Request.SET_FEATURES, 1 << 32) == want, flags
+                assert ctl_main(["--control", backend.control, "events"]) == 0
+        finally:
+            assert backend.stop() == 0
+        out = capsys.readouterr().out
+        deviation = "PROTOCOL DEVIATION (request-before-owner): SET_FEATURES served in state"
+        if want:
+            assert deviation not in out and "is not allowed before SET_OWNER" in out, out
+            assert "PROTOCOL DEVIATION" not in backend.stderr()
+        else:
+            assert deviation in out and "--strict-protocol refuses it" in out, out
+            said = [line for line in backend.stderr().splitlines() if "PROTOCOL DEVIATION" in line]
+            assert len(said) == 1 and f"uid {os.getuid()}" in said[0], said

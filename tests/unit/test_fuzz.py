@@ -150,6 +150,7 @@ CONFIGS = {
     "legacy": SessionConfig(mem_slots=False),
     "legacy-slots4": SessionConfig(mem_slots=False, max_slots=4),
     "queues2": SessionConfig(queues=2),
+    "strict": SessionConfig(strict=True),
 }
 FAULTS = [
     "ADD_MEM_REG:nth=2:errno=ENOMEM",
@@ -501,8 +502,12 @@ class RealHarness:
 Harness = FakeHarness | RealHarness
 
 
-def check_reply(ev: Handled, reply_ack: bool) -> None:
-    """The reply is one QEMU's vhost_user_read_header/process_message_reply accept."""
+def check_reply(ev: Handled, reply_ack: bool, log_shmfd: bool = False) -> None:
+    """The reply is one QEMU's vhost_user_read_header/process_message_reply accept.
+
+    With LOG_SHMFD negotiated (``log_shmfd``) SET_LOG_BASE is always answered with a u64,
+    whatever its flags (hw/virtio/vhost-user.c vhost_user_set_log_base waits for one).
+    """
     if ev.reply:
         header = decode_header(ev.reply[:HEADER_SIZE])
         assert header.flags == 0x5, f"{ev.name}: reply flags 0x{header.flags:x}"
@@ -512,6 +517,10 @@ def check_reply(ev: Handled, reply_ack: bool) -> None:
         assert ev.reply == b"", f"{ev.name}: a reply on a connection about to close"
     elif ev.request in HAS_OWN_REPLY:
         assert ev.reply, f"{ev.name} always gets its own reply, ok or not"
+    elif ev.request == Request.SET_LOG_BASE and log_shmfd:
+        assert len(ev.reply) == HEADER_SIZE + 8, f"{ev.name}: LOG_SHMFD makes it answer a u64"
+        value = int.from_bytes(ev.reply[HEADER_SIZE:], "little")
+        assert (value == 0) == ev.ok, f"{ev.name}: ack {value} for ok={ev.ok} ({ev.error})"
     elif ev.header.need_reply and reply_ack:
         assert len(ev.reply) == HEADER_SIZE + 8, f"{ev.name}: NEED_REPLY under REPLY_ACK gets a u64"
         value = int.from_bytes(ev.reply[HEADER_SIZE:], "little")
@@ -554,6 +563,7 @@ def run_case(case: Case, harness: Harness) -> Outcome:
                 continue
             while True:
                 reply_ack = session.negotiated_reply_ack
+                log_shmfd = bool(session.acked_protocol_features & ProtocolFeature.LOG_SHMFD)
                 before = table_snapshot(session)
                 try:
                     ev = session.next_event()
@@ -566,7 +576,7 @@ def run_case(case: Case, harness: Harness) -> Outcome:
                 assert isinstance(ev, Handled)
                 assert session.state in (SessionState.AWAIT_OWNER, SessionState.OWNED)
                 if reply_ack == session.negotiated_reply_ack:
-                    check_reply(ev, reply_ack)
+                    check_reply(ev, reply_ack, log_shmfd)
                 if not ev.ok:
                     assert table_snapshot(session) == before, (
                         f"failed {ev.name} changed the table: {ev.error}"

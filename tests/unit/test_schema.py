@@ -22,7 +22,7 @@ from vhostmem import journal
 from vhostmem.ctl import ctl_main
 from vhostmem.events import Handled
 from vhostmem.faults import parse_fault
-from vhostmem.protocol import Header, Request, encode_request
+from vhostmem.protocol import Header, Request, VringState, encode_request
 from vhostmem.report import render_events
 from vhostmem.server import Backend, ServerConfig
 from vhostmem.testing import schema
@@ -164,9 +164,25 @@ async def test_every_event_kind_matches_the_schema(tmp_path: Path) -> None:
                 await wait_until(lambda: refusing.booking.events, "the refusal")
                 fe.close()
         refusing.cleanup()
+        # a request before SET_OWNER, served as DPDK's reconnecting virtio-user needs
+        lenient = Backend(ServerConfig())
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                fe = await start_pair(lenient, nursery, "lenient")
+                await in_thread(
+                    fe.send_raw, encode_request(Request.SET_VRING_NUM, VringState(0, 256))
+                )
+                assert await in_thread(fe.call, Request.GET_FEATURES) is not None
+                await wait_until(
+                    lambda: any(e["event"] == "protocol-deviation" for e in lenient.booking.events),
+                    "the deviation",
+                )
+                fe.close()
+                await wait_until(lambda: not lenient.connections(), "the disconnect")
+        lenient.cleanup()
     finally:
         os.close(memfd)
-    events = [*backend.booking.events, *refusing.booking.events]
+    events = [*backend.booking.events, *refusing.booking.events, *lenient.booking.events]
     # what only --tap books (test_datapath drives each end to end): a ring that stopped, a
     # connection whose rings the TAP refused, the TAP handed over when its holder ended
     peer = {"pid": 1, "uid": 0, "gid": 0}
@@ -264,6 +280,14 @@ async def test_every_event_kind_matches_the_schema(tmp_path: Path) -> None:
     assert all(e["peer"]["pid"] == os.getpid() for e in connects)
     [refusal] = [e for e in events if e["event"] == "refused"]
     assert refusal["peer"]["uid"] == os.getuid() and "4242" in refusal["reason"]
+    [deviation] = [e for e in events if e["event"] == "protocol-deviation"]
+    assert (deviation["name"], deviation["deviation"], deviation["state"]) == (
+        "SET_VRING_NUM",
+        "request-before-owner",
+        "await-owner",
+    )
+    assert deviation["peer"] == {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+    assert "SET_OWNER" in deviation["rule"] and "--strict-protocol" in deviation["rule"]
     # vhostmem-ctl events reads every kind
     text = render_events({"version": 1, "events": events})
     for words in (
@@ -275,6 +299,8 @@ async def test_every_event_kind_matches_the_schema(tmp_path: Path) -> None:
         "refused",
         "ring-error",
         "disconnect",
+        "PROTOCOL DEVIATION (request-before-owner): SET_VRING_NUM served in state await-owner "
+        f"from pid {os.getpid()} uid {os.getuid()}",
     ):
         assert words in text, (words, text)
 
@@ -338,3 +364,25 @@ def test_the_readme_shows_one_valid_line_of_each_event_kind() -> None:
     assert sorted(e["event"] for e in lines) == sorted(journal.EVENT_KINDS)
     for line in lines:
         schema.check(line, "event-log")
+
+
+def test_events_say_a_deviation_rule_once_per_connection_and_kind() -> None:
+    def line(conn: int, name: str) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "event": "protocol-deviation",
+            "ts": 1.0,
+            "socket": "s",
+            "conn": conn,
+            "name": name,
+            "deviation": "request-before-owner",
+            "state": "await-owner",
+            "rule": "THE RULE",
+        }
+
+    events = [line(1, "SET_FEATURES"), line(1, "SET_MEM_TABLE"), line(2, "SET_FEATURES")]
+    for doc in events:
+        schema.check(doc, "event-log")
+    text = render_events({"version": 1, "events": events})
+    assert text.count("THE RULE") == 2, text  # conn 1 once, conn 2 once
+    assert text.count("PROTOCOL DEVIATION (request-before-owner)") == 3, text

@@ -8,6 +8,7 @@ process's fds and /proc/self/maps before and after.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import time
@@ -18,7 +19,13 @@ import pytest
 import trio
 
 from vhostmem.control import ControlClient, ControlError, answer
-from vhostmem.protocol import Request, VringState, encode_request
+from vhostmem.protocol import (
+    ProtocolFeature,
+    Request,
+    VirtioFeature,
+    VringState,
+    encode_request,
+)
 from vhostmem.report import render_regions, render_stats
 from vhostmem.server import Backend, Connection, ServerConfig, run
 from vhostmem.session import SessionConfig
@@ -610,3 +617,110 @@ async def test_a_booking_failure_at_disconnect_still_releases_everything() -> No
                 assert backend.mapper.stats.maps == 0
                 assert backend.sockets["pair"] is None
         backend.cleanup()
+
+
+# -- orderings real front-ends take ----------------------------------------------------------------
+
+
+def dpdk_reconnect(fe: FakeFrontend, memfd: int) -> tuple[int, int]:
+    """DPDK 22.11's virtio-user in server mode after the back-end reconnects
+    (drivers/net/virtio/virtio_user/virtio_user_dev.c virtio_user_dev_server_reconnect): the
+    features are negotiated and the device started again, with no SET_OWNER. Returns the acks
+    of SET_FEATURES and SET_MEM_TABLE."""
+    fe.call(Request.GET_FEATURES)
+    fe.call(Request.GET_PROTOCOL_FEATURES)
+    acked = int(ProtocolFeature.REPLY_ACK | ProtocolFeature.STATUS)
+    fe.call(Request.SET_PROTOCOL_FEATURES, acked, need_reply=False)
+    fe.reply_ack = True
+    features = fe.ack(
+        Request.SET_FEATURES, int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES)
+    )
+    return features, fe.set_mem_table([(0, 4 * MiB, 0x7F0000000000, 0, memfd)])
+
+
+async def reconnect_as_dpdk(config: ServerConfig) -> tuple[tuple[int, int], int, Backend]:
+    """Serve :func:`dpdk_reconnect` on one connection; the acks, the regions it mapped, and the
+    back-end after the connection ended."""
+    backend = Backend(config)
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                fe = await start_pair(backend, nursery, "dpdk")
+                memfd = make_memfd(4 * MiB)
+                try:
+                    acks = await in_thread(dpdk_reconnect, fe, memfd)
+                    [conn] = backend.connections()
+                    mapped = len(conn.session.table)
+                finally:
+                    fe.close()
+                    os.close(memfd)
+                await wait_until(lambda: not backend.connections(), "the disconnect")
+                nursery.cancel_scope.cancel()
+    finally:
+        backend.cleanup()
+    return acks, mapped, backend
+
+
+async def test_requests_before_set_owner_are_served_with_a_deviation_event(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="vhostmem")
+    log = tmp_path / "events.jsonl"
+    async with no_leaks():
+        acks, mapped, _ = await reconnect_as_dpdk(ServerConfig(event_log=str(log)))
+    assert acks == (0, 0) and mapped == 1
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    kinds = [(e["event"], e.get("name") or e.get("request")) for e in lines]
+    # each deviation right before its request's own line (SET_FEATURES, quiet, has none)
+    assert kinds == [
+        ("connect", None),
+        ("protocol-deviation", "SET_FEATURES"),
+        ("protocol-deviation", "SET_MEM_TABLE"),
+        ("memory-table", "SET_MEM_TABLE"),
+        ("disconnect", None),
+    ]
+    peer = {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+    for line in lines[1:3]:
+        assert (line["deviation"], line["state"], line["peer"]) == (
+            "request-before-owner",
+            "await-owner",
+            peer,
+        )
+    assert lines[3]["result"] == "ok" and lines[3]["added"] == 1
+    # the log says it once per kind and connection, naming the request, the state and the peer
+    said = [r for r in caplog.records if "PROTOCOL DEVIATION" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING, logging.DEBUG]
+    first = said[0].getMessage()
+    for words in (
+        "(request-before-owner): SET_FEATURES in state await-owner",
+        f"pid {os.getpid()}",
+        f"uid {os.getuid()}",
+        "libvhost-user",
+    ):
+        assert words in first, first
+    assert "SET_MEM_TABLE in state await-owner" in said[1].getMessage()
+
+
+async def test_strict_protocol_refuses_requests_before_set_owner_as_before(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "events.jsonl"
+    config = ServerConfig(event_log=str(log), session=SessionConfig(strict=True))
+    async with no_leaks():
+        acks, mapped, backend = await reconnect_as_dpdk(config)
+    assert acks == (1, 1) and mapped == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["event"] for e in lines] == [
+        "connect",
+        "request-failed",
+        "memory-table",
+        "disconnect",
+    ]
+    assert [(e["error"], e["error_kind"]) for e in lines[1:3]] == [
+        (
+            f"{name}: is not allowed before SET_OWNER (state await-owner; needs SET_OWNER first)",
+            "state",
+        )
+        for name in ("SET_FEATURES", "SET_MEM_TABLE")
+    ]
+    assert backend.counters["errors"] == 2

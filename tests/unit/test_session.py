@@ -241,9 +241,9 @@ def test_set_owner_first_client() -> None:
     assert ev.ok and s.state is SessionState.OWNED
 
 
-def test_memory_before_owner_is_refused_with_failure_ack() -> None:
+def test_memory_before_owner_is_refused_with_failure_ack_when_strict() -> None:
     host = FakeHost()
-    s = Session(SessionConfig(), host)
+    s = Session(SessionConfig(strict=True), host)
     feed(
         s,
         host,
@@ -258,6 +258,38 @@ def test_memory_before_owner_is_refused_with_failure_ack() -> None:
     assert u64(ev.reply) == 1
     assert host.open == set()  # the region's fd was closed
     assert len(s.table) == 0
+    assert ev.deviation is None
+
+
+def test_memory_before_owner_is_served_and_marked() -> None:
+    # DPDK's virtio-user reconnecting in server mode sends no SET_OWNER
+    # (virtio_user_dev_server_reconnect); libvhost-user and DPDK's lib/vhost serve it anyway.
+    host = FakeHost()
+    s = Session(SessionConfig(), host)
+    feed(
+        s,
+        host,
+        encode_request(
+            Request.SET_PROTOCOL_FEATURES,
+            int(ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SLOTS),
+        ),
+    )
+    ev = add(s, host, 0, MiB, 0x7000_0000)
+    assert ev.ok and u64(ev.reply) == 0 and ev.error is None
+    assert ev.deviation is not None
+    assert (ev.deviation.kind, ev.deviation.state) == ("request-before-owner", "await-owner")
+    for words in ("SET_OWNER", "libvhost-user", "DPDK", "--strict-protocol"):
+        assert words in ev.deviation.rule, ev.deviation.rule
+    assert [(r.gpa, r.size) for r in s.table] == [(0, MiB)] and len(host.mapped) == 1
+    assert s.state.value == "await-owner"  # no SET_OWNER came: the state says so
+    [owner] = feed(s, host, encode_request(Request.SET_OWNER, need_reply=True))
+    assert owner.ok and owner.deviation is None and s.state.value == "owned"
+    [again] = feed(s, host, encode_request(Request.SET_OWNER, need_reply=True))
+    assert again.ok and u64(again.reply) == 0
+    assert again.deviation is not None and again.deviation.kind == "owner-again"
+    assert again.deviation.state == "owned"
+    s.close()
+    assert host.open == set() and host.mapped == {}
 
 
 def test_protocol_features_not_offered_refused() -> None:
@@ -544,15 +576,15 @@ def test_ring_start_checks_translation() -> None:
     assert ev.ok and any("running vring 0" in n for n in ev.notes)
 
 
-def test_refusals_say_why_in_each_state() -> None:
+def test_refusals_say_why_in_each_state_when_strict() -> None:
     host = FakeHost()
-    s = Session(SessionConfig(), host)
+    s = Session(SessionConfig(strict=True), host)
     [ev] = feed(s, host, encode_request(Request.SET_VRING_NUM, VringState(0, 256)))
     assert ev.error_kind == "state"
     assert ev.error == (
         "SET_VRING_NUM: is not allowed before SET_OWNER (state await-owner; needs SET_OWNER first)"
     )
-    session, host = qemu_session()
+    session, host = qemu_session(strict=True)
     [ev] = feed(session, host, encode_request(Request.SET_OWNER, need_reply=True))
     assert not ev.ok and ev.error_kind == "state"
     assert ev.error == (

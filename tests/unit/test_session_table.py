@@ -5,7 +5,8 @@ The shape of h11's ``tests/test_io.py``: each case is a list of messages the fro
 or the refusal's kind, the exact reply bytes). Every case runs twice against a :class:`FakeHost`:
 fed one byte at a time (the fds with the message's first byte, where QEMU's ``sendmsg`` puts
 them) and fed one message per chunk; both runs must give the table's outcomes, and when the
-session closes no fd stays open and nothing stays mapped.
+session closes no fd stays open and nothing stays mapped. The cases of :data:`STRICT_CASES` run
+with ``--strict-protocol`` (``SessionConfig(strict=True)``), the rest with the defaults.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .helpers.fakes import FakeHost
 
 MiB = 1 << 20
 CONFIG = SessionConfig()
+STRICT = SessionConfig(strict=True)
 OFFERED_FEATURES = CONFIG.features
 OFFERED_PROTOCOL = CONFIG.protocol_features
 ACKED_PROTOCOL = int(ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SLOTS)
@@ -47,11 +49,13 @@ ACKED_FEATURES = int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES)
 
 @dataclass(frozen=True)
 class Out:
-    """What the session answers to one message: ``kind`` is ``None`` when it succeeded."""
+    """What the session answers to one message: ``kind`` is ``None`` when it succeeded;
+    ``deviation`` the kind of ordering it broke and was served with, if any."""
 
     name: str
     kind: str | None
     reply: bytes
+    deviation: str | None = None
 
 
 #: The framing broke: next_event raises FramingError and the session is in ERROR.
@@ -76,6 +80,11 @@ def region(gpa: int, size: int, uaddr: int, offset: int = 0) -> MemRegMsg:
 def ok(request: Request, reply: bytes | None = None) -> Out:
     """Success; the reply defaults to the zero ack (need_reply with REPLY_ACK negotiated)."""
     return Out(request.name, None, ack(request) if reply is None else reply)
+
+
+def bent(out: Out, deviation: str = "request-before-owner") -> Out:
+    """``out``, for a request served although the spec's order does not allow it."""
+    return Out(out.name, out.kind, out.reply, deviation)
 
 
 def refused(request: Request | int, kind: str, name: str | None = None) -> Out:
@@ -125,16 +134,38 @@ B = region(0x1_0020_0000, 2 * MiB, 0x7F00_0020_0000)
 CASES: dict[str, list[Step]] = {
     "handshake": HANDSHAKE,
     "before-owner": [
-        # No REPLY_ACK negotiated yet: a refusal has no ack to send.
-        (msg(Request.SET_FEATURES, ACKED_FEATURES), 0, Out("SET_FEATURES", "state", b"")),
-        (msg(Request.ADD_MEM_REG, A), 1, Out("ADD_MEM_REG", "state", b"")),
+        # DPDK 22.11 virtio-user in server mode after the back-end reconnects
+        # (virtio_user_dev_server_reconnect): it stops the rings of the old connection, then
+        # negotiates and starts the device, never sending SET_OWNER. Served, each marked.
         (
-            msg(Request.GET_FEATURES),
+            msg(Request.SET_VRING_ENABLE, VringState(0, 0), need_reply=False),
             0,
-            ok(Request.GET_FEATURES, encode_u64_reply(Request.GET_FEATURES, OFFERED_FEATURES)),
+            bent(ok(Request.SET_VRING_ENABLE, b"")),
         ),
-        (msg(Request.SET_OWNER, need_reply=False), 0, ok(Request.SET_OWNER, b"")),
-        (msg(Request.SET_OWNER, need_reply=False), 0, Out("SET_OWNER", "state", b"")),
+        (
+            msg(Request.GET_VRING_BASE, VringState(0, 0), need_reply=False),
+            0,
+            bent(
+                ok(Request.GET_VRING_BASE, encode_reply(Request.GET_VRING_BASE, VringState(0, 0)))
+            ),
+        ),
+        *HANDSHAKE[:3],  # feature queries are legal before SET_OWNER: no deviation
+        (msg(Request.SET_VRING_CALL, VringFile(0, False)), 1, bent(ok(Request.SET_VRING_CALL))),
+        (msg(Request.SET_FEATURES, ACKED_FEATURES), 0, bent(ok(Request.SET_FEATURES))),
+        (
+            msg(Request.SET_MEM_TABLE, MemoryTable((A.region,))),
+            1,
+            bent(ok(Request.SET_MEM_TABLE)),
+        ),
+        # still refused for its own reasons, and marked: it passed the order gate
+        (msg(Request.ADD_MEM_REG, A), 1, bent(refused(Request.ADD_MEM_REG, "overlap-gpa"))),
+        (msg(Request.ADD_MEM_REG, B), 1, bent(ok(Request.ADD_MEM_REG))),
+        # an unknown code is refused as ever, whatever the state
+        (msg(999, b""), 0, refused(999, "protocol", "UNKNOWN(999)")),
+        (msg(Request.SET_OWNER), 0, ok(Request.SET_OWNER)),
+        # a second SET_OWNER is a no-op, as in libvhost-user and DPDK
+        (msg(Request.SET_OWNER), 0, bent(ok(Request.SET_OWNER), "owner-again")),
+        (msg(Request.REM_MEM_REG, A), 0, ok(Request.REM_MEM_REG)),
     ],
     "add-and-remove": [
         *HANDSHAKE,
@@ -235,7 +266,7 @@ CASES: dict[str, list[Step]] = {
         *HANDSHAKE,
         (msg(999, b"\x00" * 8), 0, refused(999, "protocol", "UNKNOWN(999)")),
         (msg(999, b""), 1, refused(999, "protocol", "UNKNOWN(999)")),
-        (msg(Request.SET_OWNER), 0, refused(Request.SET_OWNER, "state")),
+        (msg(Request.SET_OWNER), 0, bent(ok(Request.SET_OWNER), "owner-again")),
     ],
     "bad-payload": [
         *HANDSHAKE,
@@ -266,14 +297,53 @@ CASES: dict[str, list[Step]] = {
 }
 
 
+#: With --strict-protocol every request out of the spec's order is refused, as before there were
+#: leniencies: the same bytes as above, answered with StateErrors.
+STRICT_CASES: dict[str, list[Step]] = {
+    "strict-before-owner": [
+        # No REPLY_ACK negotiated yet: a refusal has no ack to send.
+        (msg(Request.SET_FEATURES, ACKED_FEATURES), 0, Out("SET_FEATURES", "state", b"")),
+        (msg(Request.ADD_MEM_REG, A), 1, Out("ADD_MEM_REG", "state", b"")),
+        (
+            msg(Request.GET_VRING_BASE, VringState(0, 0), need_reply=False),
+            0,
+            Out("GET_VRING_BASE", "state", encode_reply(Request.GET_VRING_BASE, b"")),
+        ),
+        *HANDSHAKE[:3],
+        (
+            msg(Request.SET_VRING_CALL, VringFile(0, False)),
+            1,
+            refused(Request.SET_VRING_CALL, "state"),
+        ),
+        (
+            msg(Request.SET_MEM_TABLE, MemoryTable((A.region,))),
+            1,
+            refused(Request.SET_MEM_TABLE, "state"),
+        ),
+        (msg(Request.SET_OWNER, need_reply=False), 0, ok(Request.SET_OWNER, b"")),
+        (msg(Request.SET_OWNER, need_reply=False), 0, Out("SET_OWNER", "state", b"")),
+        (msg(Request.SET_OWNER), 0, refused(Request.SET_OWNER, "state")),
+        # owned now: the same SET_MEM_TABLE is served
+        (
+            msg(Request.SET_MEM_TABLE, MemoryTable((A.region,))),
+            1,
+            ok(Request.SET_MEM_TABLE),
+        ),
+    ],
+}
+
+
 def outcome(event: Handled) -> Out:
-    return Out(event.name, None if event.ok else event.error_kind, event.reply)
+    deviation = event.deviation.kind if event.deviation is not None else None
+    return Out(event.name, None if event.ok else event.error_kind, event.reply, deviation)
 
 
-def run(steps: list[Step], *, bytewise: bool) -> tuple[list[Out], Session[int], FakeHost]:
+def run(
+    steps: list[Step], *, bytewise: bool, config: SessionConfig = CONFIG
+) -> tuple[list[Out], Session[int], FakeHost]:
     """Feed the steps' messages; return what the session answered, in order."""
     host = FakeHost()
-    session: Session[int] = Session(CONFIG, host)
+    session: Session[int] = Session(config, host)
     outs: list[Out] = []
     for data, nfds, _ in steps:
         fds = [host.new_fd() for _ in range(nfds)]
@@ -297,10 +367,12 @@ def _fds(vring: object) -> list[int]:
 
 
 @pytest.mark.parametrize("bytewise", [True, False], ids=["byte-at-a-time", "whole-messages"])
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [*CASES, *STRICT_CASES])
 def test_session_table(name: str, bytewise: bool) -> None:
-    steps = CASES[name]
-    outs, session, host = run(steps, bytewise=bytewise)
+    steps = CASES.get(name) or STRICT_CASES[name]
+    outs, session, host = run(
+        steps, bytewise=bytewise, config=STRICT if name in STRICT_CASES else CONFIG
+    )
     assert outs == [want for _, _, want in steps]
     held = {fd for vring in session.vrings for fd in _fds(vring)}
     assert host.open == held, "an fd is open that nothing in the session holds"
