@@ -62,6 +62,10 @@ class StalledFrontEnd(VhostMemError):
     """The front-end stopped reading replies."""
 
 
+class ClosedMidMessage(VhostMemError):
+    """The front-end closed the connection with part of a message sent."""
+
+
 @final
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -213,6 +217,8 @@ class Backend:
         )
         self.started = time.time()
         self._numbers = 0
+        #: Why the process is shutting down (``"SIGTERM received"``), once a signal came.
+        self.stopping: str | None = None
         self.faults = FaultPlan()
         self.net: NetDevice | None = None
         for spec in config.inject:
@@ -277,23 +283,34 @@ class Backend:
             peer.uid if peer else "?",
         )
         self.booking.book(journal.connect(socket=socket_name, conn=number, peer=peer))
+        # The reason says who ended the connection: the front-end, or vhostmem and why.
         reason = "front-end closed the connection"
         try:
             await self._loop(conn, stream)
-        except FramingError as err:
-            reason = f"protocol error: {err}"
-            log.error("closing connection: %s", err)
+        except ClosedMidMessage as err:
+            reason = f"front-end closed the connection in the middle of a message ({err})"
+            log.error("%s", reason)
         except trio.BrokenResourceError as err:
             reason = f"front-end went away: {err}"
             log.info("%s", reason)
+        except FramingError as err:
+            reason = f"vhostmem closed the connection (framing error): {err}"
+            log.error("%s", reason)
         except InjectedDisconnect as err:
-            reason = str(err)
-            log.warning("closing connection: %s", err)
+            reason = f"vhostmem closed the connection (fault injection): {err}"
+            log.warning("%s", reason)
+        except StalledFrontEnd as err:
+            reason = f"vhostmem dropped the connection after the send timeout: {err}"
+            log.error("%s", reason)
         except VhostMemError as err:
-            reason = f"error: {err}"
-            log.error("closing connection: %s", err)
+            reason = f"vhostmem closed the connection (error): {err}"
+            log.error("%s", reason)
+        except trio.Cancelled:
+            # Cancellation ends a connection only when the whole back-end stops.
+            reason = "vhostmem shutting down" + (f" ({self.stopping})" if self.stopping else "")
+            raise
         except Exception as err:  # a bug of ours must not take the other sockets down
-            reason = f"internal error: {err!r}"
+            reason = f"vhostmem closed the connection (internal error): {err!r}"
             log.exception("internal error; closing this connection only")
         finally:
             # Nothing here awaits, so cancellation cannot cut the release short. Release
@@ -356,10 +373,7 @@ class Backend:
                 for fd in fds:
                     os.close(fd)
                 if session.buffered:
-                    raise FramingError(
-                        f"connection closed in the middle of a message ({session.buffered} "
-                        "bytes of it received)"
-                    )
+                    raise ClosedMidMessage(f"{session.buffered} bytes of it received")
                 return
             arrived = time.monotonic()  # the batch gap runs from our last reply to this
             session.receive_data(data, fds)
@@ -407,7 +421,7 @@ class Backend:
             self.booking.book(handled, conn.ledger, arrived=arrived)
             raise StalledFrontEnd(
                 f"the front-end has not read its replies for "
-                f"{self.config.send_timeout:g} s (socket buffer full); dropping it"
+                f"{self.config.send_timeout:g} s (socket buffer full; --send-timeout)"
             )
 
     async def serve_listener(self, listener: socket.socket, name: str) -> None:
@@ -516,7 +530,7 @@ async def run(
         async with trio.open_nursery() as nursery:
             # Signals first: a connection may keep the loop busy from its first message on
             # (the linger), and SIGTERM must find trio's handler by then.
-            await nursery.start(_watch_signals, nursery.cancel_scope)
+            await nursery.start(_watch_signals, nursery.cancel_scope, backend)
             if backend.net is not None:
                 backend.net.nursery = nursery
             for follower in backend.booking.followers.values():
@@ -542,14 +556,16 @@ async def run(
 
 
 async def _watch_signals(
-    scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    scope: trio.CancelScope,
+    backend: Backend,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
         async for signum in signals:
-            logger.info(
-                "%s received: releasing everything and exiting", signal.Signals(signum).name
-            )
+            backend.stopping = f"{signal.Signals(signum).name} received"
+            logger.info("%s: releasing everything and exiting", backend.stopping)
             scope.cancel()
             return
 
