@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 #: Messages handled back to back before the connection's task lets others run.
 _YIELD_EVERY = 64
+#: Seconds between attempts to connect to a front-end that does not listen yet (``--connect``).
+_RECONNECT_INTERVAL = 0.1
 
 
 class InjectedDisconnect(VhostMemError):
@@ -449,23 +451,46 @@ class Backend:
         """Connect to a front-end that listens (QEMU ``server=on``), and again after it leaves.
 
         One connection per path at a time: the front-end is the listener here, and it is
-        the one that decides how many back-ends it serves.
+        the one that decides how many back-ends it serves. The log says the first failed
+        attempt and each change of its cause, then the connection with how long it took,
+        never one line per retry.
         """
         self.live.setdefault(path, {})
-        waited = False
+        failed: str | None = None  # why the last attempt failed, None after a success
+        attempts = 0
+        since = time.monotonic()
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            attempts += 1
             try:
                 sock.connect(path)
             except OSError as err:
                 sock.close()
-                if not waited:
-                    logger.info("waiting for a front-end to listen on %s (%s)", path, err.strerror)
-                    waited = True
-                await trio.sleep(0.1)
+                why = err.strerror or str(err)
+                if why != failed:
+                    logger.info(
+                        "cannot connect to %s (%s); retrying every %g s until a front-end "
+                        "listens there",
+                        path,
+                        why,
+                        _RECONNECT_INTERVAL,
+                    )
+                    failed = why
+                await trio.sleep(_RECONNECT_INTERVAL)
                 continue
-            waited = False
+            if attempts > 1:
+                logger.info(
+                    "connected to %s after %d attempts in %.1f s",
+                    path,
+                    attempts,
+                    time.monotonic() - since,
+                )
+            else:
+                logger.info("connected to %s", path)
+            failed = None
             await self.serve_connection(sock, path)
+            logger.info("connecting to %s again", path)
+            attempts, since = 0, time.monotonic()
 
     def refuse_peer(self, peer: Peer | None) -> str | None:
         """Why a peer may not connect (``--allow-uid``), or ``None``."""
@@ -543,11 +568,12 @@ async def run(
                 nursery.start_soon(backend.serve_connected, sock, name)
             for path in config.connect:
                 nursery.start_soon(backend.serve_client, path)
-            logger.info(
-                "listening on %s; control socket %s",
-                ", ".join(name for _, name in bound.listeners) or "(client mode)",
-                config.control,
-            )
+            serving = [
+                *(f"listening on {name}" for _, name in bound.listeners),
+                *(f"serving the connected socket {name}" for _, name in bound.connected),
+                *(f"connecting to {path} (client mode)" for path in config.connect),
+            ]
+            logger.info("%s; control socket %s", "; ".join(serving), config.control)
             task_status.started(backend)
     finally:
         if bound is not None:
