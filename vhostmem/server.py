@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 #: Messages handled back to back before the connection's task lets others run.
 _YIELD_EVERY = 64
+#: Seconds between attempts to connect to a front-end that does not listen yet (``--connect``).
+_RECONNECT_INTERVAL = 0.1
 
 
 class InjectedDisconnect(VhostMemError):
@@ -60,6 +62,10 @@ class InjectedDisconnect(VhostMemError):
 
 class StalledFrontEnd(VhostMemError):
     """The front-end stopped reading replies."""
+
+
+class ClosedMidMessage(VhostMemError):
+    """The front-end closed the connection with part of a message sent."""
 
 
 @final
@@ -213,6 +219,8 @@ class Backend:
         )
         self.started = time.time()
         self._numbers = 0
+        #: Why the process is shutting down (``"SIGTERM received"``), once a signal came.
+        self.stopping: str | None = None
         self.faults = FaultPlan()
         self.net: NetDevice | None = None
         for spec in config.inject:
@@ -277,23 +285,34 @@ class Backend:
             peer.uid if peer else "?",
         )
         self.booking.book(journal.connect(socket=socket_name, conn=number, peer=peer))
+        # The reason says who ended the connection: the front-end, or vhostmem and why.
         reason = "front-end closed the connection"
         try:
             await self._loop(conn, stream)
-        except FramingError as err:
-            reason = f"protocol error: {err}"
-            log.error("closing connection: %s", err)
+        except ClosedMidMessage as err:
+            reason = f"front-end closed the connection in the middle of a message ({err})"
+            log.error("%s", reason)
         except trio.BrokenResourceError as err:
             reason = f"front-end went away: {err}"
             log.info("%s", reason)
+        except FramingError as err:
+            reason = f"vhostmem closed the connection (framing error): {err}"
+            log.error("%s", reason)
         except InjectedDisconnect as err:
-            reason = str(err)
-            log.warning("closing connection: %s", err)
+            reason = f"vhostmem closed the connection (fault injection): {err}"
+            log.warning("%s", reason)
+        except StalledFrontEnd as err:
+            reason = f"vhostmem dropped the connection after the send timeout: {err}"
+            log.error("%s", reason)
         except VhostMemError as err:
-            reason = f"error: {err}"
-            log.error("closing connection: %s", err)
+            reason = f"vhostmem closed the connection (error): {err}"
+            log.error("%s", reason)
+        except trio.Cancelled:
+            # Cancellation ends a connection only when the whole back-end stops.
+            reason = "vhostmem shutting down" + (f" ({self.stopping})" if self.stopping else "")
+            raise
         except Exception as err:  # a bug of ours must not take the other sockets down
-            reason = f"internal error: {err!r}"
+            reason = f"vhostmem closed the connection (internal error): {err!r}"
             log.exception("internal error; closing this connection only")
         finally:
             # Nothing here awaits, so cancellation cannot cut the release short. Release
@@ -356,10 +375,7 @@ class Backend:
                 for fd in fds:
                     os.close(fd)
                 if session.buffered:
-                    raise FramingError(
-                        f"connection closed in the middle of a message ({session.buffered} "
-                        "bytes of it received)"
-                    )
+                    raise ClosedMidMessage(f"{session.buffered} bytes of it received")
                 return
             arrived = time.monotonic()  # the batch gap runs from our last reply to this
             session.receive_data(data, fds)
@@ -407,7 +423,7 @@ class Backend:
             self.booking.book(handled, conn.ledger, arrived=arrived)
             raise StalledFrontEnd(
                 f"the front-end has not read its replies for "
-                f"{self.config.send_timeout:g} s (socket buffer full); dropping it"
+                f"{self.config.send_timeout:g} s (socket buffer full; --send-timeout)"
             )
 
     async def serve_listener(self, listener: socket.socket, name: str) -> None:
@@ -435,23 +451,46 @@ class Backend:
         """Connect to a front-end that listens (QEMU ``server=on``), and again after it leaves.
 
         One connection per path at a time: the front-end is the listener here, and it is
-        the one that decides how many back-ends it serves.
+        the one that decides how many back-ends it serves. The log says the first failed
+        attempt and each change of its cause, then the connection with how long it took,
+        never one line per retry.
         """
         self.live.setdefault(path, {})
-        waited = False
+        failed: str | None = None  # why the last attempt failed, None after a success
+        attempts = 0
+        since = time.monotonic()
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            attempts += 1
             try:
                 sock.connect(path)
             except OSError as err:
                 sock.close()
-                if not waited:
-                    logger.info("waiting for a front-end to listen on %s (%s)", path, err.strerror)
-                    waited = True
-                await trio.sleep(0.1)
+                why = err.strerror or str(err)
+                if why != failed:
+                    logger.info(
+                        "cannot connect to %s (%s); retrying every %g s until a front-end "
+                        "listens there",
+                        path,
+                        why,
+                        _RECONNECT_INTERVAL,
+                    )
+                    failed = why
+                await trio.sleep(_RECONNECT_INTERVAL)
                 continue
-            waited = False
+            if attempts > 1:
+                logger.info(
+                    "connected to %s after %d attempts in %.1f s",
+                    path,
+                    attempts,
+                    time.monotonic() - since,
+                )
+            else:
+                logger.info("connected to %s", path)
+            failed = None
             await self.serve_connection(sock, path)
+            logger.info("connecting to %s again", path)
+            attempts, since = 0, time.monotonic()
 
     def refuse_peer(self, peer: Peer | None) -> str | None:
         """Why a peer may not connect (``--allow-uid``), or ``None``."""
@@ -516,7 +555,7 @@ async def run(
         async with trio.open_nursery() as nursery:
             # Signals first: a connection may keep the loop busy from its first message on
             # (the linger), and SIGTERM must find trio's handler by then.
-            await nursery.start(_watch_signals, nursery.cancel_scope)
+            await nursery.start(_watch_signals, nursery.cancel_scope, backend)
             if backend.net is not None:
                 backend.net.nursery = nursery
             for follower in backend.booking.followers.values():
@@ -529,11 +568,12 @@ async def run(
                 nursery.start_soon(backend.serve_connected, sock, name)
             for path in config.connect:
                 nursery.start_soon(backend.serve_client, path)
-            logger.info(
-                "listening on %s; control socket %s",
-                ", ".join(name for _, name in bound.listeners) or "(client mode)",
-                config.control,
-            )
+            serving = [
+                *(f"listening on {name}" for _, name in bound.listeners),
+                *(f"serving the connected socket {name}" for _, name in bound.connected),
+                *(f"connecting to {path} (client mode)" for path in config.connect),
+            ]
+            logger.info("%s; control socket %s", "; ".join(serving), config.control)
             task_status.started(backend)
     finally:
         if bound is not None:
@@ -542,14 +582,16 @@ async def run(
 
 
 async def _watch_signals(
-    scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    scope: trio.CancelScope,
+    backend: Backend,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
         async for signum in signals:
-            logger.info(
-                "%s received: releasing everything and exiting", signal.Signals(signum).name
-            )
+            backend.stopping = f"{signal.Signals(signum).name} received"
+            logger.info("%s: releasing everything and exiting", backend.stopping)
             scope.cancel()
             return
 

@@ -198,11 +198,32 @@ def test_fd_listening_and_connected(tmp_path: Path) -> None:
         assert proc.wait(20) == 0
 
 
+def wait_line(path: Path, words: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while words not in (path.read_text() if path.exists() else ""):
+        assert time.monotonic() < deadline, f"{words!r} never logged: {path.read_text()}"
+        time.sleep(0.02)
+
+
 def test_connect_mode_retries_until_frontend_listens(tmp_path: Path) -> None:
+    # The log names what client mode connects to, the first failed attempt and each change of
+    # its cause (not every retry), the connection with its attempts, and a reconnect; the
+    # disconnect says who ended the connection.
     path = str(tmp_path / "qemu-server.sock")
-    proc = run_vhostmem("--connect", path, "--control", str(tmp_path / "c.ctl"))
+    stderr = tmp_path / "stderr"
+    events = tmp_path / "events.jsonl"
+    ctl = str(tmp_path / "c.ctl")
+    with open(stderr, "wb") as err:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "vhostmem", "--connect", path, "--control", ctl),
+                *("--event-log", str(events)),
+            ],
+            stderr=err,
+        )
     try:
-        time.sleep(0.5)  # vhostmem is retrying now
+        wait_line(stderr, f"cannot connect to {path} (No such file or directory); retrying")
+        time.sleep(0.5)  # a few more attempts, each 0.1 s apart
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
         listener.listen()
@@ -210,11 +231,25 @@ def test_connect_mode_retries_until_frontend_listens(tmp_path: Path) -> None:
         conn, _ = listener.accept()
         fe = FakeFrontend(conn)
         fe.handshake()
+        listener.close()  # the path stays, refusing: another cause
         fe.close()
-        listener.close()
+        wait_line(stderr, f"cannot connect to {path} (Connection refused); retrying")
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+    log = stderr.read_text()
+    assert f"connecting to {path} (client mode); control socket {ctl}" in log, log
+    assert "listening on" not in log, log
+    [connected] = [line for line in log.splitlines() if f"connected to {path} after" in line]
+    attempts = int(connected.split(" after ")[1].split()[0])
+    assert attempts >= 3, connected
+    assert log.count("cannot connect to") == 2, log  # one per cause, not one per attempt
+    assert "released 0 region(s); front-end closed the connection" in log, log
+    assert f"connecting to {path} again" in log, log
+    [disconnect] = [
+        e for e in map(json.loads, events.read_text().splitlines()) if e["event"] == "disconnect"
+    ]
+    assert disconnect["reason"] == "front-end closed the connection"
 
 
 def test_start_backend_in_client_mode(tmp_path: Path) -> None:

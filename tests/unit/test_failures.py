@@ -312,7 +312,9 @@ async def test_injected_errno_ack_delay_disconnect() -> None:
             fe.close()
             await wait_until(lambda: not backend.connections(), "the connection to end")
     disconnect = next(e for e in backend.booking.events if e.get("event") == "disconnect")
-    assert disconnect["reason"].startswith("ADD_MEM_REG: injected disconnect")
+    assert disconnect["reason"].startswith(
+        "vhostmem closed the connection (fault injection): ADD_MEM_REG: injected disconnect ("
+    )
     assert backend.mapper.stats.maps == 0
     backend.cleanup()
     assert open_fds() == fds_before

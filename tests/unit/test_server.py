@@ -157,7 +157,9 @@ async def test_broken_framing_closes_only_that_connection() -> None:
             reply = await in_thread(good.call, Request.GET_FEATURES)
             assert reply is not None and reply.u64 != 0
             disconnect = [e for e in backend.booking.events if e.get("event") == "disconnect"]
-            assert "cannot be trusted" in disconnect[0]["reason"]
+            reason = disconnect[0]["reason"]
+            assert reason.startswith("vhostmem closed the connection (framing error): ")
+            assert "cannot be trusted" in reason
             good.close()
             bad.close()
             nursery.cancel_scope.cancel()
@@ -175,7 +177,9 @@ async def test_eof_mid_message_is_an_error_and_releases() -> None:
             fe.close()
             await wait_until(lambda: not backend.connections(), "the connection to end")
     reason = next(e for e in backend.booking.events if e.get("event") == "disconnect")["reason"]
-    assert "middle of a message" in reason
+    assert reason == (
+        "front-end closed the connection in the middle of a message (15 bytes of it received)"
+    )
     backend.cleanup()
     assert open_fds() == fds_before
 
@@ -302,6 +306,9 @@ async def test_run_serves_two_front_ends_on_one_socket_at_once(tmp_path: Path) -
     ]
     released = {e["conn"]: e["released"] for e in lines if e.get("event") == "disconnect"}
     assert released == {conn1.number: 5, conn2.number: 5}
+    # vhostmem ended them (no signal here: the cancellation alone), not the front-ends
+    reasons = [e["reason"] for e in lines if e.get("event") == "disconnect"]
+    assert reasons == ["vhostmem shutting down"] * 2
 
 
 async def test_one_front_end_leaving_releases_only_its_own_mappings(tmp_path: Path) -> None:
@@ -724,3 +731,23 @@ async def test_strict_protocol_refuses_requests_before_set_owner_as_before(
         for name in ("SET_FEATURES", "SET_MEM_TABLE")
     ]
     assert backend.counters["errors"] == 2
+
+
+async def test_a_bug_of_ours_ends_only_that_connection_and_says_so() -> None:
+    backend = Backend(ServerConfig())
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            fe = await start_pair(backend, nursery)
+            await in_thread(fe.handshake)
+            [conn] = backend.connections()
+
+            def boom() -> NoReturn:
+                raise RuntimeError("boom")
+
+            conn.session.next_event = boom  # type: ignore[method-assign]
+            fe.send_raw(encode_request(Request.GET_FEATURES))
+            await wait_until(lambda: not backend.connections(), "the connection to end")
+            fe.close()
+    [reason] = [e["reason"] for e in backend.booking.events if e.get("event") == "disconnect"]
+    assert reason == "vhostmem closed the connection (internal error): RuntimeError('boom')"
+    backend.cleanup()
