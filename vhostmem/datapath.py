@@ -607,8 +607,12 @@ class NetAttachment:
                 self.log.info("RARP announcement for %s sent on %s", name, self.device.tap.name)
 
     def _runnable(self, vring: Vring) -> bool:
+        # A live session, owned or not: a vring is started, enabled and placed only by requests
+        # the session served, and it serves them before SET_OWNER where a real front-end sends
+        # them so (DPDK's virtio-user reconnecting in server mode never sends SET_OWNER); with
+        # --strict-protocol it refuses them and the vring never gets here.
         return (
-            self.session.state is SessionState.OWNED
+            self.session.state in (SessionState.AWAIT_OWNER, SessionState.OWNED)
             and vring.started
             and vring.enabled
             and vring.addr is not None

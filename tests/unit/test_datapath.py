@@ -244,10 +244,11 @@ def readable(fd: int) -> bool:
 
 @contextlib.asynccontextmanager
 async def rig(
-    features: int = NET_FEATURES, *, tap: Any = None, idle_before: bool = False
+    features: int = NET_FEATURES, *, tap: Any = None, idle_before: bool = False, owner: bool = True
 ) -> AsyncIterator[Rig]:
     """The back-end with one front-end whose rings run; ``idle_before``: another front-end
-    connected first and only shook hands (a probe, an idle leftover)."""
+    connected first and only shook hands (a probe, an idle leftover); without ``owner`` the
+    front-end never sends SET_OWNER."""
     fds_before = open_fds()
     maps_before = shared_maps()
     backend = Backend(ServerConfig(session=SessionConfig(net=True)))
@@ -261,7 +262,7 @@ async def rig(
                 idle.append(await start_pair(backend, nursery))
                 await in_thread(lambda: idle[0].handshake(features=features))
             fe = await start_pair(backend, nursery)
-            await in_thread(lambda: fe.handshake(features=features))
+            await in_thread(lambda: fe.handshake(features=features, owner=owner))
             for name, (gpa, size, uaddr) in REGIONS.items():
                 assert await in_thread(fe.add_region, gpa, size, uaddr, 0, ram.fds[name]) == 0
             r = Rig(backend, fe, fake, ram)
@@ -304,6 +305,19 @@ async def test_tx_frame_crosses_regions_to_the_tap() -> None:
         assert per_region[0x100000]["bytes"] == 700
         assert per_region[0x400000]["bytes"] == NET_HDR_SIZE
         assert stats["tap"]["tap"] == "faketap"
+
+
+async def test_rings_run_for_a_front_end_that_never_sent_set_owner() -> None:
+    # DPDK's virtio-user reconnecting in server mode sends no SET_OWNER; the session serves
+    # its requests (a protocol-deviation each) and the rings they set up carry traffic.
+    async with rig(owner=False) as r:
+        assert r.conn.session.state.value == "await-owner"
+        frame = bytes(range(200))
+        head = r.send_tx(frame, [(0x400100, NET_HDR_SIZE), (0x1000, len(frame))])
+        assert await wait_until(r.tap.frames, "a frame on the TAP") == [frame]
+        assert await wait_until(r.tx.used, "the used ring") == [(head, 0)]
+        served = {e["name"] for e in r.events("protocol-deviation")}
+        assert {"SET_VRING_KICK", "SET_VRING_ENABLE", "ADD_MEM_REG"} <= served, served
 
 
 async def test_rx_mergeable_frame_spans_two_buffers() -> None:

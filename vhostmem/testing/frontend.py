@@ -191,8 +191,11 @@ class FakeFrontend:
         protocol_features: int = QEMU_PROTOCOL_FEATURES,
         vrings: int = 2,
         features: int = VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES,
+        owner: bool = True,
     ) -> None:
-        """The handshake in QEMU 10's order (shared/vectors/), up to SET_FEATURES."""
+        """The handshake in QEMU 10's order (shared/vectors/), up to SET_FEATURES; without
+        ``owner`` it skips SET_OWNER, as DPDK's virtio-user does when it reconnects in server
+        mode (virtio_user_dev.c, virtio_user_dev_server_reconnect)."""
         offered = self.call(Request.GET_FEATURES)
         assert offered is not None
         offered_proto = self.call(Request.GET_PROTOCOL_FEATURES)
@@ -204,7 +207,8 @@ class FakeFrontend:
             self.call(Request.GET_QUEUE_NUM)
         if wanted & ProtocolFeature.CONFIGURE_MEM_SLOTS:
             self.call(Request.GET_MAX_MEM_SLOTS)
-        self.call(Request.SET_OWNER, need_reply=False)
+        if owner:
+            self.call(Request.SET_OWNER, need_reply=False)
         self.call(Request.GET_FEATURES)
         for index in range(vrings):
             for request in (Request.SET_VRING_CALL, Request.SET_VRING_ERR):
