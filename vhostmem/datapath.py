@@ -37,6 +37,12 @@ Rules that keep guest memory safe while the table changes:
    of its task.
 5. The kick eventfd is dup'ed when a ring starts, so the session may close or replace its own
    copy at any time without pulling an fd out from under a task waiting on it.
+6. A ring whose SET_VRING_BASE differs from its used ring's index resumes at the used index
+   (:meth:`SplitQueue.resume_at_used`: this device completes chains in order, so the used index
+   is where the ring stopped), with a ``protocol-deviation`` event (``vring-base-mismatch``)
+   and a log line once per connection; with ``--strict-protocol`` it starts at the base and an
+   avail index more than a ring ahead of it is a ring error, as before. DPDK's virtio-user
+   sends base 0 for rings it kept running when it reconnects in server mode.
 
 Throughput is bounded per step (``_BUDGET`` chains or frames, then a checkpoint), so the
 connection's control traffic is never starved by a busy ring.
@@ -87,6 +93,15 @@ POLL_INTERVAL = 0.25
 #: Seconds between looks at a ring that has no kick eventfd (VHOST_USER_VRING_NOFD_MASK).
 _NOFD_POLL = 0.001
 _ONE = (1).to_bytes(8, "little")
+#: Why a ring resumes at its used index (rule 6): the ``rule`` of its protocol-deviation event.
+VRING_BASE_RULE = (
+    "vhost-user.rst has SET_VRING_BASE give the next index to process; this device completes "
+    "chains in order, so its used ring says where it stopped, and it resumes there, as "
+    "libvhost-user (vu_set_vring_addr_exec, for a queue processed in order) and DPDK's vhost "
+    "library (translate_ring_addresses) do (DPDK's virtio-user reconnecting in server mode "
+    "sends base 0 for rings it kept running: virtio_user_dev_server_reconnect); "
+    "--strict-protocol starts at the base"
+)
 
 
 class TapLike(Protocol):
@@ -336,6 +351,10 @@ class _Ring:
             )
         finally:
             mem.release()
+        if self.queue.used_idx != self.queue.last_avail_idx and not self.att.session.config.strict:
+            self.att.base_mismatch(self, self.queue.last_avail_idx, self.queue.used_idx)
+            self.queue.resume_at_used()
+            vring.base = self.queue.last_avail_idx
         self.att.log.info(
             "%s running: size %d, desc gpa 0x%x, avail gpa 0x%x, used gpa 0x%x, base %d, "
             "used idx %d%s%s",
@@ -534,6 +553,8 @@ class NetAttachment:
         self.active = False
         #: Its rings were refused and it waits for the TAP (told once, until it gets it).
         self.refused = False
+        #: A vring-base-mismatch was logged on this connection (rule 6; events say each).
+        self.base_mismatch_told = False
         self.region_counters: dict[Region, RegionCounter] = {}
         self.removed = RegionCounter()
         self.mem = RegionMemory(session.table, self.region_counters)
@@ -665,6 +686,37 @@ class NetAttachment:
             return
         self.rings[vring.index] = ring
         self.errors.pop(vring.index, None)
+
+    def base_mismatch(self, ring: _Ring, base: int, used_idx: int) -> None:
+        """Record that ``ring`` resumes at its used index ``used_idx``, not at the front-end's
+        ``base`` (rule 6): an event each time, a log line once per connection."""
+        state = self.session.state.value
+        if not self.base_mismatch_told:
+            self.base_mismatch_told = True
+            peer = self.peer or {}
+            self.log.warning(
+                "PROTOCOL DEVIATION (vring-base-mismatch): %s started with SET_VRING_BASE %d "
+                "but its used ring is at %d, in state %s, from pid %s uid %s; resumed at %d: "
+                "%s; further ones on this connection go to the event log only",
+                ring.name,
+                base,
+                used_idx,
+                state,
+                peer.get("pid", "?"),
+                peer.get("uid", "?"),
+                used_idx,
+                VRING_BASE_RULE,
+            )
+        doc = journal.vring_base_mismatch(
+            socket=self.socket_name,
+            conn=self.conn,
+            peer=self.peer,
+            state=state,
+            rule=VRING_BASE_RULE,
+            vring=ring.index,
+            details={"base": base, "used_idx": used_idx},
+        )
+        self.device.record(doc)
 
     def ring_failed(self, ring: _Ring, err: Exception) -> None:
         """Record a ring error, signal the err eventfd, and keep the ring stopped."""

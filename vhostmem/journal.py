@@ -43,6 +43,7 @@ __all__ = [
     "refused",
     "request",
     "ring_error",
+    "vring_base_mismatch",
 ]
 
 #: The version of the event-log line shape (the schema's ``version`` const).
@@ -290,6 +291,28 @@ def datapath_handover(
     if peer is not None:
         doc["peer"] = dict(peer)
     doc.update(tap=tap, previous=dict(previous))
+    return doc
+
+
+def vring_base_mismatch(
+    *,
+    socket: str,
+    conn: int,
+    peer: Mapping[str, Any] | None,
+    state: str,
+    rule: str,
+    vring: int,
+    details: Mapping[str, Any],
+    ts: float | None = None,
+) -> dict[str, Any]:
+    """A ring started at its used index, not at the SET_VRING_BASE the front-end gave
+    (``--tap``): a ``protocol-deviation`` of kind ``vring-base-mismatch``, ``details`` with
+    ``base`` and ``used_idx``."""
+    doc = _head("protocol-deviation", socket, conn, ts)
+    if peer is not None:
+        doc["peer"] = dict(peer)
+    doc.update(name="SET_VRING_BASE", deviation="vring-base-mismatch", state=state, rule=rule)
+    doc.update(vring=vring, details=dict(details))
     return doc
 
 

@@ -326,6 +326,17 @@ class SplitQueue:
         self._signalled_used = self.used_idx
         self._signalled_valid = False
 
+    def resume_at_used(self) -> None:
+        """Resume where the used ring is, not where the front-end's base said.
+
+        Every chain this device takes is completed in order before the next, so the used
+        index is exactly where processing stopped; libvhost-user does the same for a queue
+        processed in order (``vu_set_vring_addr_exec``), DPDK's vhost library always
+        (lib/vhost/vhost_user.c ``translate_ring_addresses``).
+        """
+        self.last_avail_idx = self.used_idx
+        self._shadow_avail_idx = self.used_idx
+
     # -- memory with context --
 
     def _read(self, gpa: int, length: int, what: str) -> bytes:

@@ -244,14 +244,22 @@ def readable(fd: int) -> bool:
 
 @contextlib.asynccontextmanager
 async def rig(
-    features: int = NET_FEATURES, *, tap: Any = None, idle_before: bool = False, owner: bool = True
+    features: int = NET_FEATURES,
+    *,
+    tap: Any = None,
+    idle_before: bool = False,
+    owner: bool = True,
+    tx_at: int = 0,
+    strict: bool = False,
 ) -> AsyncIterator[Rig]:
     """The back-end with one front-end whose rings run; ``idle_before``: another front-end
     connected first and only shook hands (a probe, an idle leftover); without ``owner`` the
-    front-end never sends SET_OWNER."""
+    front-end never sends SET_OWNER; ``tx_at``: the TX ring's avail and used indexes are there
+    already (the driver ran with another back-end), while SET_VRING_BASE still says 0;
+    ``strict``: --strict-protocol."""
     fds_before = open_fds()
     maps_before = shared_maps()
-    backend = Backend(ServerConfig(session=SessionConfig(net=True)))
+    backend = Backend(ServerConfig(session=SessionConfig(net=True, strict=strict)))
     fake = tap if tap is not None else FakeTap()
     ram = GuestRam()
     idle: list[FakeFrontend] = []
@@ -268,6 +276,10 @@ async def rig(
             r = Rig(backend, fe, fake, ram)
             r.conn = backend.connections()[-1]
             r.nursery = nursery
+            if tx_at:
+                ram.write(TX_LAYOUT.avail + 2, tx_at.to_bytes(2, "little"))
+                ram.write(TX_LAYOUT.used + 2, tx_at.to_bytes(2, "little"))
+                r.tx.avail_idx = r.tx.last_used = tx_at
             await r.start_rings()
             try:
                 yield r
@@ -318,6 +330,35 @@ async def test_rings_run_for_a_front_end_that_never_sent_set_owner() -> None:
         assert await wait_until(r.tx.used, "the used ring") == [(head, 0)]
         served = {e["name"] for e in r.events("protocol-deviation")}
         assert {"SET_VRING_KICK", "SET_VRING_ENABLE", "ADD_MEM_REG"} <= served, served
+
+
+async def test_a_ring_based_behind_its_used_index_resumes_there() -> None:
+    # DPDK's virtio-user reconnecting in server mode: SET_VRING_BASE 0 for a ring whose avail
+    # and used indexes are far past it. The ring resumes at the used index, as DPDK's and
+    # QEMU's reference back-ends do, and says so.
+    async with rig(tx_at=1000) as r:
+        frame = bytes(range(100))
+        head = r.send_tx(frame, [(0x400100, NET_HDR_SIZE), (0x1000, len(frame))])
+        assert await wait_until(r.tap.frames, "a frame on the TAP") == [frame]
+        assert await wait_until(r.tx.used, "the used ring") == [(head, 0)]
+        [dev] = r.events("protocol-deviation")
+        assert (dev["name"], dev["deviation"], dev["vring"], dev["state"]) == (
+            "SET_VRING_BASE",
+            "vring-base-mismatch",
+            1,
+            "owned",
+        )
+        assert dev["details"] == {"base": 0, "used_idx": 1000}
+        assert "translate_ring_addresses" in dev["rule"]
+        assert await r.vring_base(1) == 1001  # where the ring stopped
+        assert not r.events("ring-error")
+
+
+async def test_strict_a_ring_based_behind_its_used_index_is_a_ring_error() -> None:
+    async with rig(tx_at=1000, strict=True) as r:
+        [err] = await wait_until(lambda: r.events("ring-error"), "the ring error")
+        assert err["vring"] == 1 and "1000 ahead of last_avail_idx 0" in err["error"], err
+        assert not r.events("protocol-deviation")
 
 
 async def test_rx_mergeable_frame_spans_two_buffers() -> None:
