@@ -487,5 +487,10 @@ def test_server_mode_survives_a_vhostmem_restart(
             f"{len(refused)} request(s):\n" + "\n".join(refused)
         )
     txonly_window(pmd, second, 1.0)
+    # Served, and said: the requests before SET_OWNER, and the rings' base 0 behind their
+    # used indexes (DPDK kept them running), each a protocol-deviation.
+    kinds = {e["deviation"] for e in events(second, "protocol-deviation")}
+    assert kinds == {"request-before-owner", "vring-base-mismatch"}, kinds
+    assert not events(second, "request-failed") and not events(second, "ring-error")
     assert pmd.stop() == 0
     wait_released(second)
