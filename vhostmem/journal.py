@@ -10,7 +10,9 @@ the package); README "JSON" shows one line of each kind. Rules every builder kee
   ``peer_pid`` likewise, ``error`` on success).
 - A memory-table line (one per SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG, whatever the result)
   always has integer ``added``/``removed``/``kept``, its history numbers (``seq``, ``batch``,
-  ``classification``, ``batching``) and a ``violations`` array, empty on most lines.
+  ``classification``, ``batching``) and a ``violations`` array, empty on most lines; when it
+  mapped regions, ``mapped`` holds them as the table shows them (backing, ``fds_held``, and for
+  hugetlb the pool's ``hugepages_free_at_map``), read when they were mapped.
 - Any other request is booked only when it fails (``request-failed``) or succeeds with notes or
   an injected fault (``request-note``); such lines name it with ``name``, never ``request``, so
   ``select(.request)`` finds memory-table lines only.
@@ -118,6 +120,10 @@ def memory_table(
     doc["added"] = len(change.added) if change else 0
     doc["removed"] = len(change.removed) if change else 0
     doc["kept"] = len(change.kept) if change else 0
+    if change and change.added:
+        # What the shell learned mapping them (backing, fds held, the huge page pool then):
+        # facts of the moment of mapping, whenever the line is booked.
+        doc["mapped"] = [region.as_json() for region in change.added]
     doc.update(record.as_json())
     if fallback:
         doc["fallback"] = fallback
