@@ -37,6 +37,7 @@ __all__ = [
     "connect",
     "datapath_handover",
     "datapath_refused",
+    "datapath_stats",
     "dirty_log",
     "disconnect",
     "memory_table",
@@ -61,6 +62,7 @@ EVENT_KINDS: Final = (
     "datapath-refused",
     "datapath-handover",
     "dirty-log",
+    "datapath-stats",
 )
 
 
@@ -268,6 +270,36 @@ def datapath_handover(
     if peer is not None:
         doc["peer"] = dict(peer)
     doc.update(tap=tap, previous=dict(previous))
+    return doc
+
+
+#: The data path counters a ``datapath-stats`` line carries (running totals of the connection).
+DATAPATH_COUNTERS: Final = (
+    "rx_packets",
+    "rx_bytes",
+    "rx_dropped",
+    "tx_packets",
+    "tx_bytes",
+    "tx_dropped",
+)
+
+
+def datapath_stats(
+    *,
+    socket: str,
+    conn: int,
+    tap: str,
+    counters: Mapping[str, int],
+    interval: float,
+    ts: float | None = None,
+) -> dict[str, Any]:
+    """The data path's running totals (:data:`DATAPATH_COUNTERS`) of a connection that holds
+    the TAP; ``interval``: the seconds the change since its previous line took (a rate is the
+    difference over it)."""
+    doc = _head("datapath-stats", socket, conn, ts)
+    doc["tap"] = tap
+    doc.update({name: counters[name] for name in DATAPATH_COUNTERS})
+    doc["interval"] = interval
     return doc
 
 

@@ -224,8 +224,16 @@ async def test_every_event_kind_matches_the_schema(tmp_path: Path) -> None:
             conn=1,
             peer_pid=None,
         ),
+        journal.datapath_stats(
+            socket="a",
+            conn=1,
+            tap="vhm0",
+            counters=dict.fromkeys(journal.DATAPATH_COUNTERS, 3),
+            interval=1.0,
+            ts=1.0,
+        ),
     ]
-    assert "peer" not in events[-3] and "peer" not in events[-2]["previous"]
+    assert "peer" not in events[-4] and "peer" not in events[-3]["previous"]
     for doc in events:
         schema.check(doc, "event-log")
     assert {e["event"] for e in events} == set(journal.EVENT_KINDS)
