@@ -686,6 +686,23 @@ rect.region{fill:#6a9fd4;stroke:#245;stroke-width:.5}
 rect.violation{fill:#e33;opacity:.8}circle.failure{fill:#e80;stroke:#600}
 line.commit{stroke:#999;stroke-dasharray:2 2}text{font-size:10px}
 table{border-collapse:collapse}td,th{padding:1px 6px;text-align:left;border-bottom:1px solid #ddd}
+[data-seqs]{cursor:pointer}tr.sel{background:#fe8}
+"""
+
+#: The page's one script, inline: a click on a bar, a violation or a failure marks the rows
+#: of the requests it names (``data-seqs``) in the table and scrolls the first into view.
+_SCRIPT: Final = """
+document.addEventListener("click", function (event) {
+  var hit = event.target.closest ? event.target.closest("[data-seqs]") : null;
+  document.querySelectorAll("tr.sel").forEach(function (row) { row.classList.remove("sel"); });
+  if (!hit) { return; }
+  var first = null;
+  hit.getAttribute("data-seqs").split(" ").forEach(function (seq) {
+    var row = document.getElementById("req-" + seq);
+    if (row) { row.classList.add("sel"); first = first || row; }
+  });
+  if (first) { first.scrollIntoView({block: "nearest"}); }
+});
 """
 
 
@@ -703,8 +720,8 @@ def render_html(story: Story, title: str = "vhostmem timeline") -> str:
     """The story as one self-contained HTML page: the verdict, then an SVG with time to the
     right and guest-physical addresses downwards (each interval between region edges gets a
     band, taller for more bytes, so small regions stay visible), one bar per mapping,
-    violations and failed requests marked, then the requests as a table. No script, no
-    external reference."""
+    violations and failed requests marked, then the requests as a table. One inline script
+    (a click on a mark selects its requests' rows), no external reference."""
     e = html.escape
     left, top, width = 150, 30, 900
     bands = _bands(story)
@@ -743,14 +760,22 @@ def render_html(story: Story, title: str = "vhostmem timeline") -> str:
         y0, h = y_range(m.gpa, m.gpa + m.size)
         x0 = x(m.start)
         x1 = x(story.t1 if m.end is None else m.end)
+        backing = ", ".join(
+            f"{key} {human_size(m.info[key]) if key == 'page_size' else m.info[key]}"
+            for key in _BACKING_ARGS
+            if key in m.info
+        )
         tip = (
             f"{m.label()} conn {m.conn}: uaddr 0x{m.uaddr:x} mmap_offset 0x{m.mmap_offset:x}, "
-            f"mapped by #{m.added_by}, "
+            + (f"{backing}, " if backing else "")
+            + f"mapped by #{m.added_by}, "
             + (f"unmapped by #{m.removed_by}" if m.removed_by else "mapped at the end")
         )
+        seqs = " ".join(str(n) for n in (m.added_by, m.removed_by) if n)
         svg.append(
-            f'<rect class="region" x="{x0:.1f}" y="{y0 + 1:.1f}" width="{max(x1 - x0, 2):.1f}" '
-            f'height="{max(h - 2, 2):.1f}"><title>{e(tip)}</title></rect>'
+            f'<rect class="region" data-seqs="{seqs}" x="{x0:.1f}" y="{y0 + 1:.1f}" '
+            f'width="{max(x1 - x0, 2):.1f}" height="{max(h - 2, 2):.1f}">'
+            f"<title>{e(tip)}</title></rect>"
         )
     by_seq = story.by_seq()
     for v in story.violations:
@@ -760,15 +785,18 @@ def render_html(story: Story, title: str = "vhostmem timeline") -> str:
         start = min((r.ts for r in rems), default=end)
         unmapped = v.get("unmapped", {})
         y0, h = y_range(int(unmapped.get("start", 0)), int(unmapped.get("end", 0)))
+        seqs = " ".join(str(r.seq) for r in rems) + (f" {done.seq}" if done else "")
         svg.append(
-            f'<rect class="violation" x="{x(start) - 2:.1f}" y="{y0:.1f}" '
+            f'<rect class="violation" data-seqs="{seqs.strip()}" x="{x(start) - 2:.1f}" '
+            f'y="{y0:.1f}" '
             f'width="{max(x(end) - x(start), 0) + 4:.1f}" height="{h:.1f}">'
             f"<title>{e(str(v['kind']))}: {e(str(v.get('why', '')))}</title></rect>"
         )
     for req in story.requests:
         if not req.ok:
+            seqs = f' data-seqs="{req.seq}"' if req.seq else ""
             svg.append(
-                f'<circle class="failure" cx="{x(req.ts):.1f}" cy="{top - 14}" r="5">'
+                f'<circle class="failure"{seqs} cx="{x(req.ts):.1f}" cy="{top - 14}" r="5">'
                 f"<title>{e(req.name)} failed: {e(str(req.line.get('error', '')))}</title>"
                 "</circle>"
             )
@@ -790,7 +818,8 @@ def render_html(story: Story, title: str = "vhostmem timeline") -> str:
         for v in story.violations
     )
     rows = "".join(
-        f"<tr><td>+{r.ts - story.t0:.6f}</td><td>{e(r.socket)} {r.conn}</td><td>{r.seq or ''}"
+        ("<tr" + (f' id="req-{r.seq}"' if r.seq else "") + ">")
+        + f"<td>+{r.ts - story.t0:.6f}</td><td>{e(r.socket)} {r.conn}</td><td>{r.seq or ''}"
         f"</td><td>{e(r.name)}</td><td>{e(str(r.line.get('result', 'ok')))}</td>"
         f"<td>{e(str(r.line.get('error', r.line.get('classification', ''))))}</td></tr>"
         for r in story.requests
@@ -802,9 +831,11 @@ def render_html(story: Story, title: str = "vhostmem timeline") -> str:
         f"<h1>{e(title)}</h1>{head}"
         f"<p>{story.verdict['failed']} failed request(s); {len(story.mappings)} region "
         f"mapping(s); {len(story.commits)} QEMU commit line(s). Time runs right, guest-physical "
-        "addresses down; hover a bar for its numbers.</p>"
+        "addresses down; hover a bar for its numbers, click it to mark its requests in the "
+        "table.</p>"
         + (f"<ul>{items}</ul>" if items else "")
         + "".join(svg)
         + "<table><tr><th>time</th><th>connection</th><th>seq</th><th>request</th>"
-        f"<th>result</th><th>error / class</th></tr>{rows}</table></body></html>\n"
+        f"<th>result</th><th>error / class</th></tr>{rows}</table>"
+        f"<script>{_SCRIPT}</script></body></html>\n"
     )
