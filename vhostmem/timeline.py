@@ -769,7 +769,13 @@ def render_html(story: Story, title: str = "vhostmem timeline") -> str:
             f"{m.label()} conn {m.conn}: uaddr 0x{m.uaddr:x} mmap_offset 0x{m.mmap_offset:x}, "
             + (f"{backing}, " if backing else "")
             + f"mapped by #{m.added_by}, "
-            + (f"unmapped by #{m.removed_by}" if m.removed_by else "mapped at the end")
+            + (
+                f"unmapped by #{m.removed_by}"
+                if m.removed_by
+                else "mapped at the end"
+                if m.end is None
+                else "unmapped when the connection ended"
+            )
         )
         seqs = " ".join(str(n) for n in (m.added_by, m.removed_by) if n)
         svg.append(

@@ -352,6 +352,8 @@ def test_timeline_of_a_running_vhostmem_and_of_its_event_log(
         assert [e.name for track, e, _ in slices if track == "violations"] == ["merge"]
     checker = _check_html(page.read_text())
     assert checker.classes["rect.violation"] == 1 and checker.classes["rect.region"] == 2
+    # the merged region stayed until the front-end went away
+    assert "mapped by #3, unmapped when the connection ended" in page.read_text()
 
 
 def test_run_guest_writes_the_timeline_of_its_run(
