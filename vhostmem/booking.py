@@ -11,8 +11,9 @@ waits on its connection's :class:`Ledger` until the front-end pauses), and
 
 - **Booking order is reply order.** A quiet success is acked at once and booked later, so the
   event log and the history never cost the front-end's round trip; everything else (a failure,
-  a note, an injected fault, an event) is booked at once, after what every connection left
-  pending, merged by reply time. Lines are stamped with the reply's time, not the booking's.
+  a note, an injected fault, a protocol deviation, an event) is booked at once, after what
+  every connection left pending, merged by reply time. Lines are stamped with the reply's
+  time, not the booking's.
 - **At most** :data:`BOOK_EVERY` **requests wait** on a connection that never pauses.
 - **With QEMU's trace** (``--qemu-trace``) a memory request is booked only once its lines in the
   trace are paired (:class:`~vhostmem.qemu_trace.Pairer`); what follows it waits, in order.
@@ -155,9 +156,10 @@ class Booking:
         An event (a line built by :mod:`vhostmem.journal`: connect, disconnect, a refusal, a
         ring error) is booked now, after what every connection left pending: it happened
         later, and the events stay in time order across connections. A request that succeeded
-        without notes or injected faults waits on its ledger (``replied``: when it was acked)
-        until :meth:`book_pending`, or until :data:`BOOK_EVERY` wait; any other request is
-        booked now, in order. With QEMU's trace a memory request always waits for its lines.
+        without notes, injected faults or a protocol deviation waits on its ledger
+        (``replied``: when it was acked) until :meth:`book_pending`, or until
+        :data:`BOOK_EVERY` wait; any other request is booked now, in order. With QEMU's
+        trace a memory request always waits for its lines.
 
         Args:
             what: the event line, or the handled request.

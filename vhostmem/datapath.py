@@ -46,6 +46,10 @@ Rules that keep guest memory safe while the table changes:
 
 Throughput is bounded per step (``_BUDGET`` chains or frames, then a checkpoint), so the
 connection's control traffic is never starved by a busy ring.
+
+The connection that holds the TAP books its running totals as a ``datapath-stats`` line at
+most once per ``stats_interval`` while they change, and once when it ends: nothing while the
+guest is quiet, no line per packet, and the timeline gets its packets per second.
 """
 
 from __future__ import annotations
@@ -90,6 +94,9 @@ MAX_FRAME = 65535
 #: Seconds a ring waits for a kick (or the TAP) before looking at the ring anyway: the safety
 #: net for a notification lost in a race (EVENT_IDX arming has no memory fence from Python).
 POLL_INTERVAL = 0.25
+#: Seconds at least between two ``datapath-stats`` lines of a connection (its running totals,
+#: booked while they change: a rate for the timeline without a line per packet).
+STATS_INTERVAL = 1.0
 #: Seconds between looks at a ring that has no kick eventfd (VHOST_USER_VRING_NOFD_MASK).
 _NOFD_POLL = 0.001
 _ONE = (1).to_bytes(8, "little")
@@ -423,6 +430,7 @@ class _Ring:
                 wait = step()
             finally:
                 self.att.mem.release()
+            self.att.report_stats()
             await self._next(wait)
 
     def _tx_step(self) -> _Wait:
@@ -581,6 +589,10 @@ class NetAttachment:
             0,
         )
         self._last_drop_log = 0.0
+        #: The totals the last ``datapath-stats`` line carried, and when the change since
+        #: then began (monotonic seconds).
+        self._stats_sent = tuple(self.counters[name] for name in journal.DATAPATH_COUNTERS)
+        self._stats_since = time.monotonic()
         self.closed = False
 
     def count(self, name: str, n: int = 1) -> None:
@@ -593,6 +605,34 @@ class NetAttachment:
         if now - self._last_drop_log >= 1.0:
             self._last_drop_log = now
             self.log.warning("%s (%s so far: %d)", why, name, self.counters[name])
+
+    def report_stats(self, *, final: bool = False) -> None:
+        """Book a ``datapath-stats`` line (the running totals) when they changed and
+        ``stats_interval`` has passed since the change began, or, ``final``, whenever they
+        changed. While nothing moves the interval restarts, so a line's ``interval`` covers
+        the traffic it counts and at most one idle look before it (rings look at least every
+        ``poll_interval``). Rings call it after every step; :meth:`close` with ``final``.
+        Booking failures are logged: they never stop a ring or a release."""
+        now = time.monotonic()
+        counters = self.counters
+        totals = tuple(counters[name] for name in journal.DATAPATH_COUNTERS)
+        if totals == self._stats_sent:
+            self._stats_since = now
+            return
+        if not final and now - self._stats_since < self.device.stats_interval:
+            return
+        doc = journal.datapath_stats(
+            socket=self.socket_name,
+            conn=self.conn,
+            tap=self.device.tap.name,
+            counters=counters,
+            interval=round(now - self._stats_since, 6),
+        )
+        self._stats_sent, self._stats_since = totals, now
+        try:
+            self.device.record(doc)
+        except Exception:
+            self.log.exception("could not book the data path's counters")
 
     # -- the shell's hook --
 
@@ -754,6 +794,8 @@ class NetAttachment:
             ring.stop()
         self.rings.clear()
         self.mem.release()
+        if self.active:
+            self.report_stats(final=True)  # the rings' steps are synchronous: totals are final
         self.device.detach(self)
 
     def as_json(self) -> dict[str, Any]:
@@ -811,6 +853,8 @@ class NetDevice:
         nursery: where ring tasks run; it must outlive every connection. The shell may set
             ``nursery`` later (it opens the TAP before its nursery exists).
         poll_interval: seconds a waiting ring looks at its ring anyway.
+        stats_interval: seconds at least between two ``datapath-stats`` lines of the
+            connection that holds the TAP.
     """
 
     def __init__(
@@ -820,11 +864,13 @@ class NetDevice:
         nursery: trio.Nursery | None = None,
         *,
         poll_interval: float = POLL_INTERVAL,
+        stats_interval: float = STATS_INTERVAL,
     ) -> None:
         self.tap = tap
         self.nursery = nursery
         self.record = record
         self.poll_interval = poll_interval
+        self.stats_interval = stats_interval
         #: The connection whose rings the TAP bridges (the first to start them).
         self.owner: NetAttachment | None = None
         #: Connections whose rings were refused, in refusal order (they wait for the TAP).

@@ -10,7 +10,9 @@ the package); README "JSON" shows one line of each kind. Rules every builder kee
   ``peer_pid`` likewise, ``error`` on success).
 - A memory-table line (one per SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG, whatever the result)
   always has integer ``added``/``removed``/``kept``, its history numbers (``seq``, ``batch``,
-  ``classification``, ``batching``) and a ``violations`` array, empty on most lines.
+  ``classification``, ``batching``) and a ``violations`` array, empty on most lines; when it
+  mapped regions, ``mapped`` holds them as the table shows them (backing, ``fds_held``, and for
+  hugetlb the pool's ``hugepages_free_at_map``), read when they were mapped.
 - Any other request is booked only when it fails (``request-failed``) or succeeds with notes or
   an injected fault (``request-note``); such lines name it with ``name``, never ``request``, so
   ``select(.request)`` finds memory-table lines only.
@@ -35,6 +37,7 @@ __all__ = [
     "connect",
     "datapath_handover",
     "datapath_refused",
+    "datapath_stats",
     "dirty_log",
     "disconnect",
     "memory_table",
@@ -62,6 +65,7 @@ EVENT_KINDS: Final = (
     "datapath-handover",
     "dirty-log",
     "protocol-deviation",
+    "datapath-stats",
 )
 
 
@@ -121,6 +125,10 @@ def memory_table(
     doc["added"] = len(change.added) if change else 0
     doc["removed"] = len(change.removed) if change else 0
     doc["kept"] = len(change.kept) if change else 0
+    if change and change.added:
+        # What the shell learned mapping them (backing, fds held, the huge page pool then):
+        # facts of the moment of mapping, whenever the line is booked.
+        doc["mapped"] = [region.as_json() for region in change.added]
     doc.update(record.as_json())
     if fallback:
         doc["fallback"] = fallback
@@ -313,6 +321,36 @@ def vring_base_mismatch(
         doc["peer"] = dict(peer)
     doc.update(name="SET_VRING_BASE", deviation="vring-base-mismatch", state=state, rule=rule)
     doc.update(vring=vring, details=dict(details))
+    return doc
+
+
+#: The data path counters a ``datapath-stats`` line carries (running totals of the connection).
+DATAPATH_COUNTERS: Final = (
+    "rx_packets",
+    "rx_bytes",
+    "rx_dropped",
+    "tx_packets",
+    "tx_bytes",
+    "tx_dropped",
+)
+
+
+def datapath_stats(
+    *,
+    socket: str,
+    conn: int,
+    tap: str,
+    counters: Mapping[str, int],
+    interval: float,
+    ts: float | None = None,
+) -> dict[str, Any]:
+    """The data path's running totals (:data:`DATAPATH_COUNTERS`) of a connection that holds
+    the TAP; ``interval``: the seconds the change since its previous line took (a rate is the
+    difference over it)."""
+    doc = _head("datapath-stats", socket, conn, ts)
+    doc["tap"] = tap
+    doc.update({name: counters[name] for name in DATAPATH_COUNTERS})
+    doc["interval"] = interval
     return doc
 
 

@@ -159,7 +159,10 @@ class ShellHost:
             "fd_offset": mapping.fd_offset,
             "map_length": mapping.length,
             "address": mapping.address,
+            "fds_held": mapping.fds_held,
         }
+        if mapping.pool is not None:
+            info["hugepages_free_at_map"] = mapping.pool["free"]
         return mapping, info
 
     def unmap_region(self, handle: Mapping) -> None:

@@ -24,8 +24,13 @@ Limits of the inputs, said once here:
   write after sending it (:mod:`vhostmem.qemu_trace`, fact 2), so a line stamped after our
   reply cannot start the slice; that slice, and every slice without a trace, is a marker of
   :data:`MARK_NS` ending at the reply. The slice's ``qemu_write_line`` names the line.
-- A region's backing (file, huge page size) is not on the event-log lines; the region's
-  numbers are (front-end address, file offset), and the mapping slice carries them.
+- A region's backing (kind, file, page size), the fds vhostmem holds for it and, for hugetlb,
+  the free huge pages when it was mapped come from the line's ``mapped`` array; older lines
+  have only the numbers (front-end address, file offset), and the counters they feed are left
+  out. The huge page pool is sampled only when a hugetlb region is mapped.
+- Packets per second come from ``datapath-stats`` lines (``--tap``): running totals with the
+  ``interval`` each change took; the rate holds over that interval and drops to zero after
+  it when the next line does not follow at once (the guest was quiet).
 - Lines recorded before the schema had ``event`` (tests/vectors/qemu-10.0.2-*.events.jsonl)
   are read as successful memory-table requests of one connection.
 
@@ -132,6 +137,8 @@ class Mapped:
             mapped when the log ends.
         added_by: ``seq`` of the request that mapped it.
         removed_by: ``seq`` of the request that unmapped it (0: the connection ended, or never).
+        info: what the line's ``mapped`` says of it (backing, page size, file, ``fds_held``,
+            ``hugepages_free_at_map``); empty for older lines.
     """
 
     socket: str
@@ -144,6 +151,7 @@ class Mapped:
     end: float | None = None
     added_by: int = 0
     removed_by: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[int, int, int, int]:
@@ -289,8 +297,17 @@ def replay(events: Sequence[Mapping[str, Any]], trace: Sequence[TraceLine] = ())
             for m in removed:
                 m.end, m.removed_by = ts, req.seq
                 del table[m.key]
+            facts = {
+                (r["gpa"], r["size"], r["uaddr"], r["mmap_offset"]): r
+                for r in line.get("mapped", ())
+            }
             for k in new:
                 m = Mapped(socket, conn, *k, start=ts, added_by=req.seq)
+                m.info = {
+                    key: value
+                    for key, value in facts.get(k, {}).items()
+                    if key not in ("gpa", "size", "uaddr", "mmap_offset")
+                }
                 table[k] = m
                 added.append(m)
                 story.mappings.append(m)
@@ -407,8 +424,12 @@ class _Builder:
     def instant(self, track: int, ts: float, name: str) -> None:
         self._event(ts, track, "TYPE_INSTANT").name = name
 
-    def counter(self, track: int, ts: float, value: int) -> None:
-        self._event(ts, track, "TYPE_COUNTER").counter_value = value
+    def counter(self, track: int, ts: float, value: float) -> None:
+        event = self._event(ts, track, "TYPE_COUNTER")
+        if isinstance(value, int):
+            event.counter_value = value
+        else:
+            event.double_counter_value = value
 
 
 def _request_args(req: Request) -> dict[str, Any]:
@@ -453,10 +474,12 @@ def build_trace(story: Story) -> bytes:
     Tracks: one per connection (``<socket> conn N``) with every request as a slice and its
     batches on a child track; one per guest-physical region (``GPA 0x..-0x.. (size)``) with a
     slice per mapping; ``violations`` (a slice per violation, named by its kind, from the REM's
-    reply to the re-covering ADD's); counters ``mapped bytes`` and ``regions``; with QEMU's
-    trace, ``QEMU commits`` and ``QEMU memory-table messages``. Each violation is a flow from
-    the REM(s) that removed the memory (``removed_by``) to the ADD that re-covered it
-    (``completed_by``).
+    reply to the re-covering ADD's); counters ``mapped bytes``, ``regions``, ``fds held by
+    mappings`` and ``huge pages free (SIZE)`` (where the lines carry them, see the module
+    docstring) and, with ``datapath-stats`` lines, ``<connection> rx packets/s`` and ``tx
+    packets/s``; with QEMU's trace, ``QEMU commits`` and ``QEMU memory-table messages``.
+    Each violation is a flow from the REM(s) that removed the memory (``removed_by``) to the
+    ADD that re-covered it (``completed_by``).
     """
     b = _Builder()
     by_seq = story.by_seq()
@@ -512,6 +535,7 @@ def build_trace(story: Story) -> bytes:
                 "mapped_by": m.added_by,
                 "unmapped_by": m.removed_by
                 or ("still mapped at the end of the log" if m.end is None else "disconnect"),
+                **{key: m.info[key] for key in _BACKING_ARGS if key in m.info},
             },
         )
     if story.violations:
@@ -533,28 +557,87 @@ def build_trace(story: Story) -> bytes:
                     "unmapped": json.dumps(v.get("unmapped", {}), sort_keys=True),
                 },
             )
-    # Counters: the total over all connections, after every change.
-    bytes_track = b.track("mapped bytes", counter=True)
-    count_track = b.track("regions", counter=True)
-    changes = sorted(
-        [(m.start, 1, m.size) for m in story.mappings]
-        + [(m.end, -1, m.size) for m in story.mappings if m.end is not None]
-    )
-    total = count = 0
-    b.counter(bytes_track, story.t0, 0)
-    b.counter(count_track, story.t0, 0)
-    for ts, sign, size in changes:
-        total += sign * size
-        count += sign
-        b.counter(bytes_track, ts, total)
-        b.counter(count_track, ts, count)
+    _counters(b, story)
+    _packet_rates(b, story)
     _qemu(b, story)
     for ev in story.events:
-        if "ts" in ev:
+        if "ts" in ev and ev.get("event") != "datapath-stats":  # those are counters
             track = b.track(_conn_name(str(ev.get("socket", "")), int(ev.get("conn", 0))))
             b.instant(track, float(ev["ts"]), str(ev.get("event", "?")))
     data: bytes = b.builder.serialize()
     return data
+
+
+#: What a region's mapping slice shows of the line's ``mapped`` entry.
+_BACKING_ARGS: Final = ("backing", "page_size", "file", "fds_held", "hugepages_free_at_map")
+
+
+def _counters(b: _Builder, story: Story) -> None:
+    """``mapped bytes``, ``regions`` and, when the lines say, ``fds held by mappings`` (over
+    all connections, after every change), and ``huge pages free (SIZE)`` per page size,
+    sampled when a hugetlb region was mapped."""
+    bytes_track = b.track("mapped bytes", counter=True)
+    count_track = b.track("regions", counter=True)
+    known_fds = any("fds_held" in m.info for m in story.mappings)
+    fds_track = b.track("fds held by mappings", counter=True) if known_fds else 0
+    changes = sorted(
+        [(m.start, 1, m.size, int(m.info.get("fds_held", 0))) for m in story.mappings]
+        + [
+            (m.end, -1, m.size, int(m.info.get("fds_held", 0)))
+            for m in story.mappings
+            if m.end is not None
+        ],
+        key=lambda change: change[:2],
+    )
+    total = count = fds = 0
+    b.counter(bytes_track, story.t0, 0)
+    b.counter(count_track, story.t0, 0)
+    if known_fds:
+        b.counter(fds_track, story.t0, 0)
+    for ts, sign, size, held in changes:
+        total += sign * size
+        count += sign
+        fds += sign * held
+        b.counter(bytes_track, ts, total)
+        b.counter(count_track, ts, count)
+        if known_fds:
+            b.counter(fds_track, ts, fds)
+    for m in story.mappings:
+        if "hugepages_free_at_map" in m.info:
+            page = human_size(int(m.info.get("page_size", 0)))
+            track = b.track(f"huge pages free ({page})", counter=True)
+            b.counter(track, m.start, int(m.info["hugepages_free_at_map"]))
+
+
+def _packet_rates(b: _Builder, story: Story) -> None:
+    """Packets per second each way from the ``datapath-stats`` lines of each connection: the
+    change of the running total over the line's ``interval``, held over that interval, zero
+    after it unless the next line's interval starts there."""
+    lines: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for ev in story.events:
+        if ev.get("event") == "datapath-stats" and "ts" in ev:
+            lines.setdefault((str(ev.get("socket", "")), int(ev.get("conn", 0))), []).append(ev)
+    for (socket, conn), stats in lines.items():
+        stats.sort(key=lambda ev: float(ev["ts"]))
+        parent = _conn_name(socket, conn)
+        for way in ("rx", "tx"):
+            track = b.track(f"{parent} {way} packets/s", counter=True, parent=parent)
+            before, end = 0, None
+            for i, ev in enumerate(stats):
+                ts, interval = float(ev["ts"]), max(float(ev.get("interval", 0.0)), 0.0)
+                start = ts - interval if end is None else max(ts - interval, end)
+                if end is not None and start > end + _SAME_S:
+                    b.counter(track, end, 0.0)  # quiet between the two lines
+                total = int(ev.get(f"{way}_packets", 0))
+                rate = (total - before) / interval if interval > 0 else 0.0
+                b.counter(track, start, round(rate, 3))
+                before, end = total, ts
+                if i == len(stats) - 1:
+                    b.counter(track, ts, 0.0)
+
+
+#: Seconds within which the next datapath-stats interval counts as starting where one ended.
+_SAME_S: Final = 0.001
 
 
 def _qemu(b: _Builder, story: Story) -> None:
@@ -603,6 +686,23 @@ rect.region{fill:#6a9fd4;stroke:#245;stroke-width:.5}
 rect.violation{fill:#e33;opacity:.8}circle.failure{fill:#e80;stroke:#600}
 line.commit{stroke:#999;stroke-dasharray:2 2}text{font-size:10px}
 table{border-collapse:collapse}td,th{padding:1px 6px;text-align:left;border-bottom:1px solid #ddd}
+[data-seqs]{cursor:pointer}tr.sel{background:#fe8}
+"""
+
+#: The page's one script, inline: a click on a bar, a violation or a failure marks the rows
+#: of the requests it names (``data-seqs``) in the table and scrolls the first into view.
+_SCRIPT: Final = """
+document.addEventListener("click", function (event) {
+  var hit = event.target.closest ? event.target.closest("[data-seqs]") : null;
+  document.querySelectorAll("tr.sel").forEach(function (row) { row.classList.remove("sel"); });
+  if (!hit) { return; }
+  var first = null;
+  hit.getAttribute("data-seqs").split(" ").forEach(function (seq) {
+    var row = document.getElementById("req-" + seq);
+    if (row) { row.classList.add("sel"); first = first || row; }
+  });
+  if (first) { first.scrollIntoView({block: "nearest"}); }
+});
 """
 
 
@@ -620,8 +720,8 @@ def render_html(story: Story, title: str = "vhostmem timeline") -> str:
     """The story as one self-contained HTML page: the verdict, then an SVG with time to the
     right and guest-physical addresses downwards (each interval between region edges gets a
     band, taller for more bytes, so small regions stay visible), one bar per mapping,
-    violations and failed requests marked, then the requests as a table. No script, no
-    external reference."""
+    violations and failed requests marked, then the requests as a table. One inline script
+    (a click on a mark selects its requests' rows), no external reference."""
     e = html.escape
     left, top, width = 150, 30, 900
     bands = _bands(story)
@@ -660,14 +760,28 @@ def render_html(story: Story, title: str = "vhostmem timeline") -> str:
         y0, h = y_range(m.gpa, m.gpa + m.size)
         x0 = x(m.start)
         x1 = x(story.t1 if m.end is None else m.end)
+        backing = ", ".join(
+            f"{key} {human_size(m.info[key]) if key == 'page_size' else m.info[key]}"
+            for key in _BACKING_ARGS
+            if key in m.info
+        )
         tip = (
             f"{m.label()} conn {m.conn}: uaddr 0x{m.uaddr:x} mmap_offset 0x{m.mmap_offset:x}, "
-            f"mapped by #{m.added_by}, "
-            + (f"unmapped by #{m.removed_by}" if m.removed_by else "mapped at the end")
+            + (f"{backing}, " if backing else "")
+            + f"mapped by #{m.added_by}, "
+            + (
+                f"unmapped by #{m.removed_by}"
+                if m.removed_by
+                else "mapped at the end"
+                if m.end is None
+                else "unmapped when the connection ended"
+            )
         )
+        seqs = " ".join(str(n) for n in (m.added_by, m.removed_by) if n)
         svg.append(
-            f'<rect class="region" x="{x0:.1f}" y="{y0 + 1:.1f}" width="{max(x1 - x0, 2):.1f}" '
-            f'height="{max(h - 2, 2):.1f}"><title>{e(tip)}</title></rect>'
+            f'<rect class="region" data-seqs="{seqs}" x="{x0:.1f}" y="{y0 + 1:.1f}" '
+            f'width="{max(x1 - x0, 2):.1f}" height="{max(h - 2, 2):.1f}">'
+            f"<title>{e(tip)}</title></rect>"
         )
     by_seq = story.by_seq()
     for v in story.violations:
@@ -677,15 +791,18 @@ def render_html(story: Story, title: str = "vhostmem timeline") -> str:
         start = min((r.ts for r in rems), default=end)
         unmapped = v.get("unmapped", {})
         y0, h = y_range(int(unmapped.get("start", 0)), int(unmapped.get("end", 0)))
+        seqs = " ".join(str(r.seq) for r in rems) + (f" {done.seq}" if done else "")
         svg.append(
-            f'<rect class="violation" x="{x(start) - 2:.1f}" y="{y0:.1f}" '
+            f'<rect class="violation" data-seqs="{seqs.strip()}" x="{x(start) - 2:.1f}" '
+            f'y="{y0:.1f}" '
             f'width="{max(x(end) - x(start), 0) + 4:.1f}" height="{h:.1f}">'
             f"<title>{e(str(v['kind']))}: {e(str(v.get('why', '')))}</title></rect>"
         )
     for req in story.requests:
         if not req.ok:
+            seqs = f' data-seqs="{req.seq}"' if req.seq else ""
             svg.append(
-                f'<circle class="failure" cx="{x(req.ts):.1f}" cy="{top - 14}" r="5">'
+                f'<circle class="failure"{seqs} cx="{x(req.ts):.1f}" cy="{top - 14}" r="5">'
                 f"<title>{e(req.name)} failed: {e(str(req.line.get('error', '')))}</title>"
                 "</circle>"
             )
@@ -707,7 +824,8 @@ def render_html(story: Story, title: str = "vhostmem timeline") -> str:
         for v in story.violations
     )
     rows = "".join(
-        f"<tr><td>+{r.ts - story.t0:.6f}</td><td>{e(r.socket)} {r.conn}</td><td>{r.seq or ''}"
+        ("<tr" + (f' id="req-{r.seq}"' if r.seq else "") + ">")
+        + f"<td>+{r.ts - story.t0:.6f}</td><td>{e(r.socket)} {r.conn}</td><td>{r.seq or ''}"
         f"</td><td>{e(r.name)}</td><td>{e(str(r.line.get('result', 'ok')))}</td>"
         f"<td>{e(str(r.line.get('error', r.line.get('classification', ''))))}</td></tr>"
         for r in story.requests
@@ -719,9 +837,11 @@ def render_html(story: Story, title: str = "vhostmem timeline") -> str:
         f"<h1>{e(title)}</h1>{head}"
         f"<p>{story.verdict['failed']} failed request(s); {len(story.mappings)} region "
         f"mapping(s); {len(story.commits)} QEMU commit line(s). Time runs right, guest-physical "
-        "addresses down; hover a bar for its numbers.</p>"
+        "addresses down; hover a bar for its numbers, click it to mark its requests in the "
+        "table.</p>"
         + (f"<ul>{items}</ul>" if items else "")
         + "".join(svg)
         + "<table><tr><th>time</th><th>connection</th><th>seq</th><th>request</th>"
-        f"<th>result</th><th>error / class</th></tr>{rows}</table></body></html>\n"
+        f"<th>result</th><th>error / class</th></tr>{rows}</table>"
+        f"<script>{_SCRIPT}</script></body></html>\n"
     )

@@ -18,6 +18,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace
+
+from vhostmem.timeline import build_trace, replay
 
 from ..netns import fresh_tap_and_netns, ip, netns_exists
 from .conftest import GiB, MakeRig, Rig
@@ -57,6 +60,19 @@ def ping_from_namespace(count: int = 3, ns: str = NS) -> str:
     )
     assert received(res.stdout) >= count - 1, res.stdout + res.stderr
     return res.stdout
+
+
+def packet_rates(data: bytes) -> dict[str, list[float]]:
+    """The values of the trace's ``packets/s`` counters, by track name."""
+    trace = Trace()
+    trace.ParseFromString(data)
+    names = {p.track_descriptor.uuid: p.track_descriptor.name for p in trace.packet}
+    rates: dict[str, list[float]] = {}
+    for p in trace.packet:
+        event = p.track_event
+        if p.HasField("track_event") and names[event.track_uuid].endswith(" packets/s"):
+            rates.setdefault(names[event.track_uuid], []).append(event.double_counter_value)
+    return rates
 
 
 def datapath(rig: Rig) -> dict[str, Any]:
@@ -109,3 +125,18 @@ def test_ping_both_ways_through_vhostmem_across_plug_cycles(
     assert rig.backend.stop() == 0, rig.backend.stderr()[-2000:]
     assert not netns_exists(NS)
     assert TAP not in ip("link", "show")
+
+    # the running totals went to the event log (the last line when the connection ended),
+    # and the timeline turns them into packets per second each way
+    lines = rig.backend.log_lines()
+    stats = [e for e in lines if e.get("event") == "datapath-stats"]
+    assert stats and stats[-1]["tap"] == TAP, lines
+    assert (
+        stats[-1]["tx_packets"] >= dp["tx_packets"] and stats[-1]["rx_packets"] >= dp["rx_packets"]
+    )
+    rates = packet_rates(build_trace(replay(lines)))
+    assert sorted(rates) == [
+        f"{rig.backend.socket} conn 1 rx packets/s",
+        f"{rig.backend.socket} conn 1 tx packets/s",
+    ]
+    assert all(max(values) > 0 for values in rates.values()), rates

@@ -13,6 +13,7 @@ Every test has a ``trio.fail_after`` deadline; the blocking front-end runs in a 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import mmap
@@ -39,6 +40,7 @@ from vhostmem.protocol import (
 )
 from vhostmem.server import Backend, ServerConfig
 from vhostmem.session import SessionConfig
+from vhostmem.testing import schema
 from vhostmem.testing.frontend import FakeFrontend, make_memfd
 from vhostmem.virtqueue import NET_HDR, NET_HDR_SIZE, RingLayout, build_net_header
 
@@ -251,12 +253,14 @@ async def rig(
     owner: bool = True,
     tx_at: int = 0,
     strict: bool = False,
+    stats_interval: float = 1.0,
 ) -> AsyncIterator[Rig]:
     """The back-end with one front-end whose rings run; ``idle_before``: another front-end
     connected first and only shook hands (a probe, an idle leftover); without ``owner`` the
     front-end never sends SET_OWNER; ``tx_at``: the TX ring's avail and used indexes are there
     already (the driver ran with another back-end), while SET_VRING_BASE still says 0;
-    ``strict``: --strict-protocol."""
+    ``strict``: --strict-protocol; ``stats_interval``: the data path's (``datapath-stats``
+    lines)."""
     fds_before = open_fds()
     maps_before = shared_maps()
     backend = Backend(ServerConfig(session=SessionConfig(net=True, strict=strict)))
@@ -265,7 +269,13 @@ async def rig(
     idle: list[FakeFrontend] = []
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            backend.net = NetDevice(fake, backend.booking.book, nursery, poll_interval=0.05)
+            backend.net = NetDevice(
+                fake,
+                backend.booking.book,
+                nursery,
+                poll_interval=0.05,
+                stats_interval=stats_interval,
+            )
             if idle_before:
                 idle.append(await start_pair(backend, nursery))
                 await in_thread(lambda: idle[0].handshake(features=features))
@@ -433,6 +443,33 @@ async def test_many_frames_both_ways() -> None:
             frames += await wait_until(r.tap.frames, "TX frames")
         assert frames == sent
         assert await r.vring_base(1) == 40
+
+
+async def test_datapath_stats_are_running_totals_at_most_once_per_interval() -> None:
+    """Traffic for longer than the interval: lines at least an interval apart, each with the
+    totals so far and the seconds they took; the connection's end books the last totals."""
+    interval = 0.2
+    async with rig(stats_interval=interval) as r:
+        assert r.events("datapath-stats") == []  # nothing moved: no line
+        sent = 0
+        start = trio.current_time()
+        while trio.current_time() - start < 4 * interval:
+            r.send_tx(b"x" * 60, [(0x80000 + 0x200 * (sent % 32), NET_HDR_SIZE + 60)])
+            sent += 1
+            await wait_until(r.tap.frames, "the TX frame")
+            await wait_until(r.tx.used, "the TX chain back")
+        backend = r.backend
+        periodic = len(r.events("datapath-stats"))
+    lines = [e for e in backend.booking.events if e.get("event") == "datapath-stats"]
+    assert periodic >= 2 and len(lines) == periodic + 1  # the end adds one
+    assert {(e["tap"], e["conn"]) for e in lines} == {("faketap", 1)}
+    totals = [e["tx_packets"] for e in lines]
+    assert totals == sorted(set(totals)) and totals[-1] == sent
+    assert all(e["rx_packets"] == 0 and e["tx_bytes"] == 60 * e["tx_packets"] for e in lines)
+    assert all(e["interval"] >= interval for e in lines[:-1])
+    assert all(b["ts"] - a["ts"] >= interval * 0.9 for a, b in itertools.pairwise(lines[:-1]))
+    for line in lines:
+        assert schema.problems(line, "event-log") == []
 
 
 # -- errors ----------------------------------------------------------------------------------

@@ -171,6 +171,7 @@ def test_memfd_map_view_read_write_visible_through_memfd(mapper: Mapper) -> None
         os.fstat(fd)
     assert (m.fd_offset, m.remainder, m.length, m.fds_held) == (0, 0, 1 * MiB, 1)
     assert m.backing.kind == "memfd" and m.backing.page_size == mmap.PAGESIZE
+    assert m.pool is None  # no huge page pool behind it
     assert mapper.stats.maps == 1 and mapper.stats.mapped_bytes == 1 * MiB
 
     v = m.view(0x100, 5)
@@ -726,6 +727,8 @@ def test_hugetlb_odd_mmap_offset(hugepages: int, mmap_offset: int) -> None:
     assert m.remainder == mmap_offset % HPAGE
     assert m.length == HPAGE and m.map_base % HPAGE == 0
     assert m.fds_held == 2 and mapper.stats.fds_held == 2
+    # the pool as the shortfall check read it when mapping (MAP_NORESERVE took no page)
+    assert m.pool is not None and m.pool["free"] == free_before == pool()
     base, end = m.map_base, m.map_base + m.length
 
     head, tail = pattern(64, seed=1), pattern(64, seed=2)

@@ -240,8 +240,16 @@ async def test_every_event_kind_matches_the_schema(tmp_path: Path) -> None:
             conn=1,
             peer_pid=None,
         ),
+        journal.datapath_stats(
+            socket="a",
+            conn=1,
+            tap="vhm0",
+            counters=dict.fromkeys(journal.DATAPATH_COUNTERS, 3),
+            interval=1.0,
+            ts=1.0,
+        ),
     ]
-    assert "peer" not in events[-3] and "peer" not in events[-2]["previous"]
+    assert "peer" not in events[-4] and "peer" not in events[-3]["previous"]
     for doc in events:
         schema.check(doc, "event-log")
     assert {e["event"] for e in events} == set(journal.EVENT_KINDS)
@@ -270,6 +278,18 @@ async def test_every_event_kind_matches_the_schema(tmp_path: Path) -> None:
     assert [len(e["violations"]) for e in memory] == [0, 0, 1, 0, 0, 0]
     assert memory[3]["error"].startswith("ADD_MEM_REG") and memory[3]["error_kind"]
     assert "error" not in memory[0] and "region" in memory[0] and "regions" in memory[4]
+    # what each request mapped, with its backing and fds (a memfd: mmap's own fd only)
+    assert [[m["gpa"] for m in e.get("mapped", ())] for e in memory] == [
+        [BASE],
+        [],
+        [BASE],
+        [],
+        [0],
+        [MiB],
+    ]
+    assert {(m["backing"], m["fds_held"]) for e in memory for m in e.get("mapped", ())} == {
+        ("memfd", 1)
+    }
     # a failure of another request is its own kind, named, without "request"
     [failed] = [e for e in events if e["event"] == "request-failed"]
     assert failed["name"] == "UNKNOWN(200)" and "request" not in failed

@@ -268,12 +268,16 @@ def test_check_reports_qemu_missing_with_its_fix(host: Host) -> None:
         "setup-host: busybox-static cpio: MISSING (not installed)\n"
         "  fix: apt-get install -y busybox-static cpio" in out
     )
+    assert (
+        "setup-host: chromium: MISSING (not installed; the timeline page's browser test "
+        "needs it)\n  fix: apt-get install -y chromium" in out
+    )
     assert "setup-host: guest image: MISSING: busybox-static is not installed" in out
     assert (
         "setup-host: dpdk-dev: MISSING (not installed; the DPDK tests run dpdk-testpmd)\n"
         "  fix: apt-get install -y dpdk-dev" in out
     )
-    assert "setup-host: check: 4 thing(s) missing" in out
+    assert "setup-host: check: 5 thing(s) missing" in out
     # Detection only: no install, no apt-get at all, nothing written.
     assert installs(host.calls()) == []
     assert not [c for c in host.calls() if c.startswith("apt-get")]
@@ -384,7 +388,7 @@ def complete_host(host: Host) -> None:
     host.stub("qemu-system-x86_64", stub_qemu("10.0.2"))
     host.stub("qemu-img", "exit 0\n")
     host.stub("dpdk-testpmd", "exit 0\n")
-    host.env["STUB_INSTALLED"] = "busybox-static cpio dpdk-dev"
+    host.env["STUB_INSTALLED"] = "busybox-static cpio chromium dpdk-dev"
     guest_image(host)
 
 
@@ -530,6 +534,7 @@ def test_install_on_a_bare_machine_runs_every_step_to_done(host: Host) -> None:
         f"setup-host: apt: added {host.sources_dir / 'bookworm-backports.list'}",
         "setup-host: qemu: installed QEMU 10.0.2",
         "setup-host: busybox-static cpio: installed",
+        "setup-host: chromium: installed",
         "setup-host: dpdk-dev: installed",
         f"setup-host: guest image: ok ({host.cache / 'vmlinuz'} {host.cache / 'initrd.gz'})",
         "setup-host: done",
@@ -540,6 +545,7 @@ def test_install_on_a_bare_machine_runs_every_step_to_done(host: Host) -> None:
         "apt-get update -qq",
         "apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils",
         "apt-get install -y -qq busybox-static cpio",
+        "apt-get install -y -qq chromium",
         "apt-get install -y -qq dpdk-dev",
     ]
     # and then --check finds everything
@@ -551,7 +557,7 @@ def test_install_on_a_bare_machine_runs_every_step_to_done(host: Host) -> None:
 def test_dpdk_dev_step_checks_for_testpmd_and_installs_it(host: Host) -> None:
     complete_host(host)
     os.unlink(host.bin / "dpdk-testpmd")
-    host.env["STUB_INSTALLED"] = "busybox-static cpio"
+    host.env["STUB_INSTALLED"] = "busybox-static cpio chromium"
     proc = host.run("--check")
     assert proc.returncode == 1
     assert (
@@ -561,14 +567,14 @@ def test_dpdk_dev_step_checks_for_testpmd_and_installs_it(host: Host) -> None:
     assert "setup-host: check: 1 thing(s) missing" in proc.stdout
     assert installs(host.calls()) == []
     # The package without its program (a broken or partial install) is not "ok" either.
-    host.env["STUB_INSTALLED"] = "busybox-static cpio dpdk-dev"
+    host.env["STUB_INSTALLED"] = "busybox-static cpio chromium dpdk-dev"
     proc = host.run("--check")
     assert (
         "setup-host: dpdk-dev: MISSING (installed, but dpdk-testpmd is not on PATH; the DPDK "
         "tests run dpdk-testpmd)"
     ) in proc.stdout
     # Not root: installing names sudo and touches nothing.
-    host.env.update(STUB_INSTALLED="busybox-static cpio", STUB_UID="1000")
+    host.env.update(STUB_INSTALLED="busybox-static cpio chromium", STUB_UID="1000")
     proc = host.run()
     assert proc.returncode == 1
     assert (
@@ -592,3 +598,37 @@ def test_dpdk_dev_step_checks_for_testpmd_and_installs_it(host: Host) -> None:
     assert f"setup-host: dpdk-dev: ok (9.9-stub, {host.bin / 'dpdk-testpmd'})" in (
         host.run("--check").stdout
     )
+
+
+def test_chromium_alone_missing_is_reported_then_installed(host: Host) -> None:
+    complete_host(host)
+    host.env["STUB_INSTALLED"] = "busybox-static cpio dpdk-dev"
+    host.env["STUB_UID"] = "1000"
+    proc = host.run("--check")
+    assert proc.returncode == 1
+    assert (
+        "setup-host: chromium: MISSING (not installed; the timeline page's browser test "
+        "needs it)\n  fix: sudo apt-get install -y chromium\n"
+    ) in proc.stdout
+    assert "setup-host: check: 1 thing(s) missing" in proc.stdout
+    assert installs(host.calls()) == []
+    # Not root: it stops there and says how.
+    proc = host.run()
+    assert proc.returncode == 1
+    assert (
+        f"setup-host: FAILED: installing chromium needs root (apt-get)\n  fix: sudo {SETUP_HOST}"
+    ) in proc.stderr
+    assert installs(host.calls()) == []
+    # As root: one apt-get install, then everything is there.
+    host.env["STUB_UID"] = "0"
+    host.env["STUB_APT_INSTALL"] = "works"
+    proc = host.run()
+    assert proc.returncode == 0, proc.stderr
+    assert "setup-host: chromium: installed" in proc.stdout.splitlines()
+    assert [c for c in host.calls() if c.startswith("apt-get")] == [
+        "apt-get update -qq",
+        "apt-get install -y -qq chromium",
+    ]
+    proc = host.run("--check")
+    assert proc.returncode == 0, proc.stdout
+    assert "setup-host: chromium: ok (9.9-stub)" in proc.stdout

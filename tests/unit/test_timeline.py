@@ -36,6 +36,7 @@ PLUG_EVENTS = VECTORS / "qemu-10.0.2-plug-cycle.events.jsonl"
 PLUG_TRACE = VECTORS / "qemu-10.0.2-plug-cycle.trace.log"
 GIB = 1 << 30
 BASE = 4 * GIB  # the virtio-mem device's memaddr in the recorded runs
+HPAGE = 2 << 20
 
 
 def _plug_cycle() -> Story:
@@ -251,14 +252,25 @@ def _check_html(page: str) -> _Checker:
     checker.close()
     assert checker.errors == [] and checker.stack == []
     assert "http" not in page.lower()
-    assert "<script" not in page.lower()
+    # one inline script, nothing loaded from elsewhere
+    assert page.lower().count("<script") == page.count("<script>") == 1
+    assert " src=" not in page and " href=" not in page
     return checker
 
 
 def test_html_of_the_plug_cycle_has_one_bar_per_region() -> None:
     story = _plug_cycle()
-    checker = _check_html(render_html(story))
+    page = render_html(story)
+    checker = _check_html(page)
     assert checker.classes["rect.region"] == len(story.mappings) == 4
+    # each bar names the requests that mapped and unmapped it; each memory request has a row
+    assert [f'data-seqs="{m.added_by} {m.removed_by}"' in page for m in story.mappings] == [
+        False,
+        True,
+        True,
+        True,
+    ]
+    assert all(f'<tr id="req-{r.seq}">' in page for r in story.requests)
     assert checker.classes["rect.violation"] == 0
     assert "check: clean, no violation in 7 memory-table request(s)" in "".join(checker.text)
 
@@ -340,6 +352,8 @@ def test_timeline_of_a_running_vhostmem_and_of_its_event_log(
         assert [e.name for track, e, _ in slices if track == "violations"] == ["merge"]
     checker = _check_html(page.read_text())
     assert checker.classes["rect.violation"] == 1 and checker.classes["rect.region"] == 2
+    # the merged region stayed until the front-end went away
+    assert "mapped by #3, unmapped when the connection ended" in page.read_text()
 
 
 def test_run_guest_writes_the_timeline_of_its_run(
@@ -359,3 +373,87 @@ def test_run_guest_writes_the_timeline_of_its_run(
     requests = [e for track, e, _ in _slices(names, packets) if track == "vhost-user conn 0"]
     assert len(requests) == len(PLUG_EVENTS.read_text().splitlines()) == 7
     assert _check_html(written[1].read_text()).classes["rect.region"] == 4
+
+
+def _counters(packets: list[Any], names: dict[int, str]) -> dict[str, list[tuple[int, float]]]:
+    """``(ts, value)`` of every counter event, by track name."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for p in packets:
+        event = p.track_event
+        if event.type == TrackEvent.TYPE_COUNTER:
+            value = (
+                event.double_counter_value
+                if event.HasField("double_counter_value")
+                else event.counter_value
+            )
+            out.setdefault(names[event.track_uuid], []).append((p.timestamp, value))
+    return out
+
+
+def test_counters_of_fds_and_huge_pages_come_from_what_each_line_mapped(tmp_path: Path) -> None:
+    """A memfd region (one fd held), a hugetlb one (two: the received fd is kept for peek), the
+    hugetlb one removed: the fds counter follows, the huge page pool is sampled when the
+    hugetlb region was mapped, and each region's track carries its backing."""
+    try:
+        huge = os.memfd_create("timeline-huge", os.MFD_HUGETLB)
+    except OSError as err:
+        pytest.fail(f"cannot create a hugetlb memfd ({err}): this test needs 2 MiB huge pages")
+    os.ftruncate(huge, 2 * HPAGE)
+    memfd = make_memfd(HPAGE)
+    backend = start_backend(tmp_path)
+    fe = FakeFrontend.connect(backend.socket)
+    try:
+        fe.handshake()
+        assert fe.add_region(0, HPAGE, 0x7E0000000000, 0, memfd) == 0
+        assert fe.add_region(BASE, 2 * HPAGE, 0x7F0000000000, 0, huge) == 0
+        assert fe.rem_region(BASE, 2 * HPAGE, 0x7F0000000000) == 0
+        backend.wait_for(lambda: len(backend.memory_events()) == 3, 5, "three memory lines")
+    finally:
+        fe.close()
+        os.close(memfd)
+        os.close(huge)
+        assert backend.stop() == 0
+    lines = backend.memory_events()
+    [mapped] = lines[1]["mapped"]
+    assert (mapped["backing"], mapped["fds_held"]) == ("memfd-hugetlb", 2)
+    out = tmp_path / "run.pftrace"
+    assert ctl_main(["timeline", "--event-log", backend.event_log, "-o", str(out)]) == 0
+    names, packets = _parse(out.read_bytes())
+    counters = _counters(packets, names)
+    # the disconnect releases the last one
+    assert [v for _, v in counters["fds held by mappings"]] == [0, 1, 3, 1, 0]
+    assert counters["huge pages free (2 MiB)"] == [
+        (round(lines[1]["ts"] * 1e9), mapped["hugepages_free_at_map"])
+    ]
+    region = next(e for track, e, _ in _slices(names, packets) if track.startswith("GPA 0x1000"))
+    notes = {a.name: a.string_value or a.int_value for a in region.debug_annotations}
+    assert notes["backing"] == "memfd-hugetlb" and notes["page_size"] == HPAGE
+    assert notes["fds_held"] == 2
+
+
+def test_packets_per_second_from_datapath_stats_lines() -> None:
+    """Two lines a second apart, then a quiet spell and a half-second burst: the rate holds
+    over each line's interval and drops to zero when the next does not follow at once."""
+    from vhostmem import journal
+
+    def stats(ts: float, tx: int, interval: float) -> dict[str, Any]:
+        counters = dict.fromkeys(journal.DATAPATH_COUNTERS, 0) | {"tx_packets": tx}
+        return journal.datapath_stats(
+            socket="/run/vm.sock", conn=1, tap="vhm0", counters=counters, interval=interval, ts=ts
+        )
+
+    lines = [stats(10.0, 100, 1.0), stats(11.0, 300, 1.0), stats(20.0, 350, 0.5)]
+    assert [p for line in lines for p in schema.problems(line, "event-log")] == []
+    names, packets = _parse(build_trace(replay(lines)))
+    counters = _counters(packets, names)
+    s = 1_000_000_000
+    assert counters["/run/vm.sock conn 1 tx packets/s"] == [
+        (9 * s, 100.0),
+        (10 * s, 200.0),
+        (11 * s, 0.0),
+        (round(19.5 * s), 100.0),
+        (20 * s, 0.0),
+    ]
+    assert {v for _, v in counters["/run/vm.sock conn 1 rx packets/s"]} == {0.0}
+    # counters, not instants on the connection's track
+    assert not [p for p in packets if p.track_event.type == TrackEvent.TYPE_INSTANT]

@@ -76,6 +76,9 @@ class Mapping:
         backing: what the fd was.
         fds_held: 1 (stdlib mmap's dup) or 2 (hugetlb: plus the received fd, kept for peek).
         warnings: things that went wrong without failing the mapping (e.g. madvise).
+        pool: hugetlb: the huge page pool of its page size when it was mapped
+            (``{"total", "free", "resv", "surplus"}``, read for the shortfall check); ``None``
+            otherwise, or when sysfs has no such pool.
     """
 
     __slots__ = (
@@ -93,6 +96,7 @@ class Mapping:
         "length",
         "map_base",
         "mmap_offset",
+        "pool",
         "remainder",
         "request",
         "size",
@@ -136,6 +140,7 @@ class Mapping:
         self.address = map_base + self.remainder
         self.backing = backing
         self.warnings = warnings
+        self.pool: dict[str, int] | None = None
 
     # -- introspection --
 
@@ -532,9 +537,11 @@ class Mapper:
         if not hugetlb:
             close_quietly(fd)  # libvhost-user closes the fd right after mmap
         else:
-            short = self._shortfalls(mapping)
+            pools: dict[int, dict[str, int] | None] = {}
+            short = self._shortfalls(mapping, pools)
             if short:
                 mapping.warnings += (short[0].text(),)
+            mapping.pool = pools[page] if page in pools else hugetlb_pool(page)
         return mapping
 
     def _probe_and_refuse(
@@ -576,7 +583,13 @@ class Mapper:
         """
         return self._shortfalls(None)
 
-    def _shortfalls(self, only: Mapping | None) -> list[Shortfall]:
+    def _shortfalls(
+        self, only: Mapping | None, pools: dict[int, dict[str, int] | None] | None = None
+    ) -> list[Shortfall]:
+        """See :meth:`shortfalls`; ``only``: that mapping's entries only. The pools read are
+        left in ``pools`` by page size."""
+        if pools is None:
+            pools = {}
         # (page size, st_dev, st_ino) -> the file's live mappings
         files: dict[tuple[int, int, int], list[Mapping]] = {}
         for m in self._live.values():
@@ -597,7 +610,7 @@ class Mapper:
             sizes.setdefault(page, []).append((maps, spanned, held))
         found: list[Shortfall] = []
         for page, per_file in sizes.items():
-            pool = hugetlb_pool(page)
+            pool = pools[page] = hugetlb_pool(page)
             if pool is None:
                 continue
             lacking = [spanned - min(held, spanned) for _, spanned, held in per_file]

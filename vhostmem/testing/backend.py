@@ -16,9 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, final
 
-from vhostmem.control import ControlClient
+from vhostmem.control import ControlClient, ControlError
 
 __all__ = ["RunningBackend", "start_backend"]
+
+#: Seconds a failing test's timeline waits for a running vhostmem to book what waits.
+_BOOK_TIMEOUT = 2.0
 
 
 @final
@@ -91,6 +94,50 @@ class RunningBackend:
 
     def stderr(self) -> str:
         return Path(self.stderr_path).read_text(encoding="utf-8", errors="replace")
+
+    def write_timeline(self) -> tuple[list[Path], list[str]]:
+        """Write the run's timeline beside the event log (``vhostmem-ctl timeline``):
+        ``NAME.timeline.pftrace`` (Perfetto; needs the ``perfetto`` package, the ``timeline``
+        extra) and ``NAME.timeline.html``, from the event log and, when QEMU wrote it, the
+        trace vhostmem follows. A vhostmem still running books what waits first (it does
+        before answering any control request).
+
+        Returns:
+            The files written, and what could not be written, in words.
+        """
+        from vhostmem.qemu_trace import parse_lines
+        from vhostmem.timeline import build_trace, parse_event_lines, render_html, replay
+
+        if self.process.poll() is None:
+            try:
+                ControlClient(self.control, timeout=_BOOK_TIMEOUT).call("stats")
+            except (ControlError, OSError):
+                pass  # the lines in the file are what there is
+        try:
+            lines = Path(self.event_log).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            lines = []
+        trace = Path(self.qemu_trace) if self.qemu_trace else None
+        story = replay(
+            parse_event_lines(lines),
+            parse_lines(trace.read_text(errors="replace").splitlines())
+            if trace is not None and trace.exists()
+            else [],
+        )
+        base = self.event_log.removesuffix(".events.jsonl") + ".timeline"
+        written: list[Path] = []
+        missing: list[str] = []
+        try:
+            data = build_trace(story)
+        except ImportError as err:
+            missing.append(f"no Perfetto trace: {err} (pip install 'vhostmem[timeline]')")
+        else:
+            Path(base + ".pftrace").write_bytes(data)
+            written.append(Path(base + ".pftrace"))
+        page = Path(base + ".html")
+        page.write_text(render_html(story, f"vhostmem timeline: {self.socket}"), encoding="utf-8")
+        written.append(page)
+        return written, missing
 
     def wait_for(self, predicate: Any, timeout: float, what: str) -> Any:
         """Poll ``predicate()`` until it returns something truthy, or fail naming ``what``."""

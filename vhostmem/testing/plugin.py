@@ -14,6 +14,12 @@ until it accepts; ``vhostmem_factory(args)`` starts one with your options (``--m
 fixture fails the test if vhostmem did not exit cleanly (status 0) or, when the ``jsonschema``
 library is installed, if a line of its event log breaks vhostmem/schemas/event-log.schema.json.
 
+When a test that started a back-end fails, each back-end's timeline is written beside its event
+log, ``NAME.timeline.pftrace`` (open it in ui.perfetto.dev) and ``NAME.timeline.html`` (any
+browser), and their paths are attached to the report: a "vhostmem timeline" section in pytest's
+failure output and ``vhostmem_timeline`` properties in ``--junitxml``, so CI can keep them as
+artifacts. A test that passes writes none.
+
 Exact verdicts: each back-end follows a QEMU trace log at ``backend.qemu_trace`` (batches are
 QEMU's own commits); start your QEMU with ``vhostmem.testing.qemu.trace_args(
 backend.qemu_trace)``. Without those QEMU options every connection says it fell back to the gap
@@ -22,7 +28,7 @@ rule; ``vhostmem_factory(qemu_trace=False)`` turns the trace off.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -30,15 +36,52 @@ import pytest
 from vhostmem.testing import schema
 from vhostmem.testing.backend import RunningBackend, start_backend
 
-__all__ = ["vhostmem_backend", "vhostmem_factory"]
+__all__ = ["pytest_runtest_makereport", "vhostmem_backend", "vhostmem_factory"]
+
+#: The back-ends a test started (the factory's list), and whether their timelines are written.
+_STARTED = pytest.StashKey[list[RunningBackend]]()
+_WRITTEN = pytest.StashKey[bool]()
+
+#: The name of the report section and of the junitxml properties.
+TIMELINE = "vhostmem timeline"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """On the first failed phase of a test that started back-ends, write their timelines
+    and attach the paths to the report (and to the item, so later reports carry them)."""
+    report = yield
+    backends = item.stash.get(_STARTED, [])
+    if report.failed and backends and not item.stash.get(_WRITTEN, False):
+        item.stash[_WRITTEN] = True
+        lines = []
+        for backend in backends:
+            try:
+                written, missing = backend.write_timeline()
+            except Exception as err:  # the test's own failure matters more
+                lines.append(f"{backend.event_log}: no timeline: {err!r}")
+                continue
+            for path in written:
+                prop = ("vhostmem_timeline", str(path))
+                item.user_properties.append(prop)
+                report.user_properties.append(prop)
+                lines.append(str(path))
+            lines += [f"{backend.event_log}: {text}" for text in missing]
+        report.sections.append((TIMELINE, "\n".join(lines)))
+    return report
 
 
 @pytest.fixture
-def vhostmem_factory(tmp_path: Path) -> Iterator[Callable[..., RunningBackend]]:
+def vhostmem_factory(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., RunningBackend]]:
     """A function ``(args=(), name="vu.sock", qemu_trace=True, connect=None) ->
     RunningBackend``; all are stopped at teardown. With ``connect=PATH`` vhostmem connects to
     a front-end listening on PATH (client mode) and ``name`` names its other files."""
     started: list[RunningBackend] = []
+    request.node.stash[_STARTED] = started
 
     def factory(
         args: Sequence[str] = (),
