@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar, final
 
-from vhostmem.device import Device, ErrnoHost, H, Host, PartialChange, Vring
+from vhostmem.device import Device, ErrnoHost, Host, PartialChange, Vring
 from vhostmem.errors import FramingError, RequestRefused, StateError
 from vhostmem.events import NEED_DATA, Handled, NeedData, TableChange
 from vhostmem.faults import Fault, FaultPlan
@@ -76,7 +76,7 @@ from vhostmem.protocol import (
     request_name,
 )
 from vhostmem.receive_buffer import ReceiveBuffer
-from vhostmem.regions import Region
+from vhostmem.regions import H, Region
 
 __all__ = ["TRANSITIONS", "Host", "Session", "SessionConfig", "SessionState", "Vring"]
 
@@ -655,7 +655,7 @@ class Session(Generic[H]):
 
     # -- end of life ----------------------------------------------------------------------------
 
-    def close(self) -> tuple[Region, ...]:
+    def close(self) -> tuple[Region[H], ...]:
         """Release every mapping and fd the session holds; idempotent.
 
         Returns:
