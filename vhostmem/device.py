@@ -407,10 +407,10 @@ class Device(Generic[H]):
             wire.memory_size,
             wire.userspace_addr,
             wire.mmap_offset,
-            handle=handle,
-            file_id=file_id,
-            info=info,
-            seq=self._seq,
+            handle,
+            file_id,
+            info,
+            self._seq,
         )
 
     def _unmap(self, region: Region[H]) -> MappingError | None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any, Generic, TypeVar, final
 
@@ -101,8 +101,7 @@ class Region(Generic[H_co]):
         size: length in bytes.
         uaddr: the front-end's virtual address of the first byte (QEMU ``userspace_addr``).
         mmap_offset: offset of the first byte in the file descriptor that came with it.
-        handle: the shell's mapping object (``None`` for a region never mapped); keyword-only,
-            as are the fields after it.
+        handle: the shell's mapping object (``None`` for a region never mapped).
         file_id: ``(st_dev, st_ino)`` of that file, so an unchanged SET_MEM_TABLE entry can keep
             its mapping; ``None`` when unknown.
         info: what the shell reports about the backing (kind, page size, ...), for people.
@@ -117,7 +116,6 @@ class Region(Generic[H_co]):
     size: int
     uaddr: int
     mmap_offset: int
-    _: KW_ONLY
     handle: H_co
     file_id: tuple[int, int] | None = None
     info: Mapping[str, Any] = field(default_factory=dict)

@@ -216,6 +216,9 @@ class Session(Generic[H]):
         self._features_reply = encode_u64_reply(Request.GET_FEATURES, config.features)
         #: TRANSITIONS of the current state, looked up once per state change, not per request.
         self._allowed = TRANSITIONS[self.state]
+        #: The state is in _ENDED: asked twice per message, so also set once per state change
+        #: (a plain Enum hashes in Python code, enum.py Enum.__hash__).
+        self._ended = False
         self.acked_features = 0
         self.acked_protocol_features = 0
         #: REPLY_ACK negotiated; kept as a bool because every request asks.
@@ -236,7 +239,7 @@ class Session(Generic[H]):
         Raises:
             FramingError: the session is already in ``ERROR`` or ``CLOSED``.
         """
-        if self.state in _ENDED:
+        if self._ended:
             for fd in fds:
                 self.host.close_fd(fd)
             raise FramingError(f"session is {self.state.value}; no more data accepted")
@@ -274,7 +277,7 @@ class Session(Generic[H]):
             FramingError: the framing is broken; the connection must close (the session
                 has released every fd it held for unhandled messages).
         """
-        if self.state in _ENDED:
+        if self._ended:
             raise FramingError(f"session is {self.state.value}")
         have = len(self._received)
         if have < HEADER_SIZE:
@@ -426,6 +429,7 @@ class Session(Generic[H]):
     def _set_state(self, state: SessionState) -> None:
         self.state = state
         self._allowed = TRANSITIONS.get(state, {})
+        self._ended = state in _ENDED
 
     def _injected(
         self, header: Header, payload: Payload | None, fds: list[int], fault: Fault
