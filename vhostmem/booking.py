@@ -321,11 +321,12 @@ class Booking:
             self.counters["errors"] += 1
         log = ledger.log
         if handled.ok:
-            log.debug(
-                "<-- %s ok%s",
-                handled.name,
-                f" ({'; '.join(handled.notes)})" if handled.notes else "",
-            )
+            if log.isEnabledFor(logging.DEBUG):  # its arguments cost more than the check
+                log.debug(
+                    "<-- %s ok%s",
+                    handled.name,
+                    f" ({'; '.join(handled.notes)})" if handled.notes else "",
+                )
         else:
             log.warning("%s failed: %s", handled.name, handled.error)
         for note in handled.notes:

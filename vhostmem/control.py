@@ -111,7 +111,7 @@ class BackendView(Protocol):
     @property
     def booking(self) -> Booking: ...
     def connections(self) -> Sequence[ConnectionView]: ...
-    def regions(self) -> Sequence[tuple[ConnectionView, Region]]: ...
+    def regions(self) -> Sequence[tuple[ConnectionView, Region[RegionMapping]]]: ...
     def refuse_peer(self, peer: Peer | None) -> str | None: ...
 
 
@@ -315,7 +315,7 @@ def _peek_in(session: Session[RegionMapping], gpa: int, length: int) -> dict[str
                 kind="hole",
             )
         take = min(end, region.gpa_end) - at
-        peek = session.device.mapping(region).peek(at - region.gpa, take)
+        peek = region.handle.peek(at - region.gpa, take)
         out += peek.data()
         for chunk in peek.chunks:
             chunks.append(

@@ -84,6 +84,7 @@ from vhostmem.virtqueue import (
 
 if TYPE_CHECKING:
     from vhostmem.events import Handled
+    from vhostmem.mapping import Mapping
 
 __all__ = ["DirtyMarker", "NetAttachment", "NetDevice", "RegionMemory", "TapLike"]
 
@@ -149,12 +150,14 @@ class RegionMemory:
         counters: per-region counters, updated on every translation.
     """
 
-    def __init__(self, table: RegionTable, counters: dict[Region, RegionCounter]) -> None:
+    def __init__(
+        self, table: RegionTable[Mapping], counters: dict[Region[object], RegionCounter]
+    ) -> None:
         self.table = table
         self.counters = counters
-        self._views: dict[Region, memoryview] = {}
+        self._views: dict[Region[Mapping], memoryview] = {}
 
-    def _region(self, at: int, start: int, length: int) -> Region:
+    def _region(self, at: int, start: int, length: int) -> Region[Mapping]:
         region = self.table.lookup_gpa(at)
         if region is None:
             nearest = self.table.neighbours(at)
@@ -174,7 +177,7 @@ class RegionMemory:
         counter.translations += 1
         return region
 
-    def _view(self, region: Region) -> memoryview:
+    def _view(self, region: Region[Mapping]) -> memoryview:
         view = self._views.get(region)
         if view is None:
             view = self._views[region] = region.handle.view(0, region.size)
@@ -242,7 +245,7 @@ class DirtyMarker:
     SET_LOG_BASE while rings run is the one written from the next mark on.
     """
 
-    def __init__(self, device: Device[Any]) -> None:
+    def __init__(self, device: Device[Mapping]) -> None:
         self.device = device
 
     def mark(self, gpa: int, length: int) -> None:
@@ -544,7 +547,7 @@ class NetAttachment:
     def __init__(
         self,
         device: NetDevice,
-        session: Session[Any],
+        session: Session[Mapping],
         *,
         socket_name: str,
         conn: int,
@@ -563,7 +566,7 @@ class NetAttachment:
         self.refused = False
         #: A vring-base-mismatch was logged on this connection (rule 6; events say each).
         self.base_mismatch_told = False
-        self.region_counters: dict[Region, RegionCounter] = {}
+        self.region_counters: dict[Region[object], RegionCounter] = {}
         self.removed = RegionCounter()
         self.mem = RegionMemory(session.table, self.region_counters)
         self.dirty = DirtyMarker(session.device)
@@ -879,7 +882,7 @@ class NetDevice:
 
     def attach(
         self,
-        session: Session[Any],
+        session: Session[Mapping],
         *,
         socket_name: str,
         conn: int,

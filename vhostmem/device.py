@@ -11,8 +11,9 @@ feature and fd gates) and what to answer; the device does what it asks, with the
 in hand, and raises a :class:`~vhostmem.errors.RequestRefused` when it cannot.
 
 The device never maps memory itself: it asks its :class:`Host` (the shell) to map a region,
-unmap it or close an fd, so unit tests can hand it a fake host. ``Host`` is generic over the
-shell's mapping handle, so a region's handle has the shell's type.
+unmap it or close an fd, so unit tests can hand it a fake host. ``Host``, ``Device`` and the
+device's region table are generic over the shell's mapping handle, so a region's handle has the
+shell's type wherever it is read (``region.handle.peek(...)`` in the server's control socket).
 
 Memory-table semantics (DESIGN.md section 4): a failed ADD_MEM_REG leaves nothing mapped and
 nothing in the table; a failed REM_MEM_REG leaves the region; SET_MEM_TABLE replaces the table by
@@ -28,8 +29,9 @@ that region, the next SET_MEM_TABLE or :meth:`Device.close`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, final
+from typing import Any, Generic, Protocol, final
 
 from vhostmem.errors import MappingError, RequestRefused, TableError
 from vhostmem.events import TableChange
@@ -42,16 +44,13 @@ from vhostmem.protocol import (
     VringAddress,
     VringState,
 )
-from vhostmem.regions import Identity, Region, RegionTable, identity
+from vhostmem.regions import H, Identity, Region, RegionTable, identity
 from vhostmem.virtqueue import MAX_QUEUE_SIZE
 
 __all__ = ["LOG_PAGE", "Device", "DirtyLogArea", "ErrnoHost", "Host", "PartialChange", "Vring"]
 
 #: Bytes of guest memory per bit of the dirty log (VHOST_LOG_PAGE, hw/virtio/vhost.c).
 LOG_PAGE = 0x1000
-
-#: The shell's mapping handle (vhostmem.mapping.Mapping in the server; a number in tests).
-H = TypeVar("H")
 
 
 class Host(Protocol[H]):
@@ -151,7 +150,7 @@ class Vring:
 
 @final
 @dataclass(slots=True)
-class DirtyLogArea:
+class DirtyLogArea(Generic[H]):
     """The dirty log of SET_LOG_BASE, mapped (vhost-user.rst "Dirty pages logging").
 
     One bit per :data:`LOG_PAGE` of guest physical memory: page ``p`` is bit ``p % 8`` of byte
@@ -170,7 +169,7 @@ class DirtyLogArea:
 
     size: int
     offset: int
-    handle: Any
+    handle: H
     info: dict[str, Any]
     marked: int = 0
     beyond: int = 0
@@ -212,16 +211,16 @@ class Device(Generic[H]):
 
     def __init__(self, host: Host[H], max_slots: int, vrings: int) -> None:
         self.host = host
-        self.table = RegionTable(max_slots)
+        self.table: RegionTable[H] = RegionTable(max_slots)
         self.vrings = [Vring(i) for i in range(vrings)]
         self.status = 0
         self._seq = 0
         #: The mapped dirty log (SET_LOG_BASE), or ``None``.
-        self.log: DirtyLogArea | None = None
+        self.log: DirtyLogArea[H] | None = None
         #: VHOST_F_LOG_ALL is acked: the data path marks what it writes in :attr:`log`.
         self.log_all = False
         #: Logs whose unmap failed; tried again by the next SET_LOG_BASE and by close.
-        self.stale_logs: list[DirtyLogArea] = []
+        self.stale_logs: list[DirtyLogArea[H]] = []
         #: MAC addresses SEND_RARP asked to announce, not yet sent (the data path sends them).
         self.rarp: list[bytes] = []
 
@@ -322,17 +321,17 @@ class Device(Generic[H]):
         except BaseException:
             self._close_all(fds)
             raise
-        current: dict[Identity, Region] = {}
+        current: dict[Identity, Region[H]] = {}
         # A region an earlier unmap left mapped cannot be kept: its mapping may be half torn
         # down (Mapping.close released it before munmap failed). It goes, with another try.
-        doomed: list[Region] = []
+        doomed: list[Region[H]] = []
         for region in self.table:
             if region.unmap_failed is None:
                 current[region.identity] = region
             else:
                 doomed.append(region)
-        kept: list[Region] = []
-        added: list[Region] = []
+        kept: list[Region[H]] = []
+        added: list[Region[H]] = []
         try:
             for wire in regions:  # fd i belongs to region i (the count was checked)
                 fd = fds.pop(0)  # from here on ours: closed, kept or mapped below
@@ -398,16 +397,9 @@ class Device(Generic[H]):
             )
         return change
 
-    def mapping(self, region: Region) -> H:
-        """The host's handle of ``region``, a region of this device's table, typed as the
-        host's (``Region.handle`` is opaque to the pure table; :meth:`_map` set it from
-        :meth:`Host.map_region`)."""
-        handle: H = region.handle
-        return handle
-
     def _map(
         self, request: Request, wire: MemoryRegion, fd: int, file_id: tuple[int, int] | None
-    ) -> Region:
+    ) -> Region[H]:
         handle, info = self.host.map_region(request.name, wire, fd)
         self._seq += 1
         return Region(
@@ -415,13 +407,13 @@ class Device(Generic[H]):
             wire.memory_size,
             wire.userspace_addr,
             wire.mmap_offset,
+            handle,
             file_id,
             info,
-            handle,
             self._seq,
         )
 
-    def _unmap(self, region: Region) -> MappingError | None:
+    def _unmap(self, region: Region[H]) -> MappingError | None:
         """Unmap ``region``; on failure mark it (:attr:`Region.unmap_failed`) and return why."""
         try:
             self.host.unmap_region(region.handle)
@@ -442,7 +434,7 @@ class Device(Generic[H]):
         """The data path marks what it writes: LOG_ALL acked and a log mapped."""
         return self.log_all and self.log is not None
 
-    def set_log_base(self, log: Log, fd: int | None) -> DirtyLogArea:
+    def set_log_base(self, log: Log, fd: int | None) -> DirtyLogArea[H]:
         """SET_LOG_BASE: map the dirty log from ``fd`` (consumed); it replaces the old one.
 
         The new log is mapped before the old one is unmapped (hw/virtio/vhost.c
@@ -600,7 +592,7 @@ class Device(Generic[H]):
                 )
         return tuple(problems)
 
-    def _rings_in(self, region: Region) -> tuple[str, ...]:
+    def _rings_in(self, region: Region[H]) -> tuple[str, ...]:
         notes = []
         for vring in self.vrings:
             addr = vring.addr
@@ -623,7 +615,7 @@ class Device(Generic[H]):
 
     # -- end of life ----------------------------------------------------------------------------
 
-    def close(self) -> tuple[Region, ...]:
+    def close(self) -> tuple[Region[H], ...]:
         """Release every mapping and fd the device holds.
 
         Returns:
@@ -646,7 +638,7 @@ class Device(Generic[H]):
         return gone
 
 
-def _stuck_text(regions: list[Region], which: str = "old") -> str:
+def _stuck_text(regions: Sequence[Region[object]], which: str = "old") -> str:
     """Words for regions whose unmap failed: how many, each region, then its reason."""
     parts = [
         f"region {region.describe()} stays mapped: {region.unmap_failed}" for region in regions

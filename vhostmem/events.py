@@ -51,9 +51,9 @@ class TableChange:
             region, a ring part in no region); the session passes them on in ``Handled``.
     """
 
-    removed: tuple[Region, ...]
-    added: tuple[Region, ...]
-    kept: tuple[Region, ...]
+    removed: tuple[Region[object], ...]
+    added: tuple[Region[object], ...]
+    kept: tuple[Region[object], ...]
     notes: tuple[str, ...] = ()
 
 

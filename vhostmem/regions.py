@@ -19,17 +19,22 @@ Rules the table enforces, each as a :class:`~vhostmem.errors.TableError` with th
 Look-ups are ``bisect`` over parallel lists of start addresses, so translation costs O(log n)
 and an insert or removal one list move (done in C), which stays flat up to QEMU's 512 slots.
 
-The table is pure: it holds the shell's mapping object as an opaque ``handle`` and never maps,
-unmaps or closes anything itself.
+The table is pure: it holds the shell's mapping object as each region's ``handle`` and never
+maps, unmaps or closes anything itself. Both are generic over the handle's type, so whoever
+reads a handle reads it as the shell's type: ``RegionTable[Mapping]`` in the server,
+``RegionTable[int]`` over the unit tests' fake host, ``Region[None]`` for a region that was
+never mapped (a model, a scratch table). A reader that never looks at the handle takes
+``Region[object]``: ``Region`` is covariant in it, because a handle is set once, when the region
+is built, and never replaced.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Any, final
+from typing import Any, Generic, TypeVar, final
 
 from vhostmem.errors import TableError
 
@@ -42,6 +47,11 @@ __all__ = [
     "human_size",
     "merged_view",
 ]
+
+#: The shell's mapping handle held by a table (vhostmem.mapping.Mapping in the server).
+H = TypeVar("H")
+#: The same, for :class:`Region`, which only hands its handle out (see the module docstring).
+H_co = TypeVar("H_co", covariant=True)
 
 #: Every wire number is a u64 (vhost-user.rst "Memory region description").
 U64_LIMIT = 1 << 64
@@ -83,7 +93,7 @@ def human_size(size: int) -> str:
 # the session's to ``unmap_failed``.
 @final
 @dataclass(slots=True, eq=False)
-class Region:
+class Region(Generic[H_co]):
     """One region as the front-end sent it, plus what the shell learned mapping it.
 
     Attributes:
@@ -91,10 +101,10 @@ class Region:
         size: length in bytes.
         uaddr: the front-end's virtual address of the first byte (QEMU ``userspace_addr``).
         mmap_offset: offset of the first byte in the file descriptor that came with it.
+        handle: the shell's mapping object (``None`` for a region never mapped).
         file_id: ``(st_dev, st_ino)`` of that file, so an unchanged SET_MEM_TABLE entry can keep
             its mapping; ``None`` when unknown.
         info: what the shell reports about the backing (kind, page size, ...), for people.
-        handle: the shell's mapping object; opaque here.
         seq: insertion number within the session, for ordering in reports.
         unmap_failed: why the last attempt to unmap the region failed (the diagnosis), while
             it stays mapped; ``None`` otherwise. A region with it set is still in the process's
@@ -106,9 +116,9 @@ class Region:
     size: int
     uaddr: int
     mmap_offset: int
+    handle: H_co
     file_id: tuple[int, int] | None = None
     info: Mapping[str, Any] = field(default_factory=dict)
-    handle: Any = None
     seq: int = 0
     unmap_failed: str | None = None
 
@@ -182,7 +192,7 @@ def validate_numbers(gpa: int, size: int, uaddr: int, mmap_offset: int) -> None:
 
 
 @final
-class RegionTable:
+class RegionTable(Generic[H]):
     """Regions sorted by GPA, with a second index by front-end address.
 
     Args:
@@ -191,38 +201,38 @@ class RegionTable:
 
     def __init__(self, max_slots: int) -> None:
         self.max_slots = max_slots
-        self._by_gpa: list[Region] = []
+        self._by_gpa: list[Region[H]] = []
         self._gpa_starts: list[int] = []
-        self._by_uaddr: list[Region] = []
+        self._by_uaddr: list[Region[H]] = []
         self._uaddr_starts: list[int] = []
-        self._unreleased: list[Region] = []
+        self._unreleased: list[Region[H]] = []
 
     def __len__(self) -> int:
         return len(self._by_gpa)
 
-    def __iter__(self) -> Iterator[Region]:
+    def __iter__(self) -> Iterator[Region[H]]:
         return iter(self._by_gpa)
 
     @property
-    def regions(self) -> tuple[Region, ...]:
+    def regions(self) -> tuple[Region[H], ...]:
         """All regions, by GPA."""
         return tuple(self._by_gpa)
 
     @property
-    def unreleased(self) -> tuple[Region, ...]:
+    def unreleased(self) -> tuple[Region[H], ...]:
         """Regions the front-end's table no longer has whose unmap failed: still mapped, each
         marked (:attr:`Region.unmap_failed`). They take no part in translation, overlap or slot
         checks (the front-end may already reuse their addresses), only in :attr:`mapped`."""
         return tuple(self._unreleased)
 
     @property
-    def mapped(self) -> tuple[Region, ...]:
+    def mapped(self) -> tuple[Region[H], ...]:
         """Every region still mapped: the table and :attr:`unreleased`, by GPA."""
         if not self._unreleased:
             return tuple(self._by_gpa)
         return tuple(sorted(self._by_gpa + self._unreleased, key=lambda r: (r.gpa, r.seq)))
 
-    def set_unreleased(self, regions: Iterable[Region]) -> None:
+    def set_unreleased(self, regions: Iterable[Region[H]]) -> None:
         """Make ``regions`` the whole of :attr:`unreleased`."""
         self._unreleased[:] = regions
 
@@ -271,9 +281,9 @@ class RegionTable:
         """
         if self._table_fits(entries):
             return
-        scratch = RegionTable(self.max_slots)
+        scratch: RegionTable[None] = RegionTable(self.max_slots)
         for gpa, size, uaddr, mmap_offset in entries:
-            scratch.add(Region(gpa, size, uaddr, mmap_offset))
+            scratch.add(Region(gpa, size, uaddr, mmap_offset, handle=None))
         raise AssertionError(f"check_table found a problem scratch.add did not: {entries}")
 
     def _table_fits(self, entries: list[tuple[int, int, int, int]]) -> bool:
@@ -291,7 +301,7 @@ class RegionTable:
                     return False
         return True
 
-    def replace(self, regions: Iterable[Region]) -> None:
+    def replace(self, regions: Iterable[Region[H]]) -> None:
         """Make ``regions`` the whole table (checked by :meth:`check_table`)."""
         by_gpa = sorted(regions, key=lambda r: r.gpa)
         self._by_gpa[:] = by_gpa
@@ -302,12 +312,12 @@ class RegionTable:
 
     @staticmethod
     def _overlap(
-        ordered: list[Region],
+        ordered: list[Region[H]],
         starts: list[int],
         start: int,
         size: int,
         attr: str,
-    ) -> Region | None:
+    ) -> Region[H] | None:
         # Regions do not overlap each other, so only the last one starting before our end can
         # reach into us.
         i = bisect_left(starts, start + size) - 1
@@ -319,12 +329,12 @@ class RegionTable:
 
     # -- changes --------------------------------------------------------------------------
 
-    def add(self, region: Region) -> None:
+    def add(self, region: Region[H]) -> None:
         """Check and insert a region (:class:`TableError` if :meth:`check_add` refuses it)."""
         self.check_add(region.gpa, region.size, region.uaddr, region.mmap_offset)
         self.insert(region)
 
-    def insert(self, region: Region) -> None:
+    def insert(self, region: Region[H]) -> None:
         """Insert a region :meth:`check_add` has just passed (the caller mapped it since)."""
         i = bisect_right(self._gpa_starts, region.gpa)
         self._gpa_starts.insert(i, region.gpa)
@@ -333,7 +343,7 @@ class RegionTable:
         self._uaddr_starts.insert(j, region.uaddr)
         self._by_uaddr.insert(j, region)
 
-    def find(self, gpa: int, uaddr: int, size: int) -> Region | None:
+    def find(self, gpa: int, uaddr: int, size: int) -> Region[H] | None:
         """The region REM_MEM_REG means by (gpa, uaddr, size), or ``None``."""
         i = bisect_left(self._gpa_starts, gpa)
         if i < len(self._by_gpa):
@@ -342,7 +352,7 @@ class RegionTable:
                 return region
         return None
 
-    def find_or_refuse(self, gpa: int, uaddr: int, size: int) -> Region:
+    def find_or_refuse(self, gpa: int, uaddr: int, size: int) -> Region[H]:
         """:meth:`find`, or :class:`TableError` ``not-found`` naming the nearest regions."""
         region = self.find(gpa, uaddr, size)
         if region is None:
@@ -354,7 +364,7 @@ class RegionTable:
             )
         return region
 
-    def remove(self, region: Region) -> None:
+    def remove(self, region: Region[H]) -> None:
         """Take a region out of the table (it must be in it)."""
         i = self._index(self._by_gpa, self._gpa_starts, region.gpa, region)
         del self._by_gpa[i]
@@ -364,7 +374,9 @@ class RegionTable:
         del self._uaddr_starts[j]
 
     @staticmethod
-    def _index(ordered: list[Region], starts: list[int], start: int, region: Region) -> int:
+    def _index(
+        ordered: Sequence[Region[object]], starts: list[int], start: int, region: Region[object]
+    ) -> int:
         i = bisect_left(starts, start)
         while i < len(ordered) and starts[i] == start:
             if ordered[i] is region:
@@ -372,7 +384,7 @@ class RegionTable:
             i += 1
         raise KeyError(region.describe())
 
-    def clear(self) -> tuple[Region, ...]:
+    def clear(self) -> tuple[Region[H], ...]:
         """Empty the table and return what was in it, :attr:`unreleased` last (the shell
         unmaps them)."""
         gone = tuple(self._by_gpa) + tuple(self._unreleased)
@@ -385,7 +397,7 @@ class RegionTable:
 
     # -- translation ----------------------------------------------------------------------
 
-    def lookup_gpa(self, gpa: int) -> Region | None:
+    def lookup_gpa(self, gpa: int) -> Region[H] | None:
         """The region holding guest physical address ``gpa``, or ``None`` (a hole)."""
         i = bisect_right(self._gpa_starts, gpa) - 1
         if i >= 0:
@@ -394,7 +406,7 @@ class RegionTable:
                 return region
         return None
 
-    def lookup_uaddr(self, uaddr: int) -> Region | None:
+    def lookup_uaddr(self, uaddr: int) -> Region[H] | None:
         """The region holding front-end address ``uaddr``, or ``None``."""
         i = bisect_right(self._uaddr_starts, uaddr) - 1
         if i >= 0:
@@ -452,7 +464,7 @@ class MergedRegion:
             ``"merging disabled"``).
     """
 
-    parts: tuple[Region, ...]
+    parts: tuple[Region[object], ...]
     boundary_after: str | None
 
     @property
@@ -473,7 +485,7 @@ class MergedRegion:
 
 
 def merge_obstacle(
-    left: Region, right: Region, unmergeable: Iterable[UnmergeableRange]
+    left: Region[object], right: Region[object], unmergeable: Iterable[UnmergeableRange]
 ) -> str | None:
     """Why ``left`` and ``right`` cannot be shown as one region, or ``None`` if they can.
 
@@ -497,7 +509,7 @@ def merge_obstacle(
 
 
 def merged_view(
-    regions: Iterable[Region],
+    regions: Iterable[Region[object]],
     unmergeable: Iterable[UnmergeableRange] = (),
     *,
     merge: bool = True,
@@ -511,7 +523,7 @@ def merged_view(
     """
     markers = tuple(unmergeable)
     out: list[MergedRegion] = []
-    group: list[Region] = []
+    group: list[Region[object]] = []
     for region in regions:
         if group:
             reason = merge_obstacle(group[-1], region, markers) if merge else "merging disabled"

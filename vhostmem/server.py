@@ -521,7 +521,7 @@ class Backend:
         """Every live connection: socket by socket, each socket's in connect order."""
         return [c for conns in self.live.values() for c in conns.values()]
 
-    def regions(self) -> list[tuple[Connection, Region]]:
+    def regions(self) -> list[tuple[Connection, Region[Mapping]]]:
         return [(c, r) for c in self.connections() for r in c.session.table.mapped]
 
     def cleanup(self) -> None:

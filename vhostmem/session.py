@@ -48,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar, final
 
-from vhostmem.device import Device, ErrnoHost, H, Host, PartialChange, Vring
+from vhostmem.device import Device, ErrnoHost, Host, PartialChange, Vring
 from vhostmem.errors import FramingError, RequestRefused, StateError
 from vhostmem.events import NEED_DATA, Deviation, Handled, NeedData, TableChange
 from vhostmem.faults import Fault, FaultPlan
@@ -80,7 +80,7 @@ from vhostmem.protocol import (
     request_name,
 )
 from vhostmem.receive_buffer import ReceiveBuffer
-from vhostmem.regions import Region
+from vhostmem.regions import H, Region
 
 __all__ = ["TRANSITIONS", "Host", "Session", "SessionConfig", "SessionState", "Vring"]
 
@@ -246,6 +246,9 @@ class Session(Generic[H]):
         self._features_reply = encode_u64_reply(Request.GET_FEATURES, config.features)
         #: TRANSITIONS of the current state, looked up once per state change, not per request.
         self._allowed = TRANSITIONS[self.state]
+        #: The state is in _ENDED: asked twice per message, so also set once per state change
+        #: (a plain Enum hashes in Python code, enum.py Enum.__hash__).
+        self._ended = False
         self.acked_features = 0
         self.acked_protocol_features = 0
         #: REPLY_ACK negotiated; kept as a bool because every request asks.
@@ -266,7 +269,7 @@ class Session(Generic[H]):
         Raises:
             FramingError: the session is already in ``ERROR`` or ``CLOSED``.
         """
-        if self.state in _ENDED:
+        if self._ended:
             for fd in fds:
                 self.host.close_fd(fd)
             raise FramingError(f"session is {self.state.value}; no more data accepted")
@@ -304,7 +307,7 @@ class Session(Generic[H]):
             FramingError: the framing is broken; the connection must close (the session
                 has released every fd it held for unhandled messages).
         """
-        if self.state in _ENDED:
+        if self._ended:
             raise FramingError(f"session is {self.state.value}")
         have = len(self._received)
         if have < HEADER_SIZE:
@@ -461,6 +464,7 @@ class Session(Generic[H]):
     def _set_state(self, state: SessionState) -> None:
         self.state = state
         self._allowed = TRANSITIONS.get(state, {})
+        self._ended = state in _ENDED
 
     def _injected(
         self, header: Header, payload: Payload | None, fds: list[int], fault: Fault
@@ -701,7 +705,7 @@ class Session(Generic[H]):
 
     # -- end of life ----------------------------------------------------------------------------
 
-    def close(self) -> tuple[Region, ...]:
+    def close(self) -> tuple[Region[H], ...]:
         """Release every mapping and fd the session holds; idempotent.
 
         Returns:

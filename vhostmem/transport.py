@@ -34,6 +34,9 @@ __all__ = ["MAX_FDS_PER_READ", "FdStream", "Peer", "peer_credentials"]
 #: received (and then closed) rather than cut off with MSG_CTRUNC.
 MAX_FDS_PER_READ = 253  # SCM_MAX_FD in the kernel
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_READ * array.array("i").itemsize)
+#: A plain int: ``socket.MSG_CTRUNC`` is an IntFlag, whose ``&`` runs in Python (enum.py
+#: Flag.__and__), and every message with fds tests it.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 
 
 def _unpack_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -100,7 +103,7 @@ class FdStream:
         if not ancdata:
             return data, []
         fds = _unpack_fds(ancdata)
-        if flags & socket.MSG_CTRUNC:
+        if flags & _MSG_CTRUNC:
             for fd in fds:
                 os.close(fd)
             raise FramingError(

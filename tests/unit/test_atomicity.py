@@ -40,9 +40,16 @@ LATER = 1.0
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True, database=None)
 
 
-def slot(i: int, *, slots: int = 1) -> Region:
+def never_mapped(
+    gpa: int, size: int, uaddr: int, mmap_offset: int, file_id: tuple[int, int] | None
+) -> Region[None]:
+    """A region as the history sees it: its numbers and backing file, never mapped."""
+    return Region(gpa, size, uaddr, mmap_offset, handle=None, file_id=file_id)
+
+
+def slot(i: int, *, slots: int = 1) -> Region[None]:
     """Memslot ``i`` (or ``slots`` memslots from ``i`` merged into one region)."""
-    return Region(
+    return never_mapped(
         gpa=BASE + i * GiB,
         size=slots * GiB,
         uaddr=HOST + i * GiB,
@@ -72,9 +79,9 @@ class Front:
         request: str,
         *,
         gap: float = SOON,
-        removed: Sequence[Region] = (),
-        added: Sequence[Region] = (),
-        kept: Sequence[Region] = (),
+        removed: Sequence[Region[None]] = (),
+        added: Sequence[Region[None]] = (),
+        kept: Sequence[Region[None]] = (),
         ok: bool = True,
         handling: float = 0.0001,
         conn: int | None = None,
@@ -96,14 +103,14 @@ class Front:
             peer_pid=4242,
         )
 
-    def add(self, region: Region, gap: float = SOON) -> Record:
+    def add(self, region: Region[None], gap: float = SOON) -> Record:
         return self.send(ADD_MEM_REG, gap=gap, added=[region])
 
-    def rem(self, region: Region, gap: float = SOON) -> Record:
+    def rem(self, region: Region[None], gap: float = SOON) -> Record:
         return self.send(REM_MEM_REG, gap=gap, removed=[region])
 
 
-def plugged(front: Front, *slots: int) -> dict[int, Region]:
+def plugged(front: Front, *slots: int) -> dict[int, Region[None]]:
     """Plug memslots in one earlier batch, return them by index."""
     regions = {i: slot(i) for i in slots}
     for n, region in enumerate(regions.values()):
@@ -182,24 +189,32 @@ def test_unplug_then_replug_in_a_later_batch_is_clean() -> None:
     ("again", "kind"),
     [
         (
-            Region(gpa=BASE + GiB, size=GiB, uaddr=HOST + 9 * GiB, mmap_offset=GiB, file_id=FILE),
+            never_mapped(
+                gpa=BASE + GiB, size=GiB, uaddr=HOST + 9 * GiB, mmap_offset=GiB, file_id=FILE
+            ),
             "moved",
         ),
         (
-            Region(gpa=BASE + GiB, size=GiB, uaddr=HOST + GiB, mmap_offset=GiB, file_id=(1, 1)),
+            never_mapped(
+                gpa=BASE + GiB, size=GiB, uaddr=HOST + GiB, mmap_offset=GiB, file_id=(1, 1)
+            ),
             "moved",
         ),
         (
-            Region(gpa=BASE + GiB, size=GiB // 2, uaddr=HOST + GiB, mmap_offset=GiB, file_id=FILE),
+            never_mapped(
+                gpa=BASE + GiB, size=GiB // 2, uaddr=HOST + GiB, mmap_offset=GiB, file_id=FILE
+            ),
             "resize",
         ),
         (
-            Region(gpa=BASE + GiB + GiB // 2, size=GiB, uaddr=HOST, mmap_offset=0, file_id=FILE),
+            never_mapped(
+                gpa=BASE + GiB + GiB // 2, size=GiB, uaddr=HOST, mmap_offset=0, file_id=FILE
+            ),
             "replace",
         ),
     ],
 )
-def test_other_kinds(again: Region, kind: str) -> None:
+def test_other_kinds(again: Region[None], kind: str) -> None:
     front = Front()
     live = plugged(front, 1)
     front.rem(live[1], gap=LATER)
@@ -212,8 +227,10 @@ def test_split_by_two_adds_reports_each_half_once() -> None:
     live = plugged(front, 0)
     front.rem(live[0], gap=LATER)
     half = GiB // 2
-    first = Region(gpa=BASE, size=half, uaddr=HOST, mmap_offset=0, file_id=FILE)
-    second = Region(gpa=BASE + half, size=half, uaddr=HOST + half, mmap_offset=half, file_id=FILE)
+    first = never_mapped(gpa=BASE, size=half, uaddr=HOST, mmap_offset=0, file_id=FILE)
+    second = never_mapped(
+        gpa=BASE + half, size=half, uaddr=HOST + half, mmap_offset=half, file_id=FILE
+    )
     a = front.add(first)
     b = front.add(second)
     assert a.violation is not None and a.violation.unmapped == (BASE, BASE + half)
@@ -238,7 +255,7 @@ def test_merge_of_two_live_regions() -> None:
 # -- SET_MEM_TABLE --------------------------------------------------------------------------
 
 
-BOOT = Region(gpa=0, size=GiB, uaddr=HOST - 4 * GiB, mmap_offset=0, file_id=(0x2D, 1))
+BOOT = never_mapped(gpa=0, size=GiB, uaddr=HOST - 4 * GiB, mmap_offset=0, file_id=(0x2D, 1))
 
 
 def test_set_mem_table_keeping_a_region_is_clean() -> None:
@@ -259,8 +276,8 @@ def test_set_mem_table_splitting_boot_ram_is_a_remap_not_a_violation() -> None:
     front.send(SET_MEM_TABLE, added=[BOOT])
     half = GiB // 2
     halves = [
-        Region(gpa=0, size=half, uaddr=BOOT.uaddr, mmap_offset=0, file_id=BOOT.file_id),
-        Region(
+        never_mapped(gpa=0, size=half, uaddr=BOOT.uaddr, mmap_offset=0, file_id=BOOT.file_id),
+        never_mapped(
             gpa=half, size=half, uaddr=BOOT.uaddr + half, mmap_offset=half, file_id=BOOT.file_id
         ),
     ]
@@ -278,7 +295,7 @@ def test_set_mem_table_with_two_separate_remaps() -> None:
     front = Front()
     front.send(SET_MEM_TABLE, added=[BOOT, slot(0), slot(2)])
     moved = [
-        Region(
+        never_mapped(
             gpa=r.gpa,
             size=r.size,
             uaddr=r.uaddr + 64 * GiB,
@@ -419,7 +436,7 @@ def test_classify_batch_matches_rem_on_gpa_uaddr_size() -> None:
     ],
 )
 def test_classify_batch_refuses_what_a_back_end_would(
-    requests: list[tuple[str, Region]], message: str
+    requests: list[tuple[str, Region[None]]], message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
         classify_batch([slot(0), slot(1)], requests)
@@ -476,12 +493,12 @@ def test_removing_a_live_range_the_batch_recovers_always_violates(
     front = Front()
     for n, i in enumerate(sorted(live)):
         front.add(slot(i), gap=LATER if n == 0 else SOON)
-    adds: list[Region] = [slot(i) for i in plug]
+    adds: list[Region[None]] = [slot(i) for i in plug]
     if mode == "readd":
         adds.append(slot(victim))
     elif mode == "moved":
         adds.append(
-            Region(
+            never_mapped(
                 gpa=slot(victim).gpa,
                 size=GiB,
                 uaddr=HOST + 100 * GiB,
@@ -493,8 +510,10 @@ def test_removing_a_live_range_the_batch_recovers_always_violates(
         half = GiB // 2
         v = slot(victim)
         adds += [
-            Region(gpa=v.gpa, size=half, uaddr=v.uaddr, mmap_offset=v.mmap_offset, file_id=FILE),
-            Region(
+            never_mapped(
+                gpa=v.gpa, size=half, uaddr=v.uaddr, mmap_offset=v.mmap_offset, file_id=FILE
+            ),
+            never_mapped(
                 gpa=v.gpa + half,
                 size=half,
                 uaddr=v.uaddr + half,
@@ -575,7 +594,9 @@ def test_region_straddling_two_removed_regions_is_a_merge() -> None:
     front.rem(live[1], gap=LATER)
     front.rem(live[0])
     half = GiB // 2
-    straddle = Region(gpa=BASE + half, size=GiB, uaddr=HOST + half, mmap_offset=half, file_id=FILE)
+    straddle = never_mapped(
+        gpa=BASE + half, size=GiB, uaddr=HOST + half, mmap_offset=half, file_id=FILE
+    )
     add = front.add(straddle)
     assert add.violation is not None
     assert (add.violation.kind, add.violation.unmapped) == (

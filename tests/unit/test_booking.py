@@ -47,7 +47,7 @@ def add(gpa: int, *, ok: bool = True) -> Handled:
     """An ADD_MEM_REG of 4 MiB at ``gpa``, handled: mapped when ``ok``, refused otherwise."""
     request = Request.ADD_MEM_REG
     wire = MemoryRegion(gpa, 4 * MiB, 0x10000000 + gpa, 0)
-    region = Region(gpa, 4 * MiB, 0x10000000 + gpa, 0)
+    region = Region(gpa, 4 * MiB, 0x10000000 + gpa, 0, handle=None)
     return Handled(
         request,
         Header(request, 1, 32),

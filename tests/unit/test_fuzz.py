@@ -550,7 +550,10 @@ def run_case(case: Case, harness: Harness) -> Outcome:
     faults = FaultPlan()
     for spec in case.faults:
         faults.add(parse_fault(spec))
-    session = Session(CONFIGS[case.config], harness.host, faults if case.faults else None)
+    # The handle is the harness's (a number, or a Mapping): the checks below take either.
+    session: Session[Any] = Session(
+        CONFIGS[case.config], harness.host, faults if case.faults else None
+    )
     out = Outcome()
     try:
         for data, letters in case.chunks:
@@ -840,9 +843,9 @@ def test_check_table_agrees_with_adding_one_by_one(
         return None
 
     def one_by_one() -> None:
-        scratch = RegionTable(max_slots)
+        scratch: RegionTable[None] = RegionTable(max_slots)
         for entry in entries:
-            scratch.add(Region(*entry))
+            scratch.add(Region(*entry, handle=None))
 
     # The whole-table check refuses exactly what adding one by one refuses, with its words.
     assert kind_of(lambda: RegionTable(max_slots).check_table(entries)) == kind_of(one_by_one)

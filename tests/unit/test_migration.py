@@ -18,10 +18,8 @@ import os
 from collections.abc import Iterator
 
 import pytest
-import trio
 
 from vhostmem.control import answer
-from vhostmem.protocol import Log as ProtocolLog
 from vhostmem.protocol import (
     ProtocolFeature,
     Request,
@@ -30,16 +28,14 @@ from vhostmem.protocol import (
     VringState,
 )
 from vhostmem.report import render_regions, render_stats
-from vhostmem.server import Backend, ServerConfig
 from vhostmem.session import SessionConfig
 from vhostmem.testing import schema
-from vhostmem.testing.frontend import QEMU_PROTOCOL_FEATURES, make_memfd
+from vhostmem.testing.frontend import make_memfd
 from vhostmem.virtqueue import NET_HDR_SIZE, RingLayout
 
 from . import test_datapath
-from .helpers.leaks import no_leaks, shared_maps
+from .helpers.leaks import shared_maps
 from .helpers.waiting import in_thread, wait_until
-from .helpers.wire import start_pair, wired
 from .test_datapath import NET_FEATURES, Rig, gpa_to_uaddr, rig
 
 #: The RX used ring straddles 0x12000: entries in page 0x11, avail_event (+4+8*64) in 0x12.
@@ -237,12 +233,13 @@ async def test_a_new_log_replaces_the_old_one_and_nothing_stays_mapped(log: Log)
         second.close()
 
 
+# A SET_LOG_BASE of size 0 or without its fd, SEND_RARP without a TAP, SET_LOG_FD and
+# SET_LOG_BASE without LOG_SHMFD are the pure session's: test_session_table.py ("dirty-log",
+# "log-base-without-log-shmfd"). Here: logs the mapping layer refuses.
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
-        ("size-0", ["mmap_size 0x0", "0 bytes"]),
         ("past-eof", ["dirty log size=0x1000 (4 KiB) mmap_offset=0x100000", "past the end"]),
-        ("no-fd", ["without a file descriptor", "mmap_size 0x1000"]),
         ("pipe", ["dirty log size=0x1000 (4 KiB) mmap_offset=0x0", "a pipe cannot be mmapped"]),
     ],
 )
@@ -252,11 +249,8 @@ async def test_hostile_set_log_base_fails_clearly_and_keeps_serving(
     async with rig() as r:
         maps_before = shared_maps()
         fds: list[int] = []
-        size, offset = LOG_SIZE, 0
-        if case == "size-0":
-            size = 0
-            fds = [make_memfd(LOG_SIZE)]
-        elif case == "past-eof":
+        offset = 0
+        if case == "past-eof":
             offset = 0x100000
             fds = [make_memfd(LOG_SIZE)]
         elif case == "pipe":
@@ -264,7 +258,7 @@ async def test_hostile_set_log_base_fails_clearly_and_keeps_serving(
             os.close(write_end)
             fds = [read_end]
         try:
-            assert await in_thread(r.fe.set_log_base, size, offset, fds) != 0
+            assert await in_thread(r.fe.set_log_base, LOG_SIZE, offset, fds) != 0
         finally:
             for fd in fds:
                 os.close(fd)
@@ -301,58 +295,3 @@ async def test_send_rarp_announces_the_guest_mac_on_the_tap() -> None:
             "ffffffffffff525400123456803500010800060400035254001234560000000052540012345600000000"
         ) + bytes(18)
         assert r.att.counters["rarp_sent"] == 1
-
-
-async def test_send_rarp_without_a_tap_is_refused_and_names_the_feature() -> None:
-    async with wired() as w:
-        assert not w.conn_a.session.config.protocol_features & ProtocolFeature.RARP
-        assert await in_thread(w.a.ack, Request.SEND_RARP, 1) != 0
-        [failed] = [e for e in w.backend.booking.events if e.get("name") == "SEND_RARP"]
-        assert "RARP" in failed["error"] and "not negotiated" in failed["error"]
-        assert await in_thread(w.a.ack, Request.SET_VRING_ENABLE, VringState(0, 1)) == 0
-
-
-async def test_set_log_fd_closes_its_eventfd_and_acks() -> None:
-    async with no_leaks(), wired() as w:
-        efd = os.eventfd(0, os.EFD_CLOEXEC)
-        try:
-            assert await in_thread(lambda: w.a.ack(Request.SET_LOG_FD, fds=[efd])) == 0
-        finally:
-            os.close(efd)
-        # no_leaks(): the back-end's copy is closed (nothing keeps it)
-        assert w.conn_a.session.device.log is None
-        assert await in_thread(w.a.ack, Request.SET_VRING_ENABLE, VringState(0, 1)) == 0
-
-
-async def test_set_log_base_without_log_shmfd_is_refused_and_its_fd_closed() -> None:
-    backend = Backend(ServerConfig(session=SessionConfig()))
-    async with no_leaks():
-        try:
-            with trio.fail_after(30):
-                async with trio.open_nursery() as nursery:
-                    fe = await start_pair(backend, nursery)
-                    wanted = QEMU_PROTOCOL_FEATURES & ~ProtocolFeature.LOG_SHMFD
-                    await in_thread(lambda: fe.handshake(protocol_features=wanted))
-                    area = Log()
-                    try:
-                        reply = await in_thread(
-                            lambda: fe.call(
-                                Request.SET_LOG_BASE,
-                                ProtocolLog(LOG_SIZE, 0),
-                                fds=[area.fd],
-                                need_reply=True,
-                            )
-                        )
-                    finally:
-                        area.close()
-                    assert reply is not None and reply.u64 != 0
-                    [failed] = [
-                        e for e in backend.booking.events if e.get("name") == "SET_LOG_BASE"
-                    ]
-                    assert "LOG_SHMFD" in failed["error"], failed
-                    assert await in_thread(fe.ack, Request.SET_VRING_ENABLE, VringState(0, 1)) == 0
-                    fe.close()
-                    await wait_until(lambda: not backend.connections(), "the connection to end")
-                    nursery.cancel_scope.cancel()
-        finally:
-            backend.cleanup()

@@ -36,8 +36,15 @@ CODES = {SET_MEM_TABLE: 5, ADD_MEM_REG: 37, REM_MEM_REG: 38}
 HANDLING = 0.0003
 
 
-def slot(i: int, *, slots: int = 1) -> Region:
-    return Region(
+def never_mapped(
+    gpa: int, size: int, uaddr: int, mmap_offset: int, file_id: tuple[int, int] | None
+) -> Region[None]:
+    """A region as the history sees it: its numbers and backing file, never mapped."""
+    return Region(gpa, size, uaddr, mmap_offset, handle=None, file_id=file_id)
+
+
+def slot(i: int, *, slots: int = 1) -> Region[None]:
+    return never_mapped(
         gpa=BASE + i * GiB,
         size=slots * GiB,
         uaddr=HOST + i * GiB,
@@ -51,9 +58,9 @@ class Message:
     name: str
     arrived: float
     replied: float | None
-    removed: Sequence[Region] = ()
-    added: Sequence[Region] = ()
-    kept: Sequence[Region] = ()
+    removed: Sequence[Region[None]] = ()
+    added: Sequence[Region[None]] = ()
+    kept: Sequence[Region[None]] = ()
 
 
 @dataclass
@@ -80,9 +87,9 @@ class Qemu:
         self,
         name: str,
         *,
-        removed: Sequence[Region] = (),
-        added: Sequence[Region] = (),
-        kept: Sequence[Region] = (),
+        removed: Sequence[Region[None]] = (),
+        added: Sequence[Region[None]] = (),
+        kept: Sequence[Region[None]] = (),
         traced: bool = True,
         reply: bool = True,
         then: float = 0.0,
@@ -160,7 +167,7 @@ def plug_slot0(qemu: Qemu) -> None:
     qemu.wait(1.0)
 
 
-BOOT = Region(gpa=0, size=512 * MiB, uaddr=HOST - 4 * GiB, mmap_offset=0, file_id=(0x2D, 1))
+BOOT = never_mapped(gpa=0, size=512 * MiB, uaddr=HOST - 4 * GiB, mmap_offset=0, file_id=(0x2D, 1))
 
 
 # -- parsing --------------------------------------------------------------------------------
@@ -459,8 +466,8 @@ def test_wire_cross_check_names_what_qemu_wrote_and_read() -> None:
 # -- SET_MEM_TABLE: one message is never a violation ------------------------------------------
 
 
-def dpdk_region(size: int) -> Region:
-    return Region(gpa=0, size=size, uaddr=0x7F5000000000, mmap_offset=0, file_id=(0x10, 77))
+def dpdk_region(size: int) -> Region[None]:
+    return never_mapped(gpa=0, size=size, uaddr=0x7F5000000000, mmap_offset=0, file_id=(0x10, 77))
 
 
 @pytest.mark.parametrize("trace", [True, False])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import assert_type
 
 import pytest
 
@@ -36,7 +36,7 @@ def load(name: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in (VECTORS / name).read_text().splitlines() if line]
 
 
-def drain(session: Session[Any]) -> list[Handled]:
+def drain(session: Session[int]) -> list[Handled]:
     out: list[Handled] = []
     while True:
         ev = session.next_event()
@@ -47,7 +47,7 @@ def drain(session: Session[Any]) -> list[Handled]:
 
 
 def feed(
-    session: Session[Any],
+    session: Session[int],
     host: FakeHost,
     data: bytes,
     nfds: int = 0,
@@ -65,7 +65,7 @@ def u64(reply: bytes) -> int:
     return int.from_bytes(reply[12:20], "little")
 
 
-def qemu_session(**config: object) -> tuple[Session[Any], FakeHost]:
+def qemu_session(**config: object) -> tuple[Session[int], FakeHost]:
     """A session after QEMU's handshake with REPLY_ACK and CONFIGURE_MEM_SLOTS negotiated."""
     host = FakeHost()
     session = Session(SessionConfig(**config), host)  # type: ignore[arg-type]
@@ -86,7 +86,7 @@ def qemu_session(**config: object) -> tuple[Session[Any], FakeHost]:
 
 
 def add(
-    session: Session[Any],
+    session: Session[int],
     host: FakeHost,
     gpa: int,
     size: int,
@@ -102,7 +102,7 @@ def add(
 
 
 def rem(
-    session: Session[Any], host: FakeHost, gpa: int, size: int, uaddr: int, nfds: int = 0
+    session: Session[int], host: FakeHost, gpa: int, size: int, uaddr: int, nfds: int = 0
 ) -> Handled:
     msg = encode_request(
         Request.REM_MEM_REG, MemRegMsg(MemoryRegion(gpa, size, uaddr, 0)), need_reply=True
@@ -376,6 +376,22 @@ def test_add_and_rem() -> None:
     assert host.mapped == {}
 
 
+def test_a_region_handle_has_the_hosts_type() -> None:
+    """The table is generic over the host's handle: what ``map_region`` returned comes back out
+    of the table with its type (``assert_type`` is checked by mypy --strict in the lint gate,
+    and fails on a handle typed ``Any``), so the shell reads it without a cast."""
+    s, host = qemu_session()
+    ev = add(s, host, 0x100000000, GiB, 0x7F0000000000)
+    assert ev.ok
+    [region] = s.table.regions
+    handle = assert_type(region.handle, int)
+    assert host.mapped[handle].guest_phys_addr == 0x100000000
+    found = s.table.lookup_gpa(0x100000000 + GiB - 1)
+    assert found is not None and assert_type(found.handle, int) == handle
+    [gone] = s.close()
+    assert assert_type(gone.handle, int) == handle and host.mapped == {}
+
+
 def test_rem_matches_gpa_uaddr_size_and_closes_its_fd() -> None:
     s, host = qemu_session()
     add(s, host, 0, GiB, 0x7F0000000000)
@@ -633,7 +649,7 @@ def test_rem_whose_unmap_fails_keeps_the_region_marked_and_a_retry_unmaps_it() -
     assert "unmap_failed" not in region.as_json()
 
 
-def _set_table(s: Session[Any], host: FakeHost, *regions: tuple[int, int, int, int]) -> Handled:
+def _set_table(s: Session[int], host: FakeHost, *regions: tuple[int, int, int, int]) -> Handled:
     table = MemoryTable(tuple(MemoryRegion(*r) for r in regions))
     s.receive_data(
         encode_request(Request.SET_MEM_TABLE, table, need_reply=True),

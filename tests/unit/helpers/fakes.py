@@ -38,7 +38,7 @@ class FakeHost:
 
     def map_region(
         self, request: str, region: MemoryRegion, fd: int, fail_errno: int | None = None
-    ) -> tuple[Any, dict[str, Any]]:
+    ) -> tuple[int, dict[str, Any]]:
         assert fd in self.open, f"map of fd {fd} that is not open"
         self.open.discard(fd)  # consumed on success and failure
         self.maps_done += 1
@@ -56,7 +56,7 @@ class FakeHost:
         self.mapped[handle] = region
         return handle, {"backing": "fake"}
 
-    def unmap_region(self, handle: Any) -> None:
+    def unmap_region(self, handle: int) -> None:
         gpa = self.mapped[handle].guest_phys_addr
         self.unmaps_tried.append(gpa)
         if gpa in self.fail_unmap:
