@@ -28,34 +28,14 @@ from vhostmem.protocol import Request
 from vhostmem.regions import Region
 from vhostmem.report import render_report
 
-GiB = 1 << 30
-BASE = 0x240000000
-HOST = 0x7F0000000000
-FILE = (0x2D, 4242)
+from .helpers.memslots import BASE, FILE, HOST, GiB, never_mapped, slot
+
 T = DEFAULT_BATCH_GAP
 #: Well inside a batch / well outside it.
 SOON = 0.001
 LATER = 1.0
 
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True, database=None)
-
-
-def never_mapped(
-    gpa: int, size: int, uaddr: int, mmap_offset: int, file_id: tuple[int, int] | None
-) -> Region[None]:
-    """A region as the history sees it: its numbers and backing file, never mapped."""
-    return Region(gpa, size, uaddr, mmap_offset, handle=None, file_id=file_id)
-
-
-def slot(i: int, *, slots: int = 1) -> Region[None]:
-    """Memslot ``i`` (or ``slots`` memslots from ``i`` merged into one region)."""
-    return never_mapped(
-        gpa=BASE + i * GiB,
-        size=slots * GiB,
-        uaddr=HOST + i * GiB,
-        mmap_offset=i * GiB,
-        file_id=FILE,
-    )
 
 
 def rng(i: int, slots: int = 1) -> tuple[int, int]:

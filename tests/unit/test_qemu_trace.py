@@ -26,31 +26,12 @@ from vhostmem.qemu_trace import Pairer, parse_line, parse_lines
 from vhostmem.regions import Region
 from vhostmem.report import render_report
 
-GiB = 1 << 30
+from .helpers.memslots import HOST, GiB, never_mapped, slot
+
 MiB = 1 << 20
-BASE = 0x240000000
-HOST = 0x7F0000000000
-FILE = (0x2D, 4242)
 CODES = {SET_MEM_TABLE: 5, ADD_MEM_REG: 37, REM_MEM_REG: 38}
 #: vhostmem's handling time: arrival to reply.
 HANDLING = 0.0003
-
-
-def never_mapped(
-    gpa: int, size: int, uaddr: int, mmap_offset: int, file_id: tuple[int, int] | None
-) -> Region[None]:
-    """A region as the history sees it: its numbers and backing file, never mapped."""
-    return Region(gpa, size, uaddr, mmap_offset, handle=None, file_id=file_id)
-
-
-def slot(i: int, *, slots: int = 1) -> Region[None]:
-    return never_mapped(
-        gpa=BASE + i * GiB,
-        size=slots * GiB,
-        uaddr=HOST + i * GiB,
-        mmap_offset=i * GiB,
-        file_id=FILE,
-    )
 
 
 @dataclass

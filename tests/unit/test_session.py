@@ -241,9 +241,11 @@ def test_set_owner_first_client() -> None:
     assert ev.ok and s.state is SessionState.OWNED
 
 
-def test_memory_before_owner_is_refused_with_failure_ack_when_strict() -> None:
+def add_before_owner(config: SessionConfig) -> tuple[Session[int], FakeHost, Handled]:
+    """A session on ``config`` that negotiated REPLY_ACK and CONFIGURE_MEM_SLOTS and got
+    ADD_MEM_REG (1 MiB at 0) before any SET_OWNER: the session, its host, the ADD's event."""
     host = FakeHost()
-    s = Session(SessionConfig(strict=True), host)
+    s: Session[int] = Session(config, host)
     feed(
         s,
         host,
@@ -253,6 +255,11 @@ def test_memory_before_owner_is_refused_with_failure_ack_when_strict() -> None:
         ),
     )
     ev = add(s, host, 0, MiB, 0x7000_0000)
+    return s, host, ev
+
+
+def test_memory_before_owner_is_refused_with_failure_ack_when_strict() -> None:
+    s, host, ev = add_before_owner(SessionConfig(strict=True))
     assert not ev.ok and ev.error_kind == "state"
     assert "SET_OWNER" in (ev.error or "")
     assert u64(ev.reply) == 1
@@ -264,17 +271,7 @@ def test_memory_before_owner_is_refused_with_failure_ack_when_strict() -> None:
 def test_memory_before_owner_is_served_and_marked() -> None:
     # DPDK's virtio-user reconnecting in server mode sends no SET_OWNER
     # (virtio_user_dev_server_reconnect); libvhost-user and DPDK's lib/vhost serve it anyway.
-    host = FakeHost()
-    s = Session(SessionConfig(), host)
-    feed(
-        s,
-        host,
-        encode_request(
-            Request.SET_PROTOCOL_FEATURES,
-            int(ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SLOTS),
-        ),
-    )
-    ev = add(s, host, 0, MiB, 0x7000_0000)
+    s, host, ev = add_before_owner(SessionConfig())
     assert ev.ok and u64(ev.reply) == 0 and ev.error is None
     assert ev.deviation is not None
     assert (ev.deviation.kind, ev.deviation.state) == ("request-before-owner", "await-owner")
