@@ -201,7 +201,8 @@ class TestpmdConfig:
         lifetime: seconds of wall time before the watchdog stops it.
         app_args: more testpmd arguments (after ``--``).
         eal_args: more EAL arguments.
-        workdir: where the output log goes (default: a temporary directory of its own).
+        workdir: where the output log goes (default: a temporary directory of its own,
+            removed when the run ends as asked and kept after a failure).
         binary: the testpmd program.
     """
 
@@ -383,7 +384,7 @@ class Testpmd:
         proc = self._require()
         self._signal(signal.SIGKILL)
         proc.wait(timeout)
-        status = self._finish(proc)
+        status = self._finish(proc, killed=True)
         assert status is not None
         return status
 
@@ -422,7 +423,10 @@ class Testpmd:
             except subprocess.TimeoutExpired:
                 self._signal(signal.SIGKILL)
 
-    def _finish(self, proc: subprocess.Popen[bytes]) -> int | None:
+    def _finish(self, proc: subprocess.Popen[bytes], *, killed: bool = False) -> int | None:
+        """Reaped: stop the watchdog and the reader, clean up after DPDK. A temporary
+        directory of its own goes too when the run ended as asked (exit 0, or ``kill``); after
+        anything else it stays, with the output log the error messages name."""
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._reader is not None:
@@ -430,6 +434,8 @@ class Testpmd:
         self._close_stdin(proc)
         self.returncode = proc.returncode
         self.cleanup()
+        if self._own_workdir and (self.returncode == 0 or killed) and not self.expired:
+            shutil.rmtree(self.workdir, ignore_errors=True)
         return self.returncode
 
     def _close_stdin(self, proc: subprocess.Popen[bytes]) -> None:
