@@ -16,6 +16,8 @@ the package); README "JSON" shows one line of each kind. Rules every builder kee
 - Any other request is booked only when it fails (``request-failed``) or succeeds with notes or
   an injected fault (``request-note``); such lines name it with ``name``, never ``request``, so
   ``select(.request)`` finds memory-table lines only.
+- A request served against the spec's order gets a ``protocol-deviation`` line before its own
+  line (if it has one); a refused request never does.
 
 The module is pure: the shell passes every value in.
 """

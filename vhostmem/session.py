@@ -379,10 +379,10 @@ class Session(Generic[H]):
             else:
                 result = route.handler(self, payload, fds)
         except RequestRefused as err:
+            # A deviation is only booked for a request that was served: refused for its own
+            # reasons, the request was not served against the spec's order.
             self._release(fds)
-            failed = self._failure(header, payload, err, nfds, fault=fault)
-            failed.deviation = deviation
-            return failed
+            return self._failure(header, payload, err, nfds, fault=fault)
         except BaseException:
             self._release(fds)
             raise

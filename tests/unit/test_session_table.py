@@ -242,8 +242,9 @@ CASES: dict[str, Case] = {
                 1,
                 bent(ok(Request.SET_MEM_TABLE)),
             ),
-            # still refused for its own reasons, and marked: it passed the order gate
-            (msg(Request.ADD_MEM_REG, A), 1, bent(refused(Request.ADD_MEM_REG, "overlap-gpa"))),
+            # refused for its own reasons: not served, so no deviation
+            (msg(Request.ADD_MEM_REG, A), 1, refused(Request.ADD_MEM_REG, "overlap-gpa")),
+            (msg(Request.NET_SET_MTU, 1500), 0, refused(Request.NET_SET_MTU, "protocol")),
             (msg(Request.ADD_MEM_REG, B), 1, bent(ok(Request.ADD_MEM_REG))),
             # an unknown code is refused as ever, whatever the state
             (msg(999, b""), 0, refused(999, "protocol", "UNKNOWN(999)")),
