@@ -153,10 +153,11 @@ Then, in another terminal:
     offer.add_argument(
         "--strict-protocol",
         action="store_true",
-        help="refuse every request the vhost-user spec's order does not allow, as a failure. "
-        "By default the orderings real front-ends take (a request before SET_OWNER, as DPDK's "
-        "virtio-user sends after a reconnect; a second SET_OWNER) are served like libvhost-user "
-        "and DPDK serve them, each with a protocol-deviation event and a log line",
+        help="keep to the vhost-user spec's order: refuse, as a failure, a request before "
+        "SET_OWNER and a second SET_OWNER, and start a ring at its SET_VRING_BASE even when "
+        "its used index says otherwise. By default these, which real front-ends take (DPDK's "
+        "virtio-user reconnecting in server mode), are served as libvhost-user and DPDK serve "
+        "them, each with a protocol-deviation event and a log line (README, Leniencies)",
     )
     offer.add_argument(
         "--queues", type=int, default=1, metavar="N", help="queue pairs (GET_QUEUE_NUM, default 1)"

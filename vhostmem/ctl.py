@@ -66,7 +66,11 @@ def build_ctl_parser() -> argparse.ArgumentParser:
     _json_flag(p)
     p = sub.add_parser("map", help="a picture of the guest physical address space")
     _json_flag(p)
-    p = sub.add_parser("events", help="recent events: memory-table requests, connects, errors")
+    p = sub.add_parser(
+        "events",
+        help="recent events: memory-table requests, connects, errors, protocol deviations, "
+        "data-path totals",
+    )
     p.add_argument("--limit", type=int, default=200, help="how many (default 200)")
     _json_flag(p)
     p = sub.add_parser("stats", help="counters: mapped bytes, fds, maps, requests, vrings")

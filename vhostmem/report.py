@@ -164,6 +164,12 @@ def render_events(doc: dict[str, Any]) -> str:
                 f"PROTOCOL DEVIATION ({ev.get('deviation')}): {what} served in state "
                 f"{ev.get('state')}{who}"
             )
+        elif ev.get("event") == "datapath-stats":
+            what = (
+                f"data path totals on {ev['tap']}: to the guest {ev['rx_packets']} packets "
+                f"({ev['rx_dropped']} dropped), from the guest {ev['tx_packets']} packets "
+                f"({ev['tx_dropped']} dropped)"
+            )
         text = f"{stamp} {ev.get('socket', '')} {what}"
         if "result" in ev:
             text += f" {ev['result']}"

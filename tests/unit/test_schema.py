@@ -406,3 +406,27 @@ def test_events_say_a_deviation_rule_once_per_connection_and_kind() -> None:
     text = render_events({"version": 1, "events": events})
     assert text.count("THE RULE") == 2, text  # conn 1 once, conn 2 once
     assert text.count("PROTOCOL DEVIATION (request-before-owner)") == 3, text
+
+
+def test_events_text_gives_the_data_path_totals() -> None:
+    line = {
+        "version": 1,
+        "event": "datapath-stats",
+        "ts": 1.0,
+        "socket": "s",
+        "conn": 1,
+        "tap": "vhm0",
+        "rx_packets": 120,
+        "rx_bytes": 11760,
+        "rx_dropped": 2,
+        "tx_packets": 118,
+        "tx_bytes": 11564,
+        "tx_dropped": 0,
+        "interval": 1.0,
+    }
+    schema.check(line, "event-log")
+    text = render_events({"version": 1, "events": [line]})
+    assert (
+        "data path totals on vhm0: to the guest 120 packets (2 dropped), from the guest 118 "
+        "packets (0 dropped)"
+    ) in text, text
