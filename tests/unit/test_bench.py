@@ -3,30 +3,20 @@ profile summary. The measurements themselves are exercised by running the bench.
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import os
 import struct
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
+from .helpers.tools import load_tool
+
 
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts its checkout first
-    script = Path(__file__).resolve().parents[2] / "tools" / "bench"
-    loader = importlib.machinery.SourceFileLoader("bench", str(script))
-    spec = importlib.util.spec_from_loader("bench", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up in sys.modules while the class is made
-    monkeypatch.setitem(sys.modules, "bench", module)
-    loader.exec_module(module)
-    return module
+    return load_tool("bench", monkeypatch)
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from .helpers.tools import load_tool
+
 
 def load_run_guest(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts its checkout first
-    script = Path(__file__).resolve().parents[2] / "tools" / "run-guest"
-    loader = importlib.machinery.SourceFileLoader("run_guest", str(script))
-    spec = importlib.util.spec_from_loader("run_guest", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+    return load_tool("run-guest", monkeypatch)
 
 
 def test_migrate_with_start_vhostmem_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:

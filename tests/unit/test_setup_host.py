@@ -10,17 +10,16 @@ No root action is taken and nothing outside tmp_path is written.
 from __future__ import annotations
 
 import hashlib
-import importlib.machinery
-import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from .helpers.tools import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 SETUP_HOST = ROOT / "tools" / "setup-host"
@@ -372,16 +371,6 @@ def test_too_old_qemu_is_reported_with_its_version(host: Host) -> None:
     ) in proc.stderr
 
 
-def load_build_guest() -> ModuleType:
-    path = ROOT / "tools" / "build-guest"
-    loader = importlib.machinery.SourceFileLoader("build_guest", str(path))
-    spec = importlib.util.spec_from_loader("build_guest", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
 def complete_host(host: Host) -> None:
     """Everything present: QEMU 10, busybox-static, cpio, dpdk-dev with its testpmd, an
     up-to-date guest image."""
@@ -399,7 +388,7 @@ def guest_image(host: Host) -> None:
         "Package: linux-image-amd64\nDepends: linux-image-6.1.0-99-amd64 (= 6.1.999-1)\n"
     )
     host.env["STUB_APT_CACHE_SHOW"] = str(show)
-    bg = load_build_guest()
+    bg = load_tool("build-guest")
     host.cache.mkdir()
     (host.cache / "vmlinuz").write_bytes(b"kernel")
     (host.cache / "initrd.gz").write_bytes(b"initrd")

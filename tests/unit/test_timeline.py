@@ -10,10 +10,7 @@ event-log schema.
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import os
-import sys
 import time
 from collections import Counter
 from html.parser import HTMLParser
@@ -30,6 +27,8 @@ from vhostmem.testing import schema
 from vhostmem.testing.backend import start_backend
 from vhostmem.testing.frontend import FakeFrontend, make_memfd
 from vhostmem.timeline import MARK_NS, Story, build_trace, render_html, replay
+
+from .helpers.tools import load_tool
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 PLUG_EVENTS = VECTORS / "qemu-10.0.2-plug-cycle.events.jsonl"
@@ -360,13 +359,7 @@ def test_run_guest_writes_the_timeline_of_its_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """tools/run-guest's stop step, fed the recorded run's files: both files, every request."""
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts its checkout first
-    script = Path(__file__).resolve().parents[2] / "tools" / "run-guest"
-    loader = importlib.machinery.SourceFileLoader("run_guest", str(script))
-    spec = importlib.util.spec_from_loader("run_guest", loader)
-    assert spec is not None
-    run_guest = importlib.util.module_from_spec(spec)
-    loader.exec_module(run_guest)
+    run_guest = load_tool("run-guest", monkeypatch)
     written = run_guest.write_timeline(tmp_path, PLUG_EVENTS, PLUG_TRACE)
     assert written == [tmp_path / "timeline.pftrace", tmp_path / "timeline.html"]
     names, packets = _parse(written[0].read_bytes())
