@@ -371,19 +371,17 @@ class Testpmd:
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self._signal(signal.SIGKILL)
-            proc.wait(timeout)
+            self._kill(proc)
         return self._finish(proc)
 
-    def kill(self, timeout: float = 5.0) -> int:
+    def kill(self) -> int:
         """SIGKILL testpmd (a crash, as the back-end sees it), reap it, clean up after it.
 
         Returns:
             The exit status (-9, or how it ended if it had already exited).
         """
         proc = self._require()
-        self._signal(signal.SIGKILL)
-        proc.wait(timeout)
+        self._kill(proc)
         status = self._finish(proc, killed=True)
         assert status is not None
         return status
@@ -421,7 +419,13 @@ class Testpmd:
             try:
                 proc.wait(5)
             except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
+                self._kill(proc)
+
+    def _kill(self, proc: subprocess.Popen[bytes]) -> None:
+        # SIGKILL cannot be caught: the wait ends when the kernel has torn the process down,
+        # so it needs no timeout, and a timeout there would skip the clean-up that follows.
+        self._signal(signal.SIGKILL)
+        proc.wait()
 
     def _finish(self, proc: subprocess.Popen[bytes], *, killed: bool = False) -> int | None:
         """Reaped: stop the watchdog and the reader, clean up after DPDK. A temporary
