@@ -59,6 +59,7 @@ from typing import Final, final
 __all__ = [
     "CLOCK_MARGIN",
     "DEFAULT_WAIT",
+    "MEMORY_CODES",
     "MEMORY_REQUESTS",
     "Pairer",
     "Resolution",
@@ -69,7 +70,8 @@ __all__ = [
 
 #: Memory-table request codes (vhost-user.rst) and their names.
 MEMORY_REQUESTS: Final = {5: "SET_MEM_TABLE", 37: "ADD_MEM_REG", 38: "REM_MEM_REG"}
-_CODES: Final = {name: code for code, name in MEMORY_REQUESTS.items()}
+#: The same, by name.
+MEMORY_CODES: Final = {name: code for code, name in MEMORY_REQUESTS.items()}
 
 #: A reply's flags: version 1 | REPLY (vhost-user.rst "Header").
 REPLY_FLAGS: Final = 0x5
@@ -319,7 +321,7 @@ class Pairer:
         if self.dead:
             return _GAP
         label = f"{request} #{seq}"
-        code = _CODES[request]
+        code = MEMORY_CODES[request]
         if self._broken is not None:
             return self._fail(f"{label}: {self._broken}")
         key, key_tid = self._key, self._key_tid

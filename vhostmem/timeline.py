@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from vhostmem.atomicity import REM_MEM_REG, SET_MEM_TABLE, History
-from vhostmem.qemu_trace import MEMORY_REQUESTS, TraceLine
+from vhostmem.qemu_trace import MEMORY_CODES, MEMORY_REQUESTS, TraceLine
 from vhostmem.regions import human_size
 
 __all__ = [
@@ -72,7 +72,6 @@ __all__ = [
 #: Length of a request's slice when only its reply time is known (nanoseconds).
 MARK_NS: Final = 1000
 
-_CODES: Final = {name: code for code, name in MEMORY_REQUESTS.items()}
 _NS: Final = 1_000_000_000
 
 
@@ -251,7 +250,7 @@ def replay(events: Sequence[Mapping[str, Any]], trace: Sequence[TraceLine] = ())
             seq = int(line.get("seq", seq + 1))
             carries = carries and "violations" in line
         start, started_by = ts - MARK_NS / _NS, "reply time only (the event log has no arrival)"
-        code = _CODES.get(name)
+        code = MEMORY_CODES.get(name)
         if code is not None and w_next is not None and w_next < len(writes):
             # In order, as QEMU writes them one at a time (vhost_user_write waits for the ack);
             # the first disagreement ends the pairing for the rest of the log.

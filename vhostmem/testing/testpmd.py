@@ -363,27 +363,17 @@ class Testpmd:
         proc = self._proc
         if proc is None:
             return None
-        self._signal(signal.SIGINT)
-        # Interactive testpmd's SIGINT handler asks its command line to quit
-        # (app/test-pmd/testpmd.c, signal_handler -> prompt_exit), which happens once the
-        # read it sits in returns: end of file on stdin makes it return.
-        self._close_stdin(proc)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._signal(signal.SIGKILL)
-            proc.wait(timeout)
+        self._interrupt(proc, timeout)
         return self._finish(proc)
 
-    def kill(self, timeout: float = 5.0) -> int:
+    def kill(self) -> int:
         """SIGKILL testpmd (a crash, as the back-end sees it), reap it, clean up after it.
 
         Returns:
             The exit status (-9, or how it ended if it had already exited).
         """
         proc = self._require()
-        self._signal(signal.SIGKILL)
-        proc.wait(timeout)
+        self._kill(proc)
         status = self._finish(proc, killed=True)
         assert status is not None
         return status
@@ -411,17 +401,29 @@ class Testpmd:
             if self._proc is not None and self._proc.poll() is None:
                 self._proc.send_signal(signum)
 
+    def _interrupt(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
+        """SIGINT, then SIGKILL if it has not exited within ``timeout``; returns reaped."""
+        self._signal(signal.SIGINT)
+        # Interactive testpmd's SIGINT handler asks its command line to quit
+        # (app/test-pmd/testpmd.c, signal_handler -> prompt_exit), which happens once the
+        # read it sits in returns: end of file on stdin makes it return.
+        self._close_stdin(proc)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._kill(proc)
+
+    def _kill(self, proc: subprocess.Popen[bytes]) -> None:
+        # SIGKILL cannot be caught: the wait ends when the kernel has torn the process down,
+        # so it needs no timeout, and a timeout there would skip the clean-up that follows.
+        self._signal(signal.SIGKILL)
+        proc.wait()
+
     def _expire(self) -> None:
         if self.alive():
             self.expired = True
-            self._signal(signal.SIGINT)
-            proc = self._proc
-            assert proc is not None
-            self._close_stdin(proc)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
+            assert self._proc is not None
+            self._interrupt(self._proc, 5.0)
 
     def _finish(self, proc: subprocess.Popen[bytes], *, killed: bool = False) -> int | None:
         """Reaped: stop the watchdog and the reader, clean up after DPDK. A temporary
