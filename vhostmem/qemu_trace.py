@@ -56,6 +56,8 @@ import re
 from dataclasses import dataclass
 from typing import Final, final
 
+from vhostmem.protocol import Request
+
 __all__ = [
     "CLOCK_MARGIN",
     "DEFAULT_WAIT",
@@ -68,13 +70,12 @@ __all__ = [
     "parse_lines",
 ]
 
-#: Memory-table request codes (vhost-user.rst) and their names.
-MEMORY_REQUESTS: Final = {5: "SET_MEM_TABLE", 37: "ADD_MEM_REG", 38: "REM_MEM_REG"}
+#: Memory-table request codes (as QEMU's trace prints them) and their names.
+MEMORY_REQUESTS: Final = {
+    int(r): r.name for r in (Request.SET_MEM_TABLE, Request.ADD_MEM_REG, Request.REM_MEM_REG)
+}
 #: The same, by name.
 MEMORY_CODES: Final = {name: code for code, name in MEMORY_REQUESTS.items()}
-
-#: A reply's flags: version 1 | REPLY (vhost-user.rst "Header").
-REPLY_FLAGS: Final = 0x5
 
 #: Seconds a request waits for its write line before the pairing gives up (``--trace-wait``).
 DEFAULT_WAIT: Final = 2.0
