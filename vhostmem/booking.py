@@ -174,7 +174,7 @@ class Booking:
         assert ledger is not None, "a request is booked on its connection's ledger"
         handled = what
         replied = time.monotonic() if replied is None else replied
-        if handled.ok and not handled.notes and not handled.injected and not handled.deviation:
+        if handled.quiet:
             ledger.pending.append((handled, arrived, replied))
             if len(ledger.pending) >= BOOK_EVERY:
                 self.book_pending(ledger)

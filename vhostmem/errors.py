@@ -35,7 +35,7 @@ class RequestRefused(VhostMemError):
         kind: a short class of the refusal for the event log (``protocol``, ``decode``,
             ``injected``, ...).
         ack: the non-zero value of the failure ack, when REPLY_ACK makes one due.
-        details: the numbers, for JSON consumers.
+        details: the numbers, for JSON consumers (``{}`` when there are none).
     """
 
     def __init__(
@@ -49,7 +49,7 @@ class RequestRefused(VhostMemError):
         super().__init__(msg)
         self.kind = kind
         self.ack = ack
-        self.details = details
+        self.details: dict[str, Any] = details or {}
 
 
 @final
@@ -95,9 +95,8 @@ class MappingError(RequestRefused):
         kind: str = "mmap",
         details: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(msg, kind=kind, details=details or {})
+        super().__init__(msg, kind=kind, details=details)
         self.errno = errno
-        self.details: dict[str, Any] = details or {}
 
 
 @final
@@ -111,5 +110,4 @@ class TableError(RequestRefused):
     """
 
     def __init__(self, msg: str, *, kind: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(msg, kind=kind, details=details or {})
-        self.details: dict[str, Any] = details or {}
+        super().__init__(msg, kind=kind, details=details)

@@ -117,6 +117,12 @@ class Handled:
     deviation: Deviation | None = None
 
     @property
+    def quiet(self) -> bool:
+        """Succeeded with nothing to tell at once (no notes, injected fault or deviation): the
+        shell acks it without delay and books it later, with the ones around it."""
+        return self.ok and not self.notes and not self.injected and not self.deviation
+
+    @property
     def requested(self) -> tuple[dict[str, int], ...]:
         """For memory-table requests, the regions the request named, as received (``gpa``,
         ``size``, ``uaddr``, ``mmap_offset``), whether or not it succeeded; built on demand,

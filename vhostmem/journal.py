@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from vhostmem.atomicity import SET_MEM_TABLE
+from vhostmem.events import Deviation
 
 if TYPE_CHECKING:
     from vhostmem.atomicity import Record
@@ -195,11 +196,22 @@ def protocol_deviation(
     """
     deviation = handled.deviation
     assert deviation is not None, "only a request served with a deviation has this line"
+    return _deviation_line(socket, conn, ts, peer, handled.name, deviation)
+
+
+def _deviation_line(
+    socket: str,
+    conn: int,
+    ts: float | None,
+    peer: Mapping[str, Any] | None,
+    name: str,
+    deviation: Deviation,
+) -> dict[str, Any]:
+    """The fields every ``protocol-deviation`` line has, whoever found the deviation."""
     doc = _head("protocol-deviation", socket, conn, ts)
     if peer is not None:
         doc["peer"] = dict(peer)
-    doc.update(name=handled.name, deviation=deviation.kind, state=deviation.state)
-    doc["rule"] = deviation.rule
+    doc.update(name=name, deviation=deviation.kind, state=deviation.state, rule=deviation.rule)
     return doc
 
 
@@ -318,10 +330,8 @@ def vring_base_mismatch(
     """A ring started at its used index, not at the SET_VRING_BASE the front-end gave
     (``--tap``): a ``protocol-deviation`` of kind ``vring-base-mismatch``, ``details`` with
     ``base`` and ``used_idx``."""
-    doc = _head("protocol-deviation", socket, conn, ts)
-    if peer is not None:
-        doc["peer"] = dict(peer)
-    doc.update(name="SET_VRING_BASE", deviation="vring-base-mismatch", state=state, rule=rule)
+    found = Deviation(kind="vring-base-mismatch", state=state, rule=rule)
+    doc = _deviation_line(socket, conn, ts, peer, "SET_VRING_BASE", found)
     doc.update(vring=vring, details=dict(details))
     return doc
 

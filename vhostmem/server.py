@@ -391,10 +391,7 @@ class Backend:
                 self._take_map_notes(handled)
             if conn.datapath is not None:
                 conn.datapath.sync(handled)  # before any await: rings follow the request
-            quiet_success = (
-                handled.ok and not handled.notes and not handled.injected and not handled.deviation
-            )
-            if not quiet_success:
+            if not handled.quiet:
                 if handled.disconnect:
                     self.booking.book(handled, conn.ledger, arrived=arrived)
                     raise InjectedDisconnect(handled.error or "injected disconnect")

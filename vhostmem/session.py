@@ -447,7 +447,7 @@ class Session(Generic[H]):
         return b""
 
     def _release(self, fds: list[int]) -> None:
-        """Close the fds of a refused request that no handler took."""
+        """Close the fds of a request that no handler took (refused, injected, or unused)."""
         while fds:
             self.host.close_fd(fds.pop())
 
@@ -471,8 +471,7 @@ class Session(Generic[H]):
     ) -> Handled:
         """A rule fired that stops the request from being handled at all."""
         nfds = len(fds)
-        while fds:
-            self.host.close_fd(fds.pop())
+        self._release(fds)
         if fault.disconnect:
             return Handled(
                 request=header.request,
@@ -648,8 +647,7 @@ class Session(Generic[H]):
             self._refuse_protocol_feature(ProtocolFeature.CONFIGURE_MEM_SLOTS, Request.REM_MEM_REG)
         # vhost-user.rst: "If a file descriptor is passed, the back-end MUST close it without
         # using it otherwise." QEMU 5.1-7.0 sent one.
-        while fds:
-            self.host.close_fd(fds.pop())
+        self._release(fds)
         change = self.device.rem_mem_reg(msg.region)
         return b"", change, change.notes
 
