@@ -44,7 +44,7 @@ from vhostmem.testing import schema
 from vhostmem.testing.frontend import FakeFrontend, make_memfd
 from vhostmem.virtqueue import NET_HDR, NET_HDR_SIZE, RingLayout, build_net_header
 
-from ..netns import fresh_tap_and_netns, ip, netns_exists
+from ..netns import fresh_tap_and_netns, ip, netns_exists, own_name
 from .helpers.leaks import open_fds, shared_maps
 from .helpers.waiting import in_thread, wait_until
 from .helpers.wire import start_pair
@@ -718,8 +718,7 @@ async def test_without_tap_rings_are_accepted_and_nothing_moves() -> None:
 
 # -- a real TAP in a network namespace (root) --------------------------------------------------
 
-NS = f"vhmut{os.getpid() % 100000}"
-TAPNAME = f"vhmut{os.getpid() % 100000}"
+NS = TAPNAME = own_name("vhmut")
 
 
 @pytest.fixture
