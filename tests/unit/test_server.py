@@ -34,7 +34,7 @@ from vhostmem.testing.frontend import FakeFrontend, make_memfd
 
 from .helpers.leaks import map_lines, no_leaks, open_fds
 from .helpers.waiting import in_thread, wait_until
-from .helpers.wire import start_pair, wired
+from .helpers.wire import start_pair, wired, wired_one
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -124,25 +124,18 @@ async def test_disconnect_releases_all_maps_and_fds() -> None:
 
 
 async def test_failure_ack_names_region_and_connection_stays_up() -> None:
-    backend = Backend(ServerConfig())
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            fe = await start_pair(backend, nursery)
-            await in_thread(fe.handshake)
-            memfd = make_memfd(MiB)
-            # past the end of a 1 MiB file
-            ack = await in_thread(fe.add_region, 0x100000000, 2 * MiB, 0x7F0000000000, 0, memfd)
-            assert ack != 0
-            ack = await in_thread(fe.add_region, 0x100000000, MiB, 0x7F0000000000, 0, memfd)
-            assert ack == 0
-            os.close(memfd)
-            errors = [e for e in backend.booking.events if e.get("result") == "error"]
-            assert errors[0]["request"] == "ADD_MEM_REG"
-            assert "0x100000000" in errors[0]["error"]
-            assert errors[0]["region"]["size"] == 2 * MiB
-            fe.close()
-            nursery.cancel_scope.cancel()
-    backend.cleanup()
+    async with wired_one() as (backend, fe):
+        memfd = make_memfd(MiB)
+        # past the end of a 1 MiB file
+        ack = await in_thread(fe.add_region, 0x100000000, 2 * MiB, 0x7F0000000000, 0, memfd)
+        assert ack != 0
+        ack = await in_thread(fe.add_region, 0x100000000, MiB, 0x7F0000000000, 0, memfd)
+        assert ack == 0
+        os.close(memfd)
+        errors = [e for e in backend.booking.events if e.get("result") == "error"]
+        assert errors[0]["request"] == "ADD_MEM_REG"
+        assert "0x100000000" in errors[0]["error"]
+        assert errors[0]["region"]["size"] == 2 * MiB
 
 
 async def test_broken_framing_closes_only_that_connection() -> None:
@@ -734,20 +727,14 @@ async def test_strict_protocol_refuses_requests_before_set_owner_as_before(
 
 
 async def test_a_bug_of_ours_ends_only_that_connection_and_says_so() -> None:
-    backend = Backend(ServerConfig())
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            fe = await start_pair(backend, nursery)
-            await in_thread(fe.handshake)
-            [conn] = backend.connections()
+    async with wired_one() as (backend, fe):
+        [conn] = backend.connections()
 
-            def boom() -> NoReturn:
-                raise RuntimeError("boom")
+        def boom() -> NoReturn:
+            raise RuntimeError("boom")
 
-            conn.session.next_event = boom  # type: ignore[method-assign]
-            fe.send_raw(encode_request(Request.GET_FEATURES))
-            await wait_until(lambda: not backend.connections(), "the connection to end")
-            fe.close()
+        conn.session.next_event = boom  # type: ignore[method-assign]
+        fe.send_raw(encode_request(Request.GET_FEATURES))
+        await wait_until(lambda: not backend.connections(), "the connection to end")
     [reason] = [e["reason"] for e in backend.booking.events if e.get("event") == "disconnect"]
     assert reason == "vhostmem closed the connection (internal error): RuntimeError('boom')"
-    backend.cleanup()
