@@ -29,6 +29,14 @@ def require_tap_and_netns(doing: str) -> None:
         )
 
 
+def own_name(prefix: str) -> str:
+    """A namespace or TAP name of this test process: ``prefix`` and the pid, so that two runs
+    on one host do not meet; at most 15 characters (a link name's limit, IFNAMSIZ - 1)."""
+    name = f"{prefix}{os.getpid() % 100000}"
+    assert len(name) <= 15, name
+    return name
+
+
 def ip(*args: str, check: bool = True) -> str:
     """``ip ARGS``'s output; a failure raises AssertionError with its stderr (unless not
     ``check``)."""

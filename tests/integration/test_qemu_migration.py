@@ -13,7 +13,6 @@ Root, /dev/net/tun and busybox are prerequisites: missing, the test fails (never
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,12 +24,11 @@ from vhostmem.ctl import ctl_main
 from vhostmem.testing.backend import RunningBackend
 from vhostmem.testing.qemu import Guest, GuestConfig
 
-from ..netns import fresh_tap_and_netns
+from ..netns import fresh_tap_and_netns, own_name
 from .conftest import GiB, MakeRig, Rig
 from .test_qemu_datapath import GUEST_ADDR, HOST_ADDR, ping_from_namespace, received
 
-NS = f"vhmm{os.getpid() % 100000}"
-TAP = f"vhmm{os.getpid() % 100000}"
+NS = TAP = own_name("vhmm")
 
 
 @pytest.fixture
@@ -101,8 +99,7 @@ UDP_FLOOD = (
     "        pass\n"
 )
 
-NS_DST = f"vhmd{os.getpid() % 100000}"
-TAP_DST = f"vhmd{os.getpid() % 100000}"
+NS_DST = TAP_DST = own_name("vhmn")  # not test_dpdk.py's vhmd
 
 
 @pytest.fixture

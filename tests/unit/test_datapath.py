@@ -20,7 +20,7 @@ import mmap
 import os
 import select
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -44,7 +44,7 @@ from vhostmem.testing import schema
 from vhostmem.testing.frontend import FakeFrontend, make_memfd
 from vhostmem.virtqueue import NET_HDR, NET_HDR_SIZE, RingLayout, build_net_header
 
-from ..netns import ip, netns_exists, require_tap_and_netns
+from ..netns import fresh_tap_and_netns, ip, netns_exists, own_name
 from .helpers.leaks import open_fds, shared_maps
 from .helpers.waiting import in_thread, wait_until
 from .helpers.wire import start_pair
@@ -718,18 +718,14 @@ async def test_without_tap_rings_are_accepted_and_nothing_moves() -> None:
 
 # -- a real TAP in a network namespace (root) --------------------------------------------------
 
-NS = f"vhmut{os.getpid() % 100000}"
-TAPNAME = f"vhmut{os.getpid() % 100000}"
+NS = TAPNAME = own_name("vhmut")
 
 
 @pytest.fixture
-def clean_netns() -> Any:
-    """Removes, by name, whatever a failing test left: our namespace and our link."""
-    require_tap_and_netns("this test")
-    yield
-    if netns_exists(NS):
-        ip("netns", "del", NS, check=False)
-    ip("link", "del", TAPNAME, check=False)
+def clean_netns() -> Iterator[None]:
+    """Our namespace and link names, refused if left from elsewhere and removed afterwards."""
+    with fresh_tap_and_netns(NS, TAPNAME):
+        yield
 
 
 def test_open_tap_in_a_new_netns_and_close_removes_everything(clean_netns: None) -> None:

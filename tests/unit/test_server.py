@@ -34,7 +34,7 @@ from vhostmem.testing.frontend import FakeFrontend, make_memfd
 
 from .helpers.leaks import map_lines, no_leaks, open_fds
 from .helpers.waiting import in_thread, wait_until
-from .helpers.wire import start_pair, wired
+from .helpers.wire import start_pair, wired, wired_one
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -124,25 +124,18 @@ async def test_disconnect_releases_all_maps_and_fds() -> None:
 
 
 async def test_failure_ack_names_region_and_connection_stays_up() -> None:
-    backend = Backend(ServerConfig())
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            fe = await start_pair(backend, nursery)
-            await in_thread(fe.handshake)
-            memfd = make_memfd(MiB)
-            # past the end of a 1 MiB file
-            ack = await in_thread(fe.add_region, 0x100000000, 2 * MiB, 0x7F0000000000, 0, memfd)
-            assert ack != 0
-            ack = await in_thread(fe.add_region, 0x100000000, MiB, 0x7F0000000000, 0, memfd)
-            assert ack == 0
-            os.close(memfd)
-            errors = [e for e in backend.booking.events if e.get("result") == "error"]
-            assert errors[0]["request"] == "ADD_MEM_REG"
-            assert "0x100000000" in errors[0]["error"]
-            assert errors[0]["region"]["size"] == 2 * MiB
-            fe.close()
-            nursery.cancel_scope.cancel()
-    backend.cleanup()
+    async with wired_one() as (backend, fe):
+        memfd = make_memfd(MiB)
+        # past the end of a 1 MiB file
+        ack = await in_thread(fe.add_region, 0x100000000, 2 * MiB, 0x7F0000000000, 0, memfd)
+        assert ack != 0
+        ack = await in_thread(fe.add_region, 0x100000000, MiB, 0x7F0000000000, 0, memfd)
+        assert ack == 0
+        os.close(memfd)
+        errors = [e for e in backend.booking.events if e.get("result") == "error"]
+        assert errors[0]["request"] == "ADD_MEM_REG"
+        assert "0x100000000" in errors[0]["error"]
+        assert errors[0]["region"]["size"] == 2 * MiB
 
 
 async def test_broken_framing_closes_only_that_connection() -> None:
@@ -168,19 +161,14 @@ async def test_broken_framing_closes_only_that_connection() -> None:
 
 async def test_eof_mid_message_is_an_error_and_releases() -> None:
     fds_before = open_fds()
-    backend = Backend(ServerConfig())
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            fe = await start_pair(backend, nursery)
-            await in_thread(fe.handshake)
-            fe.send_raw(encode_request(Request.SET_VRING_NUM, VringState(0, 8))[:15])
-            fe.close()
-            await wait_until(lambda: not backend.connections(), "the connection to end")
+    async with wired_one() as (backend, fe):
+        fe.send_raw(encode_request(Request.SET_VRING_NUM, VringState(0, 8))[:15])
+        fe.close()
+        await wait_until(lambda: not backend.connections(), "the connection to end")
     reason = next(e for e in backend.booking.events if e.get("event") == "disconnect")["reason"]
     assert reason == (
         "front-end closed the connection in the middle of a message (15 bytes of it received)"
     )
-    backend.cleanup()
     assert open_fds() == fds_before
 
 
@@ -364,80 +352,68 @@ async def test_one_front_end_leaving_releases_only_its_own_mappings(tmp_path: Pa
 async def test_quiet_successes_are_booked_later_but_in_order_and_before_control_answers() -> None:
     # A 1 s linger: after each ack the connection's task waits that long in the kernel for
     # the next request before it books, long enough to see the acked requests unbooked.
-    backend = Backend(ServerConfig(linger=1.0))
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            fe = await start_pair(backend, nursery)
-            await in_thread(fe.handshake)
-            conn = backend.connections()[0]
-            memfd = make_memfd(16 * MiB)
+    async with wired_one(linger=1.0) as (backend, fe):
+        conn = backend.connections()[0]
+        memfd = make_memfd(16 * MiB)
 
-            def burst() -> tuple[list[int], float]:
-                acks = [
-                    fe.add_region(
-                        i * 4 * MiB, 4 * MiB, 0x10000000 + i * 4 * MiB, i * 4 * MiB, memfd
-                    )
-                    for i in range(3)
-                ]
-                assert acks == [0, 0, 0]
-                acked_but_not_booked(backend, conn, 3)
-                acked_at = time.time()  # replied before this, booked after it
-                # a failure right behind the quiet successes: GPA overlap with region 0
-                acks.append(fe.add_region(0, 4 * MiB, 0x20000000, 0, memfd))
-                return acks, acked_at
+        def burst() -> tuple[list[int], float]:
+            acks = [
+                fe.add_region(i * 4 * MiB, 4 * MiB, 0x10000000 + i * 4 * MiB, i * 4 * MiB, memfd)
+                for i in range(3)
+            ]
+            assert acks == [0, 0, 0]
+            acked_but_not_booked(backend, conn, 3)
+            acked_at = time.time()  # replied before this, booked after it
+            # a failure right behind the quiet successes: GPA overlap with region 0
+            acks.append(fe.add_region(0, 4 * MiB, 0x20000000, 0, memfd))
+            return acks, acked_at
 
-            before = len(backend.booking.events)
-            acks, acked_at = await in_thread(burst)
-            assert acks == [0, 0, 0, 1]
-            # The control socket books what is pending before it answers.
-            reply = answer(backend, json.dumps({"cmd": "events", "args": {}}).encode())
-            assert reply["ok"], reply
-            events = reply["result"]["events"][before:]
-            memory = [e for e in events if e.get("request") == "ADD_MEM_REG"]
-            assert [e["result"] for e in memory] == ["ok", "ok", "ok", "error"]
-            assert [e["region"]["gpa"] for e in memory] == [0, 4 * MiB, 8 * MiB, 0]
-            # Times are the replies' (monotonic order), not the booking's (after acked_at).
-            stamps = [e["ts"] for e in memory]
-            assert stamps == sorted(stamps)
-            assert max(stamps[:3]) < acked_at, (stamps, acked_at)
-            check = answer(backend, json.dumps({"cmd": "check", "args": {}}).encode())
-            assert check["ok"], check
-            assert check["result"]["counts"]["requests"] == 4
-            assert check["result"]["counts"]["failed"] == 1
-            assert backend.connections()[0] is conn
-            assert conn.ledger.pending == []
-            os.close(memfd)
-            fe.close()
-            await wait_until(lambda: not backend.connections(), "the connection to end")
-    backend.cleanup()
+        before = len(backend.booking.events)
+        acks, acked_at = await in_thread(burst)
+        assert acks == [0, 0, 0, 1]
+        # The control socket books what is pending before it answers.
+        reply = answer(backend, json.dumps({"cmd": "events", "args": {}}).encode())
+        assert reply["ok"], reply
+        events = reply["result"]["events"][before:]
+        memory = [e for e in events if e.get("request") == "ADD_MEM_REG"]
+        assert [e["result"] for e in memory] == ["ok", "ok", "ok", "error"]
+        assert [e["region"]["gpa"] for e in memory] == [0, 4 * MiB, 8 * MiB, 0]
+        # Times are the replies' (monotonic order), not the booking's (after acked_at).
+        stamps = [e["ts"] for e in memory]
+        assert stamps == sorted(stamps)
+        assert max(stamps[:3]) < acked_at, (stamps, acked_at)
+        check = answer(backend, json.dumps({"cmd": "check", "args": {}}).encode())
+        assert check["ok"], check
+        assert check["result"]["counts"]["requests"] == 4
+        assert check["result"]["counts"]["failed"] == 1
+        assert backend.connections()[0] is conn
+        assert conn.ledger.pending == []
+        os.close(memfd)
+        fe.close()
+        await wait_until(lambda: not backend.connections(), "the connection to end")
 
 
 async def test_booking_happens_when_the_front_end_goes_quiet() -> None:
-    backend = Backend(ServerConfig(linger=1.0))
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            fe = await start_pair(backend, nursery)
-            await in_thread(fe.handshake)
-            conn = backend.connections()[0]
-            memfd = make_memfd(4 * MiB)
+    async with wired_one(linger=1.0) as (backend, fe):
+        conn = backend.connections()[0]
+        memfd = make_memfd(4 * MiB)
 
-            def add_one() -> int:
-                ack = fe.add_region(0, 4 * MiB, 0x10000000, 0, memfd)
-                if ack == 0:
-                    acked_but_not_booked(backend, conn, 1)  # deferred while the read lingers
-                return ack
+        def add_one() -> int:
+            ack = fe.add_region(0, 4 * MiB, 0x10000000, 0, memfd)
+            if ack == 0:
+                acked_but_not_booked(backend, conn, 1)  # deferred while the read lingers
+            return ack
 
-            assert await in_thread(add_one) == 0
-            os.close(memfd)
-            # No control request: the connection's own task books it once reads time out.
-            await wait_until(
-                lambda: any(e.get("request") == "ADD_MEM_REG" for e in backend.booking.events),
-                "the ADD_MEM_REG to be booked",
-            )
-            assert backend.connections()[0].ledger.pending == []
-            fe.close()
-            await wait_until(lambda: not backend.connections(), "the connection to end")
-    backend.cleanup()
+        assert await in_thread(add_one) == 0
+        os.close(memfd)
+        # No control request: the connection's own task books it once reads time out.
+        await wait_until(
+            lambda: any(e.get("request") == "ADD_MEM_REG" for e in backend.booking.events),
+            "the ADD_MEM_REG to be booked",
+        )
+        assert backend.connections()[0].ledger.pending == []
+        fe.close()
+        await wait_until(lambda: not backend.connections(), "the connection to end")
 
 
 async def test_events_stay_in_time_order_across_connections() -> None:
@@ -526,25 +502,20 @@ async def test_control_answers_book_pending_requests_first() -> None:
     from vhostmem.events import Handled
     from vhostmem.protocol import Header
 
-    backend = Backend(ServerConfig())
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            fe = await start_pair(backend, nursery)
-            await in_thread(fe.handshake)
-            await wait_until(
-                lambda: not backend.connections()[0].ledger.pending, "the handshake to be booked"
-            )
-            conn = backend.connections()[0]
-            before = answer(backend, b'{"cmd": "stats"}')["result"]["requests"]
-            request = Request.GET_FEATURES
-            handled = Handled(request, Header(request, 1, 0), None, b"", True)
-            conn.ledger.pending.append((handled, 0.0, 0.0))
-            after = answer(backend, b'{"cmd": "stats"}')["result"]["requests"]
-            assert after == before + 1
-            assert conn.ledger.pending == []
-            fe.close()
-            await wait_until(lambda: not backend.connections(), "the connection to end")
-    backend.cleanup()
+    async with wired_one() as (backend, fe):
+        await wait_until(
+            lambda: not backend.connections()[0].ledger.pending, "the handshake to be booked"
+        )
+        conn = backend.connections()[0]
+        before = answer(backend, b'{"cmd": "stats"}')["result"]["requests"]
+        request = Request.GET_FEATURES
+        handled = Handled(request, Header(request, 1, 0), None, b"", True)
+        conn.ledger.pending.append((handled, 0.0, 0.0))
+        after = answer(backend, b'{"cmd": "stats"}')["result"]["requests"]
+        assert after == before + 1
+        assert conn.ledger.pending == []
+        fe.close()
+        await wait_until(lambda: not backend.connections(), "the connection to end")
 
 
 async def test_an_event_log_that_cannot_be_written_costs_no_connection() -> None:
@@ -734,20 +705,14 @@ async def test_strict_protocol_refuses_requests_before_set_owner_as_before(
 
 
 async def test_a_bug_of_ours_ends_only_that_connection_and_says_so() -> None:
-    backend = Backend(ServerConfig())
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            fe = await start_pair(backend, nursery)
-            await in_thread(fe.handshake)
-            [conn] = backend.connections()
+    async with wired_one() as (backend, fe):
+        [conn] = backend.connections()
 
-            def boom() -> NoReturn:
-                raise RuntimeError("boom")
+        def boom() -> NoReturn:
+            raise RuntimeError("boom")
 
-            conn.session.next_event = boom  # type: ignore[method-assign]
-            fe.send_raw(encode_request(Request.GET_FEATURES))
-            await wait_until(lambda: not backend.connections(), "the connection to end")
-            fe.close()
+        conn.session.next_event = boom  # type: ignore[method-assign]
+        fe.send_raw(encode_request(Request.GET_FEATURES))
+        await wait_until(lambda: not backend.connections(), "the connection to end")
     [reason] = [e["reason"] for e in backend.booking.events if e.get("event") == "disconnect"]
     assert reason == "vhostmem closed the connection (internal error): RuntimeError('boom')"
-    backend.cleanup()

@@ -1,4 +1,5 @@
-"""A back-end with QEMU-like fake front-ends over socketpairs (``start_pair``, ``wired``)."""
+"""A back-end with QEMU-like fake front-ends over socketpairs (``start_pair``, ``wired_one``,
+``wired``)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,23 @@ async def start_pair(backend: Backend, nursery: trio.Nursery, name: str = "pair"
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     nursery.start_soon(backend.serve_connection, ours, name)
     return FakeFrontend(theirs, timeout=10)
+
+
+@asynccontextmanager
+async def wired_one(**config: Any) -> AsyncIterator[tuple[Backend, FakeFrontend]]:
+    """One connection "pair" after QEMU's handshake; closed, and the back-end cleaned up,
+    when the block ends (the front-end may have closed already)."""
+    backend = Backend(ServerConfig(**config))
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                fe = await start_pair(backend, nursery)
+                await in_thread(fe.handshake)
+                yield backend, fe
+                fe.close()
+                nursery.cancel_scope.cancel()
+    finally:
+        backend.cleanup()
 
 
 @dataclass
